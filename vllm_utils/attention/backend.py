@@ -1,0 +1,48 @@
+"""The attention-backend interface: what the model runner tells attention about a batch, and the
+two operations every backend provides (store new K/V in the paged cache; attend)."""
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [tokens] flat cache slot (block * block_size + offset) for each new token
+    # prefill: the batch is the prompts packed one after another
+    seq_lens: list[int] | None = None
+    # decode: one new token per sequence
+    block_tables: torch.Tensor | None = None  # [seqs, max_blocks] int32, padded with 0
+    context_lens: torch.Tensor | None = None  # [seqs] int32, tokens in cache including the new one
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None: ...
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [tokens, heads, dim], k/v: [tokens, kv_heads, dim], caches: [blocks, block_size, kv_heads, dim].
+        Returns [tokens, heads, dim]."""
+        ...
+
+
+_BACKENDS: dict[str, type] = {}
+
+
+def register_backend(name: str):
+    def wrap(cls: type) -> type:
+        _BACKENDS[name] = cls
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+def get_backend(name: str) -> AttentionBackend:
+    from vllm_utils.attention import torch_paged  # noqa: F401  (registers itself)
+
+    return _BACKENDS[name]()

@@ -1,0 +1,44 @@
+"""Paged attention in plain PyTorch: runs on every device and is the ground truth for faster backends."""
+import torch
+import torch.nn.functional as F
+
+from vllm_utils.attention.backend import AttentionMetadata, register_backend
+
+
+@register_backend("torch")
+class TorchPagedAttention:
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        self.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_prefill:
+            return self._prefill(q, k, v, meta.seq_lens, scale)
+        return self._decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+
+    @staticmethod
+    def _prefill(q, k, v, seq_lens: list[int], scale: float) -> torch.Tensor:
+        # Each prompt attends causally to itself; the new K/V are the whole context (no prefix reuse).
+        out = torch.empty_like(q)
+        start = 0
+        for n in seq_lens:
+            s = slice(start, start + n)
+            out[s] = F.scaled_dot_product_attention(
+                q[s].transpose(0, 1), k[s].transpose(0, 1), v[s].transpose(0, 1),
+                is_causal=True, scale=scale, enable_gqa=True,
+            ).transpose(0, 1)
+            start += n
+        return out
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+        seqs, max_blocks = block_tables.shape
+        block_size = k_cache.shape[1]
+        # Gather each sequence's blocks into a contiguous [seqs, ctx, kv_heads, dim] view.
+        k = k_cache[block_tables].flatten(1, 2).transpose(1, 2)
+        v = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
+        positions = torch.arange(max_blocks * block_size, device=q.device)
+        mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out.squeeze(2)

@@ -1,0 +1,65 @@
+"""The engine loop: requests in, one scheduled step at a time, finished sequences out."""
+import torch
+from PIL import Image
+
+from vllm_utils.config import EngineConfig, load_hf_config, resolve_dtype
+from vllm_utils.devices import resolve_device
+from vllm_utils.engine.block_manager import BlockManager
+from vllm_utils.engine.model_runner import ModelRunner
+from vllm_utils.engine.scheduler import Scheduler
+from vllm_utils.engine.sequence import Sequence
+from vllm_utils.errors import UserError
+from vllm_utils.multimodal.processor import MultiModalProcessor
+from vllm_utils.sampling_params import SamplingParams
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_type: str | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.hf_config = load_hf_config(config.model)
+        self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
+        text_config = self.hf_config.text_config
+        self.max_model_len = config.max_model_len or text_config.max_position_embeddings
+        if self.max_model_len > text_config.max_position_embeddings:
+            raise UserError(f"--max-model-len {self.max_model_len} exceeds the model's "
+                            f"max_position_embeddings ({text_config.max_position_embeddings}); lower it")
+        if config.tensor_parallel_size != 1:
+            raise UserError("--tensor-parallel-size > 1 is not supported yet; use --tensor-parallel-size 1")
+        torch.manual_seed(config.seed)
+        self.runner = ModelRunner(config, self.hf_config, model_type, self.device, self.dtype, self.max_model_len)
+        self.processor = MultiModalProcessor(config.model, self.hf_config.image_token_index,
+                                             self.runner.model.num_image_features)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs,
+            max(config.max_num_batched_tokens or 8192, self.max_model_len),
+            self.max_model_len, self.processor.eos_token_id,
+        )
+
+    def add_request(self, prompt: str | None, images: list[Image.Image], params: SamplingParams,
+                    prompt_token_ids: list[int] | None = None, pixel_values: torch.Tensor | None = None) -> Sequence:
+        """A raw prompt (with one image placeholder per image) or ready token ids and pixel values."""
+        if prompt_token_ids is None:
+            prompt_token_ids, pixel_values = self.processor.process(prompt, images)
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise UserError(f"the prompt is {len(prompt_token_ids)} tokens (image positions included), which leaves "
+                            f"no room to generate within --max-model-len {self.max_model_len}; shorten the prompt "
+                            f"or raise --max-model-len")
+        seq = Sequence(prompt_token_ids, params, pixel_values, prompt)
+        self.scheduler.add(seq)
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Sequence]:
+        """Runs one prefill or decode step; returns the sequences that finished in it."""
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            raise RuntimeError("scheduler found nothing to run although requests are pending")
+        token_ids, logprobs = self.runner.run(seqs, is_prefill)
+        finished = self.scheduler.postprocess(seqs, token_ids, logprobs)
+        for seq in finished:
+            seq.pixel_values = seq.image_embeds = None
+        return finished

@@ -1,0 +1,149 @@
+"""Builds the model on its device, owns the paged KV cache, turns scheduled sequences into tensors,
+runs the model and samples."""
+import logging
+import os
+
+import torch
+from transformers import PretrainedConfig
+
+from vllm_utils.attention.backend import AttentionMetadata, get_backend
+from vllm_utils.config import EngineConfig
+from vllm_utils.engine.sequence import Sequence
+from vllm_utils.errors import UserError
+from vllm_utils.layers.attention import PagedAttention
+from vllm_utils.layers.sampler import sample
+from vllm_utils.loader import init_dummy_weights, load_weights
+from vllm_utils.models.registry import model_class
+
+logger = logging.getLogger(__name__)
+GiB = 1 << 30
+
+
+def build_model(hf_config: PretrainedConfig, cls: type, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return cls(hf_config).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config: PretrainedConfig, model_type: str | None,
+                 device: torch.device, dtype: torch.dtype, max_model_len: int) -> None:
+        self.config, self.device, self.dtype = config, device, dtype
+        self.block_size = config.block_size
+        self.model = build_model(hf_config, model_class(hf_config, model_type, config.model), device, dtype)
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, config.seed)
+        else:
+            load_weights(self.model, config.model)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        self.backend = get_backend("torch")
+        self.num_blocks = self._plan_kv_blocks(max_model_len)
+        self._allocate_kv_cache()
+
+    # ---- KV cache -------------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_block(self) -> int:
+        layer = self.attention_layers[0]
+        per_token = 2 * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        return per_token * self.block_size * len(self.attention_layers)
+
+    def _plan_kv_blocks(self, max_model_len: int) -> int:
+        blocks_per_seq = -(-max_model_len // self.block_size)
+        if self.config.num_kv_blocks is not None:
+            num = self.config.num_kv_blocks
+        else:
+            wanted = blocks_per_seq * self.config.max_num_seqs
+            num = min(wanted, self._kv_budget_bytes() // self.kv_bytes_per_block)
+        if num < blocks_per_seq:
+            have = num * self.kv_bytes_per_block / GiB
+            raise UserError(
+                f"the KV cache ({num} blocks, {have:.2f} GiB) cannot hold one sequence of --max-model-len "
+                f"{max_model_len} ({blocks_per_seq} blocks of {self.block_size}); lower --max-model-len or "
+                f"give the engine more memory"
+            )
+        return num
+
+    def _kv_budget_bytes(self) -> int:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            reserve = total * (1 - self.config.memory_fraction) + GiB  # activations, graphs, fragmentation
+            return max(0, int(free - reserve))
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(available * 0.5)
+
+    def _allocate_kv_cache(self) -> None:
+        layer = self.attention_layers[0]
+        shape = (2, len(self.attention_layers), self.num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.attention_layers):
+            attn.k_cache, attn.v_cache, attn.backend = self.kv_cache[0, i], self.kv_cache[1, i], self.backend
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def _slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _encode_images(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """Image embeddings of the batch's prompts in order, running the vision tower only for
+        sequences that have not been through it (a recomputed sequence keeps its embeddings)."""
+        todo = [s for s in seqs if s.pixel_values is not None and s.image_embeds is None]
+        if todo:
+            pixels = torch.cat([s.pixel_values for s in todo]).to(self.device, self.dtype)
+            features = self.model.encode_images(pixels)
+            start = 0
+            for s in todo:
+                n = s.pixel_values.shape[0]
+                s.image_embeds = features[start : start + n].flatten(0, 1)
+                start += n
+        embeds = [s.image_embeds for s in seqs if s.image_embeds is not None]
+        return torch.cat(embeds) if embeds else None
+
+    def _prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        ids, positions, slots, lens = [], [], [], []
+        for seq in seqs:
+            n = len(seq)
+            ids.extend(seq.token_ids)
+            positions.extend(range(n))
+            slots.extend(self._slot(seq, p) for p in range(n))
+            lens.append(n)
+        image_mask = torch.zeros(len(ids), dtype=torch.bool)
+        start = 0
+        for seq in seqs:
+            prompt = torch.tensor(seq.token_ids[: seq.num_prompt_tokens])
+            image_mask[start : start + seq.num_prompt_tokens] = prompt == self.model.image_token_index
+            start += len(seq)
+        meta = AttentionMetadata(True, self._tensor(slots), seq_lens=lens)
+        return self._tensor(ids), self._tensor(positions), meta, image_mask.to(self.device)
+
+    def _prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        positions = [len(s) - 1 for s in seqs]
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        meta = AttentionMetadata(
+            False,
+            self._tensor([self._slot(s, p) for s, p in zip(seqs, positions)]),
+            block_tables=self._tensor(tables, torch.int32),
+            context_lens=self._tensor([len(s) for s in seqs], torch.int32),
+        )
+        return self._tensor([s.last_token for s in seqs]), self._tensor(positions), meta
+
+    def _tensor(self, values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float] | None]:
+        if is_prefill:
+            ids, positions, meta, image_mask = self._prepare_prefill(seqs)
+            image_embeds = self._encode_images(seqs)
+            hidden = self.model(ids, positions, meta, image_embeds, image_mask)
+            last = torch.tensor(meta.seq_lens, device=self.device).cumsum(0) - 1
+            hidden = hidden[last]
+        else:
+            ids, positions, meta = self._prepare_decode(seqs)
+            hidden = self.model(ids, positions, meta)
+        logits = self.model.compute_logits(hidden)
+        want_logprobs = any(s.params.logprobs for s in seqs)
+        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], want_logprobs)

@@ -1,0 +1,65 @@
+"""One request as the engine sees it: its tokens, its KV-cache blocks, its timings."""
+import time
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from itertools import count
+
+import torch
+
+from vllm_utils.sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass
+class SequenceTimes:
+    arrival: float = 0.0
+    first_scheduled: float | None = None
+    token_times: list[float] = field(default_factory=list)  # when each output token was produced
+
+
+_ids = count()
+
+
+class Sequence:
+    def __init__(self, token_ids: list[int], params: SamplingParams, pixel_values: torch.Tensor | None = None,
+                 prompt: str | None = None) -> None:
+        self.seq_id = next(_ids)
+        self.prompt = prompt
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.params = params
+        self.pixel_values = pixel_values
+        self.image_embeds: torch.Tensor | None = None  # kept so a preempted request skips the vision tower
+        self.block_table: list[int] = []
+        self.status = Status.WAITING
+        self.logprobs: list[float] = []
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+        self.times = SequenceTimes(arrival=time.perf_counter())
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    def num_blocks(self, block_size: int) -> int:
+        """Blocks that hold every token of the sequence so far."""
+        return (len(self) + block_size - 1) // block_size

@@ -1,0 +1,32 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm_utils.errors import UserError
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": quick_gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+def get_activation(name: str):
+    if name not in ACTIVATIONS:
+        raise UserError(f"activation '{name}' is not supported; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class SiluAndMul(nn.Module):
+    """silu(gate) * up for a fused gate_up projection."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up

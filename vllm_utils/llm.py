@@ -1,0 +1,62 @@
+"""vLLM-style offline API: LLM(model=...).generate(prompts, SamplingParams(...))."""
+from dataclasses import dataclass
+
+from PIL import Image
+from tqdm import tqdm
+
+from vllm_utils.config import EngineConfig
+from vllm_utils.engine.llm_engine import LLMEngine
+from vllm_utils.engine.sequence import Sequence, SequenceTimes
+from vllm_utils.errors import UserError
+from vllm_utils.sampling_params import SamplingParams
+
+PromptInput = str | dict
+
+
+@dataclass
+class CompletionOutput:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str | None
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    times: SequenceTimes
+    num_preemptions: int
+
+
+class LLM:
+    def __init__(self, model: str, model_type: str | None = None, **engine_args) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args), model_type)
+
+    def generate(self, prompts: PromptInput | list[PromptInput], sampling_params: SamplingParams | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Each prompt is a string, or {"prompt": str, "multi_modal_data": {"image": PIL image or list}},
+        or {"prompt_token_ids": [...], "pixel_values": tensor}. Outputs come back in input order."""
+        prompts = prompts if isinstance(prompts, list) else [prompts]
+        params = sampling_params or SamplingParams()
+        seqs = [self._add(p, params) for p in prompts]
+        with tqdm(total=len(seqs), desc="Processed prompts", unit="prompt", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished():
+                bar.update(len(self.engine.step()))
+        return [self._output(s) for s in seqs]
+
+    def _add(self, prompt: PromptInput, params: SamplingParams) -> Sequence:
+        if isinstance(prompt, str):
+            return self.engine.add_request(prompt, [], params)
+        images = (prompt.get("multi_modal_data") or {}).get("image", [])
+        images = images if isinstance(images, list) else [images]
+        if not all(isinstance(i, Image.Image) for i in images):
+            raise UserError("multi_modal_data['image'] must be a PIL image or a list of them")
+        return self.engine.add_request(prompt.get("prompt"), images, params,
+                                       prompt.get("prompt_token_ids"), prompt.get("pixel_values"))
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        out = CompletionOutput(self.engine.processor.decode(seq.output_token_ids), seq.output_token_ids,
+                               seq.logprobs if seq.params.logprobs else None, seq.finish_reason)
+        return RequestOutput(seq.prompt, seq.token_ids[: seq.num_prompt_tokens], [out], seq.times, seq.num_preemptions)

@@ -1,0 +1,95 @@
+"""Checkpoint tensors -> model parameters: safetensors (one file or sharded with an index), every key
+layout the model's `checkpoint_key` knows, or random ("dummy") weights."""
+import glob
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from vllm_utils.errors import UserError
+
+
+def safetensors_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+        if missing:
+            raise UserError(f"'{folder}' lacks weight shard {missing[0]} named in its index; download it again, "
+                            f"or use --load-format dummy for random weights")
+        return [os.path.join(folder, s) for s in shards]
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise UserError(f"'{folder}' holds no *.safetensors weights; convert the checkpoint to safetensors, "
+                        f"or use --load-format dummy for random weights")
+    return files
+
+
+def resolve_target(model: nn.Module, key: str) -> tuple[str, object] | None:
+    """(parameter name, shard id) for one of our canonical keys, mapping unfused names to fused ones."""
+    name = model.checkpoint_key(key)
+    if name is None:
+        return None
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in model.packed_modules:
+            fused, shard = model.packed_modules[part]
+            return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard
+    return name, None
+
+
+def expected_targets(model: nn.Module) -> set[tuple[str, object]]:
+    shards: dict[str, list] = {}
+    for fused, shard in model.packed_modules.values():
+        shards.setdefault(fused, []).append(shard)
+    expected = set()
+    for name, _ in model.named_parameters():  # tied parameters appear once, under their first name
+        fused = name.split(".")[-2]
+        for shard in shards.get(fused, [None]):
+            expected.add((name, shard))
+    return expected
+
+
+def load_weights(model: nn.Module, folder: str, show_progress: bool = True) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[tuple[str, object]] = set()
+    files = safetensors_files(folder)
+    for path in tqdm(files, desc="Loading weights", unit="file", disable=not show_progress or len(files) < 2):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                target = resolve_target(model, key)
+                if target is None:
+                    continue
+                name, shard = target
+                if name not in params:
+                    raise UserError(f"checkpoint tensor '{key}' matches no parameter of the model: "
+                                    f"is '{folder}' really this model type?")
+                param = params[name]
+                tensor = f.get_tensor(key)
+                getattr(param, "weight_loader", _copy)(param, tensor.to(param.dtype), shard)
+                loaded.add(target)
+    missing = sorted(expected_targets(model) - loaded, key=str)
+    if missing:
+        name, shard = missing[0]
+        shown = name if shard is None else f"{name} (shard {shard})"
+        raise UserError(f"checkpoint in '{folder}' lacks tensor '{shown}' ({len(missing)} missing in all); "
+                        f"the download is incomplete or the folder holds another model")
+
+
+def _copy(param: nn.Parameter, tensor: torch.Tensor, shard: object) -> None:
+    param.data.copy_(tensor)
+
+
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights of a realistic scale, for benchmarking without the real checkpoint."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight") or "layer_norm" in name or "layrnorm" in name:
+            values = torch.ones(param.shape) if name.endswith("weight") else torch.zeros(param.shape)
+        else:
+            values = torch.empty(param.shape).uniform_(-0.02, 0.02, generator=generator)
+        param.data.copy_(values)

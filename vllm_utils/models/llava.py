@@ -1,0 +1,119 @@
+"""LLaVA-1.5: CLIP vision tower (truncated at vision_feature_layer) -> GELU projector -> Llama.
+Image features replace the embeddings of the image placeholder positions."""
+import re
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from vllm_utils.attention.backend import AttentionMetadata
+from vllm_utils.errors import UserError
+from vllm_utils.layers.activation import get_activation
+from vllm_utils.layers.embedding import ParallelLMHead
+from vllm_utils.layers.linear import ColumnParallelLinear, RowParallelLinear
+from vllm_utils.models.clip import CLIPVisionTower
+from vllm_utils.models.llama import LlamaModel
+
+# Checkpoint key prefixes (hub layout, transformers >= 4.52 layout, transformers 5.2x layout) -> ours.
+_KEY_RULES = [
+    (re.compile(r"^model\.language_model\."), "language_model."),
+    (re.compile(r"^language_model\.model\."), "language_model."),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"^model\.vision_tower\."), "vision_tower."),
+    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
+    (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),
+]
+
+
+def canonical_key(key: str) -> str:
+    for pattern, replacement in _KEY_RULES:
+        key = pattern.sub(replacement, key)
+    return key
+
+
+_VISION_LAYER = re.compile(r"^vision_tower\.encoder\.layers\.(\d+)\.")
+
+
+class LlavaProjector(nn.Module):
+    def __init__(self, in_features: int, hidden: int, act: str, bias: bool) -> None:
+        super().__init__()
+        self.linear_1 = ColumnParallelLinear(in_features, hidden, bias=bias)
+        self.act = get_activation(act)
+        self.linear_2 = RowParallelLinear(hidden, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class LlavaForConditionalGeneration(nn.Module):
+    # checkpoint projection name -> (our fused parameter, shard)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        vision, text = config.vision_config, config.text_config
+        if getattr(vision, "model_type", "clip_vision_model") != "clip_vision_model":
+            raise UserError(f"LLaVA with a '{vision.model_type}' vision tower is not supported (only CLIP)")
+        self.strategy = config.vision_feature_select_strategy
+        if self.strategy not in ("default", "full"):
+            raise UserError(f"vision_feature_select_strategy '{self.strategy}' is not supported (default, full)")
+        layers = config.vision_feature_layer
+        layers = layers if isinstance(layers, (list, tuple)) else [layers]
+        self.feature_layers = [i if i >= 0 else vision.num_hidden_layers + 1 + i for i in layers]
+        self.image_token_index = config.image_token_index
+        self.patches_per_image = (vision.image_size // vision.patch_size) ** 2
+
+        self.vision_tower = CLIPVisionTower(vision, max(self.feature_layers))
+        self.multi_modal_projector = LlavaProjector(
+            vision.hidden_size * len(self.feature_layers), text.hidden_size, config.projector_hidden_act,
+            getattr(config, "multimodal_projector_bias", True),
+        )
+        self.language_model = LlamaModel(text)
+        self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size)
+        if getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False):
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    @property
+    def num_image_features(self) -> int:
+        return self.patches_per_image + (1 if self.strategy == "full" else 0)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[images, 3, H, W] -> [images, num_image_features, hidden]"""
+        states = self.vision_tower(pixel_values, self.feature_layers)
+        features = torch.cat(states, dim=-1)
+        if self.strategy == "default":
+            features = features[:, 1:]
+        return self.multi_modal_projector(features)
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
+              image_mask: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings, with the prompt's image positions (`image_mask`) replaced by `image_embeds`
+        in order. Generated tokens keep their own embedding, whatever their id."""
+        if image_embeds is None:
+            return self.language_model.embed_tokens(input_ids)
+        embeds = self.language_model.embed_tokens(input_ids.masked_fill(image_mask, 0))
+        embeds[image_mask] = image_embeds.to(embeds.dtype)
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.language_model(positions, self.embed(input_ids, image_embeds, image_mask), meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def checkpoint_key(self, key: str) -> str | None:
+        """Our name for a checkpoint tensor, or None for tensors LLaVA never uses."""
+        key = canonical_key(key)
+        if key.endswith(("position_ids", "rotary_emb.inv_freq")) or key.startswith("vision_tower.post_layernorm."):
+            return None
+        layer = _VISION_LAYER.match(key)
+        if layer and int(layer.group(1)) >= len(self.vision_tower.encoder.layers):
+            return None  # layers after the feature layer are never run
+        return key

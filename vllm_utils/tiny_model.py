@@ -1,0 +1,139 @@
+"""Tiny random LLaVA checkpoints built locally (no hub access): the demo's default model and the
+test fixtures. Tokenizer: the real Llama one when a folder holding it is given, else one trained here."""
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+_CORPUS = (
+    "a photo of a cat sitting on a red chair next to the window . the rocket lifts off into a blue sky . "
+    "describe the picture in detail . what is in this image ? a cup of coffee on a wooden table . "
+    "an astronaut in a white suit holds a flag . the dog runs across the green field in the morning . "
+    "USER: ASSISTANT: please answer the question briefly and clearly . there are two birds on the tree . "
+)
+
+
+def train_tiny_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer with Llama's special tokens plus <image>, trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+
+
+def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout: str = "hub", seed: int = 0,
+                     image_size: int = 56, text_layers: int = 2, hidden: int = 64, vision_feature_layer: int = -2,
+                     select_strategy: str = "default") -> str:
+    """Writes config, processor and random safetensors weights of a small LLaVA-1.5 to `folder`.
+    layout: "hub" (language_model.model.*, vision_tower.vision_model.*), "prefixed" (model.language_model.*,
+    as transformers 4.52-4.5x write), or "saved" (whatever the installed transformers writes)."""
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    if real_tokenizer_dir:
+        tokenizer = AutoTokenizer.from_pretrained(real_tokenizer_dir)
+    else:
+        tokenizer = train_tiny_tokenizer()
+    vocab_size = len(tokenizer)
+    image_token_index = tokenizer.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
+                              image_size=image_size, patch_size=14, projection_dim=32, hidden_act="quick_gelu")
+    text = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2,
+                       num_hidden_layers=text_layers, vocab_size=vocab_size, max_position_embeddings=512,
+                       rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_index,
+                         vision_feature_layer=vision_feature_layer,
+                         vision_feature_select_strategy=select_strategy, pad_token_id=tokenizer.pad_token_id,
+                         image_seq_length=(image_size // 14) ** 2)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers' init is tiny; scale up so that logits are far from ties
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and "embed" not in name:
+                p.normal_(0, 1.0 / p.shape[1] ** 0.5)
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)
+    if layout != "saved":
+        _rewrite_keys(folder, layout)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy=select_strategy, num_additional_image_tokens=1,
+                               chat_template=LLAVA_CHAT_TEMPLATE)
+    processor.save_pretrained(folder)
+    return folder
+
+
+_LAYOUTS = {
+    # our canonical prefix -> the prefix each layout writes
+    "hub": {"language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
+            "vision_tower.": "vision_tower.vision_model.", "multi_modal_projector.": "multi_modal_projector."},
+    "prefixed": {"language_model.": "model.language_model.", "lm_head.": "lm_head.",
+                 "vision_tower.": "model.vision_tower.vision_model.",
+                 "multi_modal_projector.": "model.multi_modal_projector."},
+}
+
+
+def _rewrite_keys(folder: str, layout: str) -> None:
+    """Renames the saved tensors into one of the key layouts found on the hub."""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_utils.models.llava import canonical_key
+
+    path = os.path.join(folder, "model.safetensors")
+    renamed = {}
+    for key, value in load_file(path).items():
+        key = canonical_key(key)
+        prefix = next(p for p in _LAYOUTS[layout] if key.startswith(p))
+        renamed[_LAYOUTS[layout][prefix] + key[len(prefix):]] = value.contiguous()
+    save_file(renamed, path, metadata={"format": "pt"})
+
+
+def make_demo_image(path: str, size: tuple[int, int] = (320, 240), seed: int = 0) -> str:
+    """A colourful synthetic picture (gradient plus a few discs)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    image = np.stack([x * 255 // w, y * 255 // h, np.full_like(x, 128)], axis=-1).astype(np.float32)
+    for _ in range(4):
+        cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(15, 60)
+        image[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
+    Image.fromarray(image.astype(np.uint8)).save(path)
+    return path
+
+
+def default_demo_assets(cache_dir: str | None = None) -> tuple[str, str, bool]:
+    """(model folder, image path, whether they were just built) for `--demo` without `--model`."""
+    cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                          "vllm_utils", "tiny-llava-demo")
+    model_dir, image = os.path.join(cache_dir, "model"), os.path.join(cache_dir, "demo.png")
+    if os.path.isfile(os.path.join(model_dir, "model.safetensors")) and os.path.isfile(image):
+        return model_dir, image, False
+    tmp = cache_dir + f".tmp{os.getpid()}"
+    build_tiny_llava(os.path.join(tmp, "model"))
+    make_demo_image(os.path.join(tmp, "demo.png"))
+    os.makedirs(os.path.dirname(cache_dir), exist_ok=True)
+    if os.path.isdir(cache_dir):
+        import shutil
+
+        shutil.rmtree(cache_dir)
+    os.replace(tmp, cache_dir)
+    return model_dir, image, True
