@@ -1,0 +1,79 @@
+"""Fixtures: tiny random LLaVA checkpoints built here, and HF transformers as the reference."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vllm_utils.tiny_model import build_tiny_llava, make_demo_image
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+REAL_LLAVA = SHARED / "llava-1.5-7b-hf"
+SHARED_IMAGES = SHARED / "images"
+needs_shared = pytest.mark.skipif(not REAL_LLAVA.is_dir(), reason="../shared/assets is absent")
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def real_tokenizer_dir() -> str | None:
+    return str(REAL_LLAVA) if REAL_LLAVA.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory) -> str:
+    """Hub key layout; the real Llama tokenizer when ../shared is there."""
+    return build_tiny_llava(str(tmp_path_factory.mktemp("tiny_hub")), real_tokenizer_dir(), layout="hub")
+
+
+@pytest.fixture(scope="session", params=["hub", "prefixed", "saved"])
+def tiny_llava_any_layout(request, tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp(f"tiny_{request.param}")
+    return build_tiny_llava(str(folder), real_tokenizer_dir(), layout=request.param, seed=1)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> list[Image.Image]:
+    """Two different pictures: real photos when ../shared is there, generated ones otherwise."""
+    if SHARED_IMAGES.is_dir():
+        paths = [SHARED_IMAGES / "coffee.png", SHARED_IMAGES / "rocket.jpg"]
+    else:
+        folder = tmp_path_factory.mktemp("images")
+        paths = [make_demo_image(str(folder / f"{i}.png"), seed=i) for i in range(2)]
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+class HFReference:
+    def __init__(self, folder: str) -> None:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        self.processor = AutoProcessor.from_pretrained(folder)
+        self.model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def chat_prompt(self, text: str, num_images: int = 1) -> str:
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def inputs(self, prompt: str, images: list[Image.Image]) -> dict:
+        return self.processor(text=prompt, images=images or None, return_tensors="pt")
+
+    @torch.inference_mode()
+    def greedy(self, prompt: str, images: list[Image.Image], max_new_tokens: int) -> list[int]:
+        inputs = self.inputs(prompt, images)
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    @torch.inference_mode()
+    def token_logprobs(self, prompt: str, images: list[Image.Image], tokens: list[int]) -> list[float]:
+        """Log-probabilities HF gives each of `tokens` when they follow the prompt (teacher forcing)."""
+        inputs = self.inputs(prompt, images)
+        n = inputs["input_ids"].shape[1]
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([tokens])], dim=1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        logits = self.model(**inputs).logits[0, n - 1 : -1].float()
+        return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1).tolist()
+
+
+@pytest.fixture(scope="session")
+def hf_reference(tiny_llava) -> HFReference:
+    return HFReference(tiny_llava)

@@ -1,0 +1,74 @@
+"""Our engine against HF transformers' LlavaForConditionalGeneration on the same tiny checkpoint."""
+import pytest
+
+from vllm_utils import LLM, SamplingParams
+
+from conftest import HFReference
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+def engine(folder: str, **kwargs) -> LLM:
+    kwargs.setdefault("dtype", "float32")
+    kwargs.setdefault("max_model_len", 512)
+    return LLM(folder, device="cpu", **kwargs)
+
+
+def request(llm: LLM, text: str, images: list) -> dict:
+    return {"prompt": llm.engine.processor.chat_prompt(text, len(images)), "multi_modal_data": {"image": images}}
+
+
+def test_one_prompt_every_key_layout(tiny_llava_any_layout, images):
+    hf = HFReference(tiny_llava_any_layout)
+    llm = engine(tiny_llava_any_layout)
+    req = request(llm, "Describe the picture.", images[:1])
+    ours = llm.generate([req], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert ours == hf.greedy(req["prompt"], images[:1], GREEDY.max_tokens)
+    assert len(ours) > 0
+
+
+BATCH = [("Describe the picture.", [0]), ("What is in this image? Answer in one short sentence.", [1]),
+         ("Compare the two pictures.", [0, 1]), ("Tell me a story without any picture at all.", [])]
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+def test_batch_of_different_lengths_and_images(tiny_llava, hf_reference, images, block_size):
+    llm = engine(tiny_llava, block_size=block_size)
+    reqs = [request(llm, text, [images[i] for i in idx]) for text, idx in BATCH]
+    outputs = llm.generate(reqs, GREEDY, use_tqdm=False)
+    assert len({len(o.prompt_token_ids) for o in outputs}) == len(BATCH)
+    for req, out, (_, idx) in zip(reqs, outputs, BATCH):
+        expected = hf_reference.greedy(req["prompt"], [images[i] for i in idx], GREEDY.max_tokens)
+        assert out.outputs[0].token_ids == expected
+
+
+def test_preemption_recomputes_the_same_tokens(tiny_llava, hf_reference, images):
+    # 192 cache slots for four requests of ~100 tokens each: running requests must be preempted.
+    llm = engine(tiny_llava, block_size=4, num_kv_blocks=48, max_num_seqs=4, max_model_len=192)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    reqs = [request(llm, text, [images[i] for i in idx]) for text, idx in BATCH]
+    outputs = llm.generate(reqs, params, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.block_manager.num_free == 48  # every block came back
+    for req, out, (_, idx) in zip(reqs, outputs, BATCH):
+        expected = hf_reference.model.generate(**hf_reference.inputs(req["prompt"], [images[i] for i in idx]),
+                                               max_new_tokens=40, min_new_tokens=40, do_sample=False)
+        assert out.outputs[0].token_ids == expected[0, len(out.prompt_token_ids):].tolist()
+
+
+def test_alone_or_in_a_batch_gives_the_same_tokens(tiny_llava, images):
+    llm = engine(tiny_llava)
+    reqs = [request(llm, text, [images[i] for i in idx]) for text, idx in BATCH]
+    batch = [o.outputs[0].token_ids for o in llm.generate(reqs, GREEDY, use_tqdm=False)]
+    alone = [llm.generate([r], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for r in reqs]
+    assert batch == alone
+
+
+def test_bf16_logprobs_close_to_hf_fp32(tiny_llava, hf_reference, images):
+    llm = engine(tiny_llava, dtype="bfloat16")
+    req = request(llm, "Describe the picture.", images[:1])
+    out = llm.generate([req], SamplingParams(temperature=0, max_tokens=16, logprobs=True), use_tqdm=False)[0]
+    ours = out.outputs[0].logprobs
+    reference = hf_reference.token_logprobs(req["prompt"], images[:1], out.outputs[0].token_ids)
+    assert len(ours) == len(reference) == len(out.outputs[0].token_ids)
+    assert max(abs(a - b) for a, b in zip(ours, reference)) < 0.05
