@@ -9,6 +9,7 @@ from vllm_utils.engine.model_runner import ModelRunner
 from vllm_utils.engine.scheduler import Scheduler
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.errors import UserError
+from vllm_utils.models.registry import model_class
 from vllm_utils.multimodal.processor import MultiModalProcessor
 from vllm_utils.sampling_params import SamplingParams
 
@@ -18,6 +19,7 @@ class LLMEngine:
         self.config = config
         self.device = resolve_device(config.device)
         self.hf_config = load_hf_config(config.model)
+        cls = model_class(self.hf_config, model_type, config.model)
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         text_config = self.hf_config.text_config
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
@@ -27,7 +29,7 @@ class LLMEngine:
         if config.tensor_parallel_size != 1:
             raise UserError("--tensor-parallel-size > 1 is not supported yet; use --tensor-parallel-size 1")
         torch.manual_seed(config.seed)
-        self.runner = ModelRunner(config, self.hf_config, model_type, self.device, self.dtype, self.max_model_len)
+        self.runner = ModelRunner(config, self.hf_config, cls, self.device, self.dtype, self.max_model_len)
         self.processor = MultiModalProcessor(config.model, self.hf_config.image_token_index,
                                              self.runner.model.num_image_features)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)

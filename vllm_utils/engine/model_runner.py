@@ -13,7 +13,6 @@ from vllm_utils.errors import UserError
 from vllm_utils.layers.attention import PagedAttention
 from vllm_utils.layers.sampler import sample
 from vllm_utils.loader import init_dummy_weights, load_weights
-from vllm_utils.models.registry import model_class
 
 logger = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -30,11 +29,11 @@ def build_model(hf_config: PretrainedConfig, cls: type, device: torch.device, dt
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config: PretrainedConfig, model_type: str | None,
+    def __init__(self, config: EngineConfig, hf_config: PretrainedConfig, cls: type[torch.nn.Module],
                  device: torch.device, dtype: torch.dtype, max_model_len: int) -> None:
         self.config, self.device, self.dtype = config, device, dtype
         self.block_size = config.block_size
-        self.model = build_model(hf_config, model_class(hf_config, model_type, config.model), device, dtype)
+        self.model = build_model(hf_config, cls, device, dtype)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
         else:

@@ -1,0 +1,58 @@
+"""The loader against the real LLaVA-1.5-7B key layout, and its errors."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vllm_utils import LLM
+from vllm_utils.config import load_hf_config
+from vllm_utils.engine.model_runner import build_model
+from vllm_utils.errors import UserError
+from vllm_utils.loader import expected_targets, resolve_target
+from vllm_utils.models.llava import LlavaForConditionalGeneration
+
+from conftest import REAL_LLAVA, needs_shared
+
+
+@needs_shared
+def test_every_real_checkpoint_key_is_loaded_or_deliberately_skipped():
+    config = load_hf_config(str(REAL_LLAVA))
+    model = build_model(config, LlavaForConditionalGeneration, torch.device("meta"), torch.float16)
+    params = dict(model.named_parameters())
+    keys = json.loads((REAL_LLAVA / "model.safetensors.index.json").read_text())["weight_map"]
+    targets, skipped = set(), []
+    for key in keys:
+        target = resolve_target(model, key)
+        if target is None:
+            skipped.append(key)
+            continue
+        assert target[0] in params, f"{key} -> {target[0]} is no parameter"
+        targets.add(target)
+    assert targets == expected_targets(model)  # nothing the model needs is missing from the checkpoint
+    # what is skipped: vision layer 23 (after feature layer -2) and post_layernorm
+    assert all(".encoder.layers.23." in k or "post_layernorm" in k for k in skipped)
+    assert len(skipped) == 16 + 2
+    assert model.num_image_features == 576
+
+
+@needs_shared
+def test_real_config_builds_7b_shapes_on_meta():
+    config = load_hf_config(str(REAL_LLAVA))
+    model = build_model(config, LlavaForConditionalGeneration, torch.device("meta"), torch.float16)
+    total = sum(p.numel() for p in model.parameters())
+    index = json.loads((REAL_LLAVA / "model.safetensors.index.json").read_text())
+    # fp16 checkpoint bytes / 2 = parameters; ours lacks the skipped vision layer and post_layernorm
+    skipped = 12_596_224 + 2 * 1024
+    assert total == index["metadata"]["total_size"] // 2 - skipped
+
+
+def test_missing_tensor_is_an_error_naming_it(tiny_llava, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_llava, folder)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["language_model.model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(UserError, match=r"language_model\.layers\.1\.mlp\.down_proj\.weight"):
+        LLM(str(folder), device="cpu", dtype="float32")
