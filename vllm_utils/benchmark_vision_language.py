@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="--demo: 0 is greedy")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
+    p.add_argument("--num-iters", type=int, default=1, help="--perf: timed repetitions")
+    p.add_argument("--output-json", default=None, help="--perf: also write settings, metrics and environment here")
     return p.parse_args(argv)
 
 

@@ -29,7 +29,7 @@ def train_tiny_tokenizer(vocab_size: int = 400):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([_CORPUS] * 4, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
@@ -56,7 +56,7 @@ def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout:
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
                               image_size=image_size, patch_size=14, projection_dim=32, hidden_act="quick_gelu")
     text = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2,
-                       num_hidden_layers=text_layers, vocab_size=vocab_size, max_position_embeddings=512,
+                       num_hidden_layers=text_layers, vocab_size=vocab_size, max_position_embeddings=4096,
                        rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_index,
@@ -123,7 +123,7 @@ def make_demo_image(path: str, size: tuple[int, int] = (320, 240), seed: int = 0
 def default_demo_assets(cache_dir: str | None = None) -> tuple[str, str, bool]:
     """(model folder, image path, whether they were just built) for `--demo` without `--model`."""
     cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                                          "vllm_utils", "tiny-llava-demo")
+                                          "vllm_utils", "tiny-llava-demo-v1")
     model_dir, image = os.path.join(cache_dir, "model"), os.path.join(cache_dir, "demo.png")
     if os.path.isfile(os.path.join(model_dir, "model.safetensors")) and os.path.isfile(image):
         return model_dir, image, False

@@ -1,4 +1,7 @@
 """The engine loop: requests in, one scheduled step at a time, finished sequences out."""
+import time
+from dataclasses import dataclass
+
 import torch
 from PIL import Image
 
@@ -9,9 +12,23 @@ from vllm_utils.engine.model_runner import ModelRunner
 from vllm_utils.engine.scheduler import Scheduler
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.errors import UserError
+from vllm_utils.models.bundled_configs import bundled_config_dir
 from vllm_utils.models.registry import model_class
 from vllm_utils.multimodal.processor import MultiModalProcessor
 from vllm_utils.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineStats:
+    """Where the engine's time went, by kind of step."""
+
+    prefill_steps: int = 0
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    peak_blocks_used: int = 0
 
 
 class LLMEngine:
@@ -19,6 +36,7 @@ class LLMEngine:
         self.config = config
         self.device = resolve_device(config.device)
         self.hf_config = load_hf_config(config.model)
+        self.model_folder = bundled_config_dir(config.model) or config.model
         cls = model_class(self.hf_config, model_type, config.model)
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         text_config = self.hf_config.text_config
@@ -30,14 +48,15 @@ class LLMEngine:
             raise UserError("--tensor-parallel-size > 1 is not supported yet; use --tensor-parallel-size 1")
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, self.hf_config, cls, self.device, self.dtype, self.max_model_len)
-        self.processor = MultiModalProcessor(config.model, self.hf_config.image_token_index,
-                                             self.runner.model.num_image_features)
+        self.processor = MultiModalProcessor(self.model_folder, self.hf_config, self.runner.model.num_image_features,
+                                             allow_missing=config.load_format == "dummy")
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs,
             max(config.max_num_batched_tokens or 8192, self.max_model_len),
             self.max_model_len, self.processor.eos_token_id,
         )
+        self.stats = EngineStats()
 
     def add_request(self, prompt: str | None, images: list[Image.Image], params: SamplingParams,
                     prompt_token_ids: list[int] | None = None, pixel_values: torch.Tensor | None = None) -> Sequence:
@@ -52,15 +71,30 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
+    def reset_stats(self) -> None:
+        self.stats = EngineStats()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[Sequence]:
         """Runs one prefill or decode step; returns the sequences that finished in it."""
+        start = time.perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             raise RuntimeError("scheduler found nothing to run although requests are pending")
-        token_ids, logprobs = self.runner.run(seqs, is_prefill)
+        token_ids, logprobs = self.runner.run(seqs, is_prefill)  # returns host ints: the step is done
+        elapsed = time.perf_counter() - start
+        stats = self.stats
+        if is_prefill:
+            stats.prefill_steps += 1
+            stats.prefill_tokens += sum(len(s) for s in seqs)
+            stats.prefill_seconds += elapsed
+        else:
+            stats.decode_steps += 1
+            stats.decode_tokens += len(seqs)
+            stats.decode_seconds += elapsed
+        stats.peak_blocks_used = max(stats.peak_blocks_used, self.block_manager.num_used)
         finished = self.scheduler.postprocess(seqs, token_ids, logprobs)
         for seq in finished:
             seq.pixel_values = seq.image_embeds = None

@@ -1,0 +1,128 @@
+"""`--perf`: a warm-up request, then `--num-iters` timed runs of `--num-prompts` synthetic requests
+(at most `--batch-size` at once), each exactly `--input-len` prompt and `--output-len` output tokens."""
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+from vllm_utils.bench.metrics import TimedRun, seed_perf_info, summarize
+from vllm_utils.bench.report import environment, write_csv, write_json
+from vllm_utils.bench.synthetic import SyntheticRequest, synthetic_requests
+from vllm_utils.devices import synchronize
+from vllm_utils.errors import UserError
+from vllm_utils.llm import LLM
+from vllm_utils.multimodal.processor import load_image
+from vllm_utils.sampling_params import SamplingParams
+
+
+def check_lengths(args: argparse.Namespace) -> None:
+    for flag, value in (("--input-len", args.input_len), ("--output-len", args.output_len),
+                        ("--num-prompts", args.num_prompts), ("--num-iters", args.num_iters)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.max_model_len is not None and args.input_len + args.output_len > args.max_model_len:
+        raise UserError(f"--input-len {args.input_len} + --output-len {args.output_len} exceeds --max-model-len "
+                        f"{args.max_model_len}; raise --max-model-len or shorten the request")
+
+
+def _as_prompts(requests: list[SyntheticRequest]) -> list[dict]:
+    return [{"prompt_token_ids": r.prompt_token_ids, "pixel_values": r.pixel_values} for r in requests]
+
+
+def timed_run(llm: LLM, requests: list[SyntheticRequest], params: SamplingParams) -> TimedRun:
+    engine = llm.engine
+    engine.reset_stats()
+    synchronize(engine.device)
+    start = time.perf_counter()
+    outputs = llm.generate(_as_prompts(requests), params)
+    wall = time.perf_counter() - start
+    for request, out in zip(requests, outputs):
+        if len(out.prompt_token_ids) != len(request.prompt_token_ids) or len(out.outputs[0].token_ids) != params.max_tokens:
+            raise RuntimeError("a request did not keep its exact input/output length")
+    return TimedRun(wall, outputs, engine.stats)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak RSS (CPU)
+
+
+def run_perf(args: argparse.Namespace, engine_kwargs: dict) -> None:
+    args.output_len = args.output_len or 128
+    check_lengths(args)
+    if args.model is None:
+        from vllm_utils.tiny_model import default_demo_assets
+
+        args.model = default_demo_assets()[0]
+        print(f"No --model given: benchmarking the tiny random LLaVA at {args.model}; pass --model PATH "
+              f"(or --model llava-hf/llava-1.5-7b-hf --load-format dummy).", file=sys.stderr)
+    image = load_image(args.input_image[0]) if args.input_image else None
+    llm = LLM(args.model, **engine_kwargs)
+    engine = llm.engine
+    if args.input_len + args.output_len > engine.max_model_len:
+        raise UserError(f"--input-len {args.input_len} + --output-len {args.output_len} exceeds the max model "
+                        f"length {engine.max_model_len}; raise --max-model-len or shorten the request")
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    warmup = synthetic_requests(engine.processor, args.input_len, 1, image, seed=args.seed + 10_000)
+    llm.generate(_as_prompts(warmup), SamplingParams(temperature=0, max_tokens=min(args.output_len, 8), ignore_eos=True),
+                 use_tqdm=False)
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    runs = []
+    for i in range(args.num_iters):
+        requests = synthetic_requests(engine.processor, args.input_len, args.num_prompts, image, seed=args.seed + i)
+        runs.append(timed_run(llm, requests, params))
+    summary = summarize(runs, args.output_len)
+    summary["image_tokens_per_request"] = requests[0].num_image_tokens
+    summary["text_tokens_per_request"] = requests[0].num_text_tokens
+    summary["kv_blocks_total"] = engine.block_manager.num_blocks
+    summary["peak_memory_gib"] = peak_memory_bytes(engine.device) / 2**30
+
+    info = seed_perf_info(summary)
+    print("***Perf Info***")
+    print(json.dumps(info, indent=4))
+    print_details(summary)
+    settings = perf_settings(args, engine)
+    rows = {**settings, **info, **flatten(summary)}
+    path = write_csv(rows)
+    print(f"Saved to {path}", file=sys.stderr)
+    if args.output_json:
+        write_json(args.output_json, {"settings": settings, "perf_info": info, "metrics": summary,
+                                      "environment": environment(engine.device)})
+
+
+def perf_settings(args: argparse.Namespace, engine) -> dict[str, object]:
+    return {
+        "model": args.model, "model_type": args.model_type, "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."), "tensor_parallel_size": args.tensor_parallel_size,
+        "max_model_len": engine.max_model_len, "input_len": args.input_len, "output_len": args.output_len,
+        "num_prompts": args.num_prompts, "batch_size": engine.config.max_num_seqs, "block_size": args.block_size,
+        "enforce_eager": args.enforce_eager, "load_format": args.load_format, "num_iters": args.num_iters,
+        "seed": args.seed, "input_image": args.input_image[0] if args.input_image else "black",
+    }
+
+
+def flatten(summary: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}_"))
+        else:
+            flat[prefix + key] = round(value, 4) if isinstance(value, float) else value
+    return flat
+
+
+def print_details(s: dict) -> None:
+    rows = [("TTFT (ms)", s["ttft_ms"]), ("TPOT (ms)", s["tpot_ms"]), ("inter-token latency (ms)", s["itl_ms"])]
+    print(f"{'':26}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}")
+    for name, d in rows:
+        print(f"{name:26}{d['mean']:10.2f}{d['p50']:10.2f}{d['p90']:10.2f}{d['p99']:10.2f}")
+    print(f"prefill throughput: {s['prefill_tokens_per_second']:.1f} prompt tokens/s; "
+          f"decode throughput (whole batch): {s['decode_tokens_per_second']:.1f} tokens/s")
+    print(f"tokens per request: {s['image_tokens_per_request']} image + {s['text_tokens_per_request']} text; "
+          f"KV-cache blocks used at peak: {s['peak_kv_blocks_used']} of {s['kv_blocks_total']}; "
+          f"peak memory: {s['peak_memory_gib']:.2f} GiB; preemptions: {s['preemptions']}")
