@@ -85,11 +85,15 @@ def _copy(param: nn.Parameter, tensor: torch.Tensor, shard: object) -> None:
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Random weights of a realistic scale, for benchmarking without the real checkpoint."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    """Random weights of a realistic scale, drawn on the parameters' own device, for benchmarking
+    without the real checkpoint. Norm scales are one and biases of norms zero."""
+    generators: dict[torch.device, torch.Generator] = {}
     for name, param in model.named_parameters():
+        if param.device.type == "meta":
+            continue
         if name.endswith("norm.weight") or "layer_norm" in name or "layrnorm" in name:
-            values = torch.ones(param.shape) if name.endswith("weight") else torch.zeros(param.shape)
-        else:
-            values = torch.empty(param.shape).uniform_(-0.02, 0.02, generator=generator)
-        param.data.copy_(values)
+            param.data.fill_(1.0 if name.endswith("weight") else 0.0)
+            continue
+        if param.device not in generators:
+            generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+        param.data.uniform_(-0.02, 0.02, generator=generators[param.device])
