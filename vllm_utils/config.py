@@ -32,6 +32,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     seed: int = 0
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights)
+    attention_backend: str = "auto"  # "auto": triton on CUDA if installed, else torch
+    max_graph_batch: int = 256  # decode batches up to this size replay CUDA graphs
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

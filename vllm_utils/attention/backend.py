@@ -42,7 +42,22 @@ def register_backend(name: str):
     return wrap
 
 
-def get_backend(name: str) -> AttentionBackend:
+def get_backend(name: str, device: torch.device) -> AttentionBackend:
+    """`name` "auto": Triton on CUDA when Triton is installed, else the PyTorch reference."""
     from vllm_utils.attention import torch_paged  # noqa: F401  (registers itself)
 
+    if name in ("auto", "triton") and device.type == "cuda":
+        try:
+            from vllm_utils.attention import triton_paged  # noqa: F401
+        except ImportError:
+            if name == "triton":
+                from vllm_utils.errors import UserError
+
+                raise UserError("attention backend 'triton' needs the triton package; install it or use 'torch'") from None
+    if name == "auto":
+        name = "triton" if "triton" in _BACKENDS and device.type == "cuda" else "torch"
+    if name not in _BACKENDS:
+        from vllm_utils.errors import UserError
+
+        raise UserError(f"attention backend '{name}' is not available on {device.type}; use 'torch'")
     return _BACKENDS[name]()

@@ -1,21 +1,28 @@
 """Builds the model on its device, owns the paged KV cache, turns scheduled sequences into tensors,
 runs the model and samples."""
-import logging
 import os
+import sys
 
 import torch
 from transformers import PretrainedConfig
 
 from vllm_utils.attention.backend import AttentionMetadata, get_backend
 from vllm_utils.config import EngineConfig
+from vllm_utils.engine.cuda_graphs import DecodeGraphs
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.errors import UserError
 from vllm_utils.layers.attention import PagedAttention
 from vllm_utils.layers.sampler import sample
 from vllm_utils.loader import init_dummy_weights, load_weights
 
-logger = logging.getLogger(__name__)
 GiB = 1 << 30
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        print(f"note: {message}", file=sys.stderr)
 
 
 def build_model(hf_config: PretrainedConfig, cls: type, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -39,9 +46,20 @@ class ModelRunner:
         else:
             load_weights(self.model, config.model)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
-        self.backend = get_backend("torch")
+        self.backend = get_backend(config.attention_backend, device)
         self.num_blocks = self._plan_kv_blocks(max_model_len)
         self._allocate_kv_cache()
+        self.graphs = self._capture_graphs(max_model_len)
+
+    def _capture_graphs(self, max_model_len: int) -> DecodeGraphs | None:
+        if self.config.enforce_eager:
+            return None
+        if self.device.type != "cuda":
+            _say_once(f"graph mode needs CUDA graphs; running eagerly on {self.device.type}")
+            return None
+        max_batch = min(self.config.max_num_seqs, self.config.max_graph_batch)
+        return DecodeGraphs(self.model, max_batch, -(-max_model_len // self.block_size), self.num_blocks,
+                            self.block_size, self.device)
 
     # ---- KV cache -------------------------------------------------------------------------------
     @property
@@ -56,7 +74,7 @@ class ModelRunner:
             num = self.config.num_kv_blocks
         else:
             wanted = blocks_per_seq * self.config.max_num_seqs
-            num = min(wanted, self._kv_budget_bytes() // self.kv_bytes_per_block)
+            num = min(wanted, self._kv_budget_bytes() // self.kv_bytes_per_block - 1)  # -1: the scratch block
         if num < blocks_per_seq:
             have = num * self.kv_bytes_per_block / GiB
             raise UserError(
@@ -76,7 +94,8 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> None:
         layer = self.attention_layers[0]
-        shape = (2, len(self.attention_layers), self.num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        # one block more than the block manager hands out: scratch space for padded graph rows
+        shape = (2, len(self.attention_layers), self.num_blocks + 1, self.block_size, layer.num_kv_heads, layer.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.attention_layers):
             attn.k_cache, attn.v_cache, attn.backend = self.kv_cache[0, i], self.kv_cache[1, i], self.backend
@@ -139,10 +158,12 @@ class ModelRunner:
             image_embeds = self._encode_images(seqs)
             hidden = self.model(ids, positions, meta, image_embeds, image_mask)
             last = torch.tensor(meta.seq_lens, device=self.device).cumsum(0) - 1
-            hidden = hidden[last]
+            logits = self.model.compute_logits(hidden[last])
         else:
             ids, positions, meta = self._prepare_decode(seqs)
-            hidden = self.model(ids, positions, meta)
-        logits = self.model.compute_logits(hidden)
+            if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
+                logits = self.graphs.run(ids, positions, meta)
+            else:
+                logits = self.model.compute_logits(self.model(ids, positions, meta))
         want_logprobs = any(s.params.logprobs for s in seqs)
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], want_logprobs)
