@@ -47,3 +47,38 @@ def test_triton_paged_attention_matches_torch_reference(block_size, heads, kv_he
     (ref, k_ref, v_ref), (out, k_out, v_out) = outputs
     assert torch.equal(k_ref, k_out) and torch.equal(v_ref, v_out)  # the same slots written
     assert ((out - ref).norm() / ref.norm()).item() < (1e-2 if dtype != torch.float32 else 1e-3)
+
+
+def test_fused_kernels_equal_the_pytorch_layers():
+    from vllm_utils.layers import fused_cuda
+    from vllm_utils.layers.activation import SiluAndMul
+    from vllm_utils.layers.norm import RMSNorm
+    from vllm_utils.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(0)
+    x = torch.randn(37, 4096, dtype=torch.bfloat16, device="cuda")
+    residual = torch.randn_like(x)
+    norm = RMSNorm(4096, 1e-5).cuda()
+    norm.weight.data = torch.rand(4096, device="cuda", dtype=torch.bfloat16)
+    expected_residual = residual + x
+    res_fused = residual.clone()
+    fused = fused_cuda.add_rmsnorm(x, norm.weight, 1e-5, res_fused)
+    variance = expected_residual.float().pow(2).mean(-1, keepdim=True)
+    reference = norm.weight * (expected_residual.float() * torch.rsqrt(variance + 1e-5)).to(torch.bfloat16)
+    assert torch.equal(res_fused, expected_residual)
+    assert (fused.float() - reference.float()).abs().max().item() <= 2 ** -6 * reference.float().abs().max().item()
+
+    gate_up = torch.randn(37, 2 * 11008, dtype=torch.bfloat16, device="cuda")
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(fused_cuda.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up)
+
+    rotary = RotaryEmbedding(128, 4096, {"rope_type": "default", "rope_theta": 10000.0}).cuda()
+    positions = torch.randint(0, 4096, (37,), device="cuda")
+    qkv = torch.randn(37, 3 * 4096, dtype=torch.bfloat16, device="cuda")
+    q = qkv[:, :4096].view(37, 32, 128)
+    cos, sin = rotary.cos[positions].to(q.dtype)[:, None], rotary.sin[positions].to(q.dtype)[:, None]
+    from vllm_utils.layers.rotary import rotate_half
+
+    reference = q * cos + rotate_half(q) * sin
+    fused_cuda.rope_(q, positions, rotary.cos, rotary.sin)
+    assert torch.equal(q, reference)

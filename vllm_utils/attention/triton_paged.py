@@ -73,8 +73,8 @@ class TritonPagedAttention:
         seqs, heads, head_dim = q.shape
         kv_heads = k_cache.shape[2]
         group = heads // kv_heads
-        q = q.contiguous()
-        out = torch.empty_like(q)
+        assert q.stride(2) == 1 and q.stride(1) == head_dim, "heads of a token must be contiguous"
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         _paged_decode_kernel[(seqs, kv_heads)](
             q, k_cache, v_cache, block_tables, context_lens, out, scale,
             q.stride(0), k_cache.stride(0), block_tables.stride(0), out.stride(0),

@@ -3,6 +3,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_utils.errors import UserError
+from vllm_utils.layers import fused_cuda
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -28,5 +29,7 @@ class SiluAndMul(nn.Module):
     """silu(gate) * up for a fused gate_up projection."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_cuda.available(x) and x.dim() == 2:
+            return fused_cuda.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

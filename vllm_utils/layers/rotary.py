@@ -7,6 +7,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from vllm_utils.errors import UserError
+from vllm_utils.layers import fused_cuda
 
 
 def rope_parameters(config: PretrainedConfig) -> dict:
@@ -57,6 +58,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
+        if fused_cuda.available(q):
+            fused_cuda.rope_(q, positions, self.cos, self.sin)
+            fused_cuda.rope_(k, positions, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
