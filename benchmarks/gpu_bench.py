@@ -62,8 +62,9 @@ def ours(enforce_eager: bool) -> dict:
               max_num_seqs=128, enforce_eager=enforce_eager)
     weight_bytes = sum(p.numel() * p.element_size() for n, p in llm.engine.runner.model.named_parameters()
                        if not n.startswith(("vision_tower", "multi_modal_projector", "language_model.embed_tokens")))
+    ttfts = sorted(run(llm, 1, 600, 1)["ttft_ms"] for _ in range(7))
     result = {"weight_bytes": weight_bytes,
-              "b1": run(llm, 1, 600, 128), "ttft": run(llm, 1, 600, 1),
+              "b1": run(llm, 1, 600, 128), "ttft": {"ttft_ms": ttfts[len(ttfts) // 2]},
               "b32": run(llm, 32, 600, 128), "b128": run(llm, 128, 600, 128)}
     del llm
     gc.collect()
@@ -83,13 +84,14 @@ def hf_decode_batch1() -> dict:
     ids[0, 2:578] = config.image_token_index
     pixels = torch.zeros(1, 3, 336, 336, dtype=torch.bfloat16, device="cuda")
     result = {}
-    for new_tokens in (1, 128, 1, 128):
+    for new_tokens in (1, 128, 1, 1, 1, 1, 128):  # the last of each is kept: warm
         torch.cuda.synchronize()
         start = time.perf_counter()
         model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                        do_sample=False)
         torch.cuda.synchronize()
-        result[new_tokens] = time.perf_counter() - start
+        result[new_tokens] = time.perf_counter() - start if new_tokens == 128 else \
+            min(result.get(1, 1e9), time.perf_counter() - start)
     del model
     gc.collect()
     torch.cuda.empty_cache()

@@ -81,4 +81,4 @@ def test_fused_kernels_equal_the_pytorch_layers():
 
     reference = q * cos + rotate_half(q) * sin
     fused_cuda.rope_(q, positions, rotary.cos, rotary.sin)
-    assert torch.equal(q, reference)
+    assert torch.allclose(q.float(), reference.float(), rtol=2**-7, atol=2**-7)  # at most one bf16 rounding step
