@@ -20,13 +20,15 @@ class TorchPagedAttention:
     @staticmethod
     def _prefill(q, k, v, seq_lens: list[int], scale: float) -> torch.Tensor:
         # Each prompt attends causally to itself; the new K/V are the whole context (no prefix reuse).
-        out = torch.empty_like(q)
+        if k.shape[1] != q.shape[1]:  # expand GQA heads: enable_gqa would push CUDA SDPA onto its slow path
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         start = 0
         for n in seq_lens:
             s = slice(start, start + n)
             out[s] = F.scaled_dot_product_attention(
-                q[s].transpose(0, 1), k[s].transpose(0, 1), v[s].transpose(0, 1),
-                is_causal=True, scale=scale, enable_gqa=True,
+                q[s].transpose(0, 1), k[s].transpose(0, 1), v[s].transpose(0, 1), is_causal=True, scale=scale,
             ).transpose(0, 1)
             start += n
         return out
