@@ -14,7 +14,7 @@ class AttentionMetadata:
     seq_lens: list[int] | None = None
     # decode: one new token per sequence
     block_tables: torch.Tensor | None = None  # [seqs, max_blocks] int32, padded with 0
-    context_lens: torch.Tensor | None = None  # [seqs] int32, tokens in cache including the new one
+    context_lens: torch.Tensor | None = None  # [seqs] integer, tokens in cache including the new one
 
 
 class AttentionBackend(Protocol):

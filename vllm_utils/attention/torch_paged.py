@@ -27,9 +27,11 @@ class TorchPagedAttention:
         start = 0
         for n in seq_lens:
             s = slice(start, start + n)
+            # 4-D [1, heads, tokens, dim]: CUDA's flash kernels take no 3-D input
             out[s] = F.scaled_dot_product_attention(
-                q[s].transpose(0, 1), k[s].transpose(0, 1), v[s].transpose(0, 1), is_causal=True, scale=scale,
-            ).transpose(0, 1)
+                q[None, s].transpose(1, 2), k[None, s].transpose(1, 2), v[None, s].transpose(1, 2),
+                is_causal=True, scale=scale,
+            )[0].transpose(0, 1)
             start += n
         return out
 

@@ -18,19 +18,22 @@ class DecodeGraphs:
         self.model = model
         self.buckets = batch_buckets(max_batch)
         top = self.buckets[-1]
-        self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
-        self.ids = torch.zeros(top, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(top, dtype=torch.int64, device=device)
-        self.slots = torch.full((top,), self.scratch_slot, dtype=torch.int64, device=device)
-        self.context_lens = torch.ones(top, dtype=torch.int32, device=device)
-        self.block_tables = torch.full((top, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.scratch_block = scratch_block
+        # rows: token ids, positions, cache slots, context lengths; a padded row is one cached token in the
+        # scratch block. Inputs go host -> pinned staging -> these buffers in two copies per step.
+        self.padding = torch.tensor([0, 0, scratch_block * block_size, 1])
+        self.rows_host = self.padding[:, None].repeat(1, top).pin_memory()
+        self.tables_host = torch.full((top, max_blocks_per_seq), scratch_block, dtype=torch.int32).pin_memory()
+        self.rows = self.rows_host.to(device)
+        self.tables = self.tables_host.to(device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._capture()
 
-    def _step(self, batch: int) -> torch.Tensor:
-        meta = AttentionMetadata(False, self.slots[:batch], block_tables=self.block_tables[:batch],
-                                 context_lens=self.context_lens[:batch])
-        return self.model.compute_logits(self.model(self.ids[:batch], self.positions[:batch], meta))
+    def _step(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows[:, :batch]
+        meta = AttentionMetadata(False, rows[2], block_tables=self.tables[:batch], context_lens=rows[3])
+        logits = self.model.compute_logits(self.model(rows[0], rows[1], meta))
+        return logits, logits.argmax(dim=-1)
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -40,28 +43,26 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                logits = self._step(batch)
+                logits, greedy = self._step(batch)
             pool = graph.pool()
-            self.graphs[batch] = (graph, logits)
+            self.graphs[batch] = (graph, logits, greedy)
         torch.cuda.synchronize()
 
     @property
     def max_batch(self) -> int:
         return self.buckets[-1]
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        n = ids.shape[0]
+    def run(self, rows: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows [4, n] int64 and tables [n, width] int32, on the host. Returns logits and argmax [n]."""
+        n, width = tables.shape
         batch = next(b for b in self.buckets if b >= n)
-        width = meta.block_tables.shape[1]
-        self.ids[:n].copy_(ids)
-        self.positions[:n].copy_(positions)
-        self.slots[:n].copy_(meta.slot_mapping)
-        self.context_lens[:n].copy_(meta.context_lens)
-        self.block_tables[:n, :width].copy_(meta.block_tables)
-        if batch > n:  # padded rows: one cached token, in the scratch block
-            self.slots[n:batch].fill_(self.scratch_slot)
-            self.context_lens[n:batch].fill_(1)
-            self.block_tables[n:batch, 0].fill_(self.scratch_block)
-        graph, logits = self.graphs[batch]
+        # the previous step's copies are done: its sampled tokens were read on the host
+        self.rows_host[:, :n] = rows
+        self.rows_host[:, n:batch] = self.padding[:, None]
+        self.tables_host[:n, :width] = tables
+        self.tables_host[n:batch, 0] = self.scratch_block
+        self.rows[:, :batch].copy_(self.rows_host[:, :batch], non_blocking=True)
+        self.tables[:batch].copy_(self.tables_host[:batch], non_blocking=True)
+        graph, logits, greedy = self.graphs[batch]
         graph.replay()
-        return logits[:n]
+        return logits[:n], greedy[:n]

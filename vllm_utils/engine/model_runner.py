@@ -136,20 +136,18 @@ class ModelRunner:
         meta = AttentionMetadata(True, self._tensor(slots), seq_lens=lens)
         return self._tensor(ids), self._tensor(positions), meta, image_mask.to(self.device)
 
-    def _prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host tensors: [ids, positions, slots, context lengths] as rows of a [4, seqs] int64 tensor, and the
+        block tables [seqs, width] int32 padded with 0."""
         positions = [len(s) - 1 for s in seqs]
+        rows = torch.tensor([[s.last_token for s in seqs], positions,
+                             [self._slot(s, p) for s, p in zip(seqs, positions)], [len(s) for s in seqs]])
         width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        meta = AttentionMetadata(
-            False,
-            self._tensor([self._slot(s, p) for s, p in zip(seqs, positions)]),
-            block_tables=self._tensor(tables, torch.int32),
-            context_lens=self._tensor([len(s) for s in seqs], torch.int32),
-        )
-        return self._tensor([s.last_token for s in seqs]), self._tensor(positions), meta
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
+        return rows, tables
 
     def _tensor(self, values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype).to(self.device)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float] | None]:
@@ -159,11 +157,14 @@ class ModelRunner:
             hidden = self.model(ids, positions, meta, image_embeds, image_mask)
             last = torch.tensor(meta.seq_lens, device=self.device).cumsum(0) - 1
             logits = self.model.compute_logits(hidden[last])
+            greedy = None
         else:
-            ids, positions, meta = self._prepare_decode(seqs)
+            rows, tables = self._decode_inputs(seqs)
             if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
-                logits = self.graphs.run(ids, positions, meta)
+                logits, greedy = self.graphs.run(rows, tables)
             else:
-                logits = self.model.compute_logits(self.model(ids, positions, meta))
+                rows, tables = rows.to(self.device), tables.to(self.device)
+                meta = AttentionMetadata(False, rows[2], block_tables=tables, context_lens=rows[3])
+                logits, greedy = self.model.compute_logits(self.model(rows[0], rows[1], meta)), None
         want_logprobs = any(s.params.logprobs for s in seqs)
-        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], want_logprobs)
+        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], want_logprobs, greedy)

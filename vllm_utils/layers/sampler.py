@@ -16,9 +16,11 @@ def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           want_logprobs: bool) -> tuple[list[int], list[float] | None]:
+           want_logprobs: bool, greedy_tokens: torch.Tensor | None = None) -> tuple[list[int], list[float] | None]:
     """logits: [seqs, vocab] (any float dtype). Returns token ids and, if asked, their log-probs
-    under the model's unmodified distribution."""
+    under the model's unmodified distribution. `greedy_tokens`: the argmax, if already computed."""
+    if greedy_tokens is not None and not want_logprobs and all(p.greedy for p in params):
+        return greedy_tokens.tolist(), None  # the common case: one small copy, no work on the logits
     logits = logits.float()
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
