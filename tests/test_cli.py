@@ -88,3 +88,12 @@ def test_bad_input_gets_one_clear_line(case, tiny_llava, photo, tmp_path):
     assert "Traceback" not in run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], run.stderr
+
+
+def test_hf_backend_prints_the_same_demo_text(tiny_llava, photo):
+    args = ["--demo", f"--model={tiny_llava}", "--device=cpu", f"--input-image={photo}", "--dtype=float32",
+            "--output-len=12"]
+    ours, hf = cli(*args), cli(*args, "--backend=hf")
+    assert ours.returncode == 0 and hf.returncode == 0, ours.stderr + hf.stderr
+    lines = [line for line in ours.stdout.splitlines() if line.startswith("Prompt: ")]
+    assert len(lines) == 1 and lines == [line for line in hf.stdout.splitlines() if line.startswith("Prompt: ")]

@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
     p.add_argument("--num-iters", type=int, default=1, help="--perf: timed repetitions")
+    p.add_argument("--backend", default="engine", choices=["engine", "hf"],
+                   help="engine: ours; hf: the same workload through HF transformers' generate, for comparison")
     p.add_argument("--output-json", default=None, help="--perf: also write settings, metrics and environment here")
     return p.parse_args(argv)
 
@@ -70,8 +72,18 @@ def pair_images_and_prompts(images: list[str], prompts: list[str]) -> list[tuple
     return list(zip(images, prompts))
 
 
-def run_demo(args: argparse.Namespace) -> None:
+def make_llm(args: argparse.Namespace):
+    """Our engine, or HF transformers behind the same interface (`--backend hf`)."""
+    if args.backend == "hf":
+        from vllm_utils.bench.hf_backend import HFGenerate
+
+        return HFGenerate(args.model, **engine_args(args))
     from vllm_utils.llm import LLM
+
+    return LLM(args.model, **engine_args(args))
+
+
+def run_demo(args: argparse.Namespace) -> None:
     from vllm_utils.multimodal.processor import load_image
     from vllm_utils.sampling_params import SamplingParams
 
@@ -88,7 +100,7 @@ def run_demo(args: argparse.Namespace) -> None:
         raise UserError("--demo needs --input-image IMAGE (repeatable)")
     pairs = pair_images_and_prompts(args.input_image, args.prompt)
     images = {path: load_image(path) for path, _ in pairs}
-    llm = LLM(args.model, **engine_args(args))
+    llm = make_llm(args)
     processor = llm.engine.processor
     requests = [{"prompt": processor.chat_prompt(text), "multi_modal_data": {"image": images[path]}}
                 for path, text in pairs]
@@ -117,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from vllm_utils.bench.perf import run_perf
 
-            run_perf(args, engine_args(args))
+            run_perf(args, make_llm)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -13,7 +13,6 @@ from vllm_utils.bench.report import environment, write_csv, write_json
 from vllm_utils.bench.synthetic import SyntheticRequest, synthetic_requests
 from vllm_utils.devices import synchronize
 from vllm_utils.errors import UserError
-from vllm_utils.llm import LLM
 from vllm_utils.multimodal.processor import load_image
 from vllm_utils.sampling_params import SamplingParams
 
@@ -32,7 +31,7 @@ def _as_prompts(requests: list[SyntheticRequest]) -> list[dict]:
     return [{"prompt_token_ids": r.prompt_token_ids, "pixel_values": r.pixel_values} for r in requests]
 
 
-def timed_run(llm: LLM, requests: list[SyntheticRequest], params: SamplingParams) -> TimedRun:
+def timed_run(llm, requests: list[SyntheticRequest], params: SamplingParams) -> TimedRun:
     engine = llm.engine
     engine.reset_stats()
     synchronize(engine.device)
@@ -51,7 +50,8 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak RSS (CPU)
 
 
-def run_perf(args: argparse.Namespace, engine_kwargs: dict) -> None:
+def run_perf(args: argparse.Namespace, make_llm) -> None:
+    """`make_llm(args)` builds the backend (our LLM, or HF behind the same interface)."""
     args.output_len = args.output_len or 128
     check_lengths(args)
     if args.model is None:
@@ -61,7 +61,7 @@ def run_perf(args: argparse.Namespace, engine_kwargs: dict) -> None:
         print(f"No --model given: benchmarking the tiny random LLaVA at {args.model}; pass --model PATH "
               f"(or --model llava-hf/llava-1.5-7b-hf --load-format dummy).", file=sys.stderr)
     image = load_image(args.input_image[0]) if args.input_image else None
-    llm = LLM(args.model, **engine_kwargs)
+    llm = make_llm(args)
     engine = llm.engine
     if args.input_len + args.output_len > engine.max_model_len:
         raise UserError(f"--input-len {args.input_len} + --output-len {args.output_len} exceeds the max model "
@@ -103,6 +103,7 @@ def perf_settings(args: argparse.Namespace, engine) -> dict[str, object]:
         "num_prompts": args.num_prompts, "batch_size": engine.config.max_num_seqs, "block_size": args.block_size,
         "enforce_eager": args.enforce_eager, "load_format": args.load_format, "num_iters": args.num_iters,
         "seed": args.seed, "input_image": args.input_image[0] if args.input_image else "black",
+        "backend": args.backend,
     }
 
 

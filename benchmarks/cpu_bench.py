@@ -1,0 +1,103 @@
+"""Our engine against HF transformers on this CPU, on one LLaVA-shaped checkpoint built here: CLIP
+ViT-L/14-336 tower + a 1.26B Llama (hidden 2048, 16 layers, 16 heads, intermediate 5632, vocab 32064),
+random weights, bf16. One black 336x336 image + text = 600 prompt tokens, greedy, EOS ignored.
+Prints a markdown table with ratios to HF and the memory-bandwidth floor measured here.
+
+    .venv/bin/python benchmarks/cpu_bench.py [--quick]
+"""
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from vllm_utils import LLM, SamplingParams
+from vllm_utils.bench.hf_backend import HFGenerate
+from vllm_utils.bench.synthetic import synthetic_requests
+
+CACHE = os.path.expanduser("~/.cache/vllm_utils/bench-llava-clip-l-llama-1.26b")
+INPUT_LEN, DECODE_TOKENS = 600, 32
+
+
+def build_checkpoint() -> str:
+    if os.path.isfile(os.path.join(CACHE, "model.safetensors")):
+        return CACHE
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from vllm_utils.tiny_model import LLAVA_CHAT_TEMPLATE, train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
+                       num_hidden_layers=16, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       bos_token_id=1, eos_token_id=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+    model.save_pretrained(CACHE)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+                   tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(CACHE)
+    return CACHE
+
+
+def memory_bandwidth() -> float:
+    """Bytes/s of a 1 GiB tensor copy (read + write), best of 5."""
+    a = torch.ones(1 << 28, dtype=torch.float32)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.numel() * 4 / best
+
+
+def measure(llm, batch: int, output_len: int) -> dict:
+    reqs = synthetic_requests(llm.engine.processor, INPUT_LEN, batch, None, seed=batch + output_len)
+    prompts = [{"prompt_token_ids": r.prompt_token_ids, "pixel_values": r.pixel_values} for r in reqs]
+    start = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True), use_tqdm=False)
+    wall = time.perf_counter() - start
+    ttft = sum(o.times.token_times[0] - o.times.arrival for o in outs) / batch
+    tpot = [(o.times.token_times[-1] - o.times.token_times[0]) / (output_len - 1) for o in outs if output_len > 1]
+    return {"ttft": ttft, "tpot": sum(tpot) / len(tpot) if tpot else 0.0, "tok_s": batch * output_len / wall}
+
+
+def run_all(llm, batches: list[int]) -> dict:
+    measure(llm, 1, 2)  # warm-up
+    results = {"ttft": measure(llm, 1, 1)["ttft"], "b1": measure(llm, 1, DECODE_TOKENS)["tpot"]}
+    for b in batches:
+        results[f"b{b}_tok_s"] = measure(llm, b, DECODE_TOKENS)["tok_s"]
+    return results
+
+
+def main() -> None:
+    batches = [4] if "--quick" in sys.argv else [4, 16]
+    folder = build_checkpoint()
+    common = dict(device="cpu", dtype="bfloat16", max_model_len=1024, max_num_seqs=16)
+    ours_llm = LLM(folder, **common)
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in ours_llm.engine.runner.model.named_parameters()
+                       if n.startswith(("language_model.layers", "language_model.norm", "lm_head")))
+    ours = run_all(ours_llm, batches)
+    del ours_llm
+    hf = run_all(HFGenerate(folder, **common), batches)
+    bandwidth = memory_bandwidth()
+    floor = weight_bytes / bandwidth
+    print(f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); copy bandwidth {bandwidth / 1e9:.1f} GB/s; decode floor "
+          f"{weight_bytes / 1e9:.2f} GB / bandwidth = {floor * 1e3:.0f} ms/token\n")
+    print("| figure | ours | HF transformers | ours vs HF | ours vs floor |")
+    print("|---|---|---|---|---|")
+    print(f"| TTFT, s (600-token image prompt) | {ours['ttft']:.2f} | {hf['ttft']:.2f} | {hf['ttft'] / ours['ttft']:.2f}x faster | |")
+    print(f"| decode ms/token, batch 1 | {ours['b1'] * 1e3:.0f} | {hf['b1'] * 1e3:.0f} | {hf['b1'] / ours['b1']:.2f}x faster "
+          f"| {ours['b1'] / floor:.2f}x floor |")
+    for b in batches:
+        key = f"b{b}_tok_s"
+        print(f"| output tokens/s, batch {b} | {ours[key]:.1f} | {hf[key]:.1f} | {ours[key] / hf[key]:.2f}x | |")
+
+
+if __name__ == "__main__":
+    main()
