@@ -72,3 +72,15 @@ def test_bf16_logprobs_close_to_hf_fp32(tiny_llava, hf_reference, images):
     reference = hf_reference.token_logprobs(req["prompt"], images[:1], out.outputs[0].token_ids)
     assert len(ours) == len(reference) == len(out.outputs[0].token_ids)
     assert max(abs(a - b) for a, b in zip(ours, reference)) < 0.05
+
+
+def test_tensor_parallel_2_on_cpu_gives_the_same_tokens(tiny_llava, images):
+    reqs_text = [(t, idx) for t, idx in BATCH]
+    outputs = {}
+    for size in (1, 2):
+        llm = engine(tiny_llava, tensor_parallel_size=size)
+        reqs = [request(llm, text, [images[i] for i in idx]) for text, idx in reqs_text]
+        outputs[size] = [o.outputs[0].token_ids for o in llm.generate(reqs, GREEDY, use_tqdm=False)]
+        llm.engine.shutdown()
+    assert outputs[2] == outputs[1]
+    assert all(len(t) > 0 for t in outputs[2])

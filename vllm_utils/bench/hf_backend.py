@@ -99,7 +99,8 @@ class HFGenerate:
     @torch.inference_mode()
     def _generate_batch(self, chunk: list, params: SamplingParams, arrival: float) -> list[RequestOutput]:
         engine = self.engine
-        pad = engine.hf_config.pad_token_id if engine.hf_config.pad_token_id is not None else 0
+        pad = getattr(engine.hf_config, "pad_token_id", None)
+        pad = pad if pad is not None else (getattr(engine.hf_config.text_config, "pad_token_id", None) or 0)
         width = max(len(ids) for _, ids, _ in chunk)
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids, _ in chunk], device=engine.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids, _ in chunk], device=engine.device)

@@ -10,6 +10,7 @@ from vllm_utils.devices import resolve_device
 from vllm_utils.engine.block_manager import BlockManager
 from vllm_utils.engine.model_runner import ModelRunner
 from vllm_utils.engine.scheduler import Scheduler
+from vllm_utils.engine.tensor_parallel import WorkerChannel, check_tp_size, rank_device, start_workers
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.errors import UserError
 from vllm_utils.models.bundled_configs import bundled_config_dir
@@ -44,10 +45,15 @@ class LLMEngine:
         if self.max_model_len > text_config.max_position_embeddings:
             raise UserError(f"--max-model-len {self.max_model_len} exceeds the model's "
                             f"max_position_embeddings ({text_config.max_position_embeddings}); lower it")
-        if config.tensor_parallel_size != 1:
-            raise UserError("--tensor-parallel-size > 1 is not supported yet; use --tensor-parallel-size 1")
+        check_tp_size(self.hf_config, config.tensor_parallel_size, self.device)
         torch.manual_seed(config.seed)
-        self.runner = ModelRunner(config, self.hf_config, cls, self.device, self.dtype, self.max_model_len)
+        if config.tensor_parallel_size > 1:
+            group, processes, _ = start_workers(config, self.hf_config, cls, self.device, self.dtype, self.max_model_len)
+            self.runner = ModelRunner(config, self.hf_config, cls, rank_device(self.device, 0), self.dtype,
+                                      self.max_model_len, control_group=group)
+            self.runner.workers = WorkerChannel(group, processes)
+        else:
+            self.runner = ModelRunner(config, self.hf_config, cls, self.device, self.dtype, self.max_model_len)
         self.processor = MultiModalProcessor(self.model_folder, self.hf_config, self.runner.model.num_image_features,
                                              allow_missing=config.load_format == "dummy")
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
@@ -70,6 +76,13 @@ class LLMEngine:
         seq = Sequence(prompt_token_ids, params, pixel_values, prompt)
         self.scheduler.add(seq)
         return seq
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers, if any (they are daemons: they also end with this process)."""
+        if self.runner.workers is not None:
+            self.runner.workers.close()
+            self.runner.workers = None
+            torch.distributed.destroy_process_group()
 
     def reset_stats(self) -> None:
         self.stats = EngineStats()
@@ -97,5 +110,5 @@ class LLMEngine:
         stats.peak_blocks_used = max(stats.peak_blocks_used, self.block_manager.num_used)
         finished = self.scheduler.postprocess(seqs, token_ids, logprobs)
         for seq in finished:
-            seq.pixel_values = seq.image_embeds = None
+            seq.pixel_values = None
         return finished

@@ -2,6 +2,7 @@
 runs the model and samples."""
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig
@@ -16,6 +17,23 @@ from vllm_utils.layers.sampler import sample
 from vllm_utils.loader import init_dummy_weights, load_weights
 
 GiB = 1 << 30
+
+
+@dataclass
+class PrefillInputs:
+    rows: torch.Tensor  # [3, tokens]: token ids, positions, cache slots of the packed prompts
+    seq_lens: list[int]
+    image_mask: torch.Tensor  # [tokens] bool: positions that take image features
+    pixel_values: torch.Tensor | None  # every image of the batch, in prompt order
+
+
+@dataclass
+class DecodeInputs:
+    rows: torch.Tensor  # [4, seqs]: last token ids, positions, cache slots, context lengths
+    tables: torch.Tensor  # [seqs, width] int32 block tables padded with 0
+
+
+StepInputs = PrefillInputs | DecodeInputs
 _said: set[str] = set()
 
 
@@ -37,8 +55,10 @@ def build_model(hf_config: PretrainedConfig, cls: type, device: torch.device, dt
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config: PretrainedConfig, cls: type[torch.nn.Module],
-                 device: torch.device, dtype: torch.dtype, max_model_len: int) -> None:
+                 device: torch.device, dtype: torch.dtype, max_model_len: int,
+                 control_group: "torch.distributed.ProcessGroup | None" = None) -> None:
         self.config, self.device, self.dtype = config, device, dtype
+        self.control_group = control_group
         self.block_size = config.block_size
         self.model = build_model(hf_config, cls, device, dtype)
         if config.load_format == "dummy":
@@ -50,6 +70,7 @@ class ModelRunner:
         self.num_blocks = self._plan_kv_blocks(max_model_len)
         self._allocate_kv_cache()
         self.graphs = self._capture_graphs(max_model_len)
+        self.workers = None  # rank 0 of a tensor-parallel group: the channel to the other ranks
 
     def _capture_graphs(self, max_model_len: int) -> DecodeGraphs | None:
         if self.config.enforce_eager:
@@ -75,6 +96,10 @@ class ModelRunner:
         else:
             wanted = blocks_per_seq * self.config.max_num_seqs
             num = min(wanted, self._kv_budget_bytes() // self.kv_bytes_per_block - 1)  # -1: the scratch block
+            if self.control_group is not None:  # every rank must hold the same blocks: take the smallest
+                count = torch.tensor([num])
+                torch.distributed.all_reduce(count, torch.distributed.ReduceOp.MIN, group=self.control_group)
+                num = int(count)
         if num < blocks_per_seq:
             have = num * self.kv_bytes_per_block / GiB
             raise UserError(
@@ -101,70 +126,59 @@ class ModelRunner:
             attn.k_cache, attn.v_cache, attn.backend = self.kv_cache[0, i], self.kv_cache[1, i], self.backend
 
     # ---- one step ---------------------------------------------------------------------------------
+    # A step is prepared on the host from the scheduled sequences (rank 0), then executed by every
+    # tensor-parallel rank from those host tensors alone.
     def _slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def _encode_images(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """Image embeddings of the batch's prompts in order, running the vision tower only for
-        sequences that have not been through it (a recomputed sequence keeps its embeddings)."""
-        todo = [s for s in seqs if s.pixel_values is not None and s.image_embeds is None]
-        if todo:
-            pixels = torch.cat([s.pixel_values for s in todo]).to(self.device, self.dtype)
-            features = self.model.encode_images(pixels)
-            start = 0
-            for s in todo:
-                n = s.pixel_values.shape[0]
-                s.image_embeds = features[start : start + n].flatten(0, 1)
-                start += n
-        embeds = [s.image_embeds for s in seqs if s.image_embeds is not None]
-        return torch.cat(embeds) if embeds else None
+    def prepare(self, seqs: list[Sequence], is_prefill: bool) -> StepInputs:
+        return self._prepare_prefill(seqs) if is_prefill else self._prepare_decode(seqs)
 
-    def _prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        ids, positions, slots, lens = [], [], [], []
+    def _prepare_prefill(self, seqs: list[Sequence]) -> PrefillInputs:
+        ids, positions, slots, lens, image_mask = [], [], [], [], []
         for seq in seqs:
             n = len(seq)
             ids.extend(seq.token_ids)
             positions.extend(range(n))
             slots.extend(self._slot(seq, p) for p in range(n))
             lens.append(n)
-        image_mask = torch.zeros(len(ids), dtype=torch.bool)
-        start = 0
-        for seq in seqs:
-            prompt = torch.tensor(seq.token_ids[: seq.num_prompt_tokens])
-            image_mask[start : start + seq.num_prompt_tokens] = prompt == self.model.image_token_index
-            start += len(seq)
-        meta = AttentionMetadata(True, self._tensor(slots), seq_lens=lens)
-        return self._tensor(ids), self._tensor(positions), meta, image_mask.to(self.device)
+            # image positions are the prompt's placeholders; generated tokens never are, whatever their id
+            image_mask.extend(t == self.model.image_token_index for t in seq.token_ids[: seq.num_prompt_tokens])
+            image_mask.extend([False] * (n - seq.num_prompt_tokens))
+        pixels = [s.pixel_values for s in seqs if s.pixel_values is not None]
+        return PrefillInputs(torch.tensor([ids, positions, slots]), lens, torch.tensor(image_mask),
+                             torch.cat(pixels) if pixels else None)
 
-    def _decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host tensors: [ids, positions, slots, context lengths] as rows of a [4, seqs] int64 tensor, and the
-        block tables [seqs, width] int32 padded with 0."""
+    def _prepare_decode(self, seqs: list[Sequence]) -> DecodeInputs:
         positions = [len(s) - 1 for s in seqs]
         rows = torch.tensor([[s.last_token for s in seqs], positions,
                              [self._slot(s, p) for s, p in zip(seqs, positions)], [len(s) for s in seqs]])
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
-        return rows, tables
-
-    def _tensor(self, values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.device)
+        return DecodeInputs(rows, tables)
 
     @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of each sequence's next token (and their argmax when a graph computed it)."""
+        if isinstance(inputs, PrefillInputs):
+            rows = inputs.rows.to(self.device)
+            meta = AttentionMetadata(True, rows[2], seq_lens=inputs.seq_lens)
+            image_embeds = None
+            if inputs.pixel_values is not None:
+                image_embeds = self.model.encode_images(inputs.pixel_values.to(self.device, self.dtype)).flatten(0, 1)
+            hidden = self.model(rows[0], rows[1], meta, image_embeds, inputs.image_mask.to(self.device))
+            last = torch.tensor(inputs.seq_lens).cumsum(0).to(self.device) - 1
+            return self.model.compute_logits(hidden[last]), None
+        if self.graphs is not None and inputs.tables.shape[0] <= self.graphs.max_batch:
+            return self.graphs.run(inputs.rows, inputs.tables)
+        rows, tables = inputs.rows.to(self.device), inputs.tables.to(self.device)
+        meta = AttentionMetadata(False, rows[2], block_tables=tables, context_lens=rows[3])
+        return self.model.compute_logits(self.model(rows[0], rows[1], meta)), None
+
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float] | None]:
-        if is_prefill:
-            ids, positions, meta, image_mask = self._prepare_prefill(seqs)
-            image_embeds = self._encode_images(seqs)
-            hidden = self.model(ids, positions, meta, image_embeds, image_mask)
-            last = torch.tensor(meta.seq_lens, device=self.device).cumsum(0) - 1
-            logits = self.model.compute_logits(hidden[last])
-            greedy = None
-        else:
-            rows, tables = self._decode_inputs(seqs)
-            if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
-                logits, greedy = self.graphs.run(rows, tables)
-            else:
-                rows, tables = rows.to(self.device), tables.to(self.device)
-                meta = AttentionMetadata(False, rows[2], block_tables=tables, context_lens=rows[3])
-                logits, greedy = self.model.compute_logits(self.model(rows[0], rows[1], meta)), None
+        inputs = self.prepare(seqs, is_prefill)
+        if self.workers is not None:
+            self.workers.send(inputs)
+        logits, greedy = self.execute(inputs)
         want_logprobs = any(s.params.logprobs for s in seqs)
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], want_logprobs, greedy)

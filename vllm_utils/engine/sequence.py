@@ -34,7 +34,6 @@ class Sequence:
         self.num_prompt_tokens = len(token_ids)
         self.params = params
         self.pixel_values = pixel_values
-        self.image_embeds: torch.Tensor | None = None  # kept so a preempted request skips the vision tower
         self.block_table: list[int] = []
         self.status = Status.WAITING
         self.logprobs: list[float] = []

@@ -1,0 +1,98 @@
+"""Tensor parallelism: N processes, one per rank, over torch.distributed (NCCL on CUDA, gloo on CPU).
+Rank 0 is the engine's own process: it schedules and samples. Ranks 1..N-1 are spawned workers that
+build their shard of the model and execute every step rank 0 sends them (over a gloo group)."""
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import PretrainedConfig
+
+from vllm_utils.config import EngineConfig
+from vllm_utils.errors import UserError
+
+
+def check_tp_size(hf_config: PretrainedConfig, size: int, device: torch.device) -> None:
+    """Errors a user can fix, before any process starts."""
+    if size == 1:
+        return
+    text, vision = hf_config.text_config, hf_config.vision_config
+    checks = {
+        "the attention heads": text.num_attention_heads,
+        "the key/value heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        "the MLP width": text.intermediate_size,
+        "the vision attention heads": vision.num_attention_heads,
+        "the vision MLP width": vision.intermediate_size,
+    }
+    for what, count in checks.items():
+        if count % size:
+            raise UserError(f"--tensor-parallel-size {size} does not divide {what} ({count}); pick a divisor of {count}")
+    if device.type == "cuda" and torch.cuda.device_count() < size:
+        raise UserError(f"--tensor-parallel-size {size} needs {size} GPUs but {torch.cuda.device_count()} are visible; "
+                        f"lower it or expose more GPUs (CUDA_VISIBLE_DEVICES)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--tensor-parallel-size > 1 supports cpu and cuda, not {device.type}")
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def init_group(rank: int, size: int, store_path: str, device: torch.device) -> dist.ProcessGroup:
+    """Joins the default group (for the model's collectives) and returns a gloo group for control."""
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=size)
+    return dist.new_group(backend="gloo")
+
+
+class WorkerChannel:
+    """Rank 0's end: sends each step's host inputs to the other ranks."""
+
+    def __init__(self, group: dist.ProcessGroup, processes: list) -> None:
+        self.group, self.processes = group, processes
+
+    def send(self, message: object) -> None:
+        dist.broadcast_object_list([message], src=0, group=self.group)
+
+    def close(self) -> None:
+        self.send(None)
+        for p in self.processes:
+            p.join(timeout=30)
+
+
+def start_workers(config: EngineConfig, hf_config: PretrainedConfig, cls: type, device: torch.device,
+                  dtype: torch.dtype, max_model_len: int) -> tuple[dist.ProcessGroup, list, str]:
+    """Spawns ranks 1..N-1 and joins rank 0 to the group."""
+    size = config.tensor_parallel_size
+    store_path = os.path.join(tempfile.mkdtemp(prefix="vllm_utils_tp_"), "store")
+    context = mp.get_context("spawn")
+    processes = []
+    for rank in range(1, size):
+        p = context.Process(target=_worker_main, daemon=True,
+                            args=(rank, size, store_path, config, hf_config, cls, device, dtype, max_model_len))
+        p.start()
+        processes.append(p)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or size) // size))
+    group = init_group(0, size, store_path, device)
+    return group, processes, store_path
+
+
+def _worker_main(rank: int, size: int, store_path: str, config: EngineConfig, hf_config: PretrainedConfig,
+                 cls: type, device: torch.device, dtype: torch.dtype, max_model_len: int) -> None:
+    from vllm_utils.engine.model_runner import ModelRunner
+
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or size) // size))
+    group = init_group(rank, size, store_path, device)
+    runner = ModelRunner(config, hf_config, cls, rank_device(device, rank), dtype, max_model_len, control_group=group)
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=0, group=group)
+        if message[0] is None:
+            break
+        runner.execute(message[0])
+    dist.destroy_process_group()
