@@ -14,11 +14,11 @@ class TorchPagedAttention:
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         self.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_prefill:
-            return self._prefill(q, k, v, meta.seq_lens, scale)
-        return self._decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+            return self.prefill(q, k, v, meta.seq_lens, scale)
+        return self.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
 
     @staticmethod
-    def _prefill(q, k, v, seq_lens: list[int], scale: float) -> torch.Tensor:
+    def prefill(q, k, v, seq_lens: list[int], scale: float) -> torch.Tensor:
         # Each prompt attends causally to itself; the new K/V are the whole context (no prefix reuse).
         if k.shape[1] != q.shape[1]:  # expand GQA heads: enable_gqa would push CUDA SDPA onto its slow path
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -36,7 +36,7 @@ class TorchPagedAttention:
         return out
 
     @staticmethod
-    def _decode(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+    def decode(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
         seqs, max_blocks = block_tables.shape
         block_size = k_cache.shape[1]
         # Gather each sequence's blocks into a contiguous [seqs, ctx, kv_heads, dim] copy (index_select with

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_utils.attention.backend import AttentionMetadata, register_backend
+from vllm_utils.attention.backend import register_backend
 from vllm_utils.attention.torch_paged import TorchPagedAttention
 
 
@@ -84,17 +84,13 @@ TARGET_PROGRAMS = 1024  # enough (sequence, head, split) programs to keep every 
 
 
 @register_backend("triton")
-class TritonPagedAttention:
+class TritonPagedAttention(TorchPagedAttention):
+    """Prefill as the PyTorch backend (SDPA); K/V stores and decode in Triton."""
+
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         row = k.shape[1] * k.shape[2]
         _store_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
                                         ROW=row, ROW_PAD=triton.next_power_of_2(row))
-
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        self.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_prefill:
-            return TorchPagedAttention._prefill(q, k, v, meta.seq_lens, scale)
-        return self.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
 
     @staticmethod
     def decode(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
