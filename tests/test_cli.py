@@ -76,6 +76,7 @@ BAD_INPUTS = {
     "gcu without plugin": (lambda t, m, p: ["--model", m, "--device", "gcu"], "torch_gcu"),
     "unknown device": (lambda t, m, p: ["--model", m, "--device", "tpu9"], "unknown device"),
     "prompt too long": (lambda t, m, p: ["--model", m, "--max-model-len", "24"], "--max-model-len 24"),
+    "tp size not dividing heads": (lambda t, m, p: ["--model", m, "--tensor-parallel-size", "3"], "does not divide"),
 }
 
 

@@ -84,3 +84,20 @@ def test_tensor_parallel_2_on_cpu_gives_the_same_tokens(tiny_llava, images):
         llm.engine.shutdown()
     assert outputs[2] == outputs[1]
     assert all(len(t) > 0 for t in outputs[2])
+
+
+def test_full_strategy_layer_list_and_llama3_rope_match_hf(tmp_path, images):
+    """The other LLaVA variants the config allows: CLS kept, features from two layers, llama3 RoPE."""
+    from conftest import real_tokenizer_dir
+    from vllm_utils.tiny_model import build_tiny_llava
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    folder = build_tiny_llava(str(tmp_path / "variant"), real_tokenizer_dir(), seed=2, select_strategy="full",
+                              vision_feature_layer=[-3, -1], rope_parameters=rope)
+    hf = HFReference(folder)
+    llm = engine(folder)
+    assert llm.engine.runner.model.num_image_features == 17  # 16 patches + CLS
+    req = request(llm, "Describe the picture.", images[:1])
+    ours = llm.generate([req], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert ours == hf.greedy(req["prompt"], images[:1], GREEDY.max_tokens)

@@ -39,8 +39,9 @@ def train_tiny_tokenizer(vocab_size: int = 400):
 
 
 def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout: str = "hub", seed: int = 0,
-                     image_size: int = 56, text_layers: int = 2, hidden: int = 64, vision_feature_layer: int = -2,
-                     select_strategy: str = "default") -> str:
+                     image_size: int = 56, text_layers: int = 2, hidden: int = 64,
+                     vision_feature_layer: int | list[int] = -2, select_strategy: str = "default",
+                     rope_parameters: dict | None = None) -> str:
     """Writes config, processor and random safetensors weights of a small LLaVA-1.5 to `folder`.
     layout: "hub" (language_model.model.*, vision_tower.vision_model.*), "prefixed" (model.language_model.*,
     as transformers 4.52-4.5x write), or "saved" (whatever the installed transformers writes)."""
@@ -58,11 +59,12 @@ def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout:
     text = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2,
                        num_hidden_layers=text_layers, vocab_size=vocab_size, max_position_embeddings=4096,
                        rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
+                       pad_token_id=tokenizer.pad_token_id,
+                       rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_index,
                          vision_feature_layer=vision_feature_layer,
                          vision_feature_select_strategy=select_strategy, pad_token_id=tokenizer.pad_token_id,
-                         image_seq_length=(image_size // 14) ** 2)
+                         image_seq_length=(image_size // 14) ** 2 + (select_strategy == "full"))
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():  # transformers' init is tiny; scale up so that logits are far from ties
