@@ -76,7 +76,8 @@ def ours(enforce_eager: bool) -> dict:
         end.record()
         torch.cuda.synchronize()
         result["replay_ms"] = start.elapsed_time(end) / 50
-    del llm
+        del graph
+    del graphs, llm
     gc.collect()
     torch.cuda.empty_cache()
     return result
