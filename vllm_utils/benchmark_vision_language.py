@@ -120,6 +120,8 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()
+    import torch
+
     try:
         from vllm_utils.models.registry import check_model_type
 
@@ -132,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
             run_perf(args, make_llm)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        print("error: out of device memory; lower --max-model-len, --batch-size or --num-kv-blocks, or use a "
+              "smaller --dtype", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of host memory; lower --max-model-len, --batch-size or --num-kv-blocks, or use a "
+              "smaller --dtype", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -40,7 +40,13 @@ class LLM:
         or {"prompt_token_ids": [...], "pixel_values": tensor}. Outputs come back in input order."""
         prompts = prompts if isinstance(prompts, list) else [prompts]
         params = sampling_params or SamplingParams()
-        seqs = [self._add(p, params) for p in prompts]
+        seqs = []
+        try:
+            for p in prompts:
+                seqs.append(self._add(p, params))
+        except Exception:
+            self.engine.abort(seqs)  # all or nothing: no half-added batch left in the queue
+            raise
         with tqdm(total=len(seqs), desc="Processed prompts", unit="prompt", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished():
                 bar.update(len(self.engine.step()))

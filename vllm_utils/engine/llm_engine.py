@@ -87,6 +87,12 @@ class LLMEngine:
     def reset_stats(self) -> None:
         self.stats = EngineStats()
 
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Drops requests that have not started yet."""
+        for seq in seqs:
+            if seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

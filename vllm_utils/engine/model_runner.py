@@ -95,7 +95,8 @@ class ModelRunner:
             num = self.config.num_kv_blocks
         else:
             wanted = blocks_per_seq * self.config.max_num_seqs
-            num = min(wanted, self._kv_budget_bytes() // self.kv_bytes_per_block - 1)  # -1: the scratch block
+            one_sequence = (blocks_per_seq + 1) * self.kv_bytes_per_block
+            num = min(wanted, self._kv_budget_bytes(one_sequence) // self.kv_bytes_per_block - 1)  # -1: scratch
             if self.control_group is not None:  # every rank must hold the same blocks: take the smallest
                 count = torch.tensor([num])
                 torch.distributed.all_reduce(count, torch.distributed.ReduceOp.MIN, group=self.control_group)
@@ -109,13 +110,15 @@ class ModelRunner:
             )
         return num
 
-    def _kv_budget_bytes(self) -> int:
+    def _kv_budget_bytes(self, one_sequence: int) -> int:
+        """CUDA: what `memory_fraction` of the GPU leaves free after the weights. CPU: 4 GiB (as vLLM's CPU
+        default), or one full-length sequence if that is more, and never more than half the free RAM."""
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             reserve = total * (1 - self.config.memory_fraction) + GiB  # activations, graphs, fragmentation
             return max(0, int(free - reserve))
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return int(available * 0.5)
+        half_free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+        return min(half_free, max(4 * GiB, one_sequence))
 
     def _allocate_kv_cache(self) -> None:
         layer = self.attention_layers[0]
