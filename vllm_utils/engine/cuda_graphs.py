@@ -66,3 +66,43 @@ class DecodeGraphs:
         graph, logits, greedy = self.graphs[batch]
         graph.replay()
         return logits[:n], greedy[:n]
+
+
+class VisionGraphs:
+    """The vision tower + projector captured for 1, 2, 4 and 8 images (every image has the processor's
+    fixed size, so shapes are static): prefill of an image prompt launches one graph instead of ~300
+    kernels from Python. More images run in chunks of 8."""
+
+    BUCKETS = (1, 2, 4, 8)
+
+    def __init__(self, model: nn.Module, image_shape: tuple[int, int, int], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.model = model
+        self.pixels = torch.zeros(self.BUCKETS[-1], *image_shape, dtype=dtype, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        with torch.inference_mode():
+            pool = None
+            for count in reversed(self.BUCKETS):
+                self.model.encode_images(self.pixels[:count])  # warm-up outside capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    features = self.model.encode_images(self.pixels[:count])
+                pool = graph.pool()
+                self.graphs[count] = (graph, features)
+        torch.cuda.synchronize()
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[images, 3, H, W] on the device -> [images, features, hidden] (a fresh tensor)."""
+        if pixels.shape[1:] != self.pixels.shape[1:]:  # not the size the graphs were captured for
+            return self.model.encode_images(pixels)
+        top = self.BUCKETS[-1]
+        chunks = []
+        for start in range(0, pixels.shape[0], top):
+            part = pixels[start : start + top]
+            count = next(b for b in self.BUCKETS if b >= part.shape[0])
+            self.pixels[: part.shape[0]].copy_(part)
+            graph, features = self.graphs[count]
+            graph.replay()
+            chunks.append(features[: part.shape[0]].clone())  # the next replay overwrites the output
+        return torch.cat(chunks)

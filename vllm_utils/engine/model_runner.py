@@ -9,7 +9,7 @@ from transformers import PretrainedConfig
 
 from vllm_utils.attention.backend import AttentionMetadata, get_backend
 from vllm_utils.config import EngineConfig
-from vllm_utils.engine.cuda_graphs import DecodeGraphs
+from vllm_utils.engine.cuda_graphs import DecodeGraphs, VisionGraphs
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.errors import UserError
 from vllm_utils.layers.attention import PagedAttention
@@ -70,6 +70,10 @@ class ModelRunner:
         self.num_blocks = self._plan_kv_blocks(max_model_len)
         self._allocate_kv_cache()
         self.graphs = self._capture_graphs(max_model_len)
+        self.vision_graphs = None
+        if self.graphs is not None and hasattr(self.model, "encode_images"):
+            size = hf_config.vision_config.image_size
+            self.vision_graphs = VisionGraphs(self.model, (hf_config.vision_config.num_channels, size, size), dtype, device)
         self.workers = None  # rank 0 of a tensor-parallel group: the channel to the other ranks
 
     def _capture_graphs(self, max_model_len: int) -> DecodeGraphs | None:
@@ -168,7 +172,9 @@ class ModelRunner:
             meta = AttentionMetadata(True, rows[2], seq_lens=inputs.seq_lens)
             image_embeds = None
             if inputs.pixel_values is not None:
-                image_embeds = self.model.encode_images(inputs.pixel_values.to(self.device, self.dtype)).flatten(0, 1)
+                pixels = inputs.pixel_values.to(self.device, self.dtype)
+                encode = self.vision_graphs.encode if self.vision_graphs is not None else self.model.encode_images
+                image_embeds = encode(pixels).flatten(0, 1)
             hidden = self.model(rows[0], rows[1], meta, image_embeds, inputs.image_mask.to(self.device))
             last = torch.tensor(inputs.seq_lens).cumsum(0).to(self.device) - 1
             return self.model.compute_logits(hidden[last]), None
