@@ -13,6 +13,7 @@ from vllm_utils.engine.cuda_graphs import DecodeGraphs, VisionGraphs
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.errors import UserError
 from vllm_utils.layers.attention import PagedAttention
+from vllm_utils.layers.linear import pack_linears_for_cpu
 from vllm_utils.layers.sampler import sample
 from vllm_utils.loader import init_dummy_weights, load_weights
 
@@ -65,6 +66,8 @@ class ModelRunner:
             init_dummy_weights(self.model, config.seed)
         else:
             load_weights(self.model, config.model)
+        if device.type == "cpu":
+            pack_linears_for_cpu(self.model, dtype)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.backend = get_backend(config.attention_backend, device)
         self.num_blocks = self._plan_kv_blocks(max_model_len)

@@ -16,6 +16,8 @@ def _divide(a: int, b: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
+    packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout (CPU, bf16), once packed
+
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
@@ -29,8 +31,39 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         param.data.copy_(loaded)
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
+
+    def pack_for_cpu(self) -> None:
+        """Reorders the weight once for oneDNN (AMX/AVX-512 kernels); the plain copy is freed."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 1)
+        self.weight = None
+
+
+def _packing_works() -> bool:
+    """oneDNN's packed bf16 linear gives F.linear's exact result here (it is a private op: check, don't trust)."""
+    try:
+        w, x = torch.randn(64, 32, dtype=torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        return torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), F.linear(x, w))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pack_linears_for_cpu(model: nn.Module, dtype: torch.dtype) -> int:
+    """Packs every linear layer's weight for oneDNN when that is exact (bf16 on a CPU build with oneDNN).
+    Returns how many were packed."""
+    if dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available() or not _packing_works():
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, LinearBase)]
+    for layer in layers:
+        layer.pack_for_cpu()
+    return len(layers)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -88,5 +121,4 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, tp_rank() * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if tp_rank() == 0 else None)
-        return all_reduce(y)
+        return all_reduce(self.matmul(x, self.bias if tp_rank() == 0 else None))
