@@ -43,6 +43,16 @@ def build_checkpoint() -> str:
     return CACHE
 
 
+def language_model_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step must read: the decoder layers, final norm and LM head (packed weights included)."""
+    total = 0
+    for name, module in model.named_modules():
+        if name.startswith(("language_model.layers", "language_model.norm", "lm_head")):
+            tensors = [*module.parameters(recurse=False), getattr(module, "packed", None)]
+            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total
+
+
 def memory_bandwidth() -> float:
     """Bytes/s of a 1 GiB tensor copy (read + write), best of 5."""
     a = torch.ones(1 << 28, dtype=torch.float32)
@@ -80,8 +90,7 @@ def main() -> None:
     folder = build_checkpoint()
     common = dict(device="cpu", dtype="bfloat16", max_model_len=1024, max_num_seqs=16)
     ours_llm = LLM(folder, **common)
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in ours_llm.engine.runner.model.named_parameters()
-                       if n.startswith(("language_model.layers", "language_model.norm", "lm_head")))
+    weight_bytes = language_model_bytes(ours_llm.engine.runner.model)
     ours = run_all(ours_llm, batches)
     del ours_llm
     hf = run_all(HFGenerate(folder, **common), batches)

@@ -41,7 +41,7 @@ class LinearBase(nn.Module):
 
     def pack_for_cpu(self) -> None:
         """Reorders the weight once for oneDNN (AMX/AVX-512 kernels); the plain copy is freed."""
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 1)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data)  # no batch hint: good for all M
         self.weight = None
 
 
@@ -49,7 +49,7 @@ def _packing_works() -> bool:
     """oneDNN's packed bf16 linear gives F.linear's exact result here (it is a private op: check, don't trust)."""
     try:
         w, x = torch.randn(64, 32, dtype=torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w)
         return torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), F.linear(x, w))
     except (AttributeError, RuntimeError):
         return False
