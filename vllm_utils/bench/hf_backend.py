@@ -44,15 +44,14 @@ class HFEngineView:
         self.config = config
         self.device = resolve_device(config.device)
         self.hf_config = load_hf_config(config.model)
-        model_class(self.hf_config, model_type, config.model)  # the same model-type check as our engine
+        cls = model_class(self.hf_config, model_type, config.model)  # the same model-type check as our engine
         if config.tensor_parallel_size != 1:
             raise UserError("--backend hf runs on one device: use --tensor-parallel-size 1")
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         folder = bundled_config_dir(config.model) or config.model
         self.max_model_len = config.max_model_len or self.hf_config.text_config.max_position_embeddings
-        vision = self.hf_config.vision_config
-        features = (vision.image_size // vision.patch_size) ** 2 + (self.hf_config.vision_feature_select_strategy == "full")
-        self.processor = MultiModalProcessor(folder, self.hf_config, features, allow_missing=config.load_format == "dummy")
+        self.processor = MultiModalProcessor(folder, self.hf_config, cls.image_features(self.hf_config),
+                                             allow_missing=config.load_format == "dummy")
         self.block_manager = _BlockCounts()
         self.stats = EngineStats()
         if config.load_format == "dummy":

@@ -46,16 +46,17 @@ class LLMEngine:
             raise UserError(f"--max-model-len {self.max_model_len} exceeds the model's "
                             f"max_position_embeddings ({text_config.max_position_embeddings}); lower it")
         check_tp_size(self.hf_config, config.tensor_parallel_size, self.device)
+        # before the (slow) weights, so that a folder without tokenizer files fails at once
+        self.processor = MultiModalProcessor(self.model_folder, self.hf_config, cls.image_features(self.hf_config),
+                                             allow_missing=config.load_format == "dummy")
         torch.manual_seed(config.seed)
         if config.tensor_parallel_size > 1:
-            group, processes, _ = start_workers(config, self.hf_config, cls, self.device, self.dtype, self.max_model_len)
+            group, processes = start_workers(config, self.hf_config, cls, self.device, self.dtype, self.max_model_len)
             self.runner = ModelRunner(config, self.hf_config, cls, rank_device(self.device, 0), self.dtype,
                                       self.max_model_len, control_group=group)
             self.runner.workers = WorkerChannel(group, processes)
         else:
             self.runner = ModelRunner(config, self.hf_config, cls, self.device, self.dtype, self.max_model_len)
-        self.processor = MultiModalProcessor(self.model_folder, self.hf_config, self.runner.model.num_image_features,
-                                             allow_missing=config.load_format == "dummy")
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs,

@@ -64,7 +64,7 @@ class WorkerChannel:
 
 
 def start_workers(config: EngineConfig, hf_config: PretrainedConfig, cls: type, device: torch.device,
-                  dtype: torch.dtype, max_model_len: int) -> tuple[dist.ProcessGroup, list, str]:
+                  dtype: torch.dtype, max_model_len: int) -> tuple[dist.ProcessGroup, list]:
     """Spawns ranks 1..N-1 and joins rank 0 to the group."""
     size = config.tensor_parallel_size
     store_path = os.path.join(tempfile.mkdtemp(prefix="vllm_utils_tp_"), "store")
@@ -78,7 +78,7 @@ def start_workers(config: EngineConfig, hf_config: PretrainedConfig, cls: type, 
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or size) // size))
     group = init_group(0, size, store_path, device)
-    return group, processes, store_path
+    return group, processes
 
 
 def _worker_main(rank: int, size: int, store_path: str, config: EngineConfig, hf_config: PretrainedConfig,

@@ -67,7 +67,7 @@ class LlavaForConditionalGeneration(nn.Module):
         layers = layers if isinstance(layers, (list, tuple)) else [layers]
         self.feature_layers = [i if i >= 0 else vision.num_hidden_layers + 1 + i for i in layers]
         self.image_token_index = config.image_token_index
-        self.patches_per_image = (vision.image_size // vision.patch_size) ** 2
+        self.num_image_features = self.image_features(config)
 
         self.vision_tower = CLIPVisionTower(vision, max(self.feature_layers))
         self.multi_modal_projector = LlavaProjector(
@@ -79,9 +79,11 @@ class LlavaForConditionalGeneration(nn.Module):
         if getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False):
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
-    @property
-    def num_image_features(self) -> int:
-        return self.patches_per_image + (1 if self.strategy == "full" else 0)
+    @staticmethod
+    def image_features(config: PretrainedConfig) -> int:
+        """Positions one image takes in the prompt: one per patch, plus CLS with the "full" strategy."""
+        vision = config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[images, 3, H, W] -> [images, num_image_features, hidden]"""
