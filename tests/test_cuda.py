@@ -41,7 +41,7 @@ def test_triton_paged_attention_matches_torch_reference(block_size, heads, kv_he
     slots = tables.long().gather(1, (positions // block_size)[:, None]).squeeze(1) * block_size + positions % block_size
     meta = AttentionMetadata(False, slots, block_tables=tables, context_lens=context_lens)
     outputs = []
-    for backend in (TorchPagedAttention(), TritonPagedAttention()):
+    for backend in (TorchPagedAttention(torch.device(device)), TritonPagedAttention(torch.device(device))):
         k_cache, v_cache = caches[0].clone(), caches[1].clone()
         outputs.append((backend.forward(q, k, v, k_cache, v_cache, meta, dim**-0.5).float(), k_cache, v_cache))
     (ref, k_ref, v_ref), (out, k_out, v_out) = outputs

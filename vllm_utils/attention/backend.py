@@ -15,10 +15,14 @@ class AttentionMetadata:
     # decode: one new token per sequence
     block_tables: torch.Tensor | None = None  # [seqs, max_blocks] int32, padded with 0
     context_lens: torch.Tensor | None = None  # [seqs] integer, tokens in cache including the new one
+    # decode, for backends that ask for it (`reads_runs`): per sequence, the first block if its blocks are
+    # one ascending run (so its cache is a plain slice of the pool), else -1
+    run_starts: list[int] | None = None
 
 
 class AttentionBackend(Protocol):
     name: str
+    reads_runs: bool  # wants AttentionMetadata.run_starts on this device
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None: ...
@@ -60,4 +64,4 @@ def get_backend(name: str, device: torch.device) -> AttentionBackend:
         from vllm_utils.errors import UserError
 
         raise UserError(f"attention backend '{name}' is not available on {device.type}; use 'torch'")
-    return _BACKENDS[name]()
+    return _BACKENDS[name](device)

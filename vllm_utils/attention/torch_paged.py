@@ -7,6 +7,10 @@ from vllm_utils.attention.backend import AttentionMetadata, register_backend
 
 @register_backend("torch")
 class TorchPagedAttention:
+    def __init__(self, device: torch.device) -> None:
+        # on CPU, reading each sequence's run of blocks in place beats gathering the whole batch's cache
+        self.reads_runs = device.type == "cpu"
+
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
@@ -15,6 +19,8 @@ class TorchPagedAttention:
         self.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_prefill:
             return self.prefill(q, k, v, meta.seq_lens, scale)
+        if meta.run_starts is not None:
+            return self.decode_runs(q, k_cache, v_cache, meta, scale)
         return self.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
 
     @staticmethod
@@ -33,6 +39,24 @@ class TorchPagedAttention:
                 is_causal=True, scale=scale,
             )[0].transpose(0, 1)
             start += n
+        return out
+
+    @classmethod
+    def decode_runs(cls, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """One sequence at a time: a sequence whose blocks form one run attends to a slice of the pool
+        (no copy); the others gather their own blocks."""
+        block_size = k_cache.shape[1]
+        flat_k, flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        for i, (start, length) in enumerate(zip(meta.run_starts, meta.context_lens.tolist())):
+            if start < 0:
+                out[i : i + 1] = cls.decode(q[i : i + 1], k_cache, v_cache, meta.block_tables[i : i + 1],
+                                            meta.context_lens[i : i + 1], scale)
+                continue
+            first = start * block_size
+            k = flat_k[first : first + length].transpose(0, 1)[None]
+            v = flat_v[first : first + length].transpose(0, 1)[None]
+            out[i] = F.scaled_dot_product_attention(q[i][None, :, None], k, v, scale=scale, enable_gqa=True)[0, :, 0]
         return out
 
     @staticmethod

@@ -32,6 +32,7 @@ class PrefillInputs:
 class DecodeInputs:
     rows: torch.Tensor  # [4, seqs]: last token ids, positions, cache slots, context lengths
     tables: torch.Tensor  # [seqs, width] int32 block tables padded with 0
+    run_starts: list[int] | None = None  # see AttentionMetadata.run_starts
 
 
 StepInputs = PrefillInputs | DecodeInputs
@@ -52,6 +53,12 @@ def build_model(hf_config: PretrainedConfig, cls: type, device: torch.device, dt
             return cls(hf_config).eval()
     finally:
         torch.set_default_dtype(default)
+
+
+def _run_start(blocks: list[int]) -> int:
+    """The first block if `blocks` is one ascending run, else -1."""
+    first = blocks[0]
+    return first if blocks[-1] - first == len(blocks) - 1 and blocks == list(range(first, first + len(blocks))) else -1
 
 
 class ModelRunner:
@@ -165,7 +172,8 @@ class ModelRunner:
                              [self._slot(s, p) for s, p in zip(seqs, positions)], [len(s) for s in seqs]])
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
-        return DecodeInputs(rows, tables)
+        runs = [_run_start(s.block_table) for s in seqs] if self.backend.reads_runs else None
+        return DecodeInputs(rows, tables, runs)
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -184,7 +192,7 @@ class ModelRunner:
         if self.graphs is not None and inputs.tables.shape[0] <= self.graphs.max_batch:
             return self.graphs.run(inputs.rows, inputs.tables)
         rows, tables = inputs.rows.to(self.device), inputs.tables.to(self.device)
-        meta = AttentionMetadata(False, rows[2], block_tables=tables, context_lens=rows[3])
+        meta = AttentionMetadata(False, rows[2], block_tables=tables, context_lens=rows[3], run_starts=inputs.run_starts)
         return self.model.compute_logits(self.model(rows[0], rows[1], meta)), None
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float] | None]:
