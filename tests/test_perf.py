@@ -125,3 +125,13 @@ def test_dummy_weights_run_from_a_config_only_folder(tiny_llava, tmp_path):
     run = cli(*perf_args(str(folder), "--load-format=dummy", "--num-prompts=1"), cwd=str(tmp_path))
     assert run.returncode == 0, run.stderr
     assert value(perf_info(run.stdout)["token_per_second"]) > 0
+
+
+def test_float16_on_cpu_runs_as_bfloat16_and_says_so(tiny_llava, tmp_path):
+    args = [a for a in perf_args(tiny_llava, "--num-prompts=1") if a != "--dtype=float32"] + ["--dtype=float16"]
+    run = cli(*args, cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert "float16 is slow on CPUs; using bfloat16" in run.stderr
+    [csv_path] = glob.glob(str(tmp_path / "*.csv"))
+    with open(csv_path) as f:
+        assert dict(csv.reader(f))["dtype"] == "bfloat16"
