@@ -29,7 +29,7 @@ class MultiModalProcessor:
         self.folder = folder
         self.image_token_index = hf_config.image_token_index
         self.features_per_image = features_per_image
-        self.hf_processor = self.tokenizer = None
+        self.hf_processor = self.tokenizer = self.image_processor = None
         self.image_token = "<image>"
         try:
             self.hf_processor = AutoProcessor.from_pretrained(folder)
@@ -52,11 +52,7 @@ class MultiModalProcessor:
         text = hf_config.text_config
         self.vocab_size = text.vocab_size
         self.bos_token_id = self.tokenizer.bos_token_id if self.tokenizer else getattr(text, "bos_token_id", 1)
-        self._eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else getattr(text, "eos_token_id", 2)
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._eos_token_id
+        self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else getattr(text, "eos_token_id", 2)
 
     def _need_tokenizer(self) -> None:
         if self.tokenizer is None:
@@ -76,7 +72,7 @@ class MultiModalProcessor:
     def text_token_ids(self) -> list[int]:
         """Ids of ordinary text tokens (no special or image token), for synthetic prompts."""
         special = set(self.tokenizer.all_special_ids) if self.tokenizer else {0, 1, 2}
-        special |= {self.image_token_index, self.bos_token_id, self._eos_token_id}
+        special |= {self.image_token_index, self.bos_token_id, self.eos_token_id}
         vocab = len(self.tokenizer) if self.tokenizer else self.vocab_size
         return [i for i in range(min(vocab, self.vocab_size)) if i not in special]
 
