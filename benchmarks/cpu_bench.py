@@ -85,6 +85,7 @@ def run_all(llm, batches: list[int]) -> dict:
     ttfts = sorted(measure(llm, 1, 1)["ttft"] for _ in range(3))
     results = {"ttft": ttfts[1], "b1": measure(llm, 1, DECODE_TOKENS)["tpot"]}
     for b in batches:
+        measure(llm, b, 2)  # warm-up at this batch's shapes: oneDNN builds kernels per shape on first use
         results[f"b{b}_tok_s"] = measure(llm, b, DECODE_TOKENS)["tok_s"]
     return results
 
