@@ -27,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=None,
                    help="tokens to generate (default: 64 for --demo, 128 for --perf)")
     p.add_argument("--num-prompts", type=int, default=1, help="--perf: requests in the timed run")
-    p.add_argument("--batch-size", type=int, default=None, help="most requests running at once (default: 256)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="most requests running at once (default: the number of requests, at most 256)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     p.add_argument("--enforce-eager", action="store_true", help="do not capture graphs")
@@ -100,6 +101,7 @@ def run_demo(args: argparse.Namespace) -> None:
         raise UserError("--demo needs --input-image IMAGE (repeatable)")
     pairs = pair_images_and_prompts(args.input_image, args.prompt)
     images = {path: load_image(path) for path, _ in pairs}
+    args.batch_size = args.batch_size or min(len(pairs), 256)
     llm = make_llm(args)
     processor = llm.engine.processor
     requests = [{"prompt": processor.chat_prompt(text), "multi_modal_data": {"image": images[path]}}
