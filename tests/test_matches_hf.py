@@ -75,11 +75,10 @@ def test_bf16_logprobs_close_to_hf_fp32(tiny_llava, hf_reference, images):
 
 
 def test_tensor_parallel_2_on_cpu_gives_the_same_tokens(tiny_llava, images):
-    reqs_text = [(t, idx) for t, idx in BATCH]
     outputs = {}
     for size in (1, 2):
         llm = engine(tiny_llava, tensor_parallel_size=size)
-        reqs = [request(llm, text, [images[i] for i in idx]) for text, idx in reqs_text]
+        reqs = [request(llm, text, [images[i] for i in idx]) for text, idx in BATCH]
         outputs[size] = [o.outputs[0].token_ids for o in llm.generate(reqs, GREEDY, use_tqdm=False)]
         llm.engine.shutdown()
     assert outputs[2] == outputs[1]

@@ -5,7 +5,7 @@ import time
 from collections import deque
 
 from vllm_utils.engine.block_manager import BlockManager
-from vllm_utils.engine.sequence import Sequence, Status
+from vllm_utils.engine.sequence import Sequence
 
 
 class Scheduler:
@@ -36,7 +36,6 @@ class Scheduler:
             if not self.blocks.can_allocate(seq):
                 break
             self.blocks.allocate(seq)
-            seq.status = Status.RUNNING
             if seq.times.first_scheduled is None:
                 seq.times.first_scheduled = time.perf_counter()
             num_tokens += len(seq)
@@ -61,7 +60,6 @@ class Scheduler:
         return decode, False
 
     def _preempt(self, seq: Sequence) -> None:
-        seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.blocks.free(seq)
@@ -83,7 +81,6 @@ class Scheduler:
                 seq.finish_reason = "length"
             else:
                 continue
-            seq.status = Status.FINISHED
             self.blocks.free(seq)
             self.running.remove(seq)
             finished.append(seq)

@@ -1,18 +1,11 @@
 """One request as the engine sees it: its tokens, its KV-cache blocks, its timings."""
 import time
 from dataclasses import dataclass, field
-from enum import Enum, auto
 from itertools import count
 
 import torch
 
 from vllm_utils.sampling_params import SamplingParams
-
-
-class Status(Enum):
-    WAITING = auto()
-    RUNNING = auto()
-    FINISHED = auto()
 
 
 @dataclass
@@ -35,7 +28,6 @@ class Sequence:
         self.params = params
         self.pixel_values = pixel_values
         self.block_table: list[int] = []
-        self.status = Status.WAITING
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.num_preemptions = 0

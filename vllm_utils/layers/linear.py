@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_utils.engine.parallel import all_reduce, tp_rank, tp_size
+from vllm_utils.layers.parallel import all_reduce, tp_rank, tp_size
 
 
 def _divide(a: int, b: int, what: str) -> int:
