@@ -44,13 +44,9 @@ def build_checkpoint() -> str:
 
 
 def language_model_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step must read: the decoder layers, final norm and LM head (packed weights included)."""
-    total = 0
-    for name, module in model.named_modules():
-        if name.startswith(("language_model.layers", "language_model.norm", "lm_head")):
-            tensors = [*module.parameters(recurse=False), getattr(module, "packed", None)]
-            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
-    return total
+    """Bytes a decode step must read: the decoder layers, final norm and LM head."""
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+               if name.startswith(("language_model.layers", "language_model.norm", "lm_head")))
 
 
 def memory_bandwidth() -> tuple[float, float]:

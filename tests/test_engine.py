@@ -39,19 +39,3 @@ def test_generation_stops_at_max_model_len(llm, images):
                        use_tqdm=False)[0]
     assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 128
     assert out.outputs[0].finish_reason == "length"
-
-
-def test_cpu_packed_bf16_linear_gives_the_plain_result():
-    import torch
-
-    from vllm_utils.layers.linear import RowParallelLinear, pack_linears_for_cpu
-
-    layer = RowParallelLinear(96, 40, bias=True)
-    layer.weight.data = torch.randn(40, 96).to(torch.bfloat16)
-    layer.bias.data = torch.randn(40).to(torch.bfloat16)
-    x = torch.randn(5, 96).to(torch.bfloat16)
-    plain = layer(x)
-    if pack_linears_for_cpu(layer, torch.bfloat16) == 0:
-        pytest.skip("this torch build has no usable oneDNN packed linear")
-    assert layer.weight is None and layer.packed is not None
-    assert torch.equal(layer(x), plain)

@@ -41,3 +41,25 @@ def synchronize(device: torch.device) -> None:
     module = getattr(torch, device.type, None)
     if device.type != "cpu" and module is not None and hasattr(module, "synchronize"):
         module.synchronize()
+
+
+def advise_huge_pages(tensors: "list[torch.Tensor]", min_bytes: int = 4 << 20) -> int:
+    """Asks Linux to back these CPU tensors with 2 MB pages (MADV_HUGEPAGE), which streams weights faster
+    (fewer TLB misses). Call it before the memory is first written. Returns the bytes advised."""
+    import ctypes
+    import sys
+
+    if sys.platform != "linux":
+        return 0
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page, advised = 4096, 0
+    for t in tensors:
+        size = t.numel() * t.element_size()
+        if t.device.type != "cpu" or size < min_bytes:
+            continue
+        start = -(-t.data_ptr() // page) * page  # madvise wants page-aligned ranges
+        end = (t.data_ptr() + size) // page * page
+        if madvise(start, end - start, 14) == 0:  # 14: MADV_HUGEPAGE
+            advised += end - start
+    return advised

@@ -9,11 +9,13 @@ from transformers import PretrainedConfig
 
 from vllm_utils.attention.backend import AttentionMetadata, get_backend
 from vllm_utils.config import EngineConfig
+from vllm_utils.devices import advise_huge_pages
 from vllm_utils.engine.cuda_graphs import DecodeGraphs, VisionGraphs
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.errors import UserError
 from vllm_utils.layers.attention import PagedAttention
-from vllm_utils.layers.linear import pack_linears_for_cpu
+from vllm_utils.layers import cpu_gemv
+from vllm_utils.layers.linear import enable_cpu_gemv
 from vllm_utils.layers.sampler import sample
 from vllm_utils.loader import init_dummy_weights, load_weights
 
@@ -69,12 +71,14 @@ class ModelRunner:
         self.control_group = control_group
         self.block_size = config.block_size
         self.model = build_model(hf_config, cls, device, dtype)
+        advise_huge_pages(list(self.model.parameters()))  # before the weights are written
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
         else:
             load_weights(self.model, config.model)
-        if device.type == "cpu":
-            pack_linears_for_cpu(self.model, dtype)
+        if device.type == "cpu" and dtype == torch.bfloat16 and enable_cpu_gemv(self.model) == 0:
+            _say_once(f"the bf16 CPU decode kernel is off ({cpu_gemv.unavailable_reason() or 'no layer fits it'}); "
+                      "linears use F.linear")
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.backend = get_backend(config.attention_backend, device)
         self.num_blocks = self._plan_kv_blocks(max_model_len)

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm_utils.layers.linear import dense
 from vllm_utils.layers.parallel import all_gather_last_dim, all_reduce, tp_rank, tp_size
 
 
@@ -30,6 +31,8 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
+    use_cpu_gemv = False  # set by enable_cpu_gemv
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(F.linear(hidden, self.weight))
+        logits = all_gather_last_dim(dense(hidden, self.weight, None, self.use_cpu_gemv))
         return logits[..., : self.vocab_size]

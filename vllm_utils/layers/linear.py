@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm_utils.layers import cpu_gemv
 from vllm_utils.layers.parallel import all_reduce, tp_rank, tp_size
 
 
@@ -15,8 +16,24 @@ def _divide(a: int, b: int, what: str) -> int:
     return a // b
 
 
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cpu_kernel: bool) -> torch.Tensor:
+    """F.linear, except that decode-sized inputs go to our CPU kernel where it was enabled for this weight."""
+    if cpu_kernel and x.numel() <= cpu_gemv.MAX_ROWS * x.shape[-1]:
+        return cpu_gemv.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def enable_cpu_gemv(model: nn.Module) -> int:
+    """Turns on the CPU decode kernel in every layer that has the switch and whose weight it supports.
+    Returns how many layers use it."""
+    layers = [m for m in model.modules() if hasattr(m, "use_cpu_gemv") and cpu_gemv.supports(m.weight)]
+    for layer in layers:
+        layer.use_cpu_gemv = True
+    return len(layers)
+
+
 class LinearBase(nn.Module):
-    packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout (CPU, bf16), once packed
+    use_cpu_gemv = False  # set by enable_cpu_gemv
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -32,38 +49,10 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
-        return F.linear(x, self.weight, bias)
+        return dense(x, self.weight, bias, self.use_cpu_gemv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
-
-    def pack_for_cpu(self) -> None:
-        """Reorders the weight once for oneDNN (AMX/AVX-512 kernels); the plain copy is freed."""
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data)  # no batch hint: good for all M
-        self.weight = None
-
-
-def _packing_works() -> bool:
-    """oneDNN's packed bf16 linear gives F.linear's exact result here (it is a private op: check, don't trust)."""
-    try:
-        w, x = torch.randn(64, 32, dtype=torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w)
-        return torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), F.linear(x, w))
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def pack_linears_for_cpu(model: nn.Module, dtype: torch.dtype) -> int:
-    """Packs every linear layer's weight for oneDNN when that is exact (bf16 on a CPU build with oneDNN).
-    Returns how many were packed."""
-    if dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available() or not _packing_works():
-        return 0
-    layers = [m for m in model.modules() if isinstance(m, LinearBase)]
-    for layer in layers:
-        layer.pack_for_cpu()
-    return len(layers)
 
 
 class ColumnParallelLinear(LinearBase):

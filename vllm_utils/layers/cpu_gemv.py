@@ -1,0 +1,117 @@
+"""The bf16 decode linear for x86 CPUs with AVX512-BF16 (cpu_gemv.c), built on first use with the system's
+C compiler and cached. Where it cannot be used (another CPU, no compiler, PyTorch without libgomp, or
+VLLM_UTILS_CPU_GEMV=0) linears fall back to F.linear; `unavailable_reason()` says why."""
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+MAX_ROWS = 4  # inputs with more rows go to F.linear (oneDNN), which is faster there
+CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vllm_utils" / "kernels"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _torch_uses_libgomp() -> bool:
+    """Our -fopenmp library must share PyTorch's OpenMP runtime, or two thread pools would fight for the cores."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "libgomp" in f.read()
+    except OSError:
+        return False
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_gemv-{tag}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # concurrent builders (TP ranks) each rename
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _load() -> tuple[object | None, str]:
+    if os.environ.get("VLLM_UTILS_CPU_GEMV", "1") == "0":
+        return None, "VLLM_UTILS_CPU_GEMV=0"
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return None, f"needs Linux on x86_64, not {sys.platform}/{platform.machine()}"
+    missing = CPU_FLAGS - _cpu_flags()
+    if missing:
+        return None, f"the CPU lacks {', '.join(sorted(missing))}"
+    if not _torch_uses_libgomp():
+        return None, "this PyTorch build does not use libgomp"
+    configured = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
+    compiler = shutil.which(configured) or shutil.which("cc")
+    if compiler is None:
+        return None, "no C compiler found (set CC)"
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (subprocess.CalledProcessError, OSError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        return None, f"building {SOURCE.name} failed: {detail.strip().splitlines()[-1] if detail.strip() else e}"
+    fn = lib.vllm_utils_gemv_bf16
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    fn.restype = None
+    return fn, ""
+
+
+def unavailable_reason() -> str:
+    """Empty when the kernel is ready to use, else why not."""
+    return _load()[1]
+
+
+def supports(weight: torch.Tensor) -> bool:
+    """Whether the kernel can serve this linear weight ([N, K], bf16, contiguous, on the CPU)."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and weight.is_contiguous() and weight.shape[0] % 4 == 0 and weight.shape[1] % 32 == 0
+            and _load()[0] is not None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x of at most MAX_ROWS rows (after flattening), weight as in `supports`."""
+    fn = _load()[0]
+    n, k = weight.shape
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    assert rows.shape[0] <= MAX_ROWS and rows.dtype == torch.bfloat16
+    if bias is not None:
+        bias = bias.to(torch.bfloat16).contiguous()  # held in a name: the kernel reads it after this line
+    out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+    fn(weight.data_ptr(), rows.data_ptr(), rows.stride(0), None if bias is None else bias.data_ptr(),
+       out.data_ptr(), n, rows.shape[0], n, k)
+    return out.view(*x.shape[:-1], n)
