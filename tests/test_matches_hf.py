@@ -65,10 +65,10 @@ def test_alone_or_in_a_batch_gives_the_same_tokens(tiny_llava, images):
 
 
 def test_bf16_logprobs_close_to_hf_fp32(tiny_llava, hf_reference, images):
-    from vllm_utils.layers import cpu_gemv
+    from vllm_utils.layers import cpu_kernels
 
     llm = engine(tiny_llava, dtype="bfloat16")
-    if not cpu_gemv.unavailable_reason():  # then this also checks our CPU decode kernel
+    if not cpu_kernels.unavailable_reason():  # then this also checks our CPU decode kernel
         assert any(getattr(m, "use_cpu_gemv", False) for m in llm.engine.runner.model.modules())
     req = request(llm, "Describe the picture.", images[:1])
     out = llm.generate([req], SamplingParams(temperature=0, max_tokens=16, logprobs=True), use_tqdm=False)[0]

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_utils.attention.backend import AttentionMetadata, register_backend
+from vllm_utils.layers import cpu_kernels
 
 
 @register_backend("torch")
@@ -54,8 +55,11 @@ class TorchPagedAttention:
                                             meta.context_lens[i : i + 1], scale)
                 continue
             first = start * block_size
-            k = flat_k[first : first + length].transpose(0, 1)[None]
-            v = flat_v[first : first + length].transpose(0, 1)[None]
+            k, v = flat_k[first : first + length], flat_v[first : first + length]
+            if cpu_kernels.supports_attention(q[i], k, v):
+                out[i] = cpu_kernels.decode_attention(q[i], k, v, scale)
+                continue
+            k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
             out[i] = F.scaled_dot_product_attention(q[i][None, :, None], k, v, scale=scale, enable_gqa=True)[0, :, 0]
         return out
 

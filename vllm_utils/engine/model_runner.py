@@ -14,7 +14,7 @@ from vllm_utils.engine.cuda_graphs import DecodeGraphs, VisionGraphs
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.errors import UserError
 from vllm_utils.layers.attention import PagedAttention
-from vllm_utils.layers import cpu_gemv
+from vllm_utils.layers import cpu_kernels
 from vllm_utils.layers.linear import enable_cpu_gemv
 from vllm_utils.layers.sampler import sample
 from vllm_utils.loader import init_dummy_weights, load_weights
@@ -77,7 +77,7 @@ class ModelRunner:
         else:
             load_weights(self.model, config.model)
         if device.type == "cpu" and dtype == torch.bfloat16 and enable_cpu_gemv(self.model) == 0:
-            _say_once(f"the bf16 CPU decode kernel is off ({cpu_gemv.unavailable_reason() or 'no layer fits it'}); "
+            _say_once(f"the bf16 CPU decode kernel is off ({cpu_kernels.unavailable_reason() or 'no layer fits it'}); "
                       "linears use F.linear")
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.backend = get_backend(config.attention_backend, device)

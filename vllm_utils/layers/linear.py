@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_utils.layers import cpu_gemv
+from vllm_utils.layers import cpu_kernels
 from vllm_utils.layers.parallel import all_reduce, tp_rank, tp_size
 
 
@@ -18,15 +18,15 @@ def _divide(a: int, b: int, what: str) -> int:
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cpu_kernel: bool) -> torch.Tensor:
     """F.linear, except that decode-sized inputs go to our CPU kernel where it was enabled for this weight."""
-    if cpu_kernel and x.numel() <= cpu_gemv.MAX_ROWS * x.shape[-1]:
-        return cpu_gemv.linear(x, weight, bias)
+    if cpu_kernel and x.numel() <= cpu_kernels.MAX_ROWS * x.shape[-1]:
+        return cpu_kernels.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def enable_cpu_gemv(model: nn.Module) -> int:
     """Turns on the CPU decode kernel in every layer that has the switch and whose weight it supports.
     Returns how many layers use it."""
-    layers = [m for m in model.modules() if hasattr(m, "use_cpu_gemv") and cpu_gemv.supports(m.weight)]
+    layers = [m for m in model.modules() if hasattr(m, "use_cpu_gemv") and cpu_kernels.supports(m.weight)]
     for layer in layers:
         layer.use_cpu_gemv = True
     return len(layers)

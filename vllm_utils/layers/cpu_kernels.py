@@ -1,6 +1,7 @@
-"""The bf16 decode linear for x86 CPUs with AVX512-BF16 (cpu_gemv.c), built on first use with the system's
-C compiler and cached. Where it cannot be used (another CPU, no compiler, PyTorch without libgomp, or
-VLLM_UTILS_CPU_GEMV=0) linears fall back to F.linear; `unavailable_reason()` says why."""
+"""The bf16 decode-step kernels for x86 CPUs with AVX512-BF16 (cpu_kernels.c): the linear for a few input rows
+and one-token attention over a run of the KV cache. Built on first use with the system's C compiler and
+cached. Where they cannot be used (another CPU, no compiler, PyTorch without libgomp, or
+VLLM_UTILS_CPU_KERNELS=0) callers fall back to PyTorch ops; `unavailable_reason()` says why."""
 import ctypes
 import functools
 import hashlib
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 4  # inputs with more rows go to F.linear (oneDNN), which is faster there
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
@@ -48,13 +49,13 @@ def _torch_uses_libgomp() -> bool:
 def _build(compiler: str) -> Path:
     source = SOURCE.read_bytes()
     tag = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_gemv-{tag}.so"
+    target = _cache_dir() / f"cpu_kernels-{tag}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # concurrent builders (TP ranks) each rename
         os.close(fd)
         try:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -64,8 +65,8 @@ def _build(compiler: str) -> Path:
 
 @functools.cache
 def _load() -> tuple[object | None, str]:
-    if os.environ.get("VLLM_UTILS_CPU_GEMV", "1") == "0":
-        return None, "VLLM_UTILS_CPU_GEMV=0"
+    if os.environ.get("VLLM_UTILS_CPU_KERNELS", "1") == "0":
+        return None, "VLLM_UTILS_CPU_KERNELS=0"
     if sys.platform != "linux" or platform.machine() != "x86_64":
         return None, f"needs Linux on x86_64, not {sys.platform}/{platform.machine()}"
     missing = CPU_FLAGS - _cpu_flags()
@@ -80,13 +81,17 @@ def _load() -> tuple[object | None, str]:
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except (subprocess.CalledProcessError, OSError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        return None, f"building {SOURCE.name} failed: {detail.strip().splitlines()[-1] if detail.strip() else e}"
-    fn = lib.vllm_utils_gemv_bf16
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
-                   ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    fn.restype = None
-    return fn, ""
+        lines = (getattr(e, "stderr", "") or str(e)).splitlines()
+        first_error = next((line for line in lines if "error" in line), lines[0] if lines else "")
+        return None, f"building {SOURCE.name} failed: {first_error.strip()}"
+    ptr, long, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.vllm_utils_gemv_bf16.argtypes = [ptr, ptr, long, ptr, ptr, long, i32, i32, i32]
+    lib.vllm_utils_gemv_bf16.restype = None
+    lib.vllm_utils_decode_attention_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, long, ctypes.c_float, ptr]
+    lib.vllm_utils_decode_attention_bf16.restype = None
+    lib.vllm_utils_stream_read.argtypes = [ptr, long]
+    lib.vllm_utils_stream_read.restype = long
+    return lib, ""
 
 
 def unavailable_reason() -> str:
@@ -103,7 +108,7 @@ def supports(weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x of at most MAX_ROWS rows (after flattening), weight as in `supports`."""
-    fn = _load()[0]
+    fn = _load()[0].vllm_utils_gemv_bf16
     n, k = weight.shape
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
@@ -115,3 +120,46 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     fn(weight.data_ptr(), rows.data_ptr(), rows.stride(0), None if bias is None else bias.data_ptr(),
        out.data_ptr(), n, rows.shape[0], n, k)
     return out.view(*x.shape[:-1], n)
+
+
+def supports_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `decode_attention` can take these: bf16 CPU tensors, q [heads, dim], k and v [tokens, kv_heads, dim]
+    with dense rows (a slice of the cache), dim a multiple of 32 up to 256."""
+    dim = q.shape[-1]
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu" and dim % 32 == 0
+            and dim <= 256 and q.shape[0] % k.shape[1] == 0 and k.stride() == v.stride()
+            and k.stride()[1:] == (dim, 1) and _load()[0] is not None)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * q k^T) v for one query token per head: q [heads, dim], k and v as in `supports_attention`.
+    Returns [heads, dim]."""
+    heads, dim = q.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    scratch = torch.empty(heads * k.shape[0], dtype=torch.float32)
+    _load()[0].vllm_utils_decode_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), heads,
+                                                k.shape[1], dim, k.shape[0], k.stride(0), scale, scratch.data_ptr())
+    return out
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of the fastest of `repeats` streaming reads of a buffer on 2 MB pages, read the way the linear
+    kernel reads weights. It is the memory-bandwidth floor the benchmarks compare decode against."""
+    import time
+
+    from vllm_utils.devices import advise_huge_pages
+
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(f"CPU kernels unavailable: {unavailable_reason()}")
+    buf = torch.empty(nbytes + (2 << 20), dtype=torch.uint8)
+    aligned = buf[(-buf.data_ptr()) % (2 << 20):][: nbytes // 256 * 256]
+    advise_huge_pages([aligned])
+    aligned.fill_(1)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        lib.vllm_utils_stream_read(aligned.data_ptr(), aligned.numel())
+        best = min(best, time.perf_counter() - start)
+    return aligned.numel() / best

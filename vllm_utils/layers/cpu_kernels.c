@@ -1,5 +1,7 @@
-/* y[M, N] = x[M, K] @ W[N, K]^T (+ bias) in bf16 for M <= 4: the decode-step linear on x86 CPUs with AVX512-BF16.
+/* bf16 kernels for the decode step on x86 CPUs with AVX512-BF16: the linear for M <= 4 input rows and the
+ * attention of one query token over a contiguous run of the paged KV cache.
  *
+ * Linear: y[M, N] = x[M, K] @ W[N, K]^T (+ bias).
  * Decode reads every weight once per step, so the job is to stream W at memory bandwidth. The weight stays in
  * nn.Linear's row-major layout (prefill shares it). Each thread walks a contiguous range of 4-row blocks; the
  * rows of a block are read side by side, 32 columns at a time, and each row is software-prefetched PREFETCH
@@ -9,7 +11,10 @@
  * Threads come from OpenMP: loaded into a process that already has PyTorch's libgomp, this shares its pool.
  * Requires N % 4 == 0 and K % 32 == 0 (checked by the caller). */
 #include <immintrin.h>
+#include <math.h>
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define ROWS 4
 #define PREFETCH 1024
@@ -111,4 +116,82 @@ long vllm_utils_stream_read(const uint8_t* a, long n) {
         total += _mm512_reduce_add_epi32(acc);
     }
     return total;
+}
+
+static inline __m512 bf16x16_to_f32(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+static inline void prefetch_row(const uint16_t* row, long bytes) {
+    for (long i = 0; i < bytes; i += 64) _mm_prefetch((const char*)row + i, _MM_HINT_T0);
+}
+
+/* Attention of one query token: out[h] = softmax(scale * q[h] . K[t, g]) . V[t, g] over t < length, where
+ * g = h / (num_heads / num_kv_heads). K and V hold `length` token rows of num_kv_heads * head_dim values,
+ * row_stride elements apart (a run of the paged cache read in place). Each thread takes a contiguous range of
+ * tokens, all heads (so it streams whole rows), and keeps its own running max, sum and weighted sum of V; the
+ * ranges are merged at the end, as in flash-decoding. All fp32; the output is rounded to bf16 once.
+ * scratch: num_heads * length floats. head_dim % 32 == 0 and head_dim <= 256. */
+void vllm_utils_decode_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
+                                      int num_heads, int num_kv_heads, int head_dim, int length, long row_stride,
+                                      float scale, float* scratch) {
+    int group = num_heads / num_kv_heads, threads = omp_get_max_threads();
+    long row_bytes = (long)num_kv_heads * head_dim * 2;
+    long part = (long)num_heads * (head_dim + 2); /* per thread: max and sum for each head, then its weighted V */
+    float* partials = malloc(sizeof(float) * part * threads);
+#pragma omp parallel num_threads(threads)
+    {
+        int id = omp_get_thread_num(), n = omp_get_num_threads();
+        int t0 = (int)((long)length * id / n), t1 = (int)((long)length * (id + 1) / n);
+        float *max = partials + part * id, *sum = max + num_heads, *acc = sum + num_heads;
+        for (int h = 0; h < num_heads; h++) max[h] = -INFINITY, sum[h] = 0.0f;
+        for (int i = 0; i < num_heads * head_dim; i++) acc[i] = 0.0f;
+        for (int t = t0; t < t1; t++) {
+            const uint16_t* kt = k + t * row_stride;
+            prefetch_row(kt + 2 * row_stride, row_bytes);
+            for (int h = 0; h < num_heads; h++) {
+                const uint16_t *qh = q + (long)h * head_dim, *kh = kt + (long)(h / group) * head_dim;
+                __m512 dot = _mm512_setzero_ps();
+                for (int d = 0; d < head_dim; d += 32)
+                    dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(qh + d), (__m512bh)_mm512_loadu_si512(kh + d));
+                float score = _mm512_reduce_add_ps(dot) * scale;
+                scratch[(long)h * length + t] = score;
+                if (score > max[h]) max[h] = score;
+            }
+        }
+        for (int h = 0; h < num_heads; h++)
+            for (int t = t0; t < t1; t++) {
+                float* p = scratch + (long)h * length + t;
+                *p = expf(*p - max[h]);
+                sum[h] += *p;
+            }
+        for (int t = t0; t < t1; t++) {
+            const uint16_t* vt = v + t * row_stride;
+            prefetch_row(vt + 2 * row_stride, row_bytes);
+            for (int h = 0; h < num_heads; h++) {
+                const uint16_t* vh = vt + (long)(h / group) * head_dim;
+                __m512 weight = _mm512_set1_ps(scratch[(long)h * length + t]);
+                float* a = acc + (long)h * head_dim;
+                for (int d = 0; d < head_dim; d += 16)
+                    _mm512_storeu_ps(a + d, _mm512_fmadd_ps(weight, bf16x16_to_f32(vh + d), _mm512_loadu_ps(a + d)));
+            }
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int h = 0; h < num_heads; h++) {
+            float top = -INFINITY, total = 0.0f;
+            for (int i = 0; i < n; i++) top = fmaxf(top, partials[part * i + h]);
+            float weights[256];
+            for (int i = 0; i < n; i++) {
+                weights[i] = partials[part * i + h] == -INFINITY ? 0.0f : expf(partials[part * i + h] - top);
+                total += weights[i] * partials[part * i + num_heads + h];
+            }
+            for (int d = 0; d < head_dim; d++) {
+                float x = 0.0f;
+                for (int i = 0; i < n; i++) x += weights[i] * partials[part * i + 2 * num_heads + (long)h * head_dim + d];
+                out[(long)h * head_dim + d] = to_bf16(x / total);
+            }
+        }
+    }
+    free(partials);
 }

@@ -1,0 +1,89 @@
+"""The bf16 CPU decode kernels (vllm_utils/layers/cpu_kernels.c) against float64 references and PyTorch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vllm_utils.layers import cpu_kernels
+from vllm_utils.layers.linear import RowParallelLinear, enable_cpu_gemv
+
+needs_kernel = pytest.mark.skipif(bool(cpu_kernels.unavailable_reason()),
+                                  reason=f"CPU decode kernel unavailable: {cpu_kernels.unavailable_reason()}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k,bias", [(4, 32, False), (96, 160, True), (2052, 1024, False)])
+def test_kernel_rounds_the_exact_product_once(rows, n, k, bias):
+    gen = torch.Generator().manual_seed(rows * n + k)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen).to(torch.bfloat16) if bias else None
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    ours = cpu_kernels.linear(x, w, b)
+    assert ours.shape == (rows, n) and ours.dtype == torch.bfloat16
+    # bf16 keeps 8 significant bits: one rounding of a (near-)exact sum is within 2^-8 of it, relative
+    assert torch.all((ours.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6 * exact.abs().max())
+    # and it agrees with PyTorch's own bf16 linear to within one bf16 step
+    assert torch.allclose(ours.float(), F.linear(x, w, b).float(), rtol=2**-7, atol=1e-3)
+
+
+@needs_kernel
+def test_kernel_reads_strided_rows_and_keeps_leading_dims():
+    w = torch.randn(64, 96).to(torch.bfloat16)
+    x = torch.randn(3, 200).to(torch.bfloat16)[:, 7:103]  # rows 200 apart, not contiguous
+    out = cpu_kernels.linear(x[None], w)
+    assert out.shape == (1, 3, 64)
+    assert torch.allclose(out[0].float(), F.linear(x.float(), w.float()), rtol=2**-7, atol=1e-3)
+
+
+@needs_kernel
+def test_layers_use_the_kernel_for_decode_rows_only():
+    layer = RowParallelLinear(64, 32, bias=True)
+    layer.weight.data = torch.randn(32, 64).to(torch.bfloat16)
+    layer.bias.data = torch.randn(32).to(torch.bfloat16)
+    assert enable_cpu_gemv(layer) == 1 and layer.use_cpu_gemv
+    calls = []
+    real = cpu_kernels.linear
+    cpu_kernels.linear = lambda *a: calls.append(a[0].shape) or real(*a)
+    try:
+        for rows in (1, 4, 5, 600):
+            x = torch.randn(rows, 64).to(torch.bfloat16)
+            assert torch.allclose(layer(x).float(), F.linear(x, layer.weight, layer.bias).float(), rtol=2**-7, atol=1e-3)
+    finally:
+        cpu_kernels.linear = real
+    assert [s[0] for s in calls] == [1, 4]  # prefill-sized inputs stay on oneDNN
+
+
+def test_unsupported_weights_fall_back():
+    assert not cpu_kernels.supports(torch.zeros(8, 32))  # fp32
+    assert not cpu_kernels.supports(torch.zeros(6, 32, dtype=torch.bfloat16))  # rows not a multiple of 4
+    assert not cpu_kernels.supports(torch.zeros(8, 48, dtype=torch.bfloat16))  # columns not a multiple of 32
+
+
+def test_switch_off_says_why(monkeypatch):
+    monkeypatch.setenv("VLLM_UTILS_CPU_KERNELS", "0")
+    assert cpu_kernels._load.__wrapped__() == (None, "VLLM_UTILS_CPU_KERNELS=0")
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,dim,length", [(16, 16, 128, 600), (4, 2, 64, 37), (8, 1, 32, 1), (6, 3, 256, 5)])
+def test_decode_attention_matches_float64_sdpa(heads, kv_heads, dim, length):
+    gen = torch.Generator().manual_seed(length)
+    q = torch.randn(heads, dim, generator=gen).to(torch.bfloat16)
+    pool_k = torch.randn(length + 9, kv_heads, dim, generator=gen).to(torch.bfloat16)
+    pool_v = torch.randn(length + 9, kv_heads, dim, generator=gen).to(torch.bfloat16)
+    k, v = pool_k[4 : 4 + length], pool_v[4 : 4 + length]  # a run inside the pool, read in place
+    assert cpu_kernels.supports_attention(q, k, v)
+    exact = F.scaled_dot_product_attention(q.double()[None, :, None], k.double().transpose(0, 1)[None],
+                                           v.double().transpose(0, 1)[None], scale=dim**-0.5, enable_gqa=True)[0, :, 0]
+    ours = cpu_kernels.decode_attention(q, k, v, dim**-0.5)
+    assert ours.shape == (heads, dim)
+    assert torch.all((ours.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-4)
+
+
+def test_decode_attention_refuses_what_it_cannot_read():
+    q, k = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(10, 2, 64, dtype=torch.bfloat16)
+    assert not cpu_kernels.supports_attention(q.float(), k.float(), k.float())
+    assert not cpu_kernels.supports_attention(q, k.transpose(0, 1), k.transpose(0, 1))  # rows not dense
+    q48, k48 = torch.zeros(4, 48, dtype=torch.bfloat16), torch.zeros(10, 2, 48, dtype=torch.bfloat16)
+    assert not cpu_kernels.supports_attention(q48, k48, k48)  # dim not a multiple of 32
