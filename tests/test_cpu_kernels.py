@@ -87,3 +87,45 @@ def test_decode_attention_refuses_what_it_cannot_read():
     assert not cpu_kernels.supports_attention(q, k.transpose(0, 1), k.transpose(0, 1))  # rows not dense
     q48, k48 = torch.zeros(4, 48, dtype=torch.bfloat16), torch.zeros(10, 2, 48, dtype=torch.bfloat16)
     assert not cpu_kernels.supports_attention(q48, k48, k48)  # dim not a multiple of 32
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 4, 37])
+def test_rmsnorm_kernel_matches_the_pytorch_layer(rows):
+    from vllm_utils.layers.norm import RMSNorm
+
+    gen = torch.Generator().manual_seed(rows)
+    norm = RMSNorm(512, 1e-5)
+    norm.weight.data = torch.rand(512, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, 512, generator=gen).to(torch.bfloat16)
+    residual = torch.randn(rows, 512, generator=gen).to(torch.bfloat16)
+    ours_residual, torch_residual = residual.clone(), residual.clone()
+    ours = cpu_kernels.rmsnorm(x, norm.weight, 1e-5, ours_residual)
+    torch_residual.add_(x)
+    h = torch_residual.float()
+    reference = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    assert torch.equal(ours_residual, torch_residual)  # the residual stream is updated exactly
+    # the mean of squares is summed in another order: a rare output lands one bf16 step away, never more
+    assert torch.allclose(ours.float(), reference.float(), rtol=2**-7, atol=0)
+    assert (ours != reference).float().mean() < 0.01
+    assert torch.equal(cpu_kernels.rmsnorm(x, norm.weight, 1e-5), cpu_kernels.rmsnorm(x.clone(), norm.weight, 1e-5))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rope_type", ["default", "llama3"])
+def test_rope_kernel_is_bit_identical_to_pytorch(rope_type):
+    from vllm_utils.layers.rotary import RotaryEmbedding, rotate_half
+
+    params = {"rope_type": "default", "rope_theta": 10000.0} if rope_type == "default" else {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 1024}
+    rotary = RotaryEmbedding(64, 4096, params)
+    qkv = torch.randn(5, 8 * 64).to(torch.bfloat16)
+    q, k = qkv[:, : 6 * 64].view(5, 6, 64), qkv[:, 6 * 64 :].view(5, 2, 64)  # views into the fused output
+    positions = torch.tensor([0, 1, 77, 1500, 4095])
+    cos = rotary.cos[positions].to(torch.bfloat16).unsqueeze(1)
+    sin = rotary.sin[positions].to(torch.bfloat16).unsqueeze(1)
+    expected_q, expected_k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    assert cpu_kernels.supports_rope(q, positions, rotary.cos)
+    out_q, out_k = rotary(positions, q, k)
+    assert torch.equal(out_q, expected_q) and torch.equal(out_k, expected_k)

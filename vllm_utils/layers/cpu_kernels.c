@@ -97,6 +97,46 @@ void vllm_utils_gemv_bf16(const uint16_t* w, const uint16_t* x, long x_stride, c
     }
 }
 
+/* Llama's RMSNorm with transformers' rounding points, for rows of n bf16 values. With a residual, first
+ * residual = bf16(residual + x) in place, and the sum is normalized: out = bf16(w * bf16(h * rstd)), where
+ * rstd = 1 / sqrt(mean(h^2) + eps) in fp32. */
+void vllm_utils_rmsnorm_bf16(const uint16_t* x, uint16_t* residual, const uint16_t* weight, uint16_t* out,
+                             int rows, int n, float eps) {
+#pragma omp parallel for schedule(static) if (rows > 8)
+    for (int row = 0; row < rows; row++) {
+        const uint16_t* xr = x + (long)row * n;
+        uint16_t* h = residual ? residual + (long)row * n : (uint16_t*)xr;
+        if (residual)
+            for (int i = 0; i < n; i++) h[i] = to_bf16(from_bf16(h[i]) + from_bf16(xr[i]));
+        float squares = 0.0f;
+        for (int i = 0; i < n; i++) squares += from_bf16(h[i]) * from_bf16(h[i]);
+        float rstd = 1.0f / sqrtf(squares / n + eps);
+        uint16_t* o = out + (long)row * n;
+        for (int i = 0; i < n; i++) o[i] = to_bf16(from_bf16(weight[i]) * from_bf16(to_bf16(from_bf16(h[i]) * rstd)));
+    }
+}
+
+/* Rotate-half RoPE in place, as transformers computes it in bf16: with c, s the fp32 table rows rounded to
+ * bf16, x1' = bf16(bf16(x1 c) - bf16(x2 s)) and x2' = bf16(bf16(x2 c) + bf16(x1 s)). x: tokens x heads rows of
+ * head_dim values, token_stride elements between tokens; cos/sin: [positions, head_dim] fp32. */
+void vllm_utils_rope_bf16(uint16_t* x, const long* positions, const float* cos, const float* sin, int tokens,
+                          int heads, int head_dim, long token_stride) {
+    int half = head_dim / 2;
+#pragma omp parallel for schedule(static) if (tokens > 8)
+    for (int t = 0; t < tokens; t++) {
+        const float *c = cos + positions[t] * head_dim, *s = sin + positions[t] * head_dim;
+        for (int h = 0; h < heads; h++) {
+            uint16_t* v = x + t * token_stride + (long)h * head_dim;
+            for (int i = 0; i < half; i++) {
+                float ci = from_bf16(to_bf16(c[i])), si = from_bf16(to_bf16(s[i]));
+                float x1 = from_bf16(v[i]), x2 = from_bf16(v[i + half]);
+                v[i] = to_bf16(from_bf16(to_bf16(x1 * ci)) - from_bf16(to_bf16(x2 * si)));
+                v[i + half] = to_bf16(from_bf16(to_bf16(x2 * ci)) + from_bf16(to_bf16(x1 * si)));
+            }
+        }
+    }
+}
+
 /* Reads n bytes (n % 256 == 0) the way the kernel reads weights; returns a checksum so the reads stay.
  * Benchmarks time it to measure the read bandwidth this machine can actually deliver. */
 long vllm_utils_stream_read(const uint8_t* a, long n) {
@@ -121,7 +161,6 @@ long vllm_utils_stream_read(const uint8_t* a, long n) {
 static inline __m512 bf16x16_to_f32(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
-
 static inline void prefetch_row(const uint16_t* row, long bytes) {
     for (long i = 0; i < bytes; i += 64) _mm_prefetch((const char*)row + i, _MM_HINT_T0);
 }

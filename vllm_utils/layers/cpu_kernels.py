@@ -1,5 +1,5 @@
-"""The bf16 decode-step kernels for x86 CPUs with AVX512-BF16 (cpu_kernels.c): the linear for a few input rows
-and one-token attention over a run of the KV cache. Built on first use with the system's C compiler and
+"""The bf16 kernels for x86 CPUs with AVX512-BF16 (cpu_kernels.c): the decode step's linear for a few input rows
+and one-token attention over a run of the KV cache, plus RMSNorm and RoPE (one call instead of ~10 small ops). Built on first use with the system's C compiler and
 cached. Where they cannot be used (another CPU, no compiler, PyTorch without libgomp, or
 VLLM_UTILS_CPU_KERNELS=0) callers fall back to PyTorch ops; `unavailable_reason()` says why."""
 import ctypes
@@ -89,6 +89,10 @@ def _load() -> tuple[object | None, str]:
     lib.vllm_utils_gemv_bf16.restype = None
     lib.vllm_utils_decode_attention_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, long, ctypes.c_float, ptr]
     lib.vllm_utils_decode_attention_bf16.restype = None
+    lib.vllm_utils_rmsnorm_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, ctypes.c_float]
+    lib.vllm_utils_rmsnorm_bf16.restype = None
+    lib.vllm_utils_rope_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, long]
+    lib.vllm_utils_rope_bf16.restype = None
     lib.vllm_utils_stream_read.argtypes = [ptr, long]
     lib.vllm_utils_stream_read.restype = long
     return lib, ""
@@ -141,6 +145,37 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     _load()[0].vllm_utils_decode_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), heads,
                                                 k.shape[1], dim, k.shape[0], k.stride(0), scale, scratch.data_ptr())
     return out
+
+
+def _dense_bf16_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def supports_rmsnorm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    return _dense_bf16_cpu(x, weight, *([] if residual is None else [residual])) and _load()[0] is not None
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm of the last dim, as layers.norm.RMSNorm computes it (adding x into `residual` first, in place)."""
+    out = torch.empty_like(x)
+    n = x.shape[-1]
+    _load()[0].vllm_utils_rmsnorm_bf16(x.data_ptr(), None if residual is None else residual.data_ptr(),
+                                       weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps)
+    return out
+
+
+def supports_rope(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> bool:
+    """x: [tokens, heads, head_dim] with dense heads (a view into the fused QKV output is fine)."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 3 and x.stride(2) == 1
+            and x.stride(1) == x.shape[2] and positions.dtype == torch.int64 and positions.is_contiguous()
+            and table.dtype == torch.float32 and table.is_contiguous() and _load()[0] is not None)
+
+
+def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate-half RoPE of x in place, rounding where transformers rounds in bf16."""
+    tokens, heads, head_dim = x.shape
+    _load()[0].vllm_utils_rope_bf16(x.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens,
+                                    heads, head_dim, x.stride(0))
 
 
 def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from vllm_utils.layers import fused_cuda
+from vllm_utils.layers import cpu_kernels, fused_cuda
 
 
 class RMSNorm(nn.Module):
@@ -17,6 +17,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if fused_cuda.available(x) and x.dim() == 2:
             return fused_cuda.add_rmsnorm(x, self.weight, self.eps, residual)
+        if cpu_kernels.supports_rmsnorm(x, self.weight, residual):
+            return cpu_kernels.rmsnorm(x, self.weight, self.eps, residual)
         if residual is not None:
             residual.add_(x)
             x = residual
