@@ -1,13 +1,12 @@
-/* bf16 kernels for the decode step on x86 CPUs with AVX512-BF16: the linear for M <= 4 input rows and the
- * attention of one query token over a contiguous run of the paged KV cache.
+/* bf16 kernels for x86 CPUs with AVX512-BF16: the decode step's linear (M <= 4 input rows) and its attention of
+ * one query token over a run of the paged KV cache, plus RMSNorm and RoPE with transformers' rounding points.
  *
- * Linear: y[M, N] = x[M, K] @ W[N, K]^T (+ bias).
- * Decode reads every weight once per step, so the job is to stream W at memory bandwidth. The weight stays in
- * nn.Linear's row-major layout (prefill shares it). Each thread walks a contiguous range of 4-row blocks; the
- * rows of a block are read side by side, 32 columns at a time, and each row is software-prefetched PREFETCH
- * bytes ahead, which lifted the read rate from ~25 to ~30 GB/s on a 2-core Sapphire Rapids VM. For one input row
- * the products use 256-bit VDPBF16PS: the 512-bit form lowered the streaming rate there, while with 2-4 rows
- * (more arithmetic per weight byte) the 512-bit form is faster. Sums are fp32, rounded once to bf16 (RNE).
+ * Linear: y[M, N] = x[M, K] @ W[N, K]^T (+ bias). Decode reads every weight once per step, so the job is to
+ * stream W at memory bandwidth. The weight stays in nn.Linear's row-major layout (prefill shares it) and each
+ * thread walks a contiguous range of rows with software prefetch ahead of it: on a 2-core Sapphire Rapids VM
+ * that read ~30 GB/s where oneDNN read ~25. For one input row the products use 256-bit VDPBF16PS (the 512-bit
+ * form lowered the streaming rate there by ~15%); 2-4 input rows do more arithmetic per weight byte, and there
+ * 4 rows read side by side with the 512-bit form are faster. Sums are fp32, rounded once to bf16 (RNE).
  * Threads come from OpenMP: loaded into a process that already has PyTorch's libgomp, this shares its pool.
  * Requires N % 4 == 0 and K % 32 == 0 (checked by the caller). */
 #include <immintrin.h>
@@ -46,24 +45,25 @@ static inline void prefetch_rows(const uint16_t* w, long K, int k) {
     for (int r = 0; r < ROWS; r++) _mm_prefetch((const char*)(w + r * K + k) + PREFETCH, _MM_HINT_T0);
 }
 
-/* One input row, rows n0..n0+3 of W (w points at row n0). */
+/* One input row, rows n0..n0+3 of W (w points at row n0); K % 128 == 0. Each row is read start to end as one
+ * stream, 256 bytes a step into 8 independent accumulators, prefetching 2 KiB ahead. */
 static void block_m1(const uint16_t* w, long K, const uint16_t* x, const uint16_t* bias, uint16_t* y, int n0) {
-    __m256 acc[ROWS];
-    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
-    for (int k = 0; k < K; k += 32) {
-        prefetch_rows(w, K, k);
-        __m256bh x_lo = (__m256bh)_mm256_loadu_si256((const __m256i*)(x + k));
-        __m256bh x_hi = (__m256bh)_mm256_loadu_si256((const __m256i*)(x + k + 16));
-        for (int r = 0; r < ROWS; r++) {
-            __m256bh w_lo = (__m256bh)_mm256_loadu_si256((const __m256i*)(w + r * K + k));
-            __m256bh w_hi = (__m256bh)_mm256_loadu_si256((const __m256i*)(w + r * K + k + 16));
-            acc[r] = _mm256_dpbf16_ps(_mm256_dpbf16_ps(acc[r], w_lo, x_lo), w_hi, x_hi);
+    for (int r = 0; r < ROWS; r++, w += K) {
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        for (int k = 0; k < K; k += 128) {
+            for (int p = 0; p < 4; p++) _mm_prefetch((const char*)(w + k) + 2 * PREFETCH + 64 * p, _MM_HINT_T0);
+            for (int j = 0; j < 8; j++)
+                a[j] = _mm256_dpbf16_ps(a[j], (__m256bh)_mm256_loadu_si256((const __m256i*)(w + k + 16 * j)),
+                                        (__m256bh)_mm256_loadu_si256((const __m256i*)(x + k + 16 * j)));
         }
+        __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                                   _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7])));
+        store(sum8(sum), bias, n0 + r, y + n0 + r);
     }
-    for (int r = 0; r < ROWS; r++) store(sum8(acc[r]), bias, n0 + r, y + n0 + r);
 }
 
-/* M (2..4, a constant after inlining) input rows, rows n0..n0+3 of W. */
+/* M (1..4, a constant after inlining) input rows, rows n0..n0+3 of W read side by side. */
 __attribute__((always_inline)) static inline void block_mn(const uint16_t* w, long K, const uint16_t* x, long x_stride, const uint16_t* bias,
                             uint16_t* y, long y_stride, int M, int n0) {
     __m512 acc[4][ROWS];
@@ -90,7 +90,10 @@ __attribute__((always_inline)) static inline void block_mn(const uint16_t* w, lo
 void vllm_utils_gemv_bf16(const uint16_t* w, const uint16_t* x, long x_stride, const uint16_t* bias, uint16_t* y,
                           long y_stride, int M, int N, int K) {
     switch (M) {
-        case 1: ROWS_LOOP(block_m1(w + (long)n0 * K, K, x, bias, y, n0)); break;
+        case 1:
+            if (K % 128 == 0) ROWS_LOOP(block_m1(w + (long)n0 * K, K, x, bias, y, n0));
+            else ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 1, n0));
+            break;
         case 2: ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 2, n0)); break;
         case 3: ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 3, n0)); break;
         case 4: ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 4, n0)); break;
