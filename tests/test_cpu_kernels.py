@@ -129,3 +129,16 @@ def test_rope_kernel_is_bit_identical_to_pytorch(rope_type):
     assert cpu_kernels.supports_rope(q, positions, rotary.cos)
     out_q, out_k = rotary(positions, q, k)
     assert torch.equal(out_q, expected_q) and torch.equal(out_k, expected_k)
+
+
+@needs_kernel
+def test_decode_attention_gives_the_same_result_on_one_thread():
+    q, k, v = (torch.randn(*shape).to(torch.bfloat16) for shape in [(8, 64), (300, 4, 64), (300, 4, 64)])
+    threads = torch.get_num_threads()
+    both = cpu_kernels.decode_attention(q, k, v, 0.125)
+    torch.set_num_threads(1)
+    try:
+        one = cpu_kernels.decode_attention(q, k, v, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(one.float(), both.float(), rtol=2**-7, atol=1e-3)  # merged halves vs one pass

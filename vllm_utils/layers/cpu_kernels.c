@@ -13,7 +13,6 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #define ROWS 4
 #define PREFETCH 1024
@@ -173,14 +172,14 @@ static inline void prefetch_row(const uint16_t* row, long bytes) {
  * row_stride elements apart (a run of the paged cache read in place). Each thread takes a contiguous range of
  * tokens, all heads (so it streams whole rows), and keeps its own running max, sum and weighted sum of V; the
  * ranges are merged at the end, as in flash-decoding. All fp32; the output is rounded to bf16 once.
- * scratch: num_heads * length floats. head_dim % 32 == 0 and head_dim <= 256. */
+ * scratch: (num_heads * length + threads * num_heads * (head_dim + 2)) floats. head_dim % 32 == 0. */
 void vllm_utils_decode_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
                                       int num_heads, int num_kv_heads, int head_dim, int length, long row_stride,
-                                      float scale, float* scratch) {
-    int group = num_heads / num_kv_heads, threads = omp_get_max_threads();
+                                      float scale, int threads, float* scratch) {
+    int group = num_heads / num_kv_heads;
     long row_bytes = (long)num_kv_heads * head_dim * 2;
     long part = (long)num_heads * (head_dim + 2); /* per thread: max and sum for each head, then its weighted V */
-    float* partials = malloc(sizeof(float) * part * threads);
+    float* partials = scratch + (long)num_heads * length;
 #pragma omp parallel num_threads(threads)
     {
         int id = omp_get_thread_num(), n = omp_get_num_threads();
@@ -223,7 +222,7 @@ void vllm_utils_decode_attention_bf16(const uint16_t* q, const uint16_t* k, cons
         for (int h = 0; h < num_heads; h++) {
             float top = -INFINITY, total = 0.0f;
             for (int i = 0; i < n; i++) top = fmaxf(top, partials[part * i + h]);
-            float weights[256];
+            float weights[n];
             for (int i = 0; i < n; i++) {
                 weights[i] = partials[part * i + h] == -INFINITY ? 0.0f : expf(partials[part * i + h] - top);
                 total += weights[i] * partials[part * i + num_heads + h];
@@ -235,5 +234,4 @@ void vllm_utils_decode_attention_bf16(const uint16_t* q, const uint16_t* k, cons
             }
         }
     }
-    free(partials);
 }

@@ -1,7 +1,8 @@
-"""The bf16 kernels for x86 CPUs with AVX512-BF16 (cpu_kernels.c): the decode step's linear for a few input rows
-and one-token attention over a run of the KV cache, plus RMSNorm and RoPE (one call instead of ~10 small ops). Built on first use with the system's C compiler and
-cached. Where they cannot be used (another CPU, no compiler, PyTorch without libgomp, or
-VLLM_UTILS_CPU_KERNELS=0) callers fall back to PyTorch ops; `unavailable_reason()` says why."""
+"""The bf16 kernels for x86 CPUs with AVX512-BF16 (cpu_kernels.c): the decode step's linear for a few input
+rows and one-token attention over a run of the KV cache, plus RMSNorm and RoPE (one call each instead of ~10
+small ops). Built on first use with the system's C compiler and cached. Where they cannot be used (another
+CPU, no compiler, PyTorch without libgomp, or VLLM_UTILS_CPU_KERNELS=0) callers fall back to PyTorch ops;
+`unavailable_reason()` says why."""
 import ctypes
 import functools
 import hashlib
@@ -87,7 +88,8 @@ def _load() -> tuple[object | None, str]:
     ptr, long, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.vllm_utils_gemv_bf16.argtypes = [ptr, ptr, long, ptr, ptr, long, i32, i32, i32]
     lib.vllm_utils_gemv_bf16.restype = None
-    lib.vllm_utils_decode_attention_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, long, ctypes.c_float, ptr]
+    lib.vllm_utils_decode_attention_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, long, ctypes.c_float, i32,
+                                                     ptr]
     lib.vllm_utils_decode_attention_bf16.restype = None
     lib.vllm_utils_rmsnorm_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, ctypes.c_float]
     lib.vllm_utils_rmsnorm_bf16.restype = None
@@ -99,7 +101,7 @@ def _load() -> tuple[object | None, str]:
 
 
 def unavailable_reason() -> str:
-    """Empty when the kernel is ready to use, else why not."""
+    """Empty when the kernels are ready to use, else why not."""
     return _load()[1]
 
 
@@ -128,10 +130,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def supports_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `decode_attention` can take these: bf16 CPU tensors, q [heads, dim], k and v [tokens, kv_heads, dim]
-    with dense rows (a slice of the cache), dim a multiple of 32 up to 256."""
+    with dense rows (a slice of the cache), dim a multiple of 32."""
     dim = q.shape[-1]
     return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu" and dim % 32 == 0
-            and dim <= 256 and q.shape[0] % k.shape[1] == 0 and k.stride() == v.stride()
+            and q.shape[0] % k.shape[1] == 0 and k.stride() == v.stride()
             and k.stride()[1:] == (dim, 1) and _load()[0] is not None)
 
 
@@ -141,9 +143,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     heads, dim = q.shape
     q = q.contiguous()
     out = torch.empty_like(q)
-    scratch = torch.empty(heads * k.shape[0], dtype=torch.float32)
+    threads = torch.get_num_threads()  # PyTorch's OpenMP pool, which the kernel shares
+    scratch = torch.empty(heads * k.shape[0] + threads * heads * (dim + 2), dtype=torch.float32)
     _load()[0].vllm_utils_decode_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), heads,
-                                                k.shape[1], dim, k.shape[0], k.stride(0), scale, scratch.data_ptr())
+                                                k.shape[1], dim, k.shape[0], k.stride(0), scale, threads,
+                                                scratch.data_ptr())
     return out
 
 
