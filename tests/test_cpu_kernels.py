@@ -37,20 +37,17 @@ def test_kernel_reads_strided_rows_and_keeps_leading_dims():
 
 
 @needs_kernel
-def test_layers_use_the_kernel_for_decode_rows_only():
+def test_layers_use_the_kernel_for_decode_rows_only(monkeypatch):
     layer = RowParallelLinear(64, 32, bias=True)
     layer.weight.data = torch.randn(32, 64).to(torch.bfloat16)
     layer.bias.data = torch.randn(32).to(torch.bfloat16)
     assert enable_cpu_gemv(layer) == 1 and layer.use_cpu_gemv
     calls = []
     real = cpu_kernels.linear
-    cpu_kernels.linear = lambda *a: calls.append(a[0].shape) or real(*a)
-    try:
-        for rows in (1, 4, 5, 600):
-            x = torch.randn(rows, 64).to(torch.bfloat16)
-            assert torch.allclose(layer(x).float(), F.linear(x, layer.weight, layer.bias).float(), rtol=2**-7, atol=1e-3)
-    finally:
-        cpu_kernels.linear = real
+    monkeypatch.setattr(cpu_kernels, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    for rows in (1, 4, 5, 600):
+        x = torch.randn(rows, 64).to(torch.bfloat16)
+        assert torch.allclose(layer(x).float(), F.linear(x, layer.weight, layer.bias).float(), rtol=2**-7, atol=1e-3)
     assert [s[0] for s in calls] == [1, 4]  # prefill-sized inputs stay on oneDNN
 
 

@@ -63,8 +63,9 @@ static void block_m1(const uint16_t* w, long K, const uint16_t* x, const uint16_
 }
 
 /* M (1..4, a constant after inlining) input rows, rows n0..n0+3 of W read side by side. */
-__attribute__((always_inline)) static inline void block_mn(const uint16_t* w, long K, const uint16_t* x, long x_stride, const uint16_t* bias,
-                            uint16_t* y, long y_stride, int M, int n0) {
+__attribute__((always_inline)) static inline void block_mn(const uint16_t* w, long K, const uint16_t* x, long x_stride,
+                                                           const uint16_t* bias, uint16_t* y, long y_stride, int M,
+                                                           int n0) {
     __m512 acc[4][ROWS];
     for (int m = 0; m < M; m++)
         for (int r = 0; r < ROWS; r++) acc[m][r] = _mm512_setzero_ps();
@@ -139,30 +140,10 @@ void vllm_utils_rope_bf16(uint16_t* x, const long* positions, const float* cos, 
     }
 }
 
-/* Reads n bytes (n % 256 == 0) the way the kernel reads weights; returns a checksum so the reads stay.
- * Benchmarks time it to measure the read bandwidth this machine can actually deliver. */
-long vllm_utils_stream_read(const uint8_t* a, long n) {
-    long total = 0;
-#pragma omp parallel reduction(+ : total)
-    {
-        __m512i acc = _mm512_setzero_si512();
-#pragma omp for schedule(static)
-        for (long i = 0; i < n; i += 256) {
-            _mm_prefetch((const char*)a + i + PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char*)a + i + PREFETCH + 64, _MM_HINT_T0);
-            _mm_prefetch((const char*)a + i + PREFETCH + 128, _MM_HINT_T0);
-            _mm_prefetch((const char*)a + i + PREFETCH + 192, _MM_HINT_T0);
-            acc = _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_load_si512(a + i), _mm512_load_si512(a + i + 64)));
-            acc = _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_load_si512(a + i + 128), _mm512_load_si512(a + i + 192)));
-        }
-        total += _mm512_reduce_add_epi32(acc);
-    }
-    return total;
-}
-
 static inline __m512 bf16x16_to_f32(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
+
 static inline void prefetch_row(const uint16_t* row, long bytes) {
     for (long i = 0; i < bytes; i += 64) _mm_prefetch((const char*)row + i, _MM_HINT_T0);
 }
@@ -234,4 +215,25 @@ void vllm_utils_decode_attention_bf16(const uint16_t* q, const uint16_t* k, cons
             }
         }
     }
+}
+
+/* Reads n bytes (n % 256 == 0) the way the kernel reads weights; returns a checksum so the reads stay.
+ * Benchmarks time it to measure the read bandwidth this machine can actually deliver. */
+long vllm_utils_stream_read(const uint8_t* a, long n) {
+    long total = 0;
+#pragma omp parallel reduction(+ : total)
+    {
+        __m512i acc = _mm512_setzero_si512();
+#pragma omp for schedule(static)
+        for (long i = 0; i < n; i += 256) {
+            _mm_prefetch((const char*)a + i + PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char*)a + i + PREFETCH + 64, _MM_HINT_T0);
+            _mm_prefetch((const char*)a + i + PREFETCH + 128, _MM_HINT_T0);
+            _mm_prefetch((const char*)a + i + PREFETCH + 192, _MM_HINT_T0);
+            acc = _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_load_si512(a + i), _mm512_load_si512(a + i + 64)));
+            acc = _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_load_si512(a + i + 128), _mm512_load_si512(a + i + 192)));
+        }
+        total += _mm512_reduce_add_epi32(acc);
+    }
+    return total;
 }
