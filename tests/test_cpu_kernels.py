@@ -139,3 +139,19 @@ def test_decode_attention_gives_the_same_result_on_one_thread():
     finally:
         torch.set_num_threads(threads)
     assert torch.allclose(one.float(), both.float(), rtol=2**-7, atol=1e-3)  # merged halves vs one pass
+
+
+@needs_kernel
+def test_layers_read_ahead_into_the_next_weight_without_changing_results():
+    from torch import nn
+
+    model = nn.Sequential(RowParallelLinear(64, 128), RowParallelLinear(128, 64), RowParallelLinear(64, 32))
+    for layer in model:
+        layer.weight.data = torch.randn(layer.weight.shape).to(torch.bfloat16)
+    assert enable_cpu_gemv(model) == 3
+    assert model[0].next_weight.data_ptr() == model[1].weight.data_ptr()
+    assert model[1].next_weight.data_ptr() == model[2].weight.data_ptr()
+    assert model[2].next_weight is None
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    alone = cpu_kernels.linear(x, model[0].weight)
+    assert torch.equal(cpu_kernels.linear(x, model[0].weight, None, model[1].weight), alone)

@@ -16,6 +16,7 @@
 
 #define ROWS 4
 #define PREFETCH 1024
+#define READ_AHEAD (1L << 20)
 
 static inline uint16_t to_bf16(float f) {
     union { float f; uint32_t u; } v = {f};
@@ -82,21 +83,44 @@ __attribute__((always_inline)) static inline void block_mn(const uint16_t* w, lo
         for (int r = 0; r < ROWS; r++) store(_mm512_reduce_add_ps(acc[m][r]), bias, n0 + r, y + m * y_stride + n0 + r);
 }
 
-#define ROWS_LOOP(call)                                                  \
-    _Pragma("omp parallel for schedule(static)")                         \
-    for (int n0 = 0; n0 < N; n0 += ROWS) call
+/* Reads n bytes from a (a multiple of 256 bytes), prefetching ahead; the sum keeps the loads. */
+static inline long read_bytes(const uint8_t* a, long n) {
+    __m512i acc = _mm512_setzero_si512();
+    for (long i = 0; i < n; i += 256) {
+        for (int line = 0; line < 4; line++) _mm_prefetch((const char*)a + i + PREFETCH + 64 * line, _MM_HINT_T0);
+        acc = _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_loadu_si512(a + i), _mm512_loadu_si512(a + i + 64)));
+        acc = _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_loadu_si512(a + i + 128), _mm512_loadu_si512(a + i + 192)));
+    }
+    return _mm512_reduce_add_epi32(acc);
+}
+
+/* Each thread, once its rows are done, reads the start of the rows it will take in the next linear (next: that
+ * weight, next_rows x next_cols, or NULL). Between two decode linears the memory sits idle while Python runs,
+ * and a linear that starts after an idle gap streams slowly for its first ~100 us; starting it from cache
+ * hides most of that (64 linears after 200 us gaps: 63 ms, with 1 MB read ahead: 58 ms, with no gaps: 53). */
+#define ROWS_LOOP(call)                                                                                         \
+    _Pragma("omp parallel") {                                                                                  \
+        _Pragma("omp for schedule(static) nowait") for (int n0 = 0; n0 < N; n0 += ROWS) call;                 \
+        if (next) {                                                                                              \
+            int t = omp_get_thread_num(), threads = omp_get_num_threads();                                      \
+            long share = (long)next_rows * next_cols * 2 / threads, ahead = READ_AHEAD / threads;               \
+            sink[t % 256 * 16] += read_bytes((const uint8_t*)next + share * t, (ahead < share ? ahead : share) / 256 * 256); \
+        }                                                                                                        \
+    }
+
+static long sink[16 * 256]; /* per-thread slots, a cache line apart */
 
 /* x: M rows of K (row stride x_stride), W: N rows of K, bias: N or NULL, y: M rows of N (row stride y_stride). */
 void vllm_utils_gemv_bf16(const uint16_t* w, const uint16_t* x, long x_stride, const uint16_t* bias, uint16_t* y,
-                          long y_stride, int M, int N, int K) {
+                          long y_stride, int M, int N, int K, const uint16_t* next, int next_rows, int next_cols) {
     switch (M) {
         case 1:
-            if (K % 128 == 0) ROWS_LOOP(block_m1(w + (long)n0 * K, K, x, bias, y, n0));
-            else ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 1, n0));
+            if (K % 128 == 0) ROWS_LOOP(block_m1(w + (long)n0 * K, K, x, bias, y, n0))
+            else ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 1, n0))
             break;
-        case 2: ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 2, n0)); break;
-        case 3: ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 3, n0)); break;
-        case 4: ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 4, n0)); break;
+        case 2: ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 2, n0)) break;
+        case 3: ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 3, n0)) break;
+        case 4: ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 4, n0)) break;
     }
 }
 
@@ -223,17 +247,9 @@ long vllm_utils_stream_read(const uint8_t* a, long n) {
     long total = 0;
 #pragma omp parallel reduction(+ : total)
     {
-        __m512i acc = _mm512_setzero_si512();
-#pragma omp for schedule(static)
-        for (long i = 0; i < n; i += 256) {
-            _mm_prefetch((const char*)a + i + PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char*)a + i + PREFETCH + 64, _MM_HINT_T0);
-            _mm_prefetch((const char*)a + i + PREFETCH + 128, _MM_HINT_T0);
-            _mm_prefetch((const char*)a + i + PREFETCH + 192, _MM_HINT_T0);
-            acc = _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_load_si512(a + i), _mm512_load_si512(a + i + 64)));
-            acc = _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_load_si512(a + i + 128), _mm512_load_si512(a + i + 192)));
-        }
-        total += _mm512_reduce_add_epi32(acc);
+        int t = omp_get_thread_num(), threads = omp_get_num_threads();
+        long share = n / threads / 256 * 256;
+        total += read_bytes(a + share * t, share);
     }
     return total;
 }

@@ -86,7 +86,7 @@ def _load() -> tuple[object | None, str]:
         first_error = next((line for line in lines if "error" in line), lines[0] if lines else "")
         return None, f"building {SOURCE.name} failed: {first_error.strip()}"
     ptr, long, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    lib.vllm_utils_gemv_bf16.argtypes = [ptr, ptr, long, ptr, ptr, long, i32, i32, i32]
+    lib.vllm_utils_gemv_bf16.argtypes = [ptr, ptr, long, ptr, ptr, long, i32, i32, i32, ptr, i32, i32]
     lib.vllm_utils_gemv_bf16.restype = None
     lib.vllm_utils_decode_attention_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, long, ctypes.c_float, i32,
                                                      ptr]
@@ -112,8 +112,10 @@ def supports(weight: torch.Tensor) -> bool:
             and _load()[0] is not None)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x of at most MAX_ROWS rows (after flattening), weight as in `supports`."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           next_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x of at most MAX_ROWS rows (after flattening), weight as in `supports`.
+    `next_weight`: the weight the next decode linear will read; the kernel reads the start of it into cache."""
     fn = _load()[0].vllm_utils_gemv_bf16
     n, k = weight.shape
     rows = x.reshape(-1, k)
@@ -124,7 +126,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         bias = bias.to(torch.bfloat16).contiguous()  # held in a name: the kernel reads it after this line
     out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
     fn(weight.data_ptr(), rows.data_ptr(), rows.stride(0), None if bias is None else bias.data_ptr(),
-       out.data_ptr(), n, rows.shape[0], n, k)
+       out.data_ptr(), n, rows.shape[0], n, k, None if next_weight is None else next_weight.data_ptr(),
+       *(next_weight.shape if next_weight is not None else (0, 0)))
     return out.view(*x.shape[:-1], n)
 
 

@@ -31,8 +31,9 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    use_cpu_gemv = False  # set by enable_cpu_gemv
+    use_cpu_gemv = False  # set by enable_cpu_gemv, with next_weight
+    next_weight: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(dense(hidden, self.weight, None, self.use_cpu_gemv))
+        logits = all_gather_last_dim(dense(hidden, self.weight, None, self))
         return logits[..., : self.vocab_size]

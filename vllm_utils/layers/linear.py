@@ -16,24 +16,27 @@ def _divide(a: int, b: int, what: str) -> int:
     return a // b
 
 
-def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cpu_kernel: bool) -> torch.Tensor:
-    """F.linear, except that decode-sized inputs go to our CPU kernel where it was enabled for this weight."""
-    if cpu_kernel and x.numel() <= cpu_kernels.MAX_ROWS * x.shape[-1]:
-        return cpu_kernels.linear(x, weight, bias)
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: nn.Module) -> torch.Tensor:
+    """F.linear, except that decode-sized inputs go to our CPU kernel where it was enabled for this layer."""
+    if layer.use_cpu_gemv and x.numel() <= cpu_kernels.MAX_ROWS * x.shape[-1]:
+        return cpu_kernels.linear(x, weight, bias, layer.next_weight)
     return F.linear(x, weight, bias)
 
 
 def enable_cpu_gemv(model: nn.Module) -> int:
-    """Turns on the CPU decode kernel in every layer that has the switch and whose weight it supports.
-    Returns how many layers use it."""
+    """Turns on the CPU decode kernel in every layer that has the switch and whose weight it supports, and
+    tells each the weight of the layer after it (in module order, which is the decode order for our models),
+    so the kernel can read the start of it into cache. Returns how many layers use it."""
     layers = [m for m in model.modules() if hasattr(m, "use_cpu_gemv") and cpu_kernels.supports(m.weight)]
-    for layer in layers:
+    for layer, after in zip(layers, layers[1:] + [None]):
         layer.use_cpu_gemv = True
+        layer.next_weight = None if after is None else after.weight.data  # a plain tensor, not a parameter
     return len(layers)
 
 
 class LinearBase(nn.Module):
-    use_cpu_gemv = False  # set by enable_cpu_gemv
+    use_cpu_gemv = False  # set by enable_cpu_gemv, with next_weight
+    next_weight: torch.Tensor | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -49,7 +52,7 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return dense(x, self.weight, bias, self.use_cpu_gemv)
+        return dense(x, self.weight, bias, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
