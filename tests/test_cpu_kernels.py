@@ -28,6 +28,24 @@ def test_kernel_rounds_the_exact_product_once(rows, n, k, bias):
 
 
 @needs_kernel
+@pytest.mark.parametrize("distance", [0, 256, 4096])
+def test_prefetch_distance_never_changes_results(distance):
+    """The prefetch distance is chosen per CPU vendor; whatever it is, the outputs are the same bits."""
+    lib = cpu_kernels._load()[0]
+    gen = torch.Generator().manual_seed(distance)
+    w, x = torch.randn(2048, 2048, generator=gen).to(torch.bfloat16), torch.randn(3, 2048, generator=gen).to(torch.bfloat16)
+    k, v = torch.randn(2, 50, 4, 64, generator=gen).to(torch.bfloat16)
+    q = torch.randn(8, 64, generator=gen).to(torch.bfloat16)
+    try:
+        before = [cpu_kernels.linear(x[:1], w), cpu_kernels.linear(x, w), cpu_kernels.decode_attention(q, k, v, 0.125)]
+        lib.vllm_utils_set_prefetch(distance)
+        after = [cpu_kernels.linear(x[:1], w), cpu_kernels.linear(x, w), cpu_kernels.decode_attention(q, k, v, 0.125)]
+    finally:
+        lib.vllm_utils_set_prefetch(cpu_kernels.prefetch_distance())
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@needs_kernel
 def test_kernel_reads_strided_rows_and_keeps_leading_dims():
     w = torch.randn(64, 96).to(torch.bfloat16)
     x = torch.randn(3, 200).to(torch.bfloat16)[:, 7:103]  # rows 200 apart, not contiguous

@@ -2,11 +2,12 @@
  * one query token over a run of the paged KV cache, plus RMSNorm and RoPE with transformers' rounding points.
  *
  * Linear: y[M, N] = x[M, K] @ W[N, K]^T (+ bias). Decode reads every weight once per step, so the job is to
- * stream W at memory bandwidth. The weight stays in nn.Linear's row-major layout (prefill shares it) and each
- * thread walks a contiguous range of rows with software prefetch ahead of it: on a 2-core Sapphire Rapids VM
- * that read ~30 GB/s where oneDNN read ~25. For one input row the products use 256-bit VDPBF16PS (the 512-bit
- * form lowered the streaming rate there by ~15%); 2-4 input rows do more arithmetic per weight byte, and there
- * 4 rows read side by side with the 512-bit form are faster. Sums are fp32, rounded once to bf16 (RNE).
+ * stream W at memory bandwidth. The weight stays in nn.Linear's row-major layout (prefill shares it); each
+ * thread walks a contiguous range of rows, each row start to end as one stream (with software prefetch where
+ * that pays, see `prefetch`): on a 2-core Sapphire Rapids VM that read ~30 GB/s where oneDNN read ~25, on a
+ * 2-core Zen 4 VM ~60 GB/s. For one input row the products use 256-bit VDPBF16PS (the 512-bit form lowered
+ * the streaming rate on Sapphire Rapids by ~15%); 2-4 input rows use the 512-bit form. Sums are fp32,
+ * rounded once to bf16 (RNE).
  * Threads come from OpenMP: loaded into a process that already has PyTorch's libgomp, this shares its pool.
  * Requires N % 4 == 0 and K % 32 == 0 (checked by the caller). */
 #include <immintrin.h>
@@ -15,8 +16,13 @@
 #include <stdint.h>
 
 #define ROWS 4
-#define PREFETCH 1024
 #define READ_AHEAD (1L << 20)
+
+/* Software prefetch distance in bytes, 0 for none (set by the caller per CPU): on Sapphire Rapids prefetching
+ * 1-2 KiB ahead raised the weight stream from ~25 to ~30 GB/s; on Zen 4 the hardware prefetchers stream alone
+ * at ~60 GB/s and software prefetches cut that to ~43. */
+static int prefetch = 1024;
+void vllm_utils_set_prefetch(int bytes) { prefetch = bytes; }
 
 static inline uint16_t to_bf16(float f) {
     union { float f; uint32_t u; } v = {f};
@@ -41,18 +47,14 @@ static inline void store(float s, const uint16_t* bias, int n, uint16_t* out) {
     *out = to_bf16(s);
 }
 
-static inline void prefetch_rows(const uint16_t* w, long K, int k) {
-    for (int r = 0; r < ROWS; r++) _mm_prefetch((const char*)(w + r * K + k) + PREFETCH, _MM_HINT_T0);
-}
-
 /* One input row, rows n0..n0+3 of W (w points at row n0); K % 128 == 0. Each row is read start to end as one
- * stream, 256 bytes a step into 8 independent accumulators, prefetching 2 KiB ahead. */
+ * stream, 256 bytes a step into 8 independent accumulators. */
 static void block_m1(const uint16_t* w, long K, const uint16_t* x, const uint16_t* bias, uint16_t* y, int n0) {
     for (int r = 0; r < ROWS; r++, w += K) {
         __m256 a[8];
         for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
         for (int k = 0; k < K; k += 128) {
-            for (int p = 0; p < 4; p++) _mm_prefetch((const char*)(w + k) + 2 * PREFETCH + 64 * p, _MM_HINT_T0);
+            if (prefetch) for (int p = 0; p < 4; p++) _mm_prefetch((const char*)(w + k) + 2 * prefetch + 64 * p, _MM_HINT_T0);
             for (int j = 0; j < 8; j++)
                 a[j] = _mm256_dpbf16_ps(a[j], (__m256bh)_mm256_loadu_si256((const __m256i*)(w + k + 16 * j)),
                                         (__m256bh)_mm256_loadu_si256((const __m256i*)(x + k + 16 * j)));
@@ -63,31 +65,37 @@ static void block_m1(const uint16_t* w, long K, const uint16_t* x, const uint16_
     }
 }
 
-/* M (1..4, a constant after inlining) input rows, rows n0..n0+3 of W read side by side. */
+/* M (1..4, a constant after inlining) input rows, rows n0..n0+3 of W, each read start to end as one stream:
+ * on Zen 4 that streams ~25% faster than reading the 4 rows side by side, which loads x only once. */
 __attribute__((always_inline)) static inline void block_mn(const uint16_t* w, long K, const uint16_t* x, long x_stride,
                                                            const uint16_t* bias, uint16_t* y, long y_stride, int M,
                                                            int n0) {
-    __m512 acc[4][ROWS];
-    for (int m = 0; m < M; m++)
-        for (int r = 0; r < ROWS; r++) acc[m][r] = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += 32) {
-        prefetch_rows(w, K, k);
-        __m512bh wv[ROWS];
-        for (int r = 0; r < ROWS; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
-        for (int m = 0; m < M; m++) {
-            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * x_stride + k);
-            for (int r = 0; r < ROWS; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
+    for (int r = 0; r < ROWS; r++, w += K) {
+        __m512 acc[4][2];
+        for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+        int k = 0;
+        for (; k + 64 <= K; k += 64) {
+            if (prefetch) for (int p = 0; p < 2; p++) _mm_prefetch((const char*)(w + k) + 2 * prefetch + 64 * p, _MM_HINT_T0);
+            for (int j = 0; j < 2; j++) {
+                __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k + 32 * j);
+                for (int m = 0; m < M; m++)
+                    acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv, (__m512bh)_mm512_loadu_si512(x + m * x_stride + k + 32 * j));
+            }
         }
+        if (k < K) /* K % 64 == 32 */
+            for (int m = 0; m < M; m++)
+                acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(w + k),
+                                             (__m512bh)_mm512_loadu_si512(x + m * x_stride + k));
+        for (int m = 0; m < M; m++)
+            store(_mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])), bias, n0 + r, y + m * y_stride + n0 + r);
     }
-    for (int m = 0; m < M; m++)
-        for (int r = 0; r < ROWS; r++) store(_mm512_reduce_add_ps(acc[m][r]), bias, n0 + r, y + m * y_stride + n0 + r);
 }
 
 /* Reads n bytes from a (a multiple of 256 bytes), prefetching ahead; the sum keeps the loads. */
 static inline long read_bytes(const uint8_t* a, long n) {
     __m512i acc = _mm512_setzero_si512();
     for (long i = 0; i < n; i += 256) {
-        for (int line = 0; line < 4; line++) _mm_prefetch((const char*)a + i + PREFETCH + 64 * line, _MM_HINT_T0);
+        if (prefetch) for (int line = 0; line < 4; line++) _mm_prefetch((const char*)a + i + prefetch + 64 * line, _MM_HINT_T0);
         acc = _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_loadu_si512(a + i), _mm512_loadu_si512(a + i + 64)));
         acc = _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_loadu_si512(a + i + 128), _mm512_loadu_si512(a + i + 192)));
     }
@@ -169,7 +177,8 @@ static inline __m512 bf16x16_to_f32(const uint16_t* p) {
 }
 
 static inline void prefetch_row(const uint16_t* row, long bytes) {
-    for (long i = 0; i < bytes; i += 64) _mm_prefetch((const char*)row + i, _MM_HINT_T0);
+    if (prefetch)
+        for (long i = 0; i < bytes; i += 64) _mm_prefetch((const char*)row + i, _MM_HINT_T0);
 }
 
 /* Attention of one query token: out[h] = softmax(scale * q[h] . K[t, g]) . V[t, g] over t < length, where

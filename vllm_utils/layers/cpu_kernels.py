@@ -27,15 +27,26 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vllm_utils" / "kernels"
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str:
+    """The value of `field` for the first CPU in /proc/cpuinfo, or "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.split(":", 1)[0].strip() == field:
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def _cpu_flags() -> set[str]:
+    return set(_cpuinfo("flags").split())
+
+
+def prefetch_distance() -> int:
+    """Bytes the kernels prefetch ahead of their reads: 1 KiB on Intel, where it paid (Sapphire Rapids), and
+    none on AMD, where the hardware prefetchers stream faster alone (Zen 4: ~60 GB/s against ~43)."""
+    return 0 if _cpuinfo("vendor_id") == "AuthenticAMD" else 1024
 
 
 def _torch_uses_libgomp() -> bool:
@@ -97,6 +108,8 @@ def _load() -> tuple[object | None, str]:
     lib.vllm_utils_rope_bf16.restype = None
     lib.vllm_utils_stream_read.argtypes = [ptr, long]
     lib.vllm_utils_stream_read.restype = long
+    lib.vllm_utils_set_prefetch.argtypes = [i32]
+    lib.vllm_utils_set_prefetch(prefetch_distance())
     return lib, ""
 
 
