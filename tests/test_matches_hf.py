@@ -83,6 +83,28 @@ def test_bf16_logprobs_close_to_hf_fp32(tiny_llava, hf_reference, images, cpu_ke
     assert max(abs(a - b) for a, b in zip(ours, reference)) < 0.05
 
 
+def test_bf16_with_wide_heads_matches_hf_through_the_cpu_prefill_attention(tmp_path, images, monkeypatch):
+    """Head widths of LLaVA-1.5 (64 in CLIP, 128 in Llama, here with grouped KV heads) take the C prefill
+    attention on CPUs that have it; log-probs stay close to HF's fp32."""
+    from conftest import real_tokenizer_dir
+    from vllm_utils.layers import cpu_kernels
+    from vllm_utils.tiny_model import build_tiny_llava
+
+    if cpu_kernels.unavailable_reason():
+        pytest.skip(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+    folder = build_tiny_llava(str(tmp_path / "wide"), real_tokenizer_dir(), seed=3, image_size=112, hidden=256,
+                              heads=2, kv_heads=1, vision_hidden=128, vision_heads=2)
+    calls = []
+    original = cpu_kernels.prefill_attention
+    monkeypatch.setattr(cpu_kernels, "prefill_attention", lambda q, *a, **kw: calls.append(q.shape) or original(q, *a, **kw))
+    llm = engine(folder, dtype="bfloat16")
+    req = request(llm, "Describe the picture.", images[:1])
+    out = llm.generate([req], SamplingParams(temperature=0, max_tokens=16, logprobs=True), use_tqdm=False)[0]
+    assert {shape[1:] for shape in calls} == {(2, 64), (2, 128)}  # the vision tower's and the decoder's
+    reference = HFReference(folder).token_logprobs(req["prompt"], images[:1], out.outputs[0].token_ids)
+    assert max(abs(a - b) for a, b in zip(out.outputs[0].logprobs, reference)) < 0.05
+
+
 def test_tensor_parallel_2_on_cpu_gives_the_same_tokens(tiny_llava, images):
     outputs = {}
     for size in (1, 2):

@@ -41,7 +41,8 @@ def train_tiny_tokenizer(vocab_size: int = 400):
 def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout: str = "hub", seed: int = 0,
                      image_size: int = 56, text_layers: int = 2, hidden: int = 64,
                      vision_feature_layer: int | list[int] = -2, select_strategy: str = "default",
-                     rope_parameters: dict | None = None) -> str:
+                     rope_parameters: dict | None = None, vision_hidden: int = 32, vision_heads: int = 4,
+                     heads: int = 4, kv_heads: int = 2) -> str:
     """Writes config, processor and random safetensors weights of a small LLaVA-1.5 to `folder`.
     layout: "hub" (language_model.model.*, vision_tower.vision_model.*), "prefixed" (model.language_model.*,
     as transformers 4.52-4.5x write), or "saved" (whatever the installed transformers writes)."""
@@ -54,9 +55,11 @@ def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout:
         tokenizer = train_tiny_tokenizer()
     vocab_size = len(tokenizer)
     image_token_index = tokenizer.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
-                              image_size=image_size, patch_size=14, projection_dim=32, hidden_act="quick_gelu")
-    text = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2,
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                              num_attention_heads=vision_heads, num_hidden_layers=3, image_size=image_size,
+                              patch_size=14, projection_dim=32, hidden_act="quick_gelu")
+    text = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads,
                        num_hidden_layers=text_layers, vocab_size=vocab_size, max_position_embeddings=4096,
                        rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id,

@@ -27,6 +27,10 @@ class TorchPagedAttention:
     @staticmethod
     def prefill(q, k, v, seq_lens: list[int], scale: float) -> torch.Tensor:
         # Each prompt attends causally to itself; the new K/V are the whole context (no prefix reuse).
+        if cpu_kernels.supports_prefill_attention(q, k, v):
+            starts = [sum(seq_lens[:i]) for i in range(len(seq_lens))]
+            return torch.cat([cpu_kernels.prefill_attention(q[s : s + n], k[s : s + n], v[s : s + n], scale, causal=True)
+                              for s, n in zip(starts, seq_lens)])
         if k.shape[1] != q.shape[1]:  # expand GQA heads: enable_gqa would push CUDA SDPA onto its slow path
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)

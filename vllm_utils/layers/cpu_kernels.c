@@ -250,6 +250,135 @@ void vllm_utils_decode_attention_bf16(const uint16_t* q, const uint16_t* k, cons
     }
 }
 
+/* e^x for 16 floats (relative error ~2e-7); -inf and anything below -87.3 give 0. */
+static inline __m512 exp16(__m512 x) {
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x); /* x - n ln2, ln2 split in two for precision */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ), _mm512_scalef_ps(p, n));
+}
+
+#define QB 32 /* query rows per task */
+#define KB 64 /* keys per block */
+
+/* Attention of a whole prompt, flash-style: out[t, h] = softmax(scale * q[t, h] . K[s, g]) . V[s, g] over s < tokens
+ * (s <= t when causal), g = h / (num_heads / num_kv_heads). q: tokens rows of num_heads * head_dim values,
+ * q_stride apart; k, v: tokens rows of num_kv_heads * head_dim values, kv_stride apart; out: [tokens, num_heads,
+ * head_dim]. Both products run on VDPBF16PS, which multiplies pairs of bf16 along its reduction, so K is first
+ * packed as [head_dim / 2][keys][2] and V as [keys / 2][head_dim][2] (packed: 2 * num_kv_heads * padded *
+ * head_dim values, padded = tokens rounded up to KB; padding keys are zero and masked). Each task is one head
+ * and QB query rows, walking key blocks with a running max and sum per row; probabilities are rounded to bf16
+ * for the second product, as flash attention does on GPUs. head_dim % 64 == 0. */
+void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
+                                       int tokens, int num_heads, int num_kv_heads, int head_dim, long q_stride,
+                                       long kv_stride, float scale, int causal, uint16_t* packed) {
+    int group = num_heads / num_kv_heads, pairs = head_dim / 2, qblocks = (tokens + QB - 1) / QB;
+    long padded = (tokens + KB - 1) / KB * KB, head_size = padded * head_dim;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static) collapse(2)
+        for (int g = 0; g < num_kv_heads; g++)
+            for (long t = 0; t < padded; t++) {
+                uint16_t *kp = packed + g * head_size, *vp = packed + (num_kv_heads + g) * head_size;
+                const uint16_t *kt = k + t * kv_stride + (long)g * head_dim, *vt = v + t * kv_stride + (long)g * head_dim;
+                for (int d = 0; d < head_dim; d++) {
+                    uint16_t kd = t < tokens ? kt[d] : 0, vd = t < tokens ? vt[d] : 0;
+                    kp[((long)(d / 2) * padded + t) * 2 + d % 2] = kd;
+                    vp[((t / 2) * head_dim + d) * 2 + t % 2] = vd;
+                }
+            }
+        float S[QB * KB], O[QB * head_dim], row_max[QB], row_sum[QB];
+        uint16_t P[QB * KB];
+#pragma omp for schedule(dynamic)
+        for (int task = 0; task < num_heads * qblocks; task++) {
+            int h = task / qblocks, qb = qblocks - 1 - task % qblocks; /* causal: longest tasks first */
+            int i0 = qb * QB, rows = tokens - i0 < QB ? tokens - i0 : QB, key_end = causal ? i0 + rows : tokens;
+            const uint16_t *kp = packed + (h / group) * head_size, *vp = packed + (num_kv_heads + h / group) * head_size;
+            for (int r = 0; r < QB; r++) row_max[r] = -INFINITY, row_sum[r] = 0.0f;
+            for (int i = 0; i < QB * head_dim; i++) O[i] = 0.0f;
+            for (int k0 = 0; k0 < key_end; k0 += KB) {
+                for (int r = 0; r < QB; r += 4) { /* S = scale * Q K^T, 4 rows x KB keys at a time */
+                    const uint16_t* qr[4];
+                    for (int j = 0; j < 4; j++) {
+                        int i = i0 + r + j < tokens ? i0 + r + j : tokens - 1; /* rows past the end: ignored */
+                        qr[j] = q + i * q_stride + (long)h * head_dim;
+                    }
+                    __m512 acc[4][4];
+                    for (int j = 0; j < 4; j++)
+                        for (int c = 0; c < 4; c++) acc[j][c] = _mm512_setzero_ps();
+                    for (int p = 0; p < pairs; p++) {
+                        const uint16_t* kr = kp + ((long)p * padded + k0) * 2;
+                        __m512bh kv[4];
+                        for (int c = 0; c < 4; c++) kv[c] = (__m512bh)_mm512_loadu_si512(kr + 32 * c);
+                        for (int j = 0; j < 4; j++) {
+                            __m512bh qv = (__m512bh)_mm512_set1_epi32(*(const int32_t*)(qr[j] + 2 * p));
+                            for (int c = 0; c < 4; c++) acc[j][c] = _mm512_dpbf16_ps(acc[j][c], qv, kv[c]);
+                        }
+                    }
+                    for (int j = 0; j < 4; j++)
+                        for (int c = 0; c < 4; c++)
+                            _mm512_storeu_ps(S + (r + j) * KB + 16 * c, _mm512_mul_ps(acc[j][c], _mm512_set1_ps(scale)));
+                }
+                for (int r = 0; r < QB; r++) { /* online softmax; P = 0 for masked keys and rows past the end */
+                    int limit = r >= rows ? 0 : causal ? i0 + r + 1 : tokens;
+                    __m512 s[4], top = _mm512_set1_ps(-INFINITY);
+                    for (int c = 0; c < 4; c++) {
+                        __m512i key = _mm512_add_epi32(_mm512_set1_epi32(k0 + 16 * c), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+                        __mmask16 valid = _mm512_cmplt_epi32_mask(key, _mm512_set1_epi32(limit));
+                        s[c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_loadu_ps(S + r * KB + 16 * c));
+                        top = _mm512_max_ps(top, s[c]);
+                    }
+                    float m = fmaxf(row_max[r], _mm512_reduce_max_ps(top));
+                    if (m == -INFINITY) { /* nothing to attend to in this block */
+                        for (int c = 0; c < 4; c++) _mm256_storeu_si256((__m256i*)(P + r * KB + 16 * c), _mm256_setzero_si256());
+                        continue;
+                    }
+                    float alpha = expf(row_max[r] - m);
+                    __m512 sum = _mm512_setzero_ps();
+                    for (int c = 0; c < 4; c++) {
+                        __m512 e = exp16(_mm512_sub_ps(s[c], _mm512_set1_ps(m)));
+                        sum = _mm512_add_ps(sum, e);
+                        _mm256_storeu_si256((__m256i*)(P + r * KB + 16 * c), (__m256i)_mm512_cvtneps_pbh(e));
+                    }
+                    row_sum[r] = row_sum[r] * alpha + _mm512_reduce_add_ps(sum);
+                    row_max[r] = m;
+                    if (alpha != 1.0f)
+                        for (int d = 0; d < head_dim; d += 16)
+                            _mm512_storeu_ps(O + r * head_dim + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * head_dim + d), _mm512_set1_ps(alpha)));
+                }
+                for (int r = 0; r < QB; r += 4) /* O += P V, 4 rows x 64 columns at a time */
+                    for (int d0 = 0; d0 < head_dim; d0 += 64) {
+                        __m512 acc[4][4];
+                        for (int j = 0; j < 4; j++)
+                            for (int c = 0; c < 4; c++) acc[j][c] = _mm512_loadu_ps(O + (r + j) * head_dim + d0 + 16 * c);
+                        for (int pair = 0; pair < KB / 2; pair++) {
+                            const uint16_t* vr = vp + ((long)(k0 / 2 + pair) * head_dim + d0) * 2;
+                            __m512bh vv[4];
+                            for (int c = 0; c < 4; c++) vv[c] = (__m512bh)_mm512_loadu_si512(vr + 32 * c);
+                            for (int j = 0; j < 4; j++) {
+                                __m512bh pv = (__m512bh)_mm512_set1_epi32(*(const int32_t*)(P + (r + j) * KB + 2 * pair));
+                                for (int c = 0; c < 4; c++) acc[j][c] = _mm512_dpbf16_ps(acc[j][c], pv, vv[c]);
+                            }
+                        }
+                        for (int j = 0; j < 4; j++)
+                            for (int c = 0; c < 4; c++) _mm512_storeu_ps(O + (r + j) * head_dim + d0 + 16 * c, acc[j][c]);
+                    }
+            }
+            for (int r = 0; r < rows; r++) {
+                uint16_t* o = out + ((long)(i0 + r) * num_heads + h) * head_dim;
+                for (int d = 0; d < head_dim; d++) o[d] = to_bf16(O[r * head_dim + d] / row_sum[r]);
+            }
+        }
+    }
+}
+
 /* Reads n bytes (n % 256 == 0) the way the kernel reads weights; returns a checksum so the reads stay.
  * Benchmarks time it to measure the read bandwidth this machine can actually deliver. */
 long vllm_utils_stream_read(const uint8_t* a, long n) {

@@ -108,6 +108,9 @@ def _load() -> tuple[object | None, str]:
     lib.vllm_utils_rope_bf16.restype = None
     lib.vllm_utils_stream_read.argtypes = [ptr, long]
     lib.vllm_utils_stream_read.restype = long
+    lib.vllm_utils_prefill_attention_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, long, long,
+                                                      ctypes.c_float, i32, ptr]
+    lib.vllm_utils_prefill_attention_bf16.restype = None
     lib.vllm_utils_set_prefetch.argtypes = [i32]
     lib.vllm_utils_set_prefetch(prefetch_distance())
     return lib, ""
@@ -169,6 +172,30 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 def _dense_bf16_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def supports_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `prefill_attention` can take these: bf16 CPU tensors q [tokens, heads, dim], k and v [tokens,
+    kv_heads, dim], each token's heads dense (rows may be strided, e.g. views of a fused QKV), dim % 64 == 0."""
+    dim = q.shape[-1]
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu" and dim % 64 == 0
+            and q.dim() == k.dim() == 3 and q.shape[0] == k.shape[0] and q.shape[1] % k.shape[1] == 0
+            and q.stride()[1:] == (dim, 1) and k.stride() == v.stride() and k.stride()[1:] == (dim, 1)
+            and _load()[0] is not None)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """softmax(scale * q k^T [+ causal mask]) v for a whole prompt, tensors as in `supports_prefill_attention`.
+    Returns [tokens, heads, dim]."""
+    tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    padded = -(-tokens // 64) * 64
+    packed = torch.empty(2 * kv_heads * padded * dim, dtype=torch.bfloat16)
+    out = torch.empty(tokens, heads, dim, dtype=torch.bfloat16)
+    _load()[0].vllm_utils_prefill_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), tokens,
+                                                 heads, kv_heads, dim, q.stride(0), k.stride(0), scale, int(causal),
+                                                 packed.data_ptr())
+    return out
 
 
 def supports_rmsnorm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:

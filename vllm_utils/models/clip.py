@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from vllm_utils.layers import cpu_kernels
 from vllm_utils.layers.activation import get_activation
 from vllm_utils.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
@@ -19,10 +20,14 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        qkv = self.qkv_proj(x).view(batch, tokens, 3, self.local_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+        q, k, v = self.qkv_proj(x).view(batch, tokens, 3, self.local_heads, self.head_dim).unbind(2)
+        scale = self.head_dim**-0.5
+        if cpu_kernels.supports_prefill_attention(q[0], k[0], v[0]):
+            out = torch.stack([cpu_kernels.prefill_attention(q[i], k[i], v[i], scale, causal=False) for i in range(batch)])
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+            out = out.transpose(1, 2)
+        return self.out_proj(out.reshape(batch, tokens, -1))
 
 
 class CLIPMLP(nn.Module):
