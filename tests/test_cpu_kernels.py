@@ -205,3 +205,17 @@ def test_prefill_attention_refuses_what_it_cannot_read():
     q = torch.randn(10, 4, 64, dtype=torch.bfloat16)
     assert not cpu_kernels.supports_prefill_attention(q.transpose(0, 1).contiguous().transpose(0, 1), q, q)
     assert not cpu_kernels.supports_prefill_attention(q.float(), q.float(), q.float())
+
+
+@needs_kernel
+def test_activation_kernels_are_bit_identical_to_pytorch():
+    """SiLU·up and quick_gelu round where PyTorch's bf16 ops do; their exp differs from libm's by ~2e-7, which
+    bf16 does not see. Inputs span saturation on both sides; the SiLU input is a strided view."""
+    gen = torch.Generator().manual_seed(0)
+    wide = (torch.randn(37, 2 * 5632 + 64, generator=gen) * 8).to(torch.bfloat16)
+    gate_up = wide[:, : 2 * 5632]
+    assert cpu_kernels.supports_activation(gate_up)
+    assert torch.equal(cpu_kernels.silu_mul(gate_up), F.silu(gate_up[:, :5632]) * gate_up[:, 5632:])
+    x = (torch.randn(2, 577, 1024, generator=gen) * 8).to(torch.bfloat16)
+    assert torch.equal(cpu_kernels.quick_gelu(x), x * torch.sigmoid(1.702 * x))
+    assert not cpu_kernels.supports_activation(torch.randn(4, 48, dtype=torch.bfloat16))  # halves of 24

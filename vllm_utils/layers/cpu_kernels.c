@@ -265,6 +265,32 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ), _mm512_scalef_ps(p, n));
 }
 
+static inline __m512 load16(const uint16_t* p) { return bf16x16_to_f32(p); }
+static inline void store16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+static inline __m512 round_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
+
+/* out[r] = bf16(bf16(silu(gate)) * up) with gate, up the two halves of row r of x (n values each, rows x_stride
+ * apart): PyTorch's F.silu(gate) * up in bf16, with its rounding points. n % 16 == 0. */
+void vllm_utils_silu_mul_bf16(const uint16_t* x, uint16_t* out, int rows, int n, long x_stride) {
+#pragma omp parallel for schedule(static) collapse(2) if ((long)rows * n > 16384)
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < n; i += 16) {
+            __m512 gate = load16(x + r * x_stride + i), up = load16(x + r * x_stride + n + i);
+            __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
+            store16(out + (long)r * n + i, _mm512_mul_ps(round_bf16(silu), up));
+        }
+}
+
+/* CLIP's quick_gelu, x * sigmoid(1.702 x), with PyTorch's bf16 rounding after each of its three ops. n % 16 == 0. */
+void vllm_utils_quick_gelu_bf16(const uint16_t* x, uint16_t* out, long n) {
+#pragma omp parallel for schedule(static) if (n > 16384)
+    for (long i = 0; i < n; i += 16) {
+        __m512 v = load16(x + i), t = round_bf16(_mm512_mul_ps(v, _mm512_set1_ps(1.702f)));
+        __m512 sigmoid = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), t))));
+        store16(out + i, _mm512_mul_ps(v, round_bf16(sigmoid)));
+    }
+}
+
 #define QB 32 /* query rows per task */
 #define KB 64 /* keys per block */
 

@@ -111,6 +111,10 @@ def _load() -> tuple[object | None, str]:
     lib.vllm_utils_prefill_attention_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, long, long,
                                                       ctypes.c_float, i32, ptr]
     lib.vllm_utils_prefill_attention_bf16.restype = None
+    lib.vllm_utils_silu_mul_bf16.argtypes = [ptr, ptr, i32, i32, long]
+    lib.vllm_utils_silu_mul_bf16.restype = None
+    lib.vllm_utils_quick_gelu_bf16.argtypes = [ptr, ptr, long]
+    lib.vllm_utils_quick_gelu_bf16.restype = None
     lib.vllm_utils_set_prefetch.argtypes = [i32]
     lib.vllm_utils_set_prefetch(prefetch_distance())
     return lib, ""
@@ -195,6 +199,29 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     _load()[0].vllm_utils_prefill_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), tokens,
                                                  heads, kv_heads, dim, q.stride(0), k.stride(0), scale, int(causal),
                                                  packed.data_ptr())
+    return out
+
+
+def supports_activation(x: torch.Tensor) -> bool:
+    """Whether `silu_mul` (x: [rows, 2n], rows dense) and `quick_gelu` (x contiguous) can take x: bf16 on the CPU,
+    a last dimension that splits into halves of a multiple of 16."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() >= 1 and x.shape[-1] % 32 == 0
+            and x.stride(-1) == 1 and _load()[0] is not None)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up for x = [gate | up] on its last dimension, as in `supports_activation` (and 2-D)."""
+    rows, n = x.shape[0], x.shape[1] // 2
+    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    _load()[0].vllm_utils_silu_mul_bf16(x.data_ptr(), out.data_ptr(), rows, n, x.stride(0))
+    return out
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x), for x as in `supports_activation`."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _load()[0].vllm_utils_quick_gelu_bf16(x.data_ptr(), out.data_ptr(), x.numel())
     return out
 
 
