@@ -190,9 +190,9 @@ class ModelRunner:
                 pixels = inputs.pixel_values.to(self.device, self.dtype)
                 encode = self.vision_graphs.encode if self.vision_graphs is not None else self.model.encode_images
                 image_embeds = encode(pixels).flatten(0, 1)
-            hidden = self.model(rows[0], rows[1], meta, image_embeds, inputs.image_mask.to(self.device))
             last = torch.tensor(inputs.seq_lens).cumsum(0).to(self.device) - 1
-            return self.model.compute_logits(hidden[last]), None
+            hidden = self.model(rows[0], rows[1], meta, image_embeds, inputs.image_mask.to(self.device), keep=last)
+            return self.model.compute_logits(hidden), None
         if self.graphs is not None and inputs.tables.shape[0] <= self.graphs.max_batch:
             return self.graphs.run(inputs.rows, inputs.tables)
         rows, tables = inputs.rows.to(self.device), inputs.tables.to(self.device)

@@ -104,8 +104,10 @@ class LlavaForConditionalGeneration(nn.Module):
         return embeds
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.language_model(positions, self.embed(input_ids, image_embeds, image_mask), meta)
+                image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states of every token, or of the rows `keep` only."""
+        return self.language_model(positions, self.embed(input_ids, image_embeds, image_mask), meta, keep)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
