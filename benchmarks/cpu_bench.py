@@ -50,8 +50,33 @@ def language_model_bytes(model: torch.nn.Module) -> int:
                if name.startswith(("language_model.layers", "language_model.norm", "lm_head")))
 
 
+def prefill_flops(model: torch.nn.Module, tokens: int) -> float:
+    """FLOPs our engine does for one image prompt of `tokens` tokens (2 per multiply-add): the vision layers
+    it runs and the projector, every decoder layer's products for every token except the last layer's output
+    projection and MLP (last token only), causal attention, and the LM head for one token."""
+    def matrix_params(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters() if p.dim() > 1)
+
+    vision, lm = model.vision_tower, model.language_model
+    patches = vision.embeddings.num_positions - 1
+    image_tokens = patches + 1
+    width = vision.pre_layrnorm.normalized_shape[0]
+    flops = 2 * matrix_params(vision.embeddings.patch_embedding) * patches
+    for layer in vision.encoder.layers:
+        flops += 2 * matrix_params(layer) * image_tokens + 4 * image_tokens**2 * width
+    flops += 2 * matrix_params(model.multi_modal_projector) * model.num_image_features
+    hidden = lm.norm.weight.numel()
+    for i, layer in enumerate(lm.layers):
+        last = i == len(lm.layers) - 1
+        per_token = matrix_params(layer.self_attn.qkv_proj) if last else matrix_params(layer)
+        flops += 2 * per_token * tokens + 2 * tokens * (tokens + 1) * hidden
+        if last:
+            flops += 2 * (matrix_params(layer.self_attn.o_proj) + matrix_params(layer.mlp))
+    return flops + 2 * matrix_params(model.lm_head)
+
+
 def memory_bandwidth() -> tuple[float, float, float]:
-    """Bytes/s of a 1 GiB tensor copy (read + write), of a read-only pass (torch sum), and of the prefetching
+    """Bytes/s of a 1 GiB tensor copy (read + write), of a read-only pass (torch sum), and of the
     streaming read in our C kernels (on 2 MB pages), best of 5 each. Decode reads weights and writes almost
     nothing, so the fastest read is the floor."""
     a = torch.ones(1 << 28, dtype=torch.float32)
@@ -96,21 +121,26 @@ def main() -> None:
     common = dict(device="cpu", dtype="bfloat16", max_model_len=1024, max_num_seqs=16)
     ours_llm = LLM(folder, **common)
     weight_bytes = language_model_bytes(ours_llm.engine.runner.model)
+    flops = prefill_flops(ours_llm.engine.runner.model, INPUT_LEN)
     ours = run_all(ours_llm, batches)
     del ours_llm
     hf = run_all(HFGenerate(folder, **common), batches)
     copy_bandwidth, sum_bandwidth, stream_bandwidth = memory_bandwidth()
     read_bandwidth = max(sum_bandwidth, stream_bandwidth)
     floor = weight_bytes / read_bandwidth
+    peak = cpu_kernels.peak_bf16_flops() if not cpu_kernels.unavailable_reason() else 0.0
+    ttft_floor = flops / peak if peak else 0.0
     print(f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); CPU kernels: {cpu_kernels.unavailable_reason() or 'on'}; bandwidth: "
-          f"read {stream_bandwidth / 1e9:.1f} GB/s (our prefetching stream), {sum_bandwidth / 1e9:.1f} GB/s (torch sum), "
+          f"read {stream_bandwidth / 1e9:.1f} GB/s (our streaming read), {sum_bandwidth / 1e9:.1f} GB/s (torch sum), "
           f"copy {copy_bandwidth / 1e9:.1f} GB/s (read + write); decode floor {weight_bytes / 1e9:.2f} GB / "
-          f"{read_bandwidth / 1e9:.1f} GB/s = {floor * 1e3:.0f} ms/token\n")
+          f"{read_bandwidth / 1e9:.1f} GB/s = {floor * 1e3:.0f} ms/token; bf16 peak {peak / 1e9:.0f} GFLOP/s (dot-product "
+          f"loop), prefill floor {flops / 1e12:.2f} TFLOP / peak = {ttft_floor:.2f} s\n")
     print("| figure | ours | HF transformers | speed, ours / HF | ours / floor |")
     print("|---|---|---|---|---|")
+    ttft_ratio = f"{ours['ttft'] / ttft_floor:.2f}" if ttft_floor else ""
     print(f"| TTFT, s (600-token image prompt, median of 5) | {ours['ttft']:.2f} | {hf['ttft']:.2f} | "
-          f"{hf['ttft'] / ours['ttft']:.2f} | |")
+          f"{hf['ttft'] / ours['ttft']:.2f} | {ttft_ratio} |")
     print(f"| decode ms/token, batch 1 | {ours['b1'] * 1e3:.0f} | {hf['b1'] * 1e3:.0f} | {hf['b1'] / ours['b1']:.2f} "
           f"| {ours['b1'] / floor:.2f} |")
     for b in batches:

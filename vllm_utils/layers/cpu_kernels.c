@@ -1,5 +1,6 @@
 /* bf16 kernels for x86 CPUs with AVX512-BF16: the decode step's linear (M <= 4 input rows) and its attention of
- * one query token over a run of the paged KV cache, plus RMSNorm and RoPE with transformers' rounding points.
+ * one query token over a run of the paged KV cache, a prompt's attention, plus RMSNorm, RoPE and the activations
+ * with transformers' rounding points.
  *
  * Linear: y[M, N] = x[M, K] @ W[N, K]^T (+ bias). Decode reads every weight once per step, so the job is to
  * stream W at memory bandwidth. The weight stays in nn.Linear's row-major layout (prefill shares it); each
@@ -416,4 +417,23 @@ long vllm_utils_stream_read(const uint8_t* a, long n) {
         total += read_bytes(a + share * t, share);
     }
     return total;
+}
+
+/* Runs `iters` rounds of 12 independent 512-bit VDPBF16PS on every thread and returns the FLOPs done (2 per
+ * multiply-add): benchmarks time it for the bf16 peak a prefill's products could reach on this machine. */
+double vllm_utils_dpbf16_flops(long iters) {
+    double flops = 0.0;
+#pragma omp parallel reduction(+ : flops)
+    {
+        __m512 acc[12];
+        for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_ps((float)i);
+        __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80), b = (__m512bh)_mm512_set1_epi16(0x3f00);
+        for (long it = 0; it < iters; it++)
+            for (int i = 0; i < 12; i++) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+        float keep = 0.0f;
+        for (int i = 0; i < 12; i++) keep += _mm512_reduce_add_ps(acc[i]);
+        sink[omp_get_thread_num() % 256 * 16] += (long)keep;
+        flops += (double)iters * 12 * 32 * 2;
+    }
+    return flops;
 }

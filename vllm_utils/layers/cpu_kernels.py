@@ -1,8 +1,8 @@
 """The bf16 kernels for x86 CPUs with AVX512-BF16 (cpu_kernels.c): the decode step's linear for a few input
-rows and one-token attention over a run of the KV cache, plus RMSNorm and RoPE (one call each instead of ~10
-small ops). Built on first use with the system's C compiler and cached. Where they cannot be used (another
-CPU, no compiler, PyTorch without libgomp, or VLLM_UTILS_CPU_KERNELS=0) callers fall back to PyTorch ops;
-`unavailable_reason()` says why."""
+rows and one-token attention over a run of the KV cache, a prompt's attention, plus RMSNorm, RoPE, SiLU·up and
+quick_gelu (one call each instead of several small ops). Built on first use with the system's C compiler and
+cached. Where they cannot be used (another CPU, no compiler, PyTorch without libgomp, or
+VLLM_UTILS_CPU_KERNELS=0) callers fall back to PyTorch ops; `unavailable_reason()` says why."""
 import ctypes
 import functools
 import hashlib
@@ -115,6 +115,8 @@ def _load() -> tuple[object | None, str]:
     lib.vllm_utils_silu_mul_bf16.restype = None
     lib.vllm_utils_quick_gelu_bf16.argtypes = [ptr, ptr, long]
     lib.vllm_utils_quick_gelu_bf16.restype = None
+    lib.vllm_utils_dpbf16_flops.argtypes = [long]
+    lib.vllm_utils_dpbf16_flops.restype = ctypes.c_double
     lib.vllm_utils_set_prefetch.argtypes = [i32]
     lib.vllm_utils_set_prefetch(prefetch_distance())
     return lib, ""
@@ -272,3 +274,19 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
         lib.vllm_utils_stream_read(aligned.data_ptr(), aligned.numel())
         best = min(best, time.perf_counter() - start)
     return aligned.numel() / best
+
+
+def peak_bf16_flops(iters: int = 20_000_000, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of `repeats` runs of independent 512-bit bf16 dot products on every thread: the
+    compute ceiling the benchmarks compare prefill against (no matmul reaches it: loads and stores cost too)."""
+    import time
+
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(f"CPU kernels unavailable: {unavailable_reason()}")
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        flops = lib.vllm_utils_dpbf16_flops(iters // torch.get_num_threads())
+        best = max(best, flops / (time.perf_counter() - start))
+    return best
