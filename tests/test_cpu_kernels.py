@@ -219,3 +219,22 @@ def test_activation_kernels_are_bit_identical_to_pytorch():
     x = (torch.randn(2, 577, 1024, generator=gen) * 8).to(torch.bfloat16)
     assert torch.equal(cpu_kernels.quick_gelu(x), x * torch.sigmoid(1.702 * x))
     assert not cpu_kernels.supports_activation(torch.randn(4, 48, dtype=torch.bfloat16))  # halves of 24
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
+def test_linears_packed_for_onednn_give_the_same_products():
+    """The vision tower's linears trade their plain weight for oneDNN's packed one (no second copy)."""
+    from vllm_utils.layers.linear import ColumnParallelLinear, pack_for_onednn
+
+    gen = torch.Generator().manual_seed(0)
+    layer = ColumnParallelLinear(256, 512, bias=True)
+    layer.weight.data = torch.randn(512, 256, generator=gen).to(torch.bfloat16)
+    layer.bias.data = torch.randn(512, generator=gen).to(torch.bfloat16)
+    x = torch.randn(2, 577, 256, generator=gen).to(torch.bfloat16)
+    plain = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    assert pack_for_onednn(layer, rows=577) == 1
+    assert layer.weight.numel() == 0
+    packed = layer(x)
+    assert packed.shape == (2, 577, 512) and packed.dtype == torch.bfloat16
+    assert torch.allclose(packed.float(), plain, rtol=2**-7, atol=1e-2)
+    assert pack_for_onednn(ColumnParallelLinear(256, 512, bias=False), rows=577) == 0  # fp32 weights stay plain

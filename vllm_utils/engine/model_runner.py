@@ -15,7 +15,7 @@ from vllm_utils.engine.sequence import Sequence
 from vllm_utils.errors import UserError
 from vllm_utils.layers.attention import PagedAttention
 from vllm_utils.layers import cpu_kernels
-from vllm_utils.layers.linear import enable_cpu_gemv
+from vllm_utils.layers.linear import enable_cpu_gemv, pack_for_onednn
 from vllm_utils.layers.sampler import sample
 from vllm_utils.loader import init_dummy_weights, load_weights
 
@@ -76,6 +76,9 @@ class ModelRunner:
             init_dummy_weights(self.model, config.seed)
         else:
             load_weights(self.model, config.model)
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            for module in getattr(self.model, "prompt_only_modules", list)():
+                pack_for_onednn(module, getattr(self.model, "num_image_features", 1))
         if device.type == "cpu" and dtype == torch.bfloat16 and enable_cpu_gemv(self.model) == 0:
             _say_once(f"the bf16 CPU decode kernel is off ({cpu_kernels.unavailable_reason() or 'no layer fits it'}); "
                       "linears use F.linear")

@@ -33,6 +33,7 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     use_cpu_gemv = False  # set by enable_cpu_gemv, with next_weight
     next_weight: torch.Tensor | None = None
+    packed_weight = None  # the LM head runs in decode steps: never packed for oneDNN
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = all_gather_last_dim(dense(hidden, self.weight, None, self))

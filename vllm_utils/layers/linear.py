@@ -21,6 +21,9 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, laye
     that large bf16 CPU inputs are padded to a multiple of 4 rows: oneDNN runs a 577-row product (a CLIP image)
     ~15% slower than a 580-row one on Zen 4, a tail of 1-2 rows being slow; the copy costs ~2% of that."""
     rows = x.numel() // x.shape[-1]
+    if layer.packed_weight is not None:
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), layer.packed_weight, bias, "none", [], "")
+        return out.view(*x.shape[:-1], -1)
     if layer.use_cpu_gemv and rows <= cpu_kernels.MAX_ROWS:
         return cpu_kernels.linear(x, weight, bias, layer.next_weight)
     if rows > 64 and rows % 4 in (1, 2) and x.dtype == torch.bfloat16 and x.device.type == "cpu":
@@ -40,9 +43,25 @@ def enable_cpu_gemv(model: nn.Module) -> int:
     return len(layers)
 
 
+def pack_for_onednn(module: nn.Module, rows: int) -> int:
+    """Replaces the weight of every bf16 CPU linear in `module` by oneDNN's packed layout for products of about
+    `rows` input rows. For modules that only ever see whole prompts (the vision tower: 577-row products run ~5%
+    faster than on plain weights, ~20% faster than unpadded), as no decode kernel needs the plain weight then.
+    Returns how many layers were packed (0 where this PyTorch has no oneDNN)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return 0
+    layers = [m for m in module.modules() if isinstance(m, LinearBase)
+              and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
+    for layer in layers:
+        layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.data, rows)
+        layer.weight.data = torch.empty(0, dtype=torch.bfloat16)  # the plain copy is never read again
+    return len(layers)
+
+
 class LinearBase(nn.Module):
     use_cpu_gemv = False  # set by enable_cpu_gemv, with next_weight
     next_weight: torch.Tensor | None = None
+    packed_weight: torch.Tensor | None = None  # set by pack_for_onednn, which empties `weight`
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()

@@ -85,6 +85,10 @@ class LlavaForConditionalGeneration(nn.Module):
         vision = config.vision_config
         return (vision.image_size // vision.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
 
+    def prompt_only_modules(self) -> list[nn.Module]:
+        """The modules that only ever run on whole prompts, never in a decode step."""
+        return [self.vision_tower, self.multi_modal_projector]
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[images, 3, H, W] -> [images, num_image_features, hidden]"""
         states = self.vision_tower(pixel_values, self.feature_layers)
