@@ -205,6 +205,8 @@ def test_prefill_attention_refuses_what_it_cannot_read():
     q = torch.randn(10, 4, 64, dtype=torch.bfloat16)
     assert not cpu_kernels.supports_prefill_attention(q.transpose(0, 1).contiguous().transpose(0, 1), q, q)
     assert not cpu_kernels.supports_prefill_attention(q.float(), q.float(), q.float())
+    odd = torch.randn(10, 4 * 64 + 1, dtype=torch.bfloat16)[:, : 4 * 64].view(10, 4, 64)  # rows 257 values apart
+    assert cpu_kernels.supports_prefill_attention(q, q, q) and not cpu_kernels.supports_prefill_attention(q, odd, odd)
 
 
 @needs_kernel

@@ -299,7 +299,7 @@ void vllm_utils_quick_gelu_bf16(const uint16_t* x, uint16_t* out, long n) {
  * (s <= t when causal), g = h / (num_heads / num_kv_heads). q: tokens rows of num_heads * head_dim values,
  * q_stride apart; k, v: tokens rows of num_kv_heads * head_dim values, kv_stride apart; out: [tokens, num_heads,
  * head_dim]. Both products run on VDPBF16PS, which multiplies pairs of bf16 along its reduction, so K is first
- * packed as [head_dim / 2][keys][2] and V as [keys / 2][head_dim][2] (packed: 2 * num_kv_heads * padded *
+ * packed as [head_dim / 2][keys][2] (gathers) and V as [keys / 2][head_dim][2] (packed: 2 * num_kv_heads * padded *
  * head_dim values, padded = tokens rounded up to KB; padding keys are zero and masked). Each task is one head
  * and QB query rows, walking key blocks with a running max and sum per row; probabilities are rounded to bf16
  * for the second product, as flash attention does on GPUs. head_dim % 64 == 0. */
@@ -311,14 +311,29 @@ void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, con
 #pragma omp parallel
     {
 #pragma omp for schedule(static) collapse(2)
-        for (int g = 0; g < num_kv_heads; g++)
-            for (long t = 0; t < padded; t++) {
-                uint16_t *kp = packed + g * head_size, *vp = packed + (num_kv_heads + g) * head_size;
-                const uint16_t *kt = k + t * kv_stride + (long)g * head_dim, *vt = v + t * kv_stride + (long)g * head_dim;
-                for (int d = 0; d < head_dim; d++) {
-                    uint16_t kd = t < tokens ? kt[d] : 0, vd = t < tokens ? vt[d] : 0;
-                    kp[((long)(d / 2) * padded + t) * 2 + d % 2] = kd;
-                    vp[((t / 2) * head_dim + d) * 2 + t % 2] = vd;
+        for (int g = 0; g < num_kv_heads; g++) /* K: 16 tokens' (d, d+1) pairs per gather */
+            for (long t0 = 0; t0 < padded; t0 += 16) {
+                __mmask16 real = t0 + 16 <= tokens ? 0xffff : t0 >= tokens ? 0 : (__mmask16)((1u << (tokens - t0)) - 1);
+                __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                  _mm512_set1_epi32((int)(kv_stride / 2)));
+                const int32_t* kt = (const int32_t*)(k + (t0 < tokens ? t0 : 0) * kv_stride + (long)g * head_dim);
+                int32_t* kp = (int32_t*)(packed + g * head_size) + t0;
+                for (int p = 0; p < pairs; p++)
+                    _mm512_storeu_si512(kp + p * padded, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, rows, kt + p, 4));
+            }
+#pragma omp for schedule(static) collapse(2)
+        for (int g = 0; g < num_kv_heads; g++) /* V: rows 2j and 2j + 1 interleaved */
+            for (long j = 0; j < padded / 2; j++) {
+                const __m512i low = _mm512_setr_epi32(0x200000, 0x210001, 0x220002, 0x230003, 0x240004, 0x250005, 0x260006, 0x270007,
+                                                      0x280008, 0x290009, 0x2a000a, 0x2b000b, 0x2c000c, 0x2d000d, 0x2e000e, 0x2f000f);
+                const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+                const uint16_t *a = v + 2 * j * kv_stride + (long)g * head_dim, *b = a + kv_stride;
+                uint16_t* vp = packed + (num_kv_heads + g) * head_size + j * head_dim * 2;
+                for (int d = 0; d < head_dim; d += 32) {
+                    __m512i ra = 2 * j < tokens ? _mm512_loadu_si512(a + d) : _mm512_setzero_si512();
+                    __m512i rb = 2 * j + 1 < tokens ? _mm512_loadu_si512(b + d) : _mm512_setzero_si512();
+                    _mm512_storeu_si512(vp + 2 * d, _mm512_permutex2var_epi16(ra, low, rb));
+                    _mm512_storeu_si512(vp + 2 * d + 32, _mm512_permutex2var_epi16(ra, high, rb));
                 }
             }
         float S[QB * KB], O[QB * head_dim], row_max[QB], row_sum[QB];

@@ -182,12 +182,13 @@ def _dense_bf16_cpu(*tensors: torch.Tensor) -> bool:
 
 def supports_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `prefill_attention` can take these: bf16 CPU tensors q [tokens, heads, dim], k and v [tokens,
-    kv_heads, dim], each token's heads dense (rows may be strided, e.g. views of a fused QKV), dim % 64 == 0."""
+    kv_heads, dim], each token's heads dense (rows may be strided, e.g. views of a fused QKV, k's an even
+    number of values apart), dim % 64 == 0."""
     dim = q.shape[-1]
     return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu" and dim % 64 == 0
             and q.dim() == k.dim() == 3 and q.shape[0] == k.shape[0] and q.shape[1] % k.shape[1] == 0
             and q.stride()[1:] == (dim, 1) and k.stride() == v.stride() and k.stride()[1:] == (dim, 1)
-            and _load()[0] is not None)
+            and k.stride(0) % 2 == 0 and _load()[0] is not None)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
