@@ -105,15 +105,15 @@ def test_decode_attention_refuses_what_it_cannot_read():
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 4, 37])
-def test_rmsnorm_kernel_matches_the_pytorch_layer(rows):
+@pytest.mark.parametrize("rows,width", [(1, 512), (4, 512), (37, 512), (3, 520)])
+def test_rmsnorm_kernel_matches_the_pytorch_layer(rows, width):
     from vllm_utils.layers.norm import RMSNorm
 
     gen = torch.Generator().manual_seed(rows)
-    norm = RMSNorm(512, 1e-5)
-    norm.weight.data = torch.rand(512, generator=gen).to(torch.bfloat16)
-    x = torch.randn(rows, 512, generator=gen).to(torch.bfloat16)
-    residual = torch.randn(rows, 512, generator=gen).to(torch.bfloat16)
+    norm = RMSNorm(width, 1e-5)
+    norm.weight.data = torch.rand(width, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, width, generator=gen).to(torch.bfloat16)
+    residual = torch.randn(rows, width, generator=gen).to(torch.bfloat16)
     ours_residual, torch_residual = residual.clone(), residual.clone()
     ours = cpu_kernels.rmsnorm(x, norm.weight, 1e-5, ours_residual)
     torch_residual.add_(x)

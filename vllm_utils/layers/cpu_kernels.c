@@ -36,6 +36,13 @@ static inline float from_bf16(uint16_t h) {
     return v.f;
 }
 
+/* 16 bf16 values to fp32 and back (round to nearest even) */
+static inline __m512 load16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline void store16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+static inline __m512 round_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
+
 static inline float sum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -142,13 +149,26 @@ void vllm_utils_rmsnorm_bf16(const uint16_t* x, uint16_t* residual, const uint16
     for (int row = 0; row < rows; row++) {
         const uint16_t* xr = x + (long)row * n;
         uint16_t* h = residual ? residual + (long)row * n : (uint16_t*)xr;
-        if (residual)
-            for (int i = 0; i < n; i++) h[i] = to_bf16(from_bf16(h[i]) + from_bf16(xr[i]));
-        float squares = 0.0f;
-        for (int i = 0; i < n; i++) squares += from_bf16(h[i]) * from_bf16(h[i]);
-        float rstd = 1.0f / sqrtf(squares / n + eps);
         uint16_t* o = out + (long)row * n;
-        for (int i = 0; i < n; i++) o[i] = to_bf16(from_bf16(weight[i]) * from_bf16(to_bf16(from_bf16(h[i]) * rstd)));
+        int vec = n / 16 * 16;
+        __m512 squares16 = _mm512_setzero_ps();
+        for (int i = 0; i < vec; i += 16) {
+            __m512 hv = load16(h + i);
+            if (residual) {
+                hv = round_bf16(_mm512_add_ps(hv, load16(xr + i)));
+                store16(h + i, hv);
+            }
+            squares16 = _mm512_fmadd_ps(hv, hv, squares16);
+        }
+        float squares = _mm512_reduce_add_ps(squares16);
+        for (int i = vec; i < n; i++) {
+            if (residual) h[i] = to_bf16(from_bf16(h[i]) + from_bf16(xr[i]));
+            squares += from_bf16(h[i]) * from_bf16(h[i]);
+        }
+        float rstd = 1.0f / sqrtf(squares / n + eps);
+        for (int i = 0; i < vec; i += 16)
+            store16(o + i, _mm512_mul_ps(load16(weight + i), round_bf16(_mm512_mul_ps(load16(h + i), _mm512_set1_ps(rstd)))));
+        for (int i = vec; i < n; i++) o[i] = to_bf16(from_bf16(weight[i]) * from_bf16(to_bf16(from_bf16(h[i]) * rstd)));
     }
 }
 
@@ -171,10 +191,6 @@ void vllm_utils_rope_bf16(uint16_t* x, const long* positions, const float* cos, 
             }
         }
     }
-}
-
-static inline __m512 bf16x16_to_f32(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
 static inline void prefetch_row(const uint16_t* row, long bytes) {
@@ -229,7 +245,7 @@ void vllm_utils_decode_attention_bf16(const uint16_t* q, const uint16_t* k, cons
                 __m512 weight = _mm512_set1_ps(scratch[(long)h * length + t]);
                 float* a = acc + (long)h * head_dim;
                 for (int d = 0; d < head_dim; d += 16)
-                    _mm512_storeu_ps(a + d, _mm512_fmadd_ps(weight, bf16x16_to_f32(vh + d), _mm512_loadu_ps(a + d)));
+                    _mm512_storeu_ps(a + d, _mm512_fmadd_ps(weight, load16(vh + d), _mm512_loadu_ps(a + d)));
             }
         }
 #pragma omp barrier
@@ -265,10 +281,6 @@ static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ), _mm512_scalef_ps(p, n));
 }
-
-static inline __m512 load16(const uint16_t* p) { return bf16x16_to_f32(p); }
-static inline void store16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
-static inline __m512 round_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
 
 /* out[r] = bf16(bf16(silu(gate)) * up) with gate, up the two halves of row r of x (n values each, rows x_stride
  * apart): PyTorch's F.silu(gate) * up in bf16, with its rounding points. n % 16 == 0. */
