@@ -127,16 +127,16 @@ def test_rmsnorm_kernel_matches_the_pytorch_layer(rows, width):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rope_type", ["default", "llama3"])
-def test_rope_kernel_is_bit_identical_to_pytorch(rope_type):
+@pytest.mark.parametrize("rope_type,dim", [("default", 64), ("llama3", 128), ("default", 40)])
+def test_rope_kernel_is_bit_identical_to_pytorch(rope_type, dim):
     from vllm_utils.layers.rotary import RotaryEmbedding, rotate_half
 
     params = {"rope_type": "default", "rope_theta": 10000.0} if rope_type == "default" else {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 1024}
-    rotary = RotaryEmbedding(64, 4096, params)
-    qkv = torch.randn(5, 8 * 64).to(torch.bfloat16)
-    q, k = qkv[:, : 6 * 64].view(5, 6, 64), qkv[:, 6 * 64 :].view(5, 2, 64)  # views into the fused output
+    rotary = RotaryEmbedding(dim, 4096, params)
+    qkv = torch.randn(5, 8 * dim).to(torch.bfloat16)
+    q, k = qkv[:, : 6 * dim].view(5, 6, dim), qkv[:, 6 * dim :].view(5, 2, dim)  # views into the fused output
     positions = torch.tensor([0, 1, 77, 1500, 4095])
     cos = rotary.cos[positions].to(torch.bfloat16).unsqueeze(1)
     sin = rotary.sin[positions].to(torch.bfloat16).unsqueeze(1)

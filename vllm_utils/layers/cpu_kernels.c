@@ -183,7 +183,14 @@ void vllm_utils_rope_bf16(uint16_t* x, const long* positions, const float* cos, 
         const float *c = cos + positions[t] * head_dim, *s = sin + positions[t] * head_dim;
         for (int h = 0; h < heads; h++) {
             uint16_t* v = x + t * token_stride + (long)h * head_dim;
-            for (int i = 0; i < half; i++) {
+            int i = 0;
+            for (; i + 16 <= half; i += 16) {
+                __m512 ci = round_bf16(_mm512_loadu_ps(c + i)), si = round_bf16(_mm512_loadu_ps(s + i));
+                __m512 x1 = load16(v + i), x2 = load16(v + i + half);
+                store16(v + i, _mm512_sub_ps(round_bf16(_mm512_mul_ps(x1, ci)), round_bf16(_mm512_mul_ps(x2, si))));
+                store16(v + i + half, _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, ci)), round_bf16(_mm512_mul_ps(x1, si))));
+            }
+            for (; i < half; i++) {
                 float ci = from_bf16(to_bf16(c[i])), si = from_bf16(to_bf16(s[i]));
                 float x1 = from_bf16(v[i]), x2 = from_bf16(v[i + half]);
                 v[i] = to_bf16(from_bf16(to_bf16(x1 * ci)) - from_bf16(to_bf16(x2 * si)));
