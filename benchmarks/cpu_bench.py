@@ -54,8 +54,9 @@ def prefill_flops(model: torch.nn.Module, tokens: int) -> float:
     """FLOPs our engine does for one image prompt of `tokens` tokens (2 per multiply-add): the vision layers
     it runs and the projector, every decoder layer's products for every token except the last layer's output
     projection and MLP (last token only), causal attention, and the LM head for one token."""
-    def matrix_params(module: torch.nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters() if p.dim() > 1)
+    def matrix_params(module: torch.nn.Module) -> int:  # oneDNN-packed linears keep their weight elsewhere
+        return sum(p.numel() for p in module.parameters() if p.dim() > 1) + sum(
+            m.packed_weight.numel() for m in module.modules() if getattr(m, "packed_weight", None) is not None)
 
     vision, lm = model.vision_tower, model.language_model
     patches = vision.embeddings.num_positions - 1
