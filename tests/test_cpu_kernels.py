@@ -33,7 +33,8 @@ def test_prefetch_distance_never_changes_results(distance):
     """The prefetch distance is chosen per CPU vendor; whatever it is, the outputs are the same bits."""
     lib = cpu_kernels._load()[0]
     gen = torch.Generator().manual_seed(distance)
-    w, x = torch.randn(2048, 2048, generator=gen).to(torch.bfloat16), torch.randn(3, 2048, generator=gen).to(torch.bfloat16)
+    w = torch.randn(2048, 2048, generator=gen).to(torch.bfloat16)
+    x = torch.randn(3, 2048, generator=gen).to(torch.bfloat16)
     k, v = torch.randn(2, 50, 4, 64, generator=gen).to(torch.bfloat16)
     q = torch.randn(8, 64, generator=gen).to(torch.bfloat16)
     try:

@@ -96,7 +96,8 @@ def test_bf16_with_wide_heads_matches_hf_through_the_cpu_prefill_attention(tmp_p
                               heads=2, kv_heads=1, vision_hidden=128, vision_heads=2)
     calls = []
     original = cpu_kernels.prefill_attention
-    monkeypatch.setattr(cpu_kernels, "prefill_attention", lambda q, *a, **kw: calls.append(q.shape) or original(q, *a, **kw))
+    monkeypatch.setattr(cpu_kernels, "prefill_attention",
+                        lambda q, *args, **kwargs: calls.append(q.shape) or original(q, *args, **kwargs))
     llm = engine(folder, dtype="bfloat16")
     req = request(llm, "Describe the picture.", images[:1])
     out = llm.generate([req], SamplingParams(temperature=0, max_tokens=16, logprobs=True), use_tqdm=False)[0]

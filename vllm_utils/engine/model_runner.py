@@ -79,9 +79,9 @@ class ModelRunner:
         if device.type == "cpu" and dtype == torch.bfloat16:
             for module in getattr(self.model, "prompt_only_modules", list)():
                 pack_for_onednn(module, getattr(self.model, "num_image_features", 1))
-        if device.type == "cpu" and dtype == torch.bfloat16 and enable_cpu_gemv(self.model) == 0:
-            _say_once(f"the bf16 CPU decode kernel is off ({cpu_kernels.unavailable_reason() or 'no layer fits it'}); "
-                      "linears use F.linear")
+            if enable_cpu_gemv(self.model) == 0:
+                why = cpu_kernels.unavailable_reason() or "no layer fits it"
+                _say_once(f"the bf16 CPU decode kernel is off ({why}); linears use F.linear")
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.backend = get_backend(config.attention_backend, device)
         self.num_blocks = self._plan_kv_blocks(max_model_len)

@@ -23,7 +23,8 @@ class CLIPAttention(nn.Module):
         q, k, v = self.qkv_proj(x).view(batch, tokens, 3, self.local_heads, self.head_dim).unbind(2)
         scale = self.head_dim**-0.5
         if cpu_kernels.supports_prefill_attention(q[0], k[0], v[0]):
-            out = torch.stack([cpu_kernels.prefill_attention(q[i], k[i], v[i], scale, causal=False) for i in range(batch)])
+            out = torch.stack([cpu_kernels.prefill_attention(q[i], k[i], v[i], scale, causal=False)
+                               for i in range(batch)])
         else:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
             out = out.transpose(1, 2)
