@@ -187,15 +187,16 @@ def test_prefill_attention_matches_float64_sdpa(tokens, heads, kv_heads, dim, ca
     assert cpu_kernels.supports_prefill_attention(q, k, v)
     ours = cpu_kernels.prefill_attention(q, k, v, dim**-0.5, causal)
     group = heads // kv_heads
-    exact = F.scaled_dot_product_attention(*(t.double().repeat_interleave(n, 1).transpose(0, 1) for t, n in
-                                             ((q, 1), (k, group), (v, group))), is_causal=causal, scale=dim**-0.5)
-    exact = exact.transpose(0, 1)
-    torch_bf16 = F.scaled_dot_product_attention(*(t.repeat_interleave(n, 1).transpose(0, 1) for t, n in
-                                                  ((q, 1), (k, group), (v, group))), is_causal=causal, scale=dim**-0.5)
+
+    def sdpa(dtype: torch.dtype) -> torch.Tensor:  # [tokens, heads, dim], KV heads repeated for the groups
+        args = (t.to(dtype).repeat_interleave(n, 1).transpose(0, 1) for t, n in ((q, 1), (k, group), (v, group)))
+        return F.scaled_dot_product_attention(*args, is_causal=causal, scale=dim**-0.5).transpose(0, 1)
+
+    exact = sdpa(torch.float64)
     assert ours.shape == q.shape and ours.dtype == torch.bfloat16
     # probabilities pass through bf16 once before the second product (as in flash attention on GPUs): the
     # error stays within twice that of PyTorch's own bf16 SDPA, and within a few bf16 steps of the values
-    error, torch_error = ((t.double() - exact).abs().max().item() for t in (ours, torch_bf16.transpose(0, 1)))
+    error, torch_error = ((t.double() - exact).abs().max().item() for t in (ours, sdpa(torch.bfloat16)))
     assert error <= 2 * torch_error + 1e-3
     assert torch.allclose(ours.double(), exact, rtol=2**-6, atol=2**-6)
 

@@ -1,4 +1,6 @@
 """Paged attention in plain PyTorch: runs on every device and is the ground truth for faster backends."""
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +30,7 @@ class TorchPagedAttention:
     def prefill(q, k, v, seq_lens: list[int], scale: float) -> torch.Tensor:
         # Each prompt attends causally to itself; the new K/V are the whole context (no prefix reuse).
         if cpu_kernels.supports_prefill_attention(q, k, v):
-            starts = [sum(seq_lens[:i]) for i in range(len(seq_lens))]
+            starts = itertools.accumulate(seq_lens[:-1], initial=0)
             return torch.cat([cpu_kernels.prefill_attention(q[s : s + n], k[s : s + n], v[s : s + n], scale, causal=True)
                               for s, n in zip(starts, seq_lens)])
         if k.shape[1] != q.shape[1]:  # expand GQA heads: enable_gqa would push CUDA SDPA onto its slow path

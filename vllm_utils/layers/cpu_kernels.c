@@ -333,12 +333,12 @@ void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, con
         for (int g = 0; g < num_kv_heads; g++) /* K: 16 tokens' (d, d+1) pairs per gather */
             for (long t0 = 0; t0 < padded; t0 += 16) {
                 __mmask16 real = t0 + 16 <= tokens ? 0xffff : t0 >= tokens ? 0 : (__mmask16)((1u << (tokens - t0)) - 1);
-                __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                   _mm512_set1_epi32((int)(kv_stride / 2)));
                 const int32_t* kt = (const int32_t*)(k + (t0 < tokens ? t0 : 0) * kv_stride + (long)g * head_dim);
                 int32_t* kp = (int32_t*)(packed + g * head_size) + t0;
                 for (int p = 0; p < pairs; p++)
-                    _mm512_storeu_si512(kp + p * padded, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, rows, kt + p, 4));
+                    _mm512_storeu_si512(kp + p * padded, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, offsets, kt + p, 4));
             }
 #pragma omp for schedule(static) collapse(2)
         for (int g = 0; g < num_kv_heads; g++) /* V: rows 2j and 2j + 1 interleaved */
