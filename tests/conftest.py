@@ -6,6 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
+if not torch.cuda.is_available():
+    # Triton kernels (the CUDA paths) then run on CPU tensors through Triton's interpreter, so their tests
+    # run everywhere; this must be set before any module defines a kernel.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from vllm_utils.tiny_model import build_tiny_llava, make_demo_image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "assets"

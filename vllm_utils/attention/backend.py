@@ -1,5 +1,6 @@
 """The attention-backend interface: what the model runner tells attention about a batch, and the
-two operations every backend provides (store new K/V in the paged cache; attend)."""
+two operations every backend provides (store new K/V in the paged cache; attend). The cache layout,
+[blocks, block_size, kv_heads, head_dim] per layer, belongs to the engine, not to a backend."""
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,10 +28,10 @@ class AttentionBackend(Protocol):
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None: ...
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q: [tokens, heads, dim], k/v: [tokens, kv_heads, dim], caches: [blocks, block_size, kv_heads, dim].
-        Returns [tokens, heads, dim]."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [tokens, heads, dim], k/v: [tokens, kv_heads, dim], caches: [blocks, block_size, kv_heads, dim],
+        already holding this step's k/v. Returns [tokens, heads, dim]."""
         ...
 
 

@@ -18,8 +18,7 @@ class TorchPagedAttention:
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        self.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.is_prefill:
             return self.prefill(q, k, v, meta.seq_lens, scale)
         if meta.run_starts is not None:

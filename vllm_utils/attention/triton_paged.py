@@ -14,9 +14,10 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k,
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     offs = tl.arange(0, ROW_PAD)
-    mask = (offs < ROW) & (slot >= 0)
-    tl.store(k_cache_ptr + slot * ROW + offs, tl.load(k_ptr + token * stride_k + offs, mask=mask), mask=mask)
-    tl.store(v_cache_ptr + slot * ROW + offs, tl.load(v_ptr + token * stride_v + offs, mask=mask), mask=mask)
+    mask = offs < ROW
+    if slot >= 0:
+        tl.store(k_cache_ptr + slot * ROW + offs, tl.load(k_ptr + token * stride_k + offs, mask=mask), mask=mask)
+        tl.store(v_cache_ptr + slot * ROW + offs, tl.load(v_ptr + token * stride_v + offs, mask=mask), mask=mask)
 
 
 @triton.jit
@@ -86,6 +87,10 @@ TARGET_PROGRAMS = 1024  # enough (sequence, head, split) programs to keep every 
 @register_backend("triton")
 class TritonPagedAttention(TorchPagedAttention):
     """Prefill as the PyTorch backend (SDPA); K/V stores and decode in Triton."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.reads_runs = False  # decode reads the block tables itself
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         row = k.shape[1] * k.shape[2]

@@ -1,21 +1,34 @@
-"""The attention layer of a decoder: holds its slice of the paged KV cache and calls the backend."""
+"""The attention layer of a decoder: holds its slice of the paged KV cache, applies RoPE, stores the new
+K/V and calls the backend."""
 import torch
 from torch import nn
 
 from vllm_utils.attention.backend import AttentionBackend, AttentionMetadata
+from vllm_utils.layers import fused_cuda
+from vllm_utils.layers.rotary import RotaryEmbedding
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.rotary = rotary
         self.backend: AttentionBackend | None = None  # set by the model runner with the caches
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        if self.rotary is not None and fused_cuda.available(q):
+            fused_cuda.rope_and_store_(q, k, v, positions, self.rotary.cos, self.rotary.sin, self.k_cache,
+                                       self.v_cache, meta.slot_mapping)
+        else:
+            if self.rotary is not None:
+                q, k = self.rotary(positions, q, k)
+            self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = self.backend.attend(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return out.reshape(-1, self.num_heads * self.head_dim)

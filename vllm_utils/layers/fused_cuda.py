@@ -1,5 +1,5 @@
-"""Triton kernels that fuse what every decoder layer repeats (add + RMSNorm, SiLU * up, RoPE), so a
-decode step launches a handful of kernels per layer. Each keeps transformers' rounding points, so
+"""Triton kernels that fuse what every decoder layer repeats (add + RMSNorm, SiLU * up, RoPE + the K/V
+store), so a decode step launches a handful of kernels per layer. Each keeps transformers' rounding points, so
 results equal the unfused PyTorch code. Used on CUDA tensors when Triton is installed."""
 import torch
 
@@ -44,25 +44,44 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + offs, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_kernel(x_ptr, positions_ptr, cos_ptr, sin_ptr, stride_t, stride_cache,
-                     HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
-        token = tl.program_id(0)
-        head = tl.program_id(1)
-        pos = tl.load(positions_ptr + token)
+    def _rotate_head(base, cos_row, sin_row, HALF: tl.constexpr):
+        """x*cos + rotate_half(x)*sin for one head, in place, rounded where PyTorch rounds; returns both halves."""
         offs = tl.arange(0, HALF)
-        base = x_ptr + token * stride_t + head * HEAD_DIM
         x1 = tl.load(base + offs)
         x2 = tl.load(base + HALF + offs)
         dtype = x1.dtype
-        cos = tl.load(cos_ptr + pos * stride_cache + offs).to(dtype).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * stride_cache + offs).to(dtype).to(tl.float32)
+        cos = tl.load(cos_row + offs).to(dtype).to(tl.float32)
+        sin = tl.load(sin_row + offs).to(dtype).to(tl.float32)
         x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-        # q*cos + rotate_half(q)*sin, rounded where PyTorch rounds
-        out1 = (x1f * cos).to(dtype).to(tl.float32) + (-x2f * sin).to(dtype).to(tl.float32)
-        out2 = (x2f * cos).to(dtype).to(tl.float32) + (x1f * sin).to(dtype).to(tl.float32)
-        tl.store(base + offs, out1.to(dtype))
-        tl.store(base + HALF + offs, out2.to(dtype))
+        out1 = ((x1f * cos).to(dtype).to(tl.float32) + (-x2f * sin).to(dtype).to(tl.float32)).to(dtype)
+        out2 = ((x2f * cos).to(dtype).to(tl.float32) + (x1f * sin).to(dtype).to(tl.float32)).to(dtype)
+        tl.store(base + offs, out1)
+        tl.store(base + HALF + offs, out2)
+        return out1, out2
 
+    @triton.jit
+    def _rope_store_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                           stride_q, stride_k, stride_v, stride_cos, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                           HEAD_DIM: tl.constexpr):
+        """Program (token, h): h < HEADS rotates that query head; the others rotate a key head and write it,
+        with its value head, into the token's cache slot."""
+        token = tl.program_id(0)
+        head = tl.program_id(1)
+        pos = tl.load(positions_ptr + token)
+        cos_row, sin_row = cos_ptr + pos * stride_cos, sin_ptr + pos * stride_cos
+        if head < HEADS:
+            _rotate_head(q_ptr + token * stride_q + head * HEAD_DIM, cos_row, sin_row, HEAD_DIM // 2)
+        else:
+            kv_head = head - HEADS
+            k1, k2 = _rotate_head(k_ptr + token * stride_k + kv_head * HEAD_DIM, cos_row, sin_row, HEAD_DIM // 2)
+            slot = tl.load(slot_ptr + token).to(tl.int64)
+            if slot >= 0:
+                dst = slot * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM
+                half = tl.arange(0, HEAD_DIM // 2)
+                tl.store(k_cache_ptr + dst + half, k1)
+                tl.store(k_cache_ptr + dst + HEAD_DIM // 2 + half, k2)
+                offs = tl.arange(0, HEAD_DIM)
+                tl.store(v_cache_ptr + dst + offs, tl.load(v_ptr + token * stride_v + kv_head * HEAD_DIM + offs))
 
 def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None) -> torch.Tensor:
     """RMSNorm(x + residual); the sum is written back into `residual`."""
@@ -82,7 +101,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """In place on x: [tokens, heads, head_dim] (a view whose heads are contiguous)."""
-    tokens, heads, dim = x.shape
-    _rope_kernel[(tokens, heads)](x, positions, cos, sin, x.stride(0), cos.stride(0), HALF=dim // 2, HEAD_DIM=dim)
+def rope_and_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """RoPE on q and k in place ([tokens, heads, head_dim] views whose heads are contiguous), and the rotated
+    k and v written to their slots of the paged caches ([blocks, block_size, kv_heads, head_dim]): what
+    would be three launches per layer, in one."""
+    tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2:] == (kv_heads, dim)
+    _rope_store_kernel[(tokens, heads + kv_heads)](
+        q, k, v, positions, cos, sin, k_cache, v_cache, slots, q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
+        HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=dim)

@@ -7,7 +7,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from vllm_utils.errors import UserError
-from vllm_utils.layers import cpu_kernels, fused_cuda
+from vllm_utils.layers import cpu_kernels
 
 
 def rope_parameters(config: PretrainedConfig) -> dict:
@@ -58,10 +58,6 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
-        if fused_cuda.available(q):
-            fused_cuda.rope_(q, positions, self.cos, self.sin)
-            fused_cuda.rope_(k, positions, self.cos, self.sin)
-            return q, k
         if cpu_kernels.supports_rope(q, positions, self.cos) and cpu_kernels.supports_rope(k, positions, self.cos):
             cpu_kernels.rope_(q, positions, self.cos, self.sin)
             cpu_kernels.rope_(k, positions, self.cos, self.sin)

@@ -27,16 +27,13 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, bias)
         self.q_size = self.qkv_proj.num_heads * head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * head_dim
-        self.head_dim = head_dim
-        self.rotary = rotary
-        self.attn = PagedAttention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5)
+        self.attn = PagedAttention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5,
+                                   rotary)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary(positions, q.view(-1, self.q_size // self.head_dim, self.head_dim),
-                           k.view(-1, self.kv_size // self.head_dim, self.head_dim))
-        out = self.attn(q, k, v, meta)
+        out = self.attn(positions, q, k, v, meta)
         return self.o_proj(out if keep is None else out[keep])
 
 

@@ -1,0 +1,118 @@
+"""The Triton kernels (the CUDA paths) against the PyTorch code they replace: on a GPU where there is one,
+else on CPU tensors through Triton's interpreter (conftest sets TRITON_INTERPRET)."""
+import pytest
+import torch
+
+from vllm_utils.attention.backend import AttentionMetadata
+from vllm_utils.attention.torch_paged import TorchPagedAttention
+from vllm_utils.layers.rotary import RotaryEmbedding
+
+triton = pytest.importorskip("triton")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# Triton's interpreter has no true bfloat16: tl.dot multiplies its bit patterns (triton-lang/triton#11584)
+# and float32 -> bfloat16 casts truncate where GPUs round to nearest even. There the 16-bit cases run float16.
+HALF = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+
+
+@pytest.mark.parametrize("block_size, heads, kv_heads, dtype", [
+    (16, 32, 32, HALF), (1, 8, 2, torch.float16), (64, 16, 4, torch.float32), (5, 4, 4, torch.float32),
+])
+def test_paged_decode_matches_the_torch_reference(block_size, heads, kv_heads, dtype):
+    from vllm_utils.attention.triton_paged import TritonPagedAttention
+
+    torch.manual_seed(block_size)
+    dim, num_blocks = 128, 300
+    context_lens = torch.tensor([1, 7, 130, 257, 64], dtype=torch.int32, device=DEVICE)
+    width = int(-(-context_lens.max() // block_size))
+    tables = torch.stack([torch.randperm(num_blocks, device=DEVICE)[:width] for _ in context_lens]).int()
+    shape = (num_blocks, block_size, kv_heads, dim)
+    caches = [torch.randn(shape, dtype=dtype, device=DEVICE) for _ in range(2)]
+    q = torch.randn(len(context_lens), heads, dim, dtype=dtype, device=DEVICE)
+    k = torch.randn(len(context_lens), kv_heads, dim, dtype=dtype, device=DEVICE)
+    v = torch.randn_like(k)
+    positions = (context_lens - 1).long()
+    slots = tables.long().gather(1, (positions // block_size)[:, None]).squeeze(1) * block_size + positions % block_size
+    meta = AttentionMetadata(False, slots, block_tables=tables, context_lens=context_lens)
+    outputs = []
+    for backend in (TorchPagedAttention(DEVICE), TritonPagedAttention(DEVICE)):  # the reference gathers blocks
+        k_cache, v_cache = caches[0].clone(), caches[1].clone()
+        backend.store_kv(k, v, k_cache, v_cache, slots)
+        outputs.append((backend.attend(q, k, v, k_cache, v_cache, meta, dim**-0.5).float(), k_cache, v_cache))
+    (ref, k_ref, v_ref), (out, k_out, v_out) = outputs
+    assert torch.equal(k_ref, k_out) and torch.equal(v_ref, v_out)  # the same slots written
+    assert ((out - ref).norm() / ref.norm()).item() < (1e-2 if dtype != torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [HALF, torch.float32])
+def test_rope_and_store_equals_rotary_then_store(dtype):
+    from vllm_utils.layers import fused_cuda
+
+    torch.manual_seed(0)
+    tokens, heads, kv_heads, dim, block_size = 9, 8, 2, 64, 4
+    rotary = RotaryEmbedding(dim, 512, {"rope_type": "default", "rope_theta": 10000.0}).to(DEVICE)
+    positions = torch.randint(0, 512, (tokens,), device=DEVICE)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype, device=DEVICE)
+    q, k, v = (t.view(tokens, -1, dim) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+    slots = torch.randperm(10 * block_size, device=DEVICE)[:tokens]
+    slots[3] = -1  # a row with no slot writes nothing
+    cache_shape = (10, block_size, kv_heads, dim)
+    k_cache, v_cache = torch.zeros(cache_shape, dtype=dtype, device=DEVICE), torch.zeros(cache_shape, dtype=dtype, device=DEVICE)
+
+    q_ref, k_ref = rotary(positions, q.clone(), k.clone())
+    fused_cuda.rope_and_store_(q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, slots)
+    if DEVICE.type == "cuda":  # the GPU may contract a product and a sum into one FMA: one rounding step apart
+        torch.testing.assert_close(q, q_ref, rtol=2**-7, atol=2**-7)
+        torch.testing.assert_close(k, k_ref, rtol=2**-7, atol=2**-7)
+    else:
+        assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+    written = slots >= 0
+    assert torch.equal(k_cache.view(-1, kv_heads, dim)[slots[written]], k[written])
+    assert torch.equal(v_cache.view(-1, kv_heads, dim)[slots[written]], v[written])
+    untouched = torch.ones(k_cache.shape[0] * block_size, dtype=torch.bool, device=DEVICE)
+    untouched[slots[written]] = False
+    assert not k_cache.view(-1, kv_heads, dim)[untouched].any() and not v_cache.view(-1, kv_heads, dim)[untouched].any()
+
+
+def test_add_rmsnorm_and_silu_mul_equal_the_pytorch_layers():
+    from vllm_utils.layers import fused_cuda
+
+    torch.manual_seed(0)
+    hidden = 4096
+    x = torch.randn(7, hidden, dtype=HALF, device=DEVICE)
+    residual = torch.randn_like(x)
+    weight = torch.rand(hidden, device=DEVICE, dtype=HALF)
+    expected_residual = residual + x
+    res_fused = residual.clone()
+    fused = fused_cuda.add_rmsnorm(x, weight, 1e-5, res_fused)
+    variance = expected_residual.float().pow(2).mean(-1, keepdim=True)
+    reference = weight * (expected_residual.float() * torch.rsqrt(variance + 1e-5)).to(HALF)
+    assert torch.equal(res_fused, expected_residual)
+    assert (fused.float() - reference.float()).abs().max().item() <= 2 ** -6 * reference.float().abs().max().item()
+
+    gate_up = torch.randn(7, 2 * 11008, dtype=HALF, device=DEVICE)
+    gate, up = gate_up.chunk(2, dim=-1)
+    fused, reference = fused_cuda.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up
+    if DEVICE.type == "cuda":
+        assert torch.equal(fused, reference)
+    else:  # numpy's exp and PyTorch's can differ in float32's last bit, which flips a rare 16-bit rounding
+        torch.testing.assert_close(fused, reference, rtol=2**-9, atol=0)  # one float16 ulp
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="test_cuda.py runs this path on the GPU itself")
+def test_the_cuda_code_path_gives_hf_greedy_tokens(tiny_llava, hf_reference, images, monkeypatch):
+    """The engine as it runs on CUDA (fused Triton layers, Triton paged attention), interpreted on CPU."""
+    from vllm_utils import LLM, SamplingParams
+    from vllm_utils.attention import triton_paged
+    from vllm_utils.layers import fused_cuda
+
+    monkeypatch.setattr(fused_cuda, "available", lambda x: True)
+    llm = LLM(tiny_llava, device="cpu", dtype="float32", max_model_len=512, attention_backend="triton")
+    assert isinstance(llm.engine.runner.backend, triton_paged.TritonPagedAttention)
+    texts = ["Describe the picture.", "What is in this image? Answer in one short sentence.", "Compare."]
+    reqs = [{"prompt": llm.engine.processor.chat_prompt(t), "multi_modal_data": {"image": images[i % 2]}}
+            for i, t in enumerate(texts)]
+    outputs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    for i, (req, out) in enumerate(zip(reqs, outputs)):
+        assert out.outputs[0].token_ids == hf_reference.greedy(req["prompt"], [images[i % 2]], 24)
