@@ -101,18 +101,46 @@ def test_add_rmsnorm_and_silu_mul_equal_the_pytorch_layers():
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="test_cuda.py runs this path on the GPU itself")
-def test_the_cuda_code_path_gives_hf_greedy_tokens(tiny_llava, hf_reference, images, monkeypatch):
-    """The engine as it runs on CUDA (fused Triton layers, Triton paged attention), interpreted on CPU."""
+@pytest.mark.parametrize("triton_gemv_on", [False, True], ids=["cublas-linears", "triton-gemv"])
+def test_the_cuda_code_path_gives_hf_greedy_tokens(tiny_llava, hf_reference, images, triton_gemv_on, monkeypatch):
+    """The engine as it runs on CUDA (fused Triton layers, Triton paged attention, optionally the Triton
+    GEMV), interpreted on CPU."""
     from vllm_utils import LLM, SamplingParams
     from vllm_utils.attention import triton_paged
-    from vllm_utils.layers import fused_cuda
+    from vllm_utils.layers import fused_cuda, triton_gemv
 
     monkeypatch.setattr(fused_cuda, "available", lambda x: True)
+    monkeypatch.setattr(triton_gemv, "ENABLED", triton_gemv_on)
+    monkeypatch.setattr(triton_gemv, "GEMV_CONFIG", (4096, 64, 4, 1))  # few programs: the interpreter runs each in turn
+    calls = []
+    monkeypatch.setattr(triton_gemv, "gemv", lambda *args, gemv=triton_gemv.gemv: calls.append(1) or gemv(*args))
     llm = LLM(tiny_llava, device="cpu", dtype="float32", max_model_len=512, attention_backend="triton")
     assert isinstance(llm.engine.runner.backend, triton_paged.TritonPagedAttention)
     texts = ["Describe the picture.", "What is in this image? Answer in one short sentence.", "Compare."]
     reqs = [{"prompt": llm.engine.processor.chat_prompt(t), "multi_modal_data": {"image": images[i % 2]}}
             for i, t in enumerate(texts)]
-    outputs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    if triton_gemv_on:  # it takes single rows: one request alone
+        reqs = reqs[:1]
+        outputs = llm.generate(reqs, greedy, use_tqdm=False)
+    else:
+        outputs = llm.generate(reqs, greedy, use_tqdm=False)
     for i, (req, out) in enumerate(zip(reqs, outputs)):
         assert out.outputs[0].token_ids == hf_reference.greedy(req["prompt"], [images[i % 2]], 24)
+    assert bool(calls) == triton_gemv_on
+
+
+@pytest.mark.parametrize("n, k, bias", [(300, 1000, False), (64, 4096, True), (1, 17, False)])
+def test_gemv_equals_a_float64_product(n, k, bias, monkeypatch):
+    from vllm_utils.layers import triton_gemv
+
+    torch.manual_seed(n)
+    x = torch.randn(1, k, dtype=HALF, device=DEVICE)
+    weight = torch.randn(n, k, dtype=HALF, device=DEVICE)
+    b = torch.randn(n, dtype=HALF, device=DEVICE) if bias else None
+    reference = x.double() @ weight.double().T + (b.double() if bias else 0)
+    for config in ((16, 256, 4, 4), (32, 64, 4, 2)):  # a tail in N and in K either way
+        out = triton_gemv.gemv(x, weight, b, config)
+        assert out.shape == (1, n) and out.dtype == HALF
+        # float32 sums, rounded once to 16 bits: within one 16-bit rounding of the exact product
+        torch.testing.assert_close(out.double(), reference, rtol=2**-9, atol=1e-2)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_utils.layers import cpu_kernels
+from vllm_utils.layers import cpu_kernels, triton_gemv
 from vllm_utils.layers.parallel import all_reduce, tp_rank, tp_size
 
 
@@ -17,7 +17,8 @@ def _divide(a: int, b: int, what: str) -> int:
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: nn.Module) -> torch.Tensor:
-    """F.linear, except that decode-sized inputs go to our CPU kernel where it was enabled for this layer, and
+    """F.linear, except that decode-sized inputs go to our CPU kernel where it was enabled for this layer (or,
+    on CUDA, single rows to the Triton GEMV where VLLM_UTILS_TRITON_GEMV=1 asks for it), and
     that large bf16 CPU inputs are padded to a multiple of 4 rows: oneDNN runs a 577-row product (a CLIP image)
     ~15% slower than a 580-row one on Zen 4, a tail of 1-2 rows being slow; the copy costs ~2% of that."""
     rows = x.numel() // x.shape[-1]
@@ -26,6 +27,8 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, laye
         return out.view(*x.shape[:-1], -1)
     if layer.use_cpu_gemv and rows <= cpu_kernels.MAX_ROWS:
         return cpu_kernels.linear(x, weight, bias, layer.next_weight)
+    if triton_gemv.supports(x, weight):
+        return triton_gemv.gemv(x, weight, bias)
     if rows > 64 and rows % 4 in (1, 2) and x.dtype == torch.bfloat16 and x.device.type == "cpu":
         padded = F.pad(x.reshape(rows, -1), (0, 0, 0, 4 - rows % 4))
         return F.linear(padded, weight, bias)[:rows].view(*x.shape[:-1], -1)
