@@ -132,3 +132,26 @@ def test_full_strategy_layer_list_and_llama3_rope_match_hf(tmp_path, images):
     req = request(llm, "Describe the picture.", images[:1])
     ours = llm.generate([req], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     assert ours == hf.greedy(req["prompt"], images[:1], GREEDY.max_tokens)
+
+
+def test_padded_static_prefill_of_graph_mode_gives_hf_tokens(tiny_llava, hf_reference, images):
+    """The prefill that graph mode captures per length bucket (padded prompt, static buffers, image features
+    gathered), run eagerly here: CUDA graphs themselves are tested in test_cuda.py."""
+    from vllm_utils.engine.cuda_graphs import PrefillGraphs, prefill_buckets
+
+    assert prefill_buckets(100) == [64, 128] and prefill_buckets(600)[-2:] == [512, 640]
+    assert prefill_buckets(1024)[-1] == 1024 and prefill_buckets(8) == [64]
+    llm = engine(tiny_llava)
+    runner = llm.engine.runner
+    hidden = runner.model.language_model.embed_tokens.weight.shape[1]
+    runner.prefill_graphs = PrefillGraphs(runner.model, 128, runner.num_blocks * runner.block_size, hidden,
+                                          runner.dtype, runner.device, capture=False)
+    padded = []
+    run = runner.prefill_graphs.run
+    runner.prefill_graphs.run = lambda *args: padded.append(args[0].shape[1]) or run(*args)
+    reqs = [request(llm, text, [images[i] for i in idx]) for text, idx in BATCH]
+    outputs = [llm.generate([r], GREEDY, use_tqdm=False)[0] for r in reqs]  # one prompt per prefill
+    for req, out, (_, idx) in zip(reqs, outputs, BATCH):
+        expected = hf_reference.greedy(req["prompt"], [images[i] for i in idx], GREEDY.max_tokens)
+        assert out.outputs[0].token_ids == expected
+    assert padded == [len(o.prompt_token_ids) for o in outputs] and not set(padded) & {64, 128}

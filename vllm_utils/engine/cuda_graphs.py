@@ -1,6 +1,7 @@
 """Graph mode: the decode step (model + LM head) captured as CUDA graphs, one per batch-size bucket,
-over static input buffers. A batch is padded up to its bucket; padded rows write their K/V into a
-scratch block that no sequence owns."""
+over static input buffers; likewise the prefill of one prompt per length bucket, and the vision tower.
+A batch is padded up to its bucket; padded rows write their K/V into a scratch block that no sequence
+owns."""
 import torch
 from torch import nn
 
@@ -66,6 +67,82 @@ class DecodeGraphs:
         graph, logits, greedy = self.graphs[batch]
         graph.replay()
         return logits[:n], greedy[:n]
+
+
+def prefill_buckets(max_tokens: int) -> list[int]:
+    """Prompt lengths a prefill graph is captured for: every 64 tokens up to 512, then every 128."""
+    steps = list(range(64, 513, 64)) + list(range(640, max(max_tokens, 640) + 128, 128))
+    return [b for b in steps if b < max_tokens] + [next(b for b in steps if b >= max_tokens)]
+
+
+class PrefillGraphs:
+    """The language model's prefill of one prompt (up to `max_tokens`), captured per length bucket, so
+    that TTFT does not depend on how fast the host launches ~500 kernels. A prompt is padded to its
+    bucket; padded rows come after the real ones, write their K/V into the scratch slot, and being
+    later in a causal prompt, change nothing the real rows see. Image features are copied into a static
+    buffer that the model gathers from. `capture=False` runs the same padded step eagerly (for tests)."""
+
+    def __init__(self, model: nn.Module, max_tokens: int, scratch_slot: int, hidden: int, dtype: torch.dtype,
+                 device: torch.device, capture: bool = True) -> None:
+        self.model = model
+        self.buckets = prefill_buckets(max_tokens)
+        top = self.buckets[-1]
+        # rows: token ids, positions, cache slots; then the image mask and the row whose logits we want
+        self.padding = torch.tensor([0, 0, scratch_slot])
+        pin = device.type == "cuda"
+        self.rows_host = self.padding[:, None].repeat(1, top).pin_memory() if pin else self.padding[:, None].repeat(1, top)
+        self.mask_host = torch.zeros(top, dtype=torch.bool).pin_memory() if pin else torch.zeros(top, dtype=torch.bool)
+        self.rows, self.image_mask = self.rows_host.to(device), self.mask_host.to(device)
+        self.last = torch.zeros(1, dtype=torch.long, device=device)
+        self.image_embeds = torch.zeros(top, hidden, dtype=dtype, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor, torch.Tensor]] = {}
+        if capture:
+            self._capture()
+
+    def _step(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows[:, :length]
+        meta = AttentionMetadata(True, rows[2], seq_lens=[length])
+        hidden = self.model(rows[0], rows[1], meta, self.image_embeds, self.image_mask[:length], keep=self.last)
+        logits = self.model.compute_logits(hidden)
+        return logits, logits.argmax(dim=-1)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = None
+        for length in reversed(self.buckets):
+            self._step(length)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                logits, greedy = self._step(length)
+            pool = graph.pool()
+            self.graphs[length] = (graph, logits, greedy)
+        torch.cuda.synchronize()
+
+    @property
+    def max_tokens(self) -> int:
+        return self.buckets[-1]
+
+    def run(self, rows: torch.Tensor, image_mask: torch.Tensor,
+            image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows [3, n] and image_mask [n] on the host, image_embeds [images * features, hidden] on the device.
+        Returns logits [1, vocab] and their argmax [1]."""
+        n = rows.shape[1]
+        length = next(b for b in self.buckets if b >= n)
+        self.rows_host[:, :n] = rows
+        self.rows_host[:, n:length] = self.padding[:, None]
+        self.mask_host[:n] = image_mask
+        self.mask_host[n:length] = False
+        self.rows[:, :length].copy_(self.rows_host[:, :length], non_blocking=True)
+        self.image_mask[:length].copy_(self.mask_host[:length], non_blocking=True)
+        self.last.fill_(n - 1)
+        if image_embeds is not None:
+            self.image_embeds[: image_embeds.shape[0]].copy_(image_embeds)
+        if length not in self.graphs:  # not captured: the same padded step, eagerly
+            return self._step(length)
+        graph, logits, greedy = self.graphs[length]
+        graph.replay()
+        return logits, greedy
 
 
 class VisionGraphs:

@@ -10,7 +10,7 @@ from transformers import PretrainedConfig
 from vllm_utils.attention.backend import AttentionMetadata, get_backend
 from vllm_utils.config import EngineConfig
 from vllm_utils.devices import advise_huge_pages
-from vllm_utils.engine.cuda_graphs import DecodeGraphs, VisionGraphs
+from vllm_utils.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, VisionGraphs
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.errors import UserError
 from vllm_utils.layers.attention import PagedAttention
@@ -20,6 +20,7 @@ from vllm_utils.layers.sampler import sample
 from vllm_utils.loader import init_dummy_weights, load_weights
 
 GiB = 1 << 30
+PREFILL_GRAPH_TOKENS = 1024  # longer prompts prefill eagerly: their launches are small next to their compute
 
 
 @dataclass
@@ -87,10 +88,13 @@ class ModelRunner:
         self.num_blocks = self._plan_kv_blocks(max_model_len)
         self._allocate_kv_cache()
         self.graphs = self._capture_graphs(max_model_len)
-        self.vision_graphs = None
+        self.vision_graphs = self.prefill_graphs = None
         if self.graphs is not None and hasattr(self.model, "encode_images"):
             size = hf_config.vision_config.image_size
             self.vision_graphs = VisionGraphs(self.model, (hf_config.vision_config.num_channels, size, size), dtype, device)
+            self.prefill_graphs = PrefillGraphs(self.model, min(max_model_len, PREFILL_GRAPH_TOKENS),
+                                                self.num_blocks * self.block_size, hf_config.text_config.hidden_size,
+                                                dtype, device)
         self.workers = None  # rank 0 of a tensor-parallel group: the channel to the other ranks
 
     def _capture_graphs(self, max_model_len: int) -> DecodeGraphs | None:
@@ -186,13 +190,16 @@ class ModelRunner:
     def execute(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of each sequence's next token (and their argmax when a graph computed it)."""
         if isinstance(inputs, PrefillInputs):
-            rows = inputs.rows.to(self.device)
-            meta = AttentionMetadata(True, rows[2], seq_lens=inputs.seq_lens)
             image_embeds = None
             if inputs.pixel_values is not None:
                 pixels = inputs.pixel_values.to(self.device, self.dtype)
                 encode = self.vision_graphs.encode if self.vision_graphs is not None else self.model.encode_images
                 image_embeds = encode(pixels).flatten(0, 1)
+            graphs = self.prefill_graphs
+            if graphs is not None and len(inputs.seq_lens) == 1 and inputs.seq_lens[0] <= graphs.max_tokens:
+                return graphs.run(inputs.rows, inputs.image_mask, image_embeds)
+            rows = inputs.rows.to(self.device)
+            meta = AttentionMetadata(True, rows[2], seq_lens=inputs.seq_lens)
             last = torch.tensor(inputs.seq_lens).cumsum(0).to(self.device) - 1
             hidden = self.model(rows[0], rows[1], meta, image_embeds, inputs.image_mask.to(self.device), keep=last)
             return self.model.compute_logits(hidden), None

@@ -100,12 +100,14 @@ class LlavaForConditionalGeneration(nn.Module):
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
               image_mask: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings, with the prompt's image positions (`image_mask`) replaced by `image_embeds`
-        in order. Generated tokens keep their own embedding, whatever their id."""
+        in order (rows of `image_embeds` past the last image position are ignored). Generated tokens keep
+        their own embedding, whatever their id. A gather, not a masked write: no host synchronisation, so
+        a CUDA graph can hold it."""
         if image_embeds is None:
             return self.language_model.embed_tokens(input_ids)
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(image_mask, 0))
-        embeds[image_mask] = image_embeds.to(embeds.dtype)
-        return embeds
+        source = (image_mask.cumsum(0) - 1).clamp(min=0)  # the image row each image position takes
+        return torch.where(image_mask[:, None], image_embeds[source].to(embeds.dtype), embeds)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
