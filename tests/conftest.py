@@ -82,3 +82,11 @@ class HFReference:
 @pytest.fixture(scope="session")
 def hf_reference(tiny_llava) -> HFReference:
     return HFReference(tiny_llava)
+
+
+def uncaptured_graph_mode(llm, max_model_len: int = 512) -> None:
+    """Gives a CPU engine graph mode's padded steps on static buffers, run eagerly: what CUDA graphs
+    capture and replay, minus the capture."""
+    from transformers import AutoConfig
+
+    llm.engine.runner.build_graphs(AutoConfig.from_pretrained(llm.engine.config.model), max_model_len, capture=False)

@@ -3,7 +3,7 @@ import pytest
 
 from vllm_utils import LLM, SamplingParams
 
-from conftest import HFReference
+from conftest import HFReference, uncaptured_graph_mode
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
@@ -134,24 +134,25 @@ def test_full_strategy_layer_list_and_llama3_rope_match_hf(tmp_path, images):
     assert ours == hf.greedy(req["prompt"], images[:1], GREEDY.max_tokens)
 
 
-def test_padded_static_prefill_of_graph_mode_gives_hf_tokens(tiny_llava, hf_reference, images):
-    """The prefill that graph mode captures per length bucket (padded prompt, static buffers, image features
-    gathered), run eagerly here: CUDA graphs themselves are tested in test_cuda.py."""
-    from vllm_utils.engine.cuda_graphs import PrefillGraphs, prefill_buckets
+def test_padded_steps_of_graph_mode_give_hf_tokens(tiny_llava, hf_reference, images):
+    """Decode per batch bucket (3 requests take the bucket of 4 with a padded row on the scratch block, fewer
+    as they finish) and the prefill of one prompt per length bucket (padded at its end, image features
+    gathered from a static buffer); the CUDA graphs themselves are tested in test_cuda.py."""
+    from vllm_utils.engine.cuda_graphs import prefill_buckets
 
     assert prefill_buckets(100) == [64, 128] and prefill_buckets(600)[-2:] == [512, 640]
     assert prefill_buckets(1024)[-1] == 1024 and prefill_buckets(8) == [64]
-    llm = engine(tiny_llava)
+    llm = engine(tiny_llava, block_size=16, max_num_seqs=4)
+    uncaptured_graph_mode(llm)
     runner = llm.engine.runner
-    hidden = runner.model.language_model.embed_tokens.weight.shape[1]
-    runner.prefill_graphs = PrefillGraphs(runner.model, 128, runner.num_blocks * runner.block_size, hidden,
-                                          runner.dtype, runner.device, capture=False)
-    padded = []
-    run = runner.prefill_graphs.run
-    runner.prefill_graphs.run = lambda *args: padded.append(args[0].shape[1]) or run(*args)
+    assert runner.graphs.buckets == [1, 2, 4] and runner.prefill_graphs.buckets[-1] == 512
+    batches, prompts = [], []
+    decode, prefill = runner.graphs.run, runner.prefill_graphs.run
+    runner.graphs.run = lambda rows, tables: batches.append(rows.shape[1]) or decode(rows, tables)
+    runner.prefill_graphs.run = lambda rows, *args: prompts.append(rows.shape[1]) or prefill(rows, *args)
     reqs = [request(llm, text, [images[i] for i in idx]) for text, idx in BATCH]
-    outputs = [llm.generate([r], GREEDY, use_tqdm=False)[0] for r in reqs]  # one prompt per prefill
+    outputs = llm.generate(reqs[:3], GREEDY, use_tqdm=False) + [llm.generate(reqs[3:], GREEDY, use_tqdm=False)[0]]
     for req, out, (_, idx) in zip(reqs, outputs, BATCH):
-        expected = hf_reference.greedy(req["prompt"], [images[i] for i in idx], GREEDY.max_tokens)
-        assert out.outputs[0].token_ids == expected
-    assert padded == [len(o.prompt_token_ids) for o in outputs] and not set(padded) & {64, 128}
+        assert out.outputs[0].token_ids == hf_reference.greedy(req["prompt"], [images[i] for i in idx], GREEDY.max_tokens)
+    assert 3 in batches and 1 in batches
+    assert len(outputs[3].prompt_token_ids) in prompts  # the request alone was prefilled by the padded step

@@ -7,6 +7,8 @@ from vllm_utils.attention.backend import AttentionMetadata
 from vllm_utils.attention.torch_paged import TorchPagedAttention
 from vllm_utils.layers.rotary import RotaryEmbedding
 
+from conftest import uncaptured_graph_mode
+
 triton = pytest.importorskip("triton")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -103,8 +105,8 @@ def test_add_rmsnorm_and_silu_mul_equal_the_pytorch_layers():
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="test_cuda.py runs this path on the GPU itself")
 @pytest.mark.parametrize("triton_gemv_on", [False, True], ids=["cublas-linears", "triton-gemv"])
 def test_the_cuda_code_path_gives_hf_greedy_tokens(tiny_llava, hf_reference, images, triton_gemv_on, monkeypatch):
-    """The engine as it runs on CUDA (fused Triton layers, Triton paged attention, optionally the Triton
-    GEMV), interpreted on CPU."""
+    """The engine as it runs on CUDA in graph mode (fused Triton layers, Triton paged attention, optionally
+    the Triton GEMV; padded graph steps), interpreted on CPU and without capture."""
     from vllm_utils import LLM, SamplingParams
     from vllm_utils.attention import triton_paged
     from vllm_utils.layers import fused_cuda, triton_gemv
@@ -116,6 +118,7 @@ def test_the_cuda_code_path_gives_hf_greedy_tokens(tiny_llava, hf_reference, ima
     monkeypatch.setattr(triton_gemv, "gemv", lambda *args, gemv=triton_gemv.gemv: calls.append(1) or gemv(*args))
     llm = LLM(tiny_llava, device="cpu", dtype="float32", max_model_len=512, attention_backend="triton")
     assert isinstance(llm.engine.runner.backend, triton_paged.TritonPagedAttention)
+    uncaptured_graph_mode(llm)
     texts = ["Describe the picture.", "What is in this image? Answer in one short sentence.", "Compare."]
     reqs = [{"prompt": llm.engine.processor.chat_prompt(t), "multi_modal_data": {"image": images[i % 2]}}
             for i, t in enumerate(texts)]

@@ -8,6 +8,11 @@ from torch import nn
 from vllm_utils.attention.backend import AttentionMetadata
 
 
+def _host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Staging memory for `device`: pinned for CUDA, so copies from it run asynchronously."""
+    return t.pin_memory() if device.type == "cuda" else t
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     small = [b for b in (1, 2, 4, 8) if b < max_batch]
     return small + list(range(16, max_batch + 16, 16)) if max_batch > 8 else small + [max_batch]
@@ -15,7 +20,8 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, max_batch: int, max_blocks_per_seq: int, scratch_block: int,
-                 block_size: int, device: torch.device) -> None:
+                 block_size: int, device: torch.device, capture: bool = True) -> None:
+        """`capture=False` runs the same padded steps eagerly (for tests)."""
         self.model = model
         self.buckets = batch_buckets(max_batch)
         top = self.buckets[-1]
@@ -23,12 +29,13 @@ class DecodeGraphs:
         # rows: token ids, positions, cache slots, context lengths; a padded row is one cached token in the
         # scratch block. Inputs go host -> pinned staging -> these buffers in two copies per step.
         self.padding = torch.tensor([0, 0, scratch_block * block_size, 1])
-        self.rows_host = self.padding[:, None].repeat(1, top).pin_memory()
-        self.tables_host = torch.full((top, max_blocks_per_seq), scratch_block, dtype=torch.int32).pin_memory()
+        self.rows_host = _host(self.padding[:, None].repeat(1, top), device)
+        self.tables_host = _host(torch.full((top, max_blocks_per_seq), scratch_block, dtype=torch.int32), device)
         self.rows = self.rows_host.to(device)
         self.tables = self.tables_host.to(device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self._capture()
+        if capture:
+            self._capture()
 
     def _step(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.rows[:, :batch]
@@ -64,6 +71,9 @@ class DecodeGraphs:
         self.tables_host[n:batch, 0] = self.scratch_block
         self.rows[:, :batch].copy_(self.rows_host[:, :batch], non_blocking=True)
         self.tables[:batch].copy_(self.tables_host[:batch], non_blocking=True)
+        if batch not in self.graphs:  # not captured: the same padded step, eagerly
+            logits, greedy = self._step(batch)
+            return logits[:n], greedy[:n]
         graph, logits, greedy = self.graphs[batch]
         graph.replay()
         return logits[:n], greedy[:n]
@@ -89,9 +99,8 @@ class PrefillGraphs:
         top = self.buckets[-1]
         # rows: token ids, positions, cache slots; then the image mask and the row whose logits we want
         self.padding = torch.tensor([0, 0, scratch_slot])
-        pin = device.type == "cuda"
-        self.rows_host = self.padding[:, None].repeat(1, top).pin_memory() if pin else self.padding[:, None].repeat(1, top)
-        self.mask_host = torch.zeros(top, dtype=torch.bool).pin_memory() if pin else torch.zeros(top, dtype=torch.bool)
+        self.rows_host = _host(self.padding[:, None].repeat(1, top), device)
+        self.mask_host = _host(torch.zeros(top, dtype=torch.bool), device)
         self.rows, self.image_mask = self.rows_host.to(device), self.mask_host.to(device)
         self.last = torch.zeros(1, dtype=torch.long, device=device)
         self.image_embeds = torch.zeros(top, hidden, dtype=dtype, device=device)

@@ -87,25 +87,30 @@ class ModelRunner:
         self.backend = get_backend(config.attention_backend, device)
         self.num_blocks = self._plan_kv_blocks(max_model_len)
         self._allocate_kv_cache()
-        self.graphs = self._capture_graphs(max_model_len)
-        self.vision_graphs = self.prefill_graphs = None
-        if self.graphs is not None and hasattr(self.model, "encode_images"):
-            size = hf_config.vision_config.image_size
-            self.vision_graphs = VisionGraphs(self.model, (hf_config.vision_config.num_channels, size, size), dtype, device)
-            self.prefill_graphs = PrefillGraphs(self.model, min(max_model_len, PREFILL_GRAPH_TOKENS),
-                                                self.num_blocks * self.block_size, hf_config.text_config.hidden_size,
-                                                dtype, device)
+        self.graphs: DecodeGraphs | None = None
+        self.vision_graphs: VisionGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
+        if not config.enforce_eager:
+            if device.type == "cuda":
+                self.build_graphs(hf_config, max_model_len)
+            else:
+                _say_once(f"graph mode needs CUDA graphs; running eagerly on {device.type}")
         self.workers = None  # rank 0 of a tensor-parallel group: the channel to the other ranks
 
-    def _capture_graphs(self, max_model_len: int) -> DecodeGraphs | None:
-        if self.config.enforce_eager:
-            return None
-        if self.device.type != "cuda":
-            _say_once(f"graph mode needs CUDA graphs; running eagerly on {self.device.type}")
-            return None
+    def build_graphs(self, hf_config: PretrainedConfig, max_model_len: int, capture: bool = True) -> None:
+        """Graph mode's static, padded steps, captured as CUDA graphs (`capture=False`: run eagerly, for tests)."""
         max_batch = min(self.config.max_num_seqs, self.config.max_graph_batch)
-        return DecodeGraphs(self.model, max_batch, -(-max_model_len // self.block_size), self.num_blocks,
-                            self.block_size, self.device)
+        scratch = self.num_blocks  # the cache's extra block
+        self.graphs = DecodeGraphs(self.model, max_batch, -(-max_model_len // self.block_size), scratch,
+                                   self.block_size, self.device, capture)
+        if hasattr(self.model, "encode_images"):
+            if capture:  # the vision tower's graphs have no padding: nothing to test without capture
+                size = hf_config.vision_config.image_size
+                self.vision_graphs = VisionGraphs(self.model, (hf_config.vision_config.num_channels, size, size),
+                                                  self.dtype, self.device)
+            self.prefill_graphs = PrefillGraphs(self.model, min(max_model_len, PREFILL_GRAPH_TOKENS),
+                                                scratch * self.block_size, hf_config.text_config.hidden_size,
+                                                self.dtype, self.device, capture)
 
     # ---- KV cache -------------------------------------------------------------------------------
     @property
