@@ -104,7 +104,7 @@ class PrefillGraphs:
         self.rows, self.image_mask = self.rows_host.to(device), self.mask_host.to(device)
         self.last = torch.zeros(1, dtype=torch.long, device=device)
         self.image_embeds = torch.zeros(top, hidden, dtype=dtype, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         if capture:
             self._capture()
 
