@@ -2,6 +2,8 @@
 over static input buffers; likewise the prefill of one prompt per length bucket, and the vision tower.
 A batch is padded up to its bucket; padded rows write their K/V into a scratch block that no sequence
 owns."""
+from typing import Callable, TypeVar
+
 import torch
 from torch import nn
 
@@ -11,6 +13,27 @@ from vllm_utils.attention.backend import AttentionMetadata
 def _host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Staging memory for `device`: pinned for CUDA, so copies from it run asynchronously."""
     return t.pin_memory() if device.type == "cuda" else t
+
+
+Out = TypeVar("Out")
+
+
+@torch.inference_mode()
+def capture_largest_first(sizes: list[int], step: Callable[[int], Out]) -> dict[int, tuple[torch.cuda.CUDAGraph, Out]]:
+    """A CUDA graph of `step(size)` for each size, with its outputs (static tensors that each replay rewrites).
+    Each step runs once before its capture, so lazy initialisation happens outside it; the largest is captured
+    first, and the smaller ones reuse its memory pool."""
+    graphs, pool = {}, None
+    for size in sorted(sizes, reverse=True):
+        step(size)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool):
+            out = step(size)
+        pool = graph.pool()
+        graphs[size] = (graph, out)
+    torch.cuda.synchronize()
+    return graphs
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -33,28 +56,13 @@ class DecodeGraphs:
         self.tables_host = _host(torch.full((top, max_blocks_per_seq), scratch_block, dtype=torch.int32), device)
         self.rows = self.rows_host.to(device)
         self.tables = self.tables_host.to(device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        if capture:
-            self._capture()
+        self.graphs = capture_largest_first(self.buckets, self._step) if capture else {}
 
     def _step(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.rows[:, :batch]
         meta = AttentionMetadata(False, rows[2], block_tables=self.tables[:batch], context_lens=rows[3])
         logits = self.model.compute_logits(self.model(rows[0], rows[1], meta))
         return logits, logits.argmax(dim=-1)
-
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = None
-        for batch in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
-            self._step(batch)  # warm-up: lazy initialisation must not happen inside capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
-                logits, greedy = self._step(batch)
-            pool = graph.pool()
-            self.graphs[batch] = (graph, logits, greedy)
-        torch.cuda.synchronize()
 
     @property
     def max_batch(self) -> int:
@@ -71,11 +79,11 @@ class DecodeGraphs:
         self.tables_host[n:batch, 0] = self.scratch_block
         self.rows[:, :batch].copy_(self.rows_host[:, :batch], non_blocking=True)
         self.tables[:batch].copy_(self.tables_host[:batch], non_blocking=True)
-        if batch not in self.graphs:  # not captured: the same padded step, eagerly
+        if batch in self.graphs:
+            graph, (logits, greedy) = self.graphs[batch]
+            graph.replay()
+        else:  # not captured: the same padded step, eagerly
             logits, greedy = self._step(batch)
-            return logits[:n], greedy[:n]
-        graph, logits, greedy = self.graphs[batch]
-        graph.replay()
         return logits[:n], greedy[:n]
 
 
@@ -104,9 +112,7 @@ class PrefillGraphs:
         self.rows, self.image_mask = self.rows_host.to(device), self.mask_host.to(device)
         self.last = torch.zeros(1, dtype=torch.long, device=device)
         self.image_embeds = torch.zeros(top, hidden, dtype=dtype, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        if capture:
-            self._capture()
+        self.graphs = capture_largest_first(self.buckets, self._step) if capture else {}
 
     def _step(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.rows[:, :length]
@@ -114,19 +120,6 @@ class PrefillGraphs:
         hidden = self.model(rows[0], rows[1], meta, self.image_embeds, self.image_mask[:length], keep=self.last)
         logits = self.model.compute_logits(hidden)
         return logits, logits.argmax(dim=-1)
-
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = None
-        for length in reversed(self.buckets):
-            self._step(length)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
-                logits, greedy = self._step(length)
-            pool = graph.pool()
-            self.graphs[length] = (graph, logits, greedy)
-        torch.cuda.synchronize()
 
     @property
     def max_tokens(self) -> int:
@@ -149,7 +142,7 @@ class PrefillGraphs:
             self.image_embeds[: image_embeds.shape[0]].copy_(image_embeds)
         if length not in self.graphs:  # not captured: the same padded step, eagerly
             return self._step(length)
-        graph, logits, greedy = self.graphs[length]
+        graph, (logits, greedy) = self.graphs[length]
         graph.replay()
         return logits, greedy
 
@@ -165,18 +158,7 @@ class VisionGraphs:
                  device: torch.device) -> None:
         self.model = model
         self.pixels = torch.zeros(self.BUCKETS[-1], *image_shape, dtype=dtype, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        with torch.inference_mode():
-            pool = None
-            for count in reversed(self.BUCKETS):
-                self.model.encode_images(self.pixels[:count])  # warm-up outside capture
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool):
-                    features = self.model.encode_images(self.pixels[:count])
-                pool = graph.pool()
-                self.graphs[count] = (graph, features)
-        torch.cuda.synchronize()
+        self.graphs = capture_largest_first(list(self.BUCKETS), lambda n: self.model.encode_images(self.pixels[:n]))
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """[images, 3, H, W] on the device -> [images, features, hidden] (a fresh tensor)."""
