@@ -130,7 +130,7 @@ def main() -> None:
           f"{hf['ttft_ms']:.1f} | | {hf['ttft_ms'] / graph['ttft']['ttft_ms']:.1f}x faster |")
     print(f"| decode step GPU time alone (batch-1 graph replayed back to back) | {graph['replay_ms']:.2f} | | | "
           f"{graph['replay_ms'] / floor_ms:.2f}x floor | |")
-    print(f"| the same two, graph mode with VLLM_UTILS_TRITON_GEMV=1 | {graph_gemv['b1']['tpot_ms']:.2f} / "
+    print(f"| decode ms/token, batch 1 / graph replay alone, with VLLM_UTILS_TRITON_GEMV=1 | {graph_gemv['b1']['tpot_ms']:.2f} / "
           f"{graph_gemv['replay_ms']:.2f} | | | {graph_gemv['replay_ms'] / floor_ms:.2f}x floor | |")
     for key, name in (("b32", "batch 32"), ("b128", "batch 128")):
         print(f"| output tokens/s, {name} (600 in, 128 out) | {graph[key]['tok_s']:.0f} | {eager[key]['tok_s']:.0f} | | | |")

@@ -135,9 +135,9 @@ def test_full_strategy_layer_list_and_llama3_rope_match_hf(tmp_path, images):
 
 
 def test_padded_steps_of_graph_mode_give_hf_tokens(tiny_llava, hf_reference, images):
-    """Decode per batch bucket (3 requests take the bucket of 4 with a padded row on the scratch block, fewer
-    as they finish) and the prefill of one prompt per length bucket (padded at its end, image features
-    gathered from a static buffer); the CUDA graphs themselves are tested in test_cuda.py."""
+    """Decode per batch bucket (3 requests take the bucket of 4, with a padded row on the scratch block; one
+    alone takes the bucket of 1) and the prefill of one prompt per length bucket (padded at its end, image
+    features gathered from a static buffer); the CUDA graphs themselves are tested in test_cuda.py."""
     from vllm_utils.engine.cuda_graphs import prefill_buckets
 
     assert prefill_buckets(100) == [64, 128] and prefill_buckets(600)[-2:] == [512, 640]
