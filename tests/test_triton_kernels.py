@@ -18,15 +18,16 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HALF = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
 
 
-@pytest.mark.parametrize("block_size, heads, kv_heads, dtype", [
-    (16, 32, 32, HALF), (1, 8, 2, torch.float16), (64, 16, 4, torch.float32), (5, 4, 4, torch.float32),
+@pytest.mark.parametrize("block_size, heads, kv_heads, dtype, longest", [
+    (16, 32, 32, HALF, 257), (1, 8, 2, torch.float16, 257), (64, 16, 4, torch.float32, 257),
+    (5, 4, 4, torch.float32, 257), (16, 8, 2, HALF, 100),  # the last fits one split: no partials
 ])
-def test_paged_decode_matches_the_torch_reference(block_size, heads, kv_heads, dtype):
-    from vllm_utils.attention.triton_paged import TritonPagedAttention
+def test_paged_decode_matches_the_torch_reference(block_size, heads, kv_heads, dtype, longest):
+    from vllm_utils.attention import triton_paged
 
     torch.manual_seed(block_size)
     dim, num_blocks = 128, 300
-    context_lens = torch.tensor([1, 7, 130, 257, 64], dtype=torch.int32, device=DEVICE)
+    context_lens = torch.tensor([1, 7, min(130, longest), longest, 64], dtype=torch.int32, device=DEVICE)
     width = int(-(-context_lens.max() // block_size))
     tables = torch.stack([torch.randperm(num_blocks, device=DEVICE)[:width] for _ in context_lens]).int()
     shape = (num_blocks, block_size, kv_heads, dim)
@@ -38,7 +39,7 @@ def test_paged_decode_matches_the_torch_reference(block_size, heads, kv_heads, d
     slots = tables.long().gather(1, (positions // block_size)[:, None]).squeeze(1) * block_size + positions % block_size
     meta = AttentionMetadata(False, slots, block_tables=tables, context_lens=context_lens)
     outputs = []
-    for backend in (TorchPagedAttention(DEVICE), TritonPagedAttention(DEVICE)):  # the reference gathers blocks
+    for backend in (TorchPagedAttention(DEVICE), triton_paged.TritonPagedAttention(DEVICE)):  # the reference gathers
         k_cache, v_cache = caches[0].clone(), caches[1].clone()
         backend.store_kv(k, v, k_cache, v_cache, slots)
         outputs.append((backend.attend(q, k, v, k_cache, v_cache, meta, dim**-0.5).float(), k_cache, v_cache))
@@ -60,7 +61,7 @@ def test_rope_and_store_equals_rotary_then_store(dtype):
     slots = torch.randperm(10 * block_size, device=DEVICE)[:tokens]
     slots[3] = -1  # a row with no slot writes nothing
     cache_shape = (10, block_size, kv_heads, dim)
-    k_cache, v_cache = torch.zeros(cache_shape, dtype=dtype, device=DEVICE), torch.zeros(cache_shape, dtype=dtype, device=DEVICE)
+    k_cache, v_cache = (torch.zeros(cache_shape, dtype=dtype, device=DEVICE) for _ in range(2))
 
     q_ref, k_ref = rotary(positions, q.clone(), k.clone())
     fused_cuda.rope_and_store_(q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, slots)

@@ -22,10 +22,12 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k,
 
 @triton.jit
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr,
-                         part_stats_ptr, scale, split_tokens, num_splits, stride_q, stride_block, stride_table,
-                         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr):
-    """One (sequence, kv head, context split): unnormalised attention over that split's tokens."""
+                         part_stats_ptr, out_ptr, scale, split_tokens, num_splits, stride_q, stride_block,
+                         stride_table, stride_out, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                         GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         TILE: tl.constexpr, ONE_SPLIT: tl.constexpr):
+    """One (sequence, kv head, context split): unnormalised attention over that split's tokens, or with
+    ONE_SPLIT (the whole context in one program) the normalised output itself."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -55,11 +57,14 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         denom = denom * alpha + tl.sum(p, axis=1)
         m = m_new
-    # partials laid out [seq, head, split, ...]
-    index = (seq * NUM_KV_HEADS * GROUP + heads) * num_splits + split
-    tl.store(part_out_ptr + index[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=in_group[:, None])
-    tl.store(part_stats_ptr + index * 2, m, mask=in_group)
-    tl.store(part_stats_ptr + index * 2 + 1, denom, mask=in_group)
+    if ONE_SPLIT:
+        tl.store(out_ptr + seq * stride_out + heads[:, None] * HEAD_DIM + offs_d[None, :],
+                 (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=in_group[:, None])
+    else:  # partials laid out [seq, head, split, ...]
+        index = (seq * NUM_KV_HEADS * GROUP + heads) * num_splits + split
+        tl.store(part_out_ptr + index[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=in_group[:, None])
+        tl.store(part_stats_ptr + index * 2, m, mask=in_group)
+        tl.store(part_stats_ptr + index * 2 + 1, denom, mask=in_group)
 
 
 @triton.jit
@@ -108,15 +113,20 @@ class TritonPagedAttention(TorchPagedAttention):
         max_context = block_tables.shape[1] * k_cache.shape[1]
         splits = max(1, min(TARGET_PROGRAMS // (seqs * kv_heads), triton.cdiv(max_context, 2 * TILE)))
         split_tokens = triton.cdiv(triton.cdiv(max_context, splits), TILE) * TILE
-        part_out = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device)
-        part_stats = torch.empty(seqs, heads, splits, 2, dtype=torch.float32, device=q.device)
-        _paged_decode_kernel[(seqs, kv_heads, splits)](
-            q, k_cache, v_cache, block_tables, context_lens, part_out, part_stats, scale, split_tokens, splits,
-            q.stride(0), k_cache.stride(0), block_tables.stride(0),
-            NUM_KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-            BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, TILE=TILE,
-        )
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        # with one split (large batches) the kernel writes `out` itself: no partials, no combine
+        part_out, part_stats = out, out
+        if splits > 1:
+            part_out = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device)
+            part_stats = torch.empty(seqs, heads, splits, 2, dtype=torch.float32, device=q.device)
+        _paged_decode_kernel[(seqs, kv_heads, splits)](
+            q, k_cache, v_cache, block_tables, context_lens, part_out, part_stats, out, scale, split_tokens, splits,
+            q.stride(0), k_cache.stride(0), block_tables.stride(0), out.stride(0),
+            NUM_KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+            BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, TILE=TILE, ONE_SPLIT=splits == 1,
+        )
+        if splits == 1:
+            return out
         _combine_splits_kernel[(seqs, heads)](part_out, part_stats, out, splits, out.stride(0), HEADS=heads,
                                               HEAD_DIM=head_dim, SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
         return out
