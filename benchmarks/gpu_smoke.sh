@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# On the lent GPU machine, in one `run` call (~3 min): the CUDA tests (CUDA graphs, Triton kernels compiled
-# for the GPU, graph and eager against HF), then a dummy-weight 7B perf run at batch 1 in graph mode.
-# Then, one call each: `python3 benchmarks/gpu_gemv.py` (~2 min) and `python3 benchmarks/gpu_bench.py` (~6 min).
+# On the lent GPU machine, in one `run` call: the CUDA tests (CUDA graphs, Triton kernels compiled for the
+# GPU, graph and eager against HF), then a dummy-weight 7B perf run at batch 1 in graph mode.
+# Then, one call each: `python3 benchmarks/gpu_gemv.py` and `python3 benchmarks/gpu_bench.py`.
 set -x
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv
