@@ -48,7 +48,12 @@ def main() -> None:
         cublas[name] = time_ms(lambda i: F.linear(x, weights[i % copies]))
         expected = F.linear(x, weights[0]).float()
         for config in CONFIGS:
-            got = triton_gemv.gemv(x, weights[0], None, config).float()
+            try:
+                got = triton_gemv.gemv(x, weights[0], None, config).float()
+            except Exception as error:  # e.g. more shared memory than the device has: that shape is out
+                print(f"{name} {config}: skipped ({type(error).__name__})")
+                triton_ms[name, config] = float("inf")
+                continue
             assert ((got - expected).norm() / expected.norm()).item() < 1e-2, (name, config)
             triton_ms[name, config] = time_ms(lambda i: triton_gemv.gemv(x, weights[i % copies], None, config))
         del weights
