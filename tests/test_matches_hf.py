@@ -151,8 +151,9 @@ def test_padded_steps_of_graph_mode_give_hf_tokens(tiny_llava, hf_reference, ima
     runner.graphs.run = lambda rows, tables: batches.append(rows.shape[1]) or decode(rows, tables)
     runner.prefill_graphs.run = lambda rows, *args: prompts.append(rows.shape[1]) or prefill(rows, *args)
     reqs = [request(llm, text, [images[i] for i in idx]) for text, idx in BATCH]
-    outputs = llm.generate(reqs[:3], GREEDY, use_tqdm=False) + [llm.generate(reqs[3:], GREEDY, use_tqdm=False)[0]]
+    outputs = llm.generate(reqs[:3], GREEDY, use_tqdm=False) + llm.generate(reqs[3:], GREEDY, use_tqdm=False)
     for req, out, (_, idx) in zip(reqs, outputs, BATCH):
-        assert out.outputs[0].token_ids == hf_reference.greedy(req["prompt"], [images[i] for i in idx], GREEDY.max_tokens)
+        expected = hf_reference.greedy(req["prompt"], [images[i] for i in idx], GREEDY.max_tokens)
+        assert out.outputs[0].token_ids == expected
     assert 3 in batches and 1 in batches
     assert len(outputs[3].prompt_token_ids) in prompts  # the request alone was prefilled by the padded step

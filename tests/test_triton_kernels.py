@@ -114,7 +114,7 @@ def test_the_cuda_code_path_gives_hf_greedy_tokens(tiny_llava, hf_reference, ima
 
     monkeypatch.setattr(fused_cuda, "available", lambda x: True)
     monkeypatch.setattr(triton_gemv, "ENABLED", triton_gemv_on)
-    monkeypatch.setattr(triton_gemv, "GEMV_CONFIG", (4096, 64, 4, 1))  # few programs: the interpreter runs each in turn
+    monkeypatch.setattr(triton_gemv, "GEMV_CONFIG", (4096, 64, 4, 1))  # few programs: the interpreter runs each
     calls = []
     monkeypatch.setattr(triton_gemv, "gemv", lambda *args, gemv=triton_gemv.gemv: calls.append(1) or gemv(*args))
     llm = LLM(tiny_llava, device="cpu", dtype="float32", max_model_len=512, attention_backend="triton")
@@ -126,16 +126,14 @@ def test_the_cuda_code_path_gives_hf_greedy_tokens(tiny_llava, hf_reference, ima
     greedy = SamplingParams(temperature=0, max_tokens=24)
     if triton_gemv_on:  # it takes single rows: one request alone
         reqs = reqs[:1]
-        outputs = llm.generate(reqs, greedy, use_tqdm=False)
-    else:
-        outputs = llm.generate(reqs, greedy, use_tqdm=False)
+    outputs = llm.generate(reqs, greedy, use_tqdm=False)
     for i, (req, out) in enumerate(zip(reqs, outputs)):
         assert out.outputs[0].token_ids == hf_reference.greedy(req["prompt"], [images[i % 2]], 24)
     assert bool(calls) == triton_gemv_on
 
 
 @pytest.mark.parametrize("n, k, bias", [(300, 1000, False), (64, 4096, True), (1, 17, False)])
-def test_gemv_equals_a_float64_product(n, k, bias, monkeypatch):
+def test_gemv_equals_a_float64_product(n, k, bias):
     from vllm_utils.layers import triton_gemv
 
     torch.manual_seed(n)
