@@ -140,11 +140,11 @@ class PrefillGraphs:
         self.last.fill_(n - 1)
         if image_embeds is not None:
             self.image_embeds[: image_embeds.shape[0]].copy_(image_embeds)
-        if length not in self.graphs:  # not captured: the same padded step, eagerly
-            return self._step(length)
-        graph, (logits, greedy) = self.graphs[length]
-        graph.replay()
-        return logits, greedy
+        if length in self.graphs:
+            graph, (logits, greedy) = self.graphs[length]
+            graph.replay()
+            return logits, greedy
+        return self._step(length)  # not captured: the same padded step, eagerly
 
 
 class VisionGraphs:
