@@ -1,4 +1,11 @@
-"""Tensor-parallel settings a user can get wrong (the TP=2 equality test is in test_matches_hf.py)."""
+"""Tensor parallelism: settings a user can get wrong, and how a TP run ends (the TP=2 equality test is in
+test_matches_hf.py)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -17,3 +24,51 @@ def test_size_must_divide_heads(tiny_llava):
     with pytest.raises(UserError, match=r"does not divide the attention heads \(4\)"):
         check_tp_size(load_hf_config(tiny_llava), 8, torch.device("cpu"))
     check_tp_size(load_hf_config(tiny_llava), 2, torch.device("cpu"))  # 4 heads, 2 kv heads: fine
+
+
+def _tp_cli(model: str, *args: str, tmp: str) -> subprocess.Popen:
+    """The CLI at --tensor-parallel-size 2, in its own process group (as a terminal runs it), with its
+    temporary files under `tmp`."""
+    command = [sys.executable, "-m", "vllm_utils.benchmark_vision_language", "--model", model,
+               "--tensor-parallel-size", "2", "--dtype", "float32", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "TMPDIR": tmp})
+
+
+def _group_is_gone(pgid: int, wait_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_tp_run_ends_cleanly(tiny_llava, tmp_path):
+    run = _tp_cli(tiny_llava, "--perf", "--input-len", "40", "--output-len", "4", tmp=str(tmp_path))
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err.decode()
+    assert b"Traceback" not in err and b"leaked" not in err, err.decode()
+    assert err.count(b"note: graph mode needs CUDA graphs") == 1, "every rank said the same note"
+    assert _group_is_gone(run.pid), "a worker outlived the run"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("vllm_utils_tp_")], "the rendezvous folder was left"
+
+
+def test_ctrl_c_stops_every_rank_with_one_line(tiny_llava, tmp_path):
+    run = _tp_cli(tiny_llava, "--perf", "--input-len", "40", "--output-len", "3000", "--max-model-len", "4096",
+                  "--num-iters", "100", tmp=str(tmp_path))
+    seen, deadline = b"", time.monotonic() + 240
+    while b"Processed prompts" not in seen and time.monotonic() < deadline:  # the timed run has started
+        chunk = os.read(run.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    assert b"Processed prompts" in seen, seen.decode()
+    os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every rank gets it
+    _, rest = run.communicate(timeout=120)
+    err = (seen + rest).decode()
+    assert run.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err and "leaked" not in err, err
+    assert _group_is_gone(run.pid), "a worker outlived the run"

@@ -6,8 +6,10 @@ from typing import Callable, TypeVar
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from vllm_utils.attention.backend import AttentionMetadata
+from vllm_utils.layers.parallel import tp_rank
 
 
 def _host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -19,12 +21,15 @@ Out = TypeVar("Out")
 
 
 @torch.inference_mode()
-def capture_largest_first(sizes: list[int], step: Callable[[int], Out]) -> dict[int, tuple[torch.cuda.CUDAGraph, Out]]:
+def capture_largest_first(sizes: list[int], step: Callable[[int], Out],
+                          what: str) -> dict[int, tuple[torch.cuda.CUDAGraph, Out]]:
     """A CUDA graph of `step(size)` for each size, with its outputs (static tensors that each replay rewrites).
     Each step runs once before its capture, so lazy initialisation happens outside it; the largest is captured
-    first, and the smaller ones reuse its memory pool."""
+    first, and the smaller ones reuse its memory pool. `what` names the sizes on the progress bar."""
     graphs, pool = {}, None
-    for size in sorted(sizes, reverse=True):
+    bar = tqdm(sorted(sizes, reverse=True), desc=f"Capturing CUDA graphs ({what})", unit="graph",
+               disable=tp_rank() != 0)
+    for size in bar:
         step(size)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -56,7 +61,7 @@ class DecodeGraphs:
         self.tables_host = _host(torch.full((top, max_blocks_per_seq), scratch_block, dtype=torch.int32), device)
         self.rows = self.rows_host.to(device)
         self.tables = self.tables_host.to(device)
-        self.graphs = capture_largest_first(self.buckets, self._step) if capture else {}
+        self.graphs = capture_largest_first(self.buckets, self._step, "decode batch sizes") if capture else {}
 
     def _step(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.rows[:, :batch]
@@ -112,7 +117,7 @@ class PrefillGraphs:
         self.rows, self.image_mask = self.rows_host.to(device), self.mask_host.to(device)
         self.last = torch.zeros(1, dtype=torch.long, device=device)
         self.image_embeds = torch.zeros(top, hidden, dtype=dtype, device=device)
-        self.graphs = capture_largest_first(self.buckets, self._step) if capture else {}
+        self.graphs = capture_largest_first(self.buckets, self._step, "prefill lengths") if capture else {}
 
     def _step(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.rows[:, :length]
@@ -158,7 +163,8 @@ class VisionGraphs:
                  device: torch.device) -> None:
         self.model = model
         self.pixels = torch.zeros(self.BUCKETS[-1], *image_shape, dtype=dtype, device=device)
-        self.graphs = capture_largest_first(list(self.BUCKETS), lambda n: self.model.encode_images(self.pixels[:n]))
+        self.graphs = capture_largest_first(list(self.BUCKETS), lambda n: self.model.encode_images(self.pixels[:n]),
+                                            "image counts")
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """[images, 3, H, W] on the device -> [images, features, hidden] (a fresh tensor)."""

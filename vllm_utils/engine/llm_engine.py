@@ -10,7 +10,7 @@ from vllm_utils.devices import resolve_device
 from vllm_utils.engine.block_manager import BlockManager
 from vllm_utils.engine.model_runner import ModelRunner
 from vllm_utils.engine.scheduler import Scheduler
-from vllm_utils.engine.tensor_parallel import WorkerChannel, check_tp_size, rank_device, start_workers
+from vllm_utils.engine.tensor_parallel import check_tp_size, rank_device, start_workers
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.errors import UserError
 from vllm_utils.models.bundled_configs import bundled_config_dir
@@ -51,10 +51,11 @@ class LLMEngine:
                                              allow_missing=config.load_format == "dummy")
         torch.manual_seed(config.seed)
         if config.tensor_parallel_size > 1:
-            group, processes = start_workers(config, self.hf_config, cls, self.device, self.dtype, self.max_model_len)
+            workers = start_workers(config, self.hf_config, cls, self.device, self.dtype, self.max_model_len)
             self.runner = ModelRunner(config, self.hf_config, cls, rank_device(self.device, 0), self.dtype,
-                                      self.max_model_len, control_group=group)
-            self.runner.workers = WorkerChannel(group, processes)
+                                      self.max_model_len, control_group=workers.group)
+            self.runner.workers = workers
+            workers.listening = True  # every rank has built its model
         else:
             self.runner = ModelRunner(config, self.hf_config, cls, self.device, self.dtype, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
@@ -79,11 +80,10 @@ class LLMEngine:
         return seq
 
     def shutdown(self) -> None:
-        """Stops the tensor-parallel workers, if any (they are daemons: they also end with this process)."""
+        """Stops the tensor-parallel workers, if any (otherwise done when this process exits)."""
         if self.runner.workers is not None:
             self.runner.workers.close()
             self.runner.workers = None
-            torch.distributed.destroy_process_group()
 
     def reset_stats(self) -> None:
         self.stats = EngineStats()

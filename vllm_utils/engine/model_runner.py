@@ -2,6 +2,7 @@
 runs the model and samples."""
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from vllm_utils.errors import UserError
 from vllm_utils.layers.attention import PagedAttention
 from vllm_utils.layers import cpu_kernels
 from vllm_utils.layers.linear import enable_cpu_gemv, pack_for_onednn
+from vllm_utils.layers.parallel import tp_rank
 from vllm_utils.layers.sampler import sample
 from vllm_utils.loader import init_dummy_weights, load_weights
 
@@ -43,7 +45,8 @@ _said: set[str] = set()
 
 
 def _say_once(message: str) -> None:
-    if message not in _said:
+    """A note on stderr, once per process, from rank 0 only (every rank would say the same)."""
+    if message not in _said and tp_rank() == 0:
         _said.add(message)
         print(f"note: {message}", file=sys.stderr)
 
@@ -76,7 +79,7 @@ class ModelRunner:
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
         else:
-            load_weights(self.model, config.model)
+            load_weights(self.model, config.model, show_progress=tp_rank() == 0)
         if device.type == "cpu" and dtype == torch.bfloat16:
             for module in getattr(self.model, "prompt_only_modules", list)():
                 pack_for_onednn(module, getattr(self.model, "num_image_features", 1))
@@ -99,6 +102,7 @@ class ModelRunner:
 
     def build_graphs(self, hf_config: PretrainedConfig, max_model_len: int, capture: bool = True) -> None:
         """Graph mode's static, padded steps, captured as CUDA graphs (`capture=False`: run eagerly, for tests)."""
+        start, free_before = time.perf_counter(), torch.cuda.mem_get_info(self.device)[0] if capture else 0
         max_batch = min(self.config.max_num_seqs, self.config.max_graph_batch)
         scratch = self.num_blocks  # the cache's extra block
         self.graphs = DecodeGraphs(self.model, max_batch, -(-max_model_len // self.block_size), scratch,
@@ -111,6 +115,10 @@ class ModelRunner:
             self.prefill_graphs = PrefillGraphs(self.model, min(max_model_len, PREFILL_GRAPH_TOKENS),
                                                 scratch * self.block_size, hf_config.text_config.hidden_size,
                                                 self.dtype, self.device, capture)
+        if capture and tp_rank() == 0:
+            used = (free_before - torch.cuda.mem_get_info(self.device)[0]) / GiB
+            print(f"note: CUDA graphs captured in {time.perf_counter() - start:.1f} s, using {used:.2f} GiB "
+                  f"(--enforce-eager skips them)", file=sys.stderr)
 
     # ---- KV cache -------------------------------------------------------------------------------
     @property
@@ -219,5 +227,7 @@ class ModelRunner:
         if self.workers is not None:
             self.workers.send(inputs)
         logits, greedy = self.execute(inputs)
+        if self.workers is not None:
+            self.workers.listening = True
         want_logprobs = any(s.params.logprobs for s in seqs)
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], want_logprobs, greedy)

@@ -1,8 +1,12 @@
 """Tensor parallelism: N processes, one per rank, over torch.distributed (NCCL on CUDA, gloo on CPU).
 Rank 0 is the engine's own process: it schedules and samples. Ranks 1..N-1 are spawned workers that
 build their shard of the model and execute every step rank 0 sends them (over a gloo group)."""
+import atexit
 import os
+import shutil
+import signal
 import tempfile
+import threading
 
 import torch
 import torch.distributed as dist
@@ -49,42 +53,66 @@ def init_group(rank: int, size: int, store_path: str, device: torch.device) -> d
 
 
 class WorkerChannel:
-    """Rank 0's end: sends each step's host inputs to the other ranks."""
+    """Rank 0's end: sends each step's host inputs to the other ranks, and stops them at exit."""
 
-    def __init__(self, group: dist.ProcessGroup, processes: list) -> None:
-        self.group, self.processes = group, processes
+    def __init__(self, group: dist.ProcessGroup, processes: list, store_dir: str) -> None:
+        self.group, self.processes, self.store_dir = group, processes, store_dir
+        # True only while the workers wait for our next message: not while they build their model or run a
+        # step, where they wait in collectives that a message would deadlock
+        self.listening = False
+        atexit.register(self.close)  # before multiprocessing's own exit handler kills the daemons
 
     def send(self, message: object) -> None:
+        self.listening = False
         dist.broadcast_object_list([message], src=0, group=self.group)
 
     def close(self) -> None:
-        self.send(None)
-        for p in self.processes:
-            p.join(timeout=30)
+        """Lets listening workers exit cleanly; otherwise (an interrupted start or step) they are killed."""
+        if self.processes and self.listening:
+            self.send(None)
+            for p in self.processes:
+                p.join(timeout=30)
+            dist.destroy_process_group()
+        self.processes = []
+        shutil.rmtree(self.store_dir, ignore_errors=True)
 
 
 def start_workers(config: EngineConfig, hf_config: PretrainedConfig, cls: type, device: torch.device,
-                  dtype: torch.dtype, max_model_len: int) -> tuple[dist.ProcessGroup, list]:
+                  dtype: torch.dtype, max_model_len: int) -> WorkerChannel:
     """Spawns ranks 1..N-1 and joins rank 0 to the group."""
     size = config.tensor_parallel_size
-    store_path = os.path.join(tempfile.mkdtemp(prefix="vllm_utils_tp_"), "store")
+    store_dir = tempfile.mkdtemp(prefix="vllm_utils_tp_")
+    store_path = os.path.join(store_dir, "store")
     context = mp.get_context("spawn")
     processes = []
-    for rank in range(1, size):
-        p = context.Process(target=_worker_main, daemon=True,
-                            args=(rank, size, store_path, config, hf_config, cls, device, dtype, max_model_len))
-        p.start()
-        processes.append(p)
+    # Workers are born ignoring Ctrl-C (a spawned Python keeps an ignored SIGINT ignored): it is rank 0's to
+    # handle, and a worker that died of it would leave rank 0 waiting for it in a collective.
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for rank in range(1, size):
+            p = context.Process(target=_worker_main, daemon=True,
+                                args=(rank, size, store_path, config, hf_config, cls, device, dtype, max_model_len))
+            p.start()
+            processes.append(p)
+    finally:
+        signal.signal(signal.SIGINT, handler)
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or size) // size))
-    group = init_group(0, size, store_path, device)
-    return group, processes
+    try:
+        group = init_group(0, size, store_path, device)
+    except BaseException:
+        shutil.rmtree(store_dir, ignore_errors=True)
+        raise
+    return WorkerChannel(group, processes, store_dir)
 
 
 def _worker_main(rank: int, size: int, store_path: str, config: EngineConfig, hf_config: PretrainedConfig,
                  cls: type, device: torch.device, dtype: torch.dtype, max_model_len: int) -> None:
+    from tqdm import tqdm
+
     from vllm_utils.engine.model_runner import ModelRunner
 
+    tqdm.set_lock(threading.RLock())  # tqdm's default lock is a semaphore that a killed worker would leak
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or size) // size))
     group = init_group(rank, size, store_path, device)
