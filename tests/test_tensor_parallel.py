@@ -1,16 +1,18 @@
 """Tensor parallelism: settings a user can get wrong, and how a TP run ends (the TP=2 equality test is in
 test_matches_hf.py)."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from vllm_utils.config import load_hf_config
-from vllm_utils.engine.tensor_parallel import check_tp_size
+from vllm_utils.engine.tensor_parallel import WorkerChannel, check_tp_size
 from vllm_utils.errors import UserError
 
 
@@ -72,3 +74,38 @@ def test_ctrl_c_stops_every_rank_with_one_line(tiny_llava, tmp_path):
     assert run.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err and "leaked" not in err, err
     assert _group_is_gone(run.pid), "a worker outlived the run"
+
+
+def test_bad_checkpoint_at_tp_2_is_one_line(tiny_llava, tmp_path):
+    """Every rank meets the same error; the user reads it once, with no worker's traceback."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llava, model)
+    weights = next(model.glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors["language_model.model.extra.weight"] = torch.zeros(2)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    run = _tp_cli(str(model), "--perf", "--input-len", "40", "--output-len", "4", tmp=str(tmp_path))
+    _, err = run.communicate(timeout=300)
+    lines = err.decode().splitlines()
+    assert run.returncode == 1
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]], err.decode()
+    assert "extra.weight" in lines[-1] and "Traceback" not in err.decode()
+
+
+def test_a_stopped_worker_s_error_is_what_rank_0_reports(tmp_path):
+    channel = WorkerChannel(group=None, processes=[SimpleNamespace(exitcode=1)], store_dir=str(tmp_path))
+    (tmp_path / "rank1.error").write_text("out of device memory; lower --max-model-len")
+    with pytest.raises(UserError, match="^out of device memory; lower --max-model-len$"):
+        with channel.watch():
+            raise RuntimeError("Connection closed by peer")  # what gloo raises on rank 0
+    (tmp_path / "rank1.error").unlink()
+    with pytest.raises(UserError, match=r"rank 1 stopped \(exit status 1; its output is above\)"):
+        with channel.watch():
+            raise RuntimeError("Connection closed by peer")
+    channel.processes = [SimpleNamespace(exitcode=None)]  # alive: rank 0's error is its own
+    with pytest.raises(RuntimeError, match="rank 0's own"):
+        with channel.watch():
+            raise RuntimeError("rank 0's own")
+    channel.processes = []  # nothing for its exit handler to stop

@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from vllm_utils.errors import UserError
+from vllm_utils.errors import UserError, one_line
 
 DEFAULT_PROMPT = "Describe the picture."
 
@@ -134,16 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             from vllm_utils.bench.perf import run_perf
 
             run_perf(args, make_llm)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except torch.OutOfMemoryError:
-        print("error: out of device memory; lower --max-model-len, --batch-size or --num-kv-blocks, or use a "
-              "smaller --dtype", file=sys.stderr)
-        return 1
-    except MemoryError:
-        print("error: out of host memory; lower --max-model-len, --batch-size or --num-kv-blocks, or use a "
-              "smaller --dtype", file=sys.stderr)
+    except (UserError, torch.OutOfMemoryError, MemoryError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

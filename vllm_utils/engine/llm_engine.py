@@ -52,8 +52,9 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         if config.tensor_parallel_size > 1:
             workers = start_workers(config, self.hf_config, cls, self.device, self.dtype, self.max_model_len)
-            self.runner = ModelRunner(config, self.hf_config, cls, rank_device(self.device, 0), self.dtype,
-                                      self.max_model_len, control_group=workers.group)
+            with workers.watch():
+                self.runner = ModelRunner(config, self.hf_config, cls, rank_device(self.device, 0), self.dtype,
+                                          self.max_model_len, control_group=workers.group)
             self.runner.workers = workers
             workers.listening = True  # every rank has built its model
         else:

@@ -224,10 +224,12 @@ class ModelRunner:
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float] | None]:
         inputs = self.prepare(seqs, is_prefill)
-        if self.workers is not None:
-            self.workers.send(inputs)
-        logits, greedy = self.execute(inputs)
-        if self.workers is not None:
+        if self.workers is None:
+            logits, greedy = self.execute(inputs)
+        else:
+            with self.workers.watch():
+                self.workers.send(inputs)
+                logits, greedy = self.execute(inputs)
             self.workers.listening = True
         want_logprobs = any(s.params.logprobs for s in seqs)
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], want_logprobs, greedy)

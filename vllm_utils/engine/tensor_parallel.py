@@ -5,8 +5,12 @@ import atexit
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -14,7 +18,7 @@ import torch.multiprocessing as mp
 from transformers import PretrainedConfig
 
 from vllm_utils.config import EngineConfig
-from vllm_utils.errors import UserError
+from vllm_utils.errors import UserError, one_line
 
 
 def check_tp_size(hf_config: PretrainedConfig, size: int, device: torch.device) -> None:
@@ -52,6 +56,11 @@ def init_group(rank: int, size: int, store_path: str, device: torch.device) -> d
     return dist.new_group(backend="gloo")
 
 
+def _error_note(store_dir: str, rank: int) -> str:
+    """Where a worker leaves the one-line error it stopped with, for rank 0 to report."""
+    return os.path.join(store_dir, f"rank{rank}.error")
+
+
 class WorkerChannel:
     """Rank 0's end: sends each step's host inputs to the other ranks, and stops them at exit."""
 
@@ -66,13 +75,43 @@ class WorkerChannel:
         self.listening = False
         dist.broadcast_object_list([message], src=0, group=self.group)
 
+    @contextmanager
+    def watch(self) -> Iterator[None]:
+        """Turns rank 0's failure in a collective, when a worker stopped, into that worker's error."""
+        try:
+            yield
+        except Exception as error:
+            if one_line(error) is not None:  # rank 0's own, and one line already
+                raise
+            why = self._stopped_worker()
+            if why is None:
+                raise
+            raise UserError(why) from None
+
+    def _stopped_worker(self, wait_s: float = 2.0) -> str | None:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            for rank, process in enumerate(self.processes, start=1):
+                if process.exitcode is not None:
+                    note = _error_note(self.store_dir, rank)
+                    if os.path.exists(note):
+                        with open(note) as f:
+                            return f.read()
+                    return f"tensor-parallel rank {rank} stopped (exit status {process.exitcode}; its output is above)"
+            time.sleep(0.05)
+        return None
+
     def close(self) -> None:
-        """Lets listening workers exit cleanly; otherwise (an interrupted start or step) they are killed."""
+        """Lets listening workers exit cleanly; otherwise (a failed start, an interrupted step) ends them."""
         if self.processes and self.listening:
             self.send(None)
             for p in self.processes:
                 p.join(timeout=30)
             dist.destroy_process_group()
+        for p in self.processes:
+            if p.exitcode is None:
+                p.terminate()
+                p.join(timeout=5)
         self.processes = []
         shutil.rmtree(self.store_dir, ignore_errors=True)
 
@@ -116,11 +155,23 @@ def _worker_main(rank: int, size: int, store_path: str, config: EngineConfig, hf
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or size) // size))
     group = init_group(rank, size, store_path, device)
-    runner = ModelRunner(config, hf_config, cls, rank_device(device, rank), dtype, max_model_len, control_group=group)
-    while True:
-        message = [None]
-        dist.broadcast_object_list(message, src=0, group=group)
-        if message[0] is None:
-            break
-        runner.execute(message[0])
+    try:
+        runner = ModelRunner(config, hf_config, cls, rank_device(device, rank), dtype, max_model_len,
+                             control_group=group)
+        while True:
+            message = [None]
+            dist.broadcast_object_list(message, src=0, group=group)
+            if message[0] is None:
+                break
+            runner.execute(message[0])
+    except Exception as error:
+        why = one_line(error)
+        if why is None:
+            raise  # a bug: multiprocessing prints its traceback
+        try:
+            with open(_error_note(os.path.dirname(store_path), rank), "w") as f:
+                f.write(why)  # for rank 0 to say, once
+        except OSError:
+            pass  # rank 0 has already stopped (it met the same error) and removed the folder
+        sys.exit(1)
     dist.destroy_process_group()
