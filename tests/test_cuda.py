@@ -17,3 +17,23 @@ def test_cuda_matches_hf_fp32(tiny_llava, hf_reference, images, enforce_eager):
     outputs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     for i, (req, out) in enumerate(zip(reqs, outputs)):
         assert out.outputs[0].token_ids == hf_reference.greedy(req["prompt"], [images[i % 2]], 24)
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_decode_step_does_not_wait_for_the_gpu(tiny_llava, images, enforce_eager):
+    """A decode step only launches work: the one GPU->CPU sync is the sampler reading the tokens."""
+    llm = LLM(tiny_llava, device="cuda", dtype="bfloat16", max_model_len=512, enforce_eager=enforce_eager)
+    engine = llm.engine
+    prompt = engine.processor.chat_prompt("Describe the picture.")
+    engine.add_request(prompt, [images[0]], SamplingParams(temperature=0, max_tokens=8))
+    engine.step()  # the prefill
+    seqs, is_prefill = engine.scheduler.schedule()
+    assert not is_prefill
+    inputs = engine.runner.prepare(seqs, is_prefill)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _, greedy = engine.runner.execute(inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (greedy is not None) == (not enforce_eager)  # graph mode computes the argmax in the graph

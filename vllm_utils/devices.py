@@ -37,6 +37,17 @@ def resolve_device(name: str) -> torch.device:
     raise UserError(f"unknown device '{name}': use cpu, cuda or gcu")
 
 
+def pinned_for(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` in host memory that `device` copies from asynchronously: pinned for CUDA (a copy from pageable
+    memory makes the host wait for the GPU's queue first)."""
+    return t.pin_memory() if device.type == "cuda" else t
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, without waiting for the device."""
+    return pinned_for(t, device).to(device, non_blocking=True)
+
+
 def synchronize(device: torch.device) -> None:
     module = getattr(torch, device.type, None)
     if device.type != "cpu" and module is not None and hasattr(module, "synchronize"):

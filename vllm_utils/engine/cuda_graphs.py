@@ -9,12 +9,8 @@ from torch import nn
 from tqdm import tqdm
 
 from vllm_utils.attention.backend import AttentionMetadata
+from vllm_utils.devices import pinned_for
 from vllm_utils.layers.parallel import tp_rank
-
-
-def _host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Staging memory for `device`: pinned for CUDA, so copies from it run asynchronously."""
-    return t.pin_memory() if device.type == "cuda" else t
 
 
 Out = TypeVar("Out")
@@ -57,8 +53,8 @@ class DecodeGraphs:
         # rows: token ids, positions, cache slots, context lengths; a padded row is one cached token in the
         # scratch block. Inputs go host -> pinned staging -> these buffers in two copies per step.
         self.padding = torch.tensor([0, 0, scratch_block * block_size, 1])
-        self.rows_host = _host(self.padding[:, None].repeat(1, top), device)
-        self.tables_host = _host(torch.full((top, max_blocks_per_seq), scratch_block, dtype=torch.int32), device)
+        self.rows_host = pinned_for(self.padding[:, None].repeat(1, top), device)
+        self.tables_host = pinned_for(torch.full((top, max_blocks_per_seq), scratch_block, dtype=torch.int32), device)
         self.rows = self.rows_host.to(device)
         self.tables = self.tables_host.to(device)
         self.graphs = capture_largest_first(self.buckets, self._step, "decode batch sizes") if capture else {}
@@ -112,8 +108,8 @@ class PrefillGraphs:
         top = self.buckets[-1]
         # rows: token ids, positions, cache slots; then the image mask and the row whose logits we want
         self.padding = torch.tensor([0, 0, scratch_slot])
-        self.rows_host = _host(self.padding[:, None].repeat(1, top), device)
-        self.mask_host = _host(torch.zeros(top, dtype=torch.bool), device)
+        self.rows_host = pinned_for(self.padding[:, None].repeat(1, top), device)
+        self.mask_host = pinned_for(torch.zeros(top, dtype=torch.bool), device)
         self.rows, self.image_mask = self.rows_host.to(device), self.mask_host.to(device)
         self.last = torch.zeros(1, dtype=torch.long, device=device)
         self.image_embeds = torch.zeros(top, hidden, dtype=dtype, device=device)

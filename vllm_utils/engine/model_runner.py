@@ -10,7 +10,7 @@ from transformers import PretrainedConfig
 
 from vllm_utils.attention.backend import AttentionMetadata, get_backend
 from vllm_utils.config import EngineConfig
-from vllm_utils.devices import advise_huge_pages
+from vllm_utils.devices import advise_huge_pages, to_device
 from vllm_utils.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, VisionGraphs
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.errors import UserError
@@ -218,7 +218,7 @@ class ModelRunner:
             return self.model.compute_logits(hidden), None
         if self.graphs is not None and inputs.tables.shape[0] <= self.graphs.max_batch:
             return self.graphs.run(inputs.rows, inputs.tables)
-        rows, tables = inputs.rows.to(self.device), inputs.tables.to(self.device)
+        rows, tables = to_device(inputs.rows, self.device), to_device(inputs.tables, self.device)
         meta = AttentionMetadata(False, rows[2], block_tables=tables, context_lens=rows[3], run_starts=inputs.run_starts)
         return self.model.compute_logits(self.model(rows[0], rows[1], meta)), None
 
