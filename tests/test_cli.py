@@ -77,6 +77,7 @@ BAD_INPUTS = {
     "unknown device": (lambda t, m, p: ["--model", m, "--device", "tpu9"], "unknown device"),
     "prompt too long": (lambda t, m, p: ["--model", m, "--max-model-len", "24"], "--max-model-len 24"),
     "tp size not dividing heads": (lambda t, m, p: ["--model", m, "--tensor-parallel-size", "3"], "does not divide"),
+    "zero batch size": (lambda t, m, p: ["--model", m, "--batch-size", "0"], "--batch-size must be >= 1"),
 }
 
 

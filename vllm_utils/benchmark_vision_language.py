@@ -52,7 +52,7 @@ def engine_args(args: argparse.Namespace) -> dict:
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         block_size=args.block_size,
-        max_num_seqs=args.batch_size or 256,
+        max_num_seqs=256 if args.batch_size is None else args.batch_size,
         num_kv_blocks=args.num_kv_blocks,
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
@@ -101,7 +101,8 @@ def run_demo(args: argparse.Namespace) -> None:
         raise UserError("--demo needs --input-image IMAGE (repeatable)")
     pairs = pair_images_and_prompts(args.input_image, args.prompt)
     images = {path: load_image(path) for path, _ in pairs}
-    args.batch_size = args.batch_size or min(len(pairs), 256)
+    if args.batch_size is None:
+        args.batch_size = min(len(pairs), 256)
     llm = make_llm(args)
     processor = llm.engine.processor
     requests = [{"prompt": processor.chat_prompt(text), "multi_modal_data": {"image": images[path]}}

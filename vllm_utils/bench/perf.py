@@ -54,7 +54,8 @@ def run_perf(args: argparse.Namespace, make_llm) -> None:
     """`make_llm(args)` builds the backend (our LLM, or HF behind the same interface)."""
     args.output_len = args.output_len or 128
     check_lengths(args)
-    args.batch_size = args.batch_size or min(args.num_prompts, 256)
+    if args.batch_size is None:
+        args.batch_size = min(args.num_prompts, 256)
     if args.model is None:
         from vllm_utils.tiny_model import default_demo_assets
 
