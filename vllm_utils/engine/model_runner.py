@@ -102,7 +102,8 @@ class ModelRunner:
 
     def build_graphs(self, hf_config: PretrainedConfig, max_model_len: int, capture: bool = True) -> None:
         """Graph mode's static, padded steps, captured as CUDA graphs (`capture=False`: run eagerly, for tests)."""
-        start, free_before = time.perf_counter(), torch.cuda.mem_get_info(self.device)[0] if capture else 0
+        start = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.device)[0] if capture else 0
         max_batch = min(self.config.max_num_seqs, self.config.max_graph_batch)
         scratch = self.num_blocks  # the cache's extra block
         self.graphs = DecodeGraphs(self.model, max_batch, -(-max_model_len // self.block_size), scratch,
