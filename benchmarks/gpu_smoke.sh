@@ -6,7 +6,7 @@ set -x
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
-python3 -m pytest -q -x tests/test_cuda.py tests/test_triton_kernels.py tests/test_matches_hf.py 2>&1 | tail -15
+python3 -m pytest -q -rf tests/test_cuda.py tests/test_triton_kernels.py tests/test_matches_hf.py 2>&1 | tail -25
 python3 -m vllm_utils.benchmark_vision_language --perf --model llava-hf/llava-1.5-7b-hf --load-format dummy \
   --device cuda --dtype bfloat16 --max-model-len 4096 --input-len 600 --output-len 128 --num-prompts 1 --batch-size 1 \
   --block-size 16 2>&1 | grep -v "Processed prompts"
