@@ -103,7 +103,7 @@ class WorkerChannel:
 
     def close(self) -> None:
         """Lets listening workers exit cleanly; otherwise (a failed start, an interrupted step) ends them."""
-        if self.processes and self.listening:
+        if self.processes and self.listening and all(p.exitcode is None for p in self.processes):
             self.send(None)
             for p in self.processes:
                 p.join(timeout=30)
