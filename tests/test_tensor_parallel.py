@@ -29,12 +29,13 @@ def test_size_must_divide_heads(tiny_llava):
 
 
 def _tp_cli(model: str, *args: str, tmp: str) -> subprocess.Popen:
-    """The CLI at --tensor-parallel-size 2, in its own process group (as a terminal runs it), with its
-    temporary files under `tmp`."""
+    """The CLI at --tensor-parallel-size 2, in its own process group and with Ctrl-C's default action (as a
+    terminal runs it, even when these tests run in the background), with its temporary files under `tmp`."""
     command = [sys.executable, "-m", "vllm_utils.benchmark_vision_language", "--model", model,
                "--tensor-parallel-size", "2", "--dtype", "float32", *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, "TMPDIR": tmp})
+                            env={**os.environ, "TMPDIR": tmp},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _group_is_gone(pgid: int, wait_s: float = 10.0) -> bool:
@@ -69,7 +70,11 @@ def test_ctrl_c_stops_every_rank_with_one_line(tiny_llava, tmp_path):
         seen += chunk
     assert b"Processed prompts" in seen, seen.decode()
     os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every rank gets it
-    _, rest = run.communicate(timeout=120)
+    try:
+        _, rest = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:  # it ignored Ctrl-C: do not leave it running
+            os.killpg(run.pid, signal.SIGKILL)
     err = (seen + rest).decode()
     assert run.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err and "leaked" not in err, err
