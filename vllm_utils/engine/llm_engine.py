@@ -56,7 +56,6 @@ class LLMEngine:
                 self.runner = ModelRunner(config, self.hf_config, cls, rank_device(self.device, 0), self.dtype,
                                           self.max_model_len, control_group=workers.group)
             self.runner.workers = workers
-            workers.listening = True  # every rank has built its model
         else:
             self.runner = ModelRunner(config, self.hf_config, cls, self.device, self.dtype, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)

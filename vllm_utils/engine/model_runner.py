@@ -231,6 +231,5 @@ class ModelRunner:
             with self.workers.watch():
                 self.workers.send(inputs)
                 logits, greedy = self.execute(inputs)
-            self.workers.listening = True
         want_logprobs = any(s.params.logprobs for s in seqs)
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], want_logprobs, greedy)

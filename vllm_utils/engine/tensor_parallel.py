@@ -77,9 +77,11 @@ class WorkerChannel:
 
     @contextmanager
     def watch(self) -> Iterator[None]:
-        """Turns rank 0's failure in a collective, when a worker stopped, into that worker's error."""
+        """Around work every rank does together (building the model, a step): when it is done the workers
+        listen again; when rank 0 fails in it because a worker stopped, raises that worker's error."""
         try:
             yield
+            self.listening = True
         except Exception as error:
             if one_line(error) is not None:  # rank 0's own, and one line already
                 raise
