@@ -26,7 +26,7 @@ def build_checkpoint() -> str:
         return CACHE
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from vllm_utils.tiny_model import LLAVA_CHAT_TEMPLATE, train_tiny_tokenizer
+    from vllm_utils.bench.tiny_model import LLAVA_CHAT_TEMPLATE, train_tiny_tokenizer
 
     tokenizer = train_tiny_tokenizer()
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,

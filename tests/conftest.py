@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     # run everywhere; this must be set before any module defines a kernel.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vllm_utils.tiny_model import build_tiny_llava, make_demo_image
+from vllm_utils.bench.tiny_model import build_tiny_llava, make_demo_image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 REAL_LLAVA = SHARED / "llava-1.5-7b-hf"
@@ -84,9 +84,7 @@ def hf_reference(tiny_llava) -> HFReference:
     return HFReference(tiny_llava)
 
 
-def uncaptured_graph_mode(llm, max_model_len: int = 512) -> None:
+def uncaptured_graph_mode(llm) -> None:
     """Gives a CPU engine graph mode's padded steps on static buffers, run eagerly: what CUDA graphs
     capture and replay, minus the capture."""
-    from transformers import AutoConfig
-
-    llm.engine.runner.build_graphs(AutoConfig.from_pretrained(llm.engine.config.model), max_model_len, capture=False)
+    llm.engine.runner.build_graphs(capture=False)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from vllm_utils.tiny_model import make_demo_image
+from vllm_utils.bench.tiny_model import make_demo_image
 
 from conftest import HFReference, SHARED_IMAGES
 

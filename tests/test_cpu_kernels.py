@@ -1,10 +1,19 @@
-"""The bf16 CPU decode kernels (vllm_utils/layers/cpu_kernels.c) against float64 references and PyTorch."""
+"""The bf16 CPU kernels (vllm_utils/kernels/cpu_kernels.c) against float64 references and PyTorch, and the CPU
+platform's choice of them."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from vllm_utils.layers import cpu_kernels
-from vllm_utils.layers.linear import RowParallelLinear, enable_cpu_gemv
+from vllm_utils.config import EngineConfig
+from vllm_utils.kernels import cpu as cpu_kernels
+from vllm_utils.kernels.cpu_linear import DecodeLinear, OneDnnLinear, PackedOneDnnLinear
+from vllm_utils.layers.linear import ColumnParallelLinear, RowParallelLinear
+from vllm_utils.platforms.cpu import CpuPlatform
+
+
+def choose_cpu_kernels(model: nn.Module, prompt_only: list | None = None, **config) -> None:
+    CpuPlatform().choose_kernels(model, EngineConfig(model="unused", **config), prompt_only or [])
 
 needs_kernel = pytest.mark.skipif(bool(cpu_kernels.unavailable_reason()),
                                   reason=f"CPU decode kernel unavailable: {cpu_kernels.unavailable_reason()}")
@@ -60,7 +69,8 @@ def test_layers_use_the_kernel_for_decode_rows_only(monkeypatch):
     layer = RowParallelLinear(64, 32, bias=True)
     layer.weight.data = torch.randn(32, 64).to(torch.bfloat16)
     layer.bias.data = torch.randn(32).to(torch.bfloat16)
-    assert enable_cpu_gemv(layer) == 1 and layer.use_cpu_gemv
+    choose_cpu_kernels(layer)
+    assert isinstance(layer.impl, DecodeLinear)
     calls = []
     real = cpu_kernels.linear
     monkeypatch.setattr(cpu_kernels, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
@@ -76,9 +86,14 @@ def test_unsupported_weights_fall_back():
     assert not cpu_kernels.supports(torch.zeros(8, 48, dtype=torch.bfloat16))  # columns not a multiple of 32
 
 
-def test_switch_off_says_why(monkeypatch):
+def test_the_environment_switch_is_the_config_default_and_turns_the_kernels_off(monkeypatch):
     monkeypatch.setenv("VLLM_UTILS_CPU_KERNELS", "0")
-    assert cpu_kernels._load.__wrapped__() == (None, "VLLM_UTILS_CPU_KERNELS=0")
+    config = EngineConfig(model="unused")
+    assert config.cpu_kernels is False
+    layer = RowParallelLinear(64, 32)
+    layer.weight.data = torch.randn(32, 64).to(torch.bfloat16)
+    CpuPlatform().choose_kernels(layer, config, [])
+    assert type(layer.impl) is OneDnnLinear  # oneDNN, not our decode kernel
 
 
 @needs_kernel
@@ -167,10 +182,11 @@ def test_layers_read_ahead_into_the_next_weight_without_changing_results():
     model = nn.Sequential(RowParallelLinear(64, 128), RowParallelLinear(128, 64), RowParallelLinear(64, 32))
     for layer in model:
         layer.weight.data = torch.randn(layer.weight.shape).to(torch.bfloat16)
-    assert enable_cpu_gemv(model) == 3
-    assert model[0].next_weight.data_ptr() == model[1].weight.data_ptr()
-    assert model[1].next_weight.data_ptr() == model[2].weight.data_ptr()
-    assert model[2].next_weight is None
+    choose_cpu_kernels(model)
+    assert all(isinstance(layer.impl, DecodeLinear) for layer in model)
+    assert model[0].impl.next_weight.data_ptr() == model[1].weight.data_ptr()
+    assert model[1].impl.next_weight.data_ptr() == model[2].weight.data_ptr()
+    assert model[2].impl.next_weight is None
     x = torch.randn(2, 64).to(torch.bfloat16)
     alone = cpu_kernels.linear(x, model[0].weight)
     assert torch.equal(cpu_kernels.linear(x, model[0].weight, None, model[1].weight), alone)
@@ -228,17 +244,17 @@ def test_activation_kernels_are_bit_identical_to_pytorch():
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
 def test_linears_packed_for_onednn_give_the_same_products():
     """The vision tower's linears trade their plain weight for oneDNN's packed one (no second copy)."""
-    from vllm_utils.layers.linear import ColumnParallelLinear, pack_for_onednn
-
     gen = torch.Generator().manual_seed(0)
     layer = ColumnParallelLinear(256, 512, bias=True)
     layer.weight.data = torch.randn(512, 256, generator=gen).to(torch.bfloat16)
     layer.bias.data = torch.randn(512, generator=gen).to(torch.bfloat16)
     x = torch.randn(2, 577, 256, generator=gen).to(torch.bfloat16)
     plain = F.linear(x.float(), layer.weight.float(), layer.bias.float())
-    assert pack_for_onednn(layer, rows=577) == 1
-    assert layer.weight.numel() == 0
+    choose_cpu_kernels(layer, prompt_only=[(layer, 577)])
+    assert isinstance(layer.impl, PackedOneDnnLinear) and layer.weight.numel() == 0
     packed = layer(x)
     assert packed.shape == (2, 577, 512) and packed.dtype == torch.bfloat16
     assert torch.allclose(packed.float(), plain, rtol=2**-7, atol=1e-2)
-    assert pack_for_onednn(ColumnParallelLinear(256, 512, bias=False), rows=577) == 0  # fp32 weights stay plain
+    fp32 = ColumnParallelLinear(256, 512, bias=False)
+    choose_cpu_kernels(fp32, prompt_only=[(fp32, 577)])
+    assert fp32.impl is None  # fp32 layers keep the native product

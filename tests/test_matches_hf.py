@@ -65,15 +65,16 @@ def test_alone_or_in_a_batch_gives_the_same_tokens(tiny_llava, images):
 
 
 @pytest.mark.parametrize("cpu_kernels_on", [True, False], ids=["cpu-kernels", "pytorch-ops"])
-def test_bf16_logprobs_close_to_hf_fp32(tiny_llava, hf_reference, images, cpu_kernels_on, monkeypatch):
-    from vllm_utils.layers import cpu_kernels
+def test_bf16_logprobs_close_to_hf_fp32(tiny_llava, hf_reference, images, cpu_kernels_on):
+    from vllm_utils.kernels import cpu
+    from vllm_utils.kernels.cpu_linear import DecodeLinear
 
-    if not cpu_kernels_on:  # what runs on CPUs without AVX512-BF16 or without a compiler
-        monkeypatch.setattr(cpu_kernels, "_load", lambda: (None, "off for this test"))
-    elif cpu_kernels.unavailable_reason():
-        pytest.skip(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
-    llm = engine(tiny_llava, dtype="bfloat16")
-    uses_kernels = any(getattr(m, "use_cpu_gemv", False) for m in llm.engine.runner.model.modules())
+    if cpu_kernels_on and cpu.unavailable_reason():
+        pytest.skip(f"CPU kernels unavailable: {cpu.unavailable_reason()}")
+    # off: what runs on CPUs without AVX512-BF16 or without a compiler
+    llm = engine(tiny_llava, dtype="bfloat16", cpu_kernels=cpu_kernels_on)
+    uses_kernels = any(isinstance(m.impl, DecodeLinear) for m in llm.engine.runner.model.modules()
+                       if hasattr(m, "impl"))
     assert uses_kernels == cpu_kernels_on
     req = request(llm, "Describe the picture.", images[:1])
     out = llm.generate([req], SamplingParams(temperature=0, max_tokens=16, logprobs=True), use_tqdm=False)[0]
@@ -87,8 +88,8 @@ def test_bf16_with_wide_heads_matches_hf_through_the_cpu_prefill_attention(tmp_p
     """Head widths of LLaVA-1.5 (64 in CLIP, 128 in Llama, here with grouped KV heads) take the C prefill
     attention on CPUs that have it; log-probs stay close to HF's fp32."""
     from conftest import real_tokenizer_dir
-    from vllm_utils.layers import cpu_kernels
-    from vllm_utils.tiny_model import build_tiny_llava
+    from vllm_utils.bench.tiny_model import build_tiny_llava
+    from vllm_utils.kernels import cpu as cpu_kernels
 
     if cpu_kernels.unavailable_reason():
         pytest.skip(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
@@ -120,7 +121,7 @@ def test_tensor_parallel_2_on_cpu_gives_the_same_tokens(tiny_llava, images):
 def test_full_strategy_layer_list_and_llama3_rope_match_hf(tmp_path, images):
     """The other LLaVA variants the config allows: CLS kept, features from two layers, llama3 RoPE."""
     from conftest import real_tokenizer_dir
-    from vllm_utils.tiny_model import build_tiny_llava
+    from vllm_utils.bench.tiny_model import build_tiny_llava
 
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
@@ -148,8 +149,8 @@ def test_padded_steps_of_graph_mode_give_hf_tokens(tiny_llava, hf_reference, ima
     assert runner.graphs.buckets == [1, 2, 4] and runner.prefill_graphs.buckets[-1] == 512
     batches, prompts = [], []
     decode, prefill = runner.graphs.run, runner.prefill_graphs.run
-    runner.graphs.run = lambda rows, tables: batches.append(rows.shape[1]) or decode(rows, tables)
-    runner.prefill_graphs.run = lambda rows, *args: prompts.append(rows.shape[1]) or prefill(rows, *args)
+    runner.graphs.run = lambda inputs: batches.append(len(inputs.token_ids)) or decode(inputs)
+    runner.prefill_graphs.run = lambda inputs, *args: prompts.append(len(inputs.token_ids)) or prefill(inputs, *args)
     reqs = [request(llm, text, [images[i] for i in idx]) for text, idx in BATCH]
     outputs = llm.generate(reqs[:3], GREEDY, use_tqdm=False) + llm.generate(reqs[3:], GREEDY, use_tqdm=False)
     for req, out, (_, idx) in zip(reqs, outputs, BATCH):

@@ -1,8 +1,8 @@
 """The PyTorch paged backend's two decode paths agree, and the block manager keeps sequences in runs."""
 import torch
 
-from vllm_utils.attention.backend import AttentionMetadata
-from vllm_utils.attention.torch_paged import TorchPagedAttention
+from vllm_utils.attention.metadata import AttentionMetadata
+from vllm_utils.attention.torch_backend import TorchPagedAttention
 from vllm_utils.engine.block_manager import BlockManager
 from vllm_utils.engine.model_runner import _run_start
 from vllm_utils.engine.sequence import Sequence
@@ -20,7 +20,7 @@ def test_reading_runs_in_place_equals_gathering():
     meta = AttentionMetadata(False, torch.zeros(3, dtype=torch.long), block_tables=torch.tensor(tables, dtype=torch.int32),
                              context_lens=context_lens, run_starts=[_run_start(t) for t in tables])
     assert meta.run_starts == [3, -1, 20]
-    backend = TorchPagedAttention(torch.device("cpu"))
+    backend = TorchPagedAttention(reads_runs=True)
     in_place = backend.decode_runs(q, k_cache, v_cache, meta, dim**-0.5)
     gathered = backend.decode(q, k_cache, v_cache, meta.block_tables, context_lens, dim**-0.5)
     torch.testing.assert_close(in_place, gathered)

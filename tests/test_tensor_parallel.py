@@ -11,21 +11,24 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_utils.config import load_hf_config
-from vllm_utils.engine.tensor_parallel import WorkerChannel, check_tp_size
+from vllm_utils.config import EngineConfig
+from vllm_utils.engine import resolve as resolve_module
+from vllm_utils.engine.resolve import resolve
+from vllm_utils.engine.tensor_parallel import WorkerChannel
 from vllm_utils.errors import UserError
 
 
 def test_more_ranks_than_gpus_is_a_clear_error(tiny_llava, monkeypatch):
+    monkeypatch.setattr(resolve_module, "resolve_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(UserError, match="needs 2 GPUs but 1 are visible"):
-        check_tp_size(load_hf_config(tiny_llava), 2, torch.device("cuda"))
+    with pytest.raises(UserError, match="needs 2 cuda devices but 1 are visible"):
+        resolve(EngineConfig(tiny_llava, device="cuda", tensor_parallel_size=2))
 
 
 def test_size_must_divide_heads(tiny_llava):
     with pytest.raises(UserError, match=r"does not divide the attention heads \(4\)"):
-        check_tp_size(load_hf_config(tiny_llava), 8, torch.device("cpu"))
-    check_tp_size(load_hf_config(tiny_llava), 2, torch.device("cpu"))  # 4 heads, 2 kv heads: fine
+        resolve(EngineConfig(tiny_llava, tensor_parallel_size=8))
+    resolve(EngineConfig(tiny_llava, tensor_parallel_size=2))  # 4 heads, 2 kv heads: fine
 
 
 def _tp_cli(model: str, *args: str, tmp: str) -> subprocess.Popen:

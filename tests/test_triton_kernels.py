@@ -3,8 +3,8 @@ else on CPU tensors through Triton's interpreter (conftest sets TRITON_INTERPRET
 import pytest
 import torch
 
-from vllm_utils.attention.backend import AttentionMetadata
-from vllm_utils.attention.torch_paged import TorchPagedAttention
+from vllm_utils.attention.metadata import AttentionMetadata
+from vllm_utils.attention.torch_backend import TorchPagedAttention
 from vllm_utils.layers.rotary import RotaryEmbedding
 
 from conftest import uncaptured_graph_mode
@@ -23,7 +23,7 @@ HALF = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
     (5, 4, 4, torch.float32, 257), (16, 8, 2, HALF, 100),  # the last fits one split: no partials
 ])
 def test_paged_decode_matches_the_torch_reference(block_size, heads, kv_heads, dtype, longest):
-    from vllm_utils.attention import triton_paged
+    from vllm_utils.attention.triton_backend import TritonPagedAttention
 
     torch.manual_seed(block_size)
     dim, num_blocks = 128, 300
@@ -39,7 +39,7 @@ def test_paged_decode_matches_the_torch_reference(block_size, heads, kv_heads, d
     slots = tables.long().gather(1, (positions // block_size)[:, None]).squeeze(1) * block_size + positions % block_size
     meta = AttentionMetadata(False, slots, block_tables=tables, context_lens=context_lens)
     outputs = []
-    for backend in (TorchPagedAttention(DEVICE), triton_paged.TritonPagedAttention(DEVICE)):  # the reference gathers
+    for backend in (TorchPagedAttention(), TritonPagedAttention()):  # the reference gathers
         k_cache, v_cache = caches[0].clone(), caches[1].clone()
         backend.store_kv(k, v, k_cache, v_cache, slots)
         outputs.append((backend.attend(q, k, v, k_cache, v_cache, meta, dim**-0.5).float(), k_cache, v_cache))
@@ -50,7 +50,7 @@ def test_paged_decode_matches_the_torch_reference(block_size, heads, kv_heads, d
 
 @pytest.mark.parametrize("dtype", [HALF, torch.float32])
 def test_rope_and_store_equals_rotary_then_store(dtype):
-    from vllm_utils.layers import fused_cuda
+    from vllm_utils.kernels import triton_fused
 
     torch.manual_seed(0)
     tokens, heads, kv_heads, dim, block_size = 9, 8, 2, 64, 4
@@ -64,7 +64,7 @@ def test_rope_and_store_equals_rotary_then_store(dtype):
     k_cache, v_cache = (torch.zeros(cache_shape, dtype=dtype, device=DEVICE) for _ in range(2))
 
     q_ref, k_ref = rotary(positions, q.clone(), k.clone())
-    fused_cuda.rope_and_store_(q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, slots)
+    triton_fused.rope_and_store_(q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, slots)
     if DEVICE.type == "cuda":  # the GPU may contract a product and a sum into one FMA: one rounding step apart
         torch.testing.assert_close(q, q_ref, rtol=2**-7, atol=2**-7)
         torch.testing.assert_close(k, k_ref, rtol=2**-7, atol=2**-7)
@@ -79,7 +79,7 @@ def test_rope_and_store_equals_rotary_then_store(dtype):
 
 
 def test_add_rmsnorm_and_silu_mul_equal_the_pytorch_layers():
-    from vllm_utils.layers import fused_cuda
+    from vllm_utils.kernels import triton_fused
 
     torch.manual_seed(0)
     hidden = 4096
@@ -88,7 +88,7 @@ def test_add_rmsnorm_and_silu_mul_equal_the_pytorch_layers():
     weight = torch.rand(hidden, device=DEVICE, dtype=HALF)
     expected_residual = residual + x
     res_fused = residual.clone()
-    fused = fused_cuda.add_rmsnorm(x, weight, 1e-5, res_fused)
+    fused = triton_fused.add_rmsnorm(x, weight, 1e-5, res_fused)
     variance = expected_residual.float().pow(2).mean(-1, keepdim=True)
     reference = weight * (expected_residual.float() * torch.rsqrt(variance + 1e-5)).to(HALF)
     assert torch.equal(res_fused, expected_residual)
@@ -96,7 +96,7 @@ def test_add_rmsnorm_and_silu_mul_equal_the_pytorch_layers():
 
     gate_up = torch.randn(7, 2 * 11008, dtype=HALF, device=DEVICE)
     gate, up = gate_up.chunk(2, dim=-1)
-    fused, reference = fused_cuda.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up
+    fused, reference = triton_fused.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up
     if DEVICE.type == "cuda":
         assert torch.equal(fused, reference)
     else:  # numpy's exp and PyTorch's can differ in float32's last bit, which flips a rare 16-bit rounding
@@ -106,19 +106,20 @@ def test_add_rmsnorm_and_silu_mul_equal_the_pytorch_layers():
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="test_cuda.py runs this path on the GPU itself")
 @pytest.mark.parametrize("triton_gemv_on", [False, True], ids=["cublas-linears", "triton-gemv"])
 def test_the_cuda_code_path_gives_hf_greedy_tokens(tiny_llava, hf_reference, images, triton_gemv_on, monkeypatch):
-    """The engine as it runs on CUDA in graph mode (fused Triton layers, Triton paged attention, optionally
-    the Triton GEMV; padded graph steps), interpreted on CPU and without capture."""
+    """The engine as it runs on CUDA in graph mode (the kernels the CUDA platform chooses: fused Triton layers,
+    Triton paged attention, optionally the Triton GEMV; padded graph steps), interpreted on CPU and without
+    capture."""
     from vllm_utils import LLM, SamplingParams
-    from vllm_utils.attention import triton_paged
-    from vllm_utils.layers import fused_cuda, triton_gemv
+    from vllm_utils.attention.triton_backend import TritonPagedAttention
+    from vllm_utils.kernels import triton_gemv
+    from vllm_utils.platforms.cuda import CudaPlatform
 
-    monkeypatch.setattr(fused_cuda, "available", lambda x: True)
-    monkeypatch.setattr(triton_gemv, "ENABLED", triton_gemv_on)
     monkeypatch.setattr(triton_gemv, "GEMV_CONFIG", (4096, 64, 4, 1))  # few programs: the interpreter runs each
     calls = []
     monkeypatch.setattr(triton_gemv, "gemv", lambda *args, gemv=triton_gemv.gemv: calls.append(1) or gemv(*args))
-    llm = LLM(tiny_llava, device="cpu", dtype="float32", max_model_len=512, attention_backend="triton")
-    assert isinstance(llm.engine.runner.backend, triton_paged.TritonPagedAttention)
+    llm = LLM(tiny_llava, device="cpu", dtype="float32", max_model_len=512, triton_gemv=triton_gemv_on)
+    llm.engine.runner.choose_kernels(CudaPlatform())
+    assert isinstance(llm.engine.runner.backend, TritonPagedAttention)
     uncaptured_graph_mode(llm)
     texts = ["Describe the picture.", "What is in this image? Answer in one short sentence.", "Compare."]
     reqs = [{"prompt": llm.engine.processor.chat_prompt(t), "multi_modal_data": {"image": images[i % 2]}}
@@ -134,7 +135,7 @@ def test_the_cuda_code_path_gives_hf_greedy_tokens(tiny_llava, hf_reference, ima
 
 @pytest.mark.parametrize("n, k, bias", [(300, 1000, False), (64, 4096, True), (1, 17, False)])
 def test_gemv_equals_a_float64_product(n, k, bias):
-    from vllm_utils.layers import triton_gemv
+    from vllm_utils.kernels import triton_gemv
 
     torch.manual_seed(n)
     x = torch.randn(1, k, dtype=HALF, device=DEVICE)

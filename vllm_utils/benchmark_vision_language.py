@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def engine_args(args: argparse.Namespace) -> dict:
-    from vllm_utils.devices import default_device
+    from vllm_utils.platforms import default_device
 
     return dict(
         model_type=args.model_type,
@@ -52,7 +52,7 @@ def engine_args(args: argparse.Namespace) -> dict:
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         block_size=args.block_size,
-        max_num_seqs=256 if args.batch_size is None else args.batch_size,
+        max_num_seqs=args.batch_size,
         num_kv_blocks=args.num_kv_blocks,
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
@@ -85,11 +85,12 @@ def make_llm(args: argparse.Namespace):
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    from vllm_utils.config import DEFAULT_MAX_NUM_SEQS
     from vllm_utils.multimodal.processor import load_image
     from vllm_utils.sampling_params import SamplingParams
 
     if args.model is None:
-        from vllm_utils.tiny_model import default_demo_assets
+        from vllm_utils.bench.tiny_model import default_demo_assets
 
         args.model, default_image, built = default_demo_assets()
         print(f"No --model given: {'built' if built else 'using'} a tiny LLaVA with RANDOM weights at {args.model} "
@@ -102,7 +103,7 @@ def run_demo(args: argparse.Namespace) -> None:
     pairs = pair_images_and_prompts(args.input_image, args.prompt)
     images = {path: load_image(path) for path, _ in pairs}
     if args.batch_size is None:
-        args.batch_size = min(len(pairs), 256)
+        args.batch_size = min(len(pairs), DEFAULT_MAX_NUM_SEQS)
     llm = make_llm(args)
     processor = llm.engine.processor
     requests = [{"prompt": processor.chat_prompt(text), "multi_modal_data": {"image": images[path]}}

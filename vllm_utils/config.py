@@ -1,12 +1,13 @@
-"""Engine settings and the model's Hugging Face configuration."""
+"""The engine's settings as the user gives them (`EngineConfig`), the same resolved against the model once
+(`ResolvedConfig`), and reading a model folder's Hugging Face configuration."""
 import json
 import os
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from vllm_utils import envs
 from vllm_utils.errors import UserError
 
 DTYPES = {
@@ -16,6 +17,12 @@ DTYPES = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+DEFAULT_MAX_NUM_SEQS = 256
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+
+# Hub names whose configuration the package carries, so that `--load-format dummy` needs no download.
+BUNDLED_DIR = os.path.join(os.path.dirname(__file__), "bundled")
+BUNDLED = {"llava-hf/llava-1.5-7b-hf": "llava-1.5-7b-hf"}
 
 
 @dataclass
@@ -25,21 +32,23 @@ class EngineConfig:
     dtype: str = "auto"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: max(max_model_len, 8192)
+    max_num_seqs: int | None = None  # None: DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int | None = None  # None: max(max_model_len, DEFAULT_MAX_NUM_BATCHED_TOKENS)
     num_kv_blocks: int | None = None  # None: sized from memory
-    memory_fraction: float = 0.9  # share of device memory the engine may use (CUDA)
+    memory_fraction: float = 0.9  # share of device memory the engine may use (accelerators)
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     seed: int = 0
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights)
-    attention_backend: str = "auto"  # "auto": triton on CUDA if installed, else torch
+    attention_backend: str = "auto"  # "auto": the device's best; "torch": the pure-PyTorch reference
     max_graph_batch: int = 256  # decode batches up to this size replay CUDA graphs
+    cpu_kernels: bool = field(default_factory=envs.cpu_kernels)  # our C kernels for bf16 on CPUs
+    triton_gemv: bool = field(default_factory=envs.triton_gemv)  # single-row linears on CUDA in Triton
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise UserError(f"--block-size must be >= 1, got {self.block_size}")
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.max_num_seqs}")
         if self.tensor_parallel_size < 1:
             raise UserError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
@@ -49,10 +58,31 @@ class EngineConfig:
             raise UserError(f"unknown --dtype '{self.dtype}': use auto, float32, float16 or bfloat16")
 
 
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """An EngineConfig resolved against the model's configuration, once (engine/resolve.py): what the engine,
+    the tensor-parallel workers and the HF reference backend all read."""
+
+    engine: EngineConfig
+    model_type: str  # the registry's name of the model family
+    folder: str  # where config, processor files and weights are read
+    hf_config: PretrainedConfig
+    device: torch.device  # rank 0's
+    dtype: torch.dtype
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+def bundled_config_dir(model: str) -> str | None:
+    """The packaged folder for a known hub name, unless a local folder of that name exists."""
+    if model in BUNDLED and not os.path.isdir(model):
+        return os.path.join(BUNDLED_DIR, BUNDLED[model])
+    return None
+
+
 def load_hf_config(model: str) -> PretrainedConfig:
     """The model folder's config.json, read through transformers so that defaults are filled in."""
-    from vllm_utils.models.bundled_configs import bundled_config_dir
-
     folder = bundled_config_dir(model) or model
     if not os.path.isdir(folder):
         raise UserError(f"model folder '{model}' does not exist: pass --model a local folder holding config.json")
@@ -68,18 +98,7 @@ def load_hf_config(model: str) -> PretrainedConfig:
         raise UserError(f"cannot read {config_path}: {first_line}") from None
 
 
-def resolve_dtype(name: str, hf_config: PretrainedConfig, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        dtype = DTYPES[name]
-    else:
-        text_config = getattr(hf_config, "text_config", hf_config)
-        dtype = getattr(hf_config, "dtype", None) or getattr(text_config, "dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = DTYPES.get(dtype, torch.float32)
-    if device.type == "cpu" and dtype == torch.float16:
-        # as vLLM's CPU backend does: fp16 matmuls run ~5x slower than bf16 on CPUs (44 vs 9 ms measured)
-        if name != "auto":
-            print("note: float16 is slow on CPUs; using bfloat16 (same size); --dtype float32 for full precision",
-                  file=sys.stderr)
-        return torch.bfloat16
-    return dtype
+def checkpoint_dtype(hf_config: PretrainedConfig) -> torch.dtype:
+    text_config = getattr(hf_config, "text_config", hf_config)
+    dtype = getattr(hf_config, "dtype", None) or getattr(text_config, "dtype", None) or torch.float32
+    return DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype

@@ -37,7 +37,8 @@ class LLM:
     def generate(self, prompts: PromptInput | list[PromptInput], sampling_params: SamplingParams | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Each prompt is a string, or {"prompt": str, "multi_modal_data": {"image": PIL image or list}},
-        or {"prompt_token_ids": [...], "pixel_values": tensor}. Outputs come back in input order."""
+        or {"prompt_token_ids": [...], "mm_inputs": {"pixel_values": tensor, ...}} (already processed: each
+        image placeholder expanded to its positions). Outputs come back in input order."""
         prompts = prompts if isinstance(prompts, list) else [prompts]
         params = sampling_params or SamplingParams()
         seqs = []
@@ -60,7 +61,7 @@ class LLM:
         if not all(isinstance(i, Image.Image) for i in images):
             raise UserError("multi_modal_data['image'] must be a PIL image or a list of them")
         return self.engine.add_request(prompt.get("prompt"), images, params,
-                                       prompt.get("prompt_token_ids"), prompt.get("pixel_values"))
+                                       prompt.get("prompt_token_ids"), prompt.get("mm_inputs"))
 
     def _output(self, seq: Sequence) -> RequestOutput:
         out = CompletionOutput(self.engine.processor.decode(seq.output_token_ids), seq.output_token_ids,

@@ -2,16 +2,13 @@
 (at most `--batch-size` at once), each exactly `--input-len` prompt and `--output-len` output tokens."""
 import argparse
 import json
-import resource
 import sys
 import time
-
-import torch
 
 from vllm_utils.bench.metrics import TimedRun, seed_perf_info, summarize
 from vllm_utils.bench.report import environment, write_csv, write_json
 from vllm_utils.bench.synthetic import SyntheticRequest, synthetic_requests
-from vllm_utils.devices import synchronize
+from vllm_utils.config import DEFAULT_MAX_NUM_SEQS
 from vllm_utils.errors import UserError
 from vllm_utils.multimodal.processor import load_image
 from vllm_utils.sampling_params import SamplingParams
@@ -28,13 +25,13 @@ def check_lengths(args: argparse.Namespace) -> None:
 
 
 def _as_prompts(requests: list[SyntheticRequest]) -> list[dict]:
-    return [{"prompt_token_ids": r.prompt_token_ids, "pixel_values": r.pixel_values} for r in requests]
+    return [r.as_prompt() for r in requests]
 
 
 def timed_run(llm, requests: list[SyntheticRequest], params: SamplingParams) -> TimedRun:
     engine = llm.engine
     engine.reset_stats()
-    synchronize(engine.device)
+    engine.platform.synchronize(engine.device)
     start = time.perf_counter()
     outputs = llm.generate(_as_prompts(requests), params)
     wall = time.perf_counter() - start
@@ -44,20 +41,14 @@ def timed_run(llm, requests: list[SyntheticRequest], params: SamplingParams) -> 
     return TimedRun(wall, outputs, engine.stats)
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak RSS (CPU)
-
-
 def run_perf(args: argparse.Namespace, make_llm) -> None:
     """`make_llm(args)` builds the backend (our LLM, or HF behind the same interface)."""
     args.output_len = args.output_len or 128
     check_lengths(args)
     if args.batch_size is None:
-        args.batch_size = min(args.num_prompts, 256)
+        args.batch_size = min(args.num_prompts, DEFAULT_MAX_NUM_SEQS)
     if args.model is None:
-        from vllm_utils.tiny_model import default_demo_assets
+        from vllm_utils.bench.tiny_model import default_demo_assets
 
         args.model = default_demo_assets()[0]
         print(f"No --model given: benchmarking the tiny random LLaVA at {args.model}; pass --model PATH "
@@ -72,8 +63,7 @@ def run_perf(args: argparse.Namespace, make_llm) -> None:
     warmup = synthetic_requests(engine.processor, args.input_len, 1, image, seed=args.seed + 10_000)
     llm.generate(_as_prompts(warmup), SamplingParams(temperature=0, max_tokens=min(args.output_len, 8), ignore_eos=True),
                  use_tqdm=False)
-    if engine.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(engine.device)
+    engine.platform.reset_peak_memory(engine.device)
     runs = []
     for i in range(args.num_iters):
         requests = synthetic_requests(engine.processor, args.input_len, args.num_prompts, image, seed=args.seed + i)
@@ -82,7 +72,7 @@ def run_perf(args: argparse.Namespace, make_llm) -> None:
     summary["image_tokens_per_request"] = requests[0].num_image_tokens
     summary["text_tokens_per_request"] = requests[0].num_text_tokens
     summary["kv_blocks_total"] = engine.block_manager.num_blocks
-    summary["peak_memory_gib"] = peak_memory_bytes(engine.device) / 2**30
+    summary["peak_memory_gib"] = engine.platform.peak_memory_bytes(engine.device) / 2**30
 
     info = seed_perf_info(summary)
     print("***Perf Info***")

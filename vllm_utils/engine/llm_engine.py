@@ -5,17 +5,16 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from vllm_utils.config import EngineConfig, load_hf_config, resolve_dtype
-from vllm_utils.devices import resolve_device
+from vllm_utils.config import EngineConfig
 from vllm_utils.engine.block_manager import BlockManager
 from vllm_utils.engine.model_runner import ModelRunner
+from vllm_utils.engine.resolve import resolve
 from vllm_utils.engine.scheduler import Scheduler
-from vllm_utils.engine.tensor_parallel import check_tp_size, rank_device, start_workers
 from vllm_utils.engine.sequence import Sequence
+from vllm_utils.engine.tensor_parallel import rank_device, start_workers
 from vllm_utils.errors import UserError
-from vllm_utils.models.bundled_configs import bundled_config_dir
-from vllm_utils.models.registry import model_class
-from vllm_utils.multimodal.processor import MultiModalProcessor
+from vllm_utils.models.registry import family
+from vllm_utils.multimodal.inputs import MultiModalInputs
 from vllm_utils.sampling_params import SamplingParams
 
 
@@ -34,48 +33,35 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_type: str | None = None) -> None:
-        self.config = config
-        self.device = resolve_device(config.device)
-        self.hf_config = load_hf_config(config.model)
-        self.model_folder = bundled_config_dir(config.model) or config.model
-        cls = model_class(self.hf_config, model_type, config.model)
-        self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
-        text_config = self.hf_config.text_config
-        self.max_model_len = config.max_model_len or text_config.max_position_embeddings
-        if self.max_model_len > text_config.max_position_embeddings:
-            raise UserError(f"--max-model-len {self.max_model_len} exceeds the model's "
-                            f"max_position_embeddings ({text_config.max_position_embeddings}); lower it")
-        check_tp_size(self.hf_config, config.tensor_parallel_size, self.device)
+        self.config = resolve(config, model_type)
+        self.device, self.dtype, self.max_model_len = self.config.device, self.config.dtype, self.config.max_model_len
         # before the (slow) weights, so that a folder without tokenizer files fails at once
-        self.processor = MultiModalProcessor(self.model_folder, self.hf_config, cls.image_features(self.hf_config),
-                                             allow_missing=config.load_format == "dummy")
+        self.processor = family(self.config.model_type).processor(self.config.folder, self.config.hf_config,
+                                                                  allow_missing=config.load_format == "dummy")
         torch.manual_seed(config.seed)
         if config.tensor_parallel_size > 1:
-            workers = start_workers(config, self.hf_config, cls, self.device, self.dtype, self.max_model_len)
+            workers = start_workers(self.config)
             with workers.watch():
-                self.runner = ModelRunner(config, self.hf_config, cls, rank_device(self.device, 0), self.dtype,
-                                          self.max_model_len, control_group=workers.group)
+                self.runner = ModelRunner(self.config, rank_device(self.config, 0), control_group=workers.group)
             self.runner.workers = workers
         else:
-            self.runner = ModelRunner(config, self.hf_config, cls, self.device, self.dtype, self.max_model_len)
+            self.runner = ModelRunner(self.config, self.device)
+        self.platform = self.runner.platform
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
-        self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs,
-            max(config.max_num_batched_tokens or 8192, self.max_model_len),
-            self.max_model_len, self.processor.eos_token_id,
-        )
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                   self.max_model_len, self.processor.eos_token_id)
         self.stats = EngineStats()
 
     def add_request(self, prompt: str | None, images: list[Image.Image], params: SamplingParams,
-                    prompt_token_ids: list[int] | None = None, pixel_values: torch.Tensor | None = None) -> Sequence:
-        """A raw prompt (with one image placeholder per image) or ready token ids and pixel values."""
+                    prompt_token_ids: list[int] | None = None, mm_inputs: MultiModalInputs | None = None) -> Sequence:
+        """A raw prompt (with one image placeholder per image) or ready token ids and multimodal tensors."""
         if prompt_token_ids is None:
-            prompt_token_ids, pixel_values = self.processor.process(prompt, images)
+            prompt_token_ids, mm_inputs = self.processor.process(prompt, images)
         if len(prompt_token_ids) >= self.max_model_len:
             raise UserError(f"the prompt is {len(prompt_token_ids)} tokens (image positions included), which leaves "
                             f"no room to generate within --max-model-len {self.max_model_len}; shorten the prompt "
                             f"or raise --max-model-len")
-        seq = Sequence(prompt_token_ids, params, pixel_values, prompt)
+        seq = Sequence(prompt_token_ids, params, mm_inputs, prompt)
         self.scheduler.add(seq)
         return seq
 
@@ -117,5 +103,5 @@ class LLMEngine:
         stats.peak_blocks_used = max(stats.peak_blocks_used, self.block_manager.num_used)
         finished = self.scheduler.postprocess(seqs, token_ids, logprobs)
         for seq in finished:
-            seq.pixel_values = None
+            seq.mm_inputs = None
         return finished

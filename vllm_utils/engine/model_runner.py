@@ -1,57 +1,33 @@
-"""Builds the model on its device, owns the paged KV cache, turns scheduled sequences into tensors,
-runs the model and samples."""
-import os
-import sys
+"""Builds the model on its device, owns the paged KV cache, turns scheduled sequences into step inputs, runs the
+model and samples."""
 import time
-from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig
 
-from vllm_utils.attention.backend import AttentionMetadata, get_backend
-from vllm_utils.config import EngineConfig
-from vllm_utils.devices import advise_huge_pages, to_device
+from vllm_utils.attention.layer import PagedAttention
+from vllm_utils.attention.metadata import AttentionMetadata
+from vllm_utils.config import ResolvedConfig
 from vllm_utils.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, VisionGraphs
 from vllm_utils.engine.sequence import Sequence
+from vllm_utils.engine.step_inputs import DecodeInputs, PrefillInputs, StepInputs
 from vllm_utils.errors import UserError
-from vllm_utils.layers.attention import PagedAttention
-from vllm_utils.layers import cpu_kernels
-from vllm_utils.layers.linear import enable_cpu_gemv, pack_for_onednn
+from vllm_utils.layers.op import Op
 from vllm_utils.layers.parallel import tp_rank
 from vllm_utils.layers.sampler import sample
 from vllm_utils.loader import init_dummy_weights, load_weights
+from vllm_utils.models.interface import VisionLanguageModel
+from vllm_utils.models.registry import family
+from vllm_utils.multimodal.inputs import MultiModalInputs, concat_mm_inputs
+from vllm_utils.notes import note_once
+from vllm_utils.platforms import platform_for
+from vllm_utils.platforms.interface import GiB, Platform
 
-GiB = 1 << 30
 PREFILL_GRAPH_TOKENS = 1024  # longer prompts prefill eagerly: their launches are small next to their compute
 
 
-@dataclass
-class PrefillInputs:
-    rows: torch.Tensor  # [3, tokens]: token ids, positions, cache slots of the packed prompts
-    seq_lens: list[int]
-    image_mask: torch.Tensor  # [tokens] bool: positions that take image features
-    pixel_values: torch.Tensor | None  # every image of the batch, in prompt order
-
-
-@dataclass
-class DecodeInputs:
-    rows: torch.Tensor  # [4, seqs]: last token ids, positions, cache slots, context lengths
-    tables: torch.Tensor  # [seqs, width] int32 block tables padded with 0
-    run_starts: list[int] | None = None  # see AttentionMetadata.run_starts
-
-
-StepInputs = PrefillInputs | DecodeInputs
-_said: set[str] = set()
-
-
-def _say_once(message: str) -> None:
-    """A note on stderr, once per process, from rank 0 only (every rank would say the same)."""
-    if message not in _said and tp_rank() == 0:
-        _said.add(message)
-        print(f"note: {message}", file=sys.stderr)
-
-
-def build_model(hf_config: PretrainedConfig, cls: type, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def build_model(hf_config: PretrainedConfig, cls: type[VisionLanguageModel], device: torch.device,
+                dtype: torch.dtype) -> VisionLanguageModel:
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -68,58 +44,62 @@ def _run_start(blocks: list[int]) -> int:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config: PretrainedConfig, cls: type[torch.nn.Module],
-                 device: torch.device, dtype: torch.dtype, max_model_len: int,
+    def __init__(self, config: ResolvedConfig, device: torch.device,
                  control_group: "torch.distributed.ProcessGroup | None" = None) -> None:
-        self.config, self.device, self.dtype = config, device, dtype
+        self.config, self.device, self.dtype = config, device, config.dtype
         self.control_group = control_group
-        self.block_size = config.block_size
-        self.model = build_model(hf_config, cls, device, dtype)
-        advise_huge_pages(list(self.model.parameters()))  # before the weights are written
-        if config.load_format == "dummy":
-            init_dummy_weights(self.model, config.seed)
+        self.block_size = config.engine.block_size
+        self.platform = platform_for(device)
+        self.model = build_model(config.hf_config, family(config.model_type).model, device, config.dtype)
+        self.platform.prepare_for_weights(self.model)  # before the weights are written
+        if config.engine.load_format == "dummy":
+            init_dummy_weights(self.model, config.engine.seed)
         else:
-            load_weights(self.model, config.model, show_progress=tp_rank() == 0)
-        if device.type == "cpu" and dtype == torch.bfloat16:
-            for module in getattr(self.model, "prompt_only_modules", list)():
-                pack_for_onednn(module, getattr(self.model, "num_image_features", 1))
-            if enable_cpu_gemv(self.model) == 0:
-                why = cpu_kernels.unavailable_reason() or "no layer fits it"
-                _say_once(f"the bf16 CPU decode kernel is off ({why}); linears use F.linear")
+            load_weights(self.model, config.folder, show_progress=tp_rank() == 0)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
-        self.backend = get_backend(config.attention_backend, device)
-        self.num_blocks = self._plan_kv_blocks(max_model_len)
+        self.choose_kernels(self.platform)
+        self.num_blocks = self._plan_kv_blocks()
         self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
         self.vision_graphs: VisionGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
-        if not config.enforce_eager:
-            if device.type == "cuda":
-                self.build_graphs(hf_config, max_model_len)
+        if not config.engine.enforce_eager:
+            if self.platform.supports_graphs:
+                self.build_graphs()
             else:
-                _say_once(f"graph mode needs CUDA graphs; running eagerly on {device.type}")
+                note_once(f"graph mode needs CUDA graphs; running eagerly on {device.type}")
         self.workers = None  # rank 0 of a tensor-parallel group: the channel to the other ranks
 
-    def build_graphs(self, hf_config: PretrainedConfig, max_model_len: int, capture: bool = True) -> None:
+    def choose_kernels(self, platform: Platform) -> None:
+        """Gives every op `platform`'s implementation and every attention layer its backend (tests pass another
+        platform's, e.g. CUDA's Triton kernels interpreted on CPU tensors)."""
+        for module in self.model.modules():
+            if isinstance(module, Op):
+                module.impl = None
+        platform.choose_kernels(self.model, self.config.engine, self.model.prompt_only_modules())
+        self.backend = platform.attention_backend(self.config.engine.attention_backend)
+        for layer in self.attention_layers:
+            layer.backend = self.backend
+
+    def build_graphs(self, capture: bool = True) -> None:
         """Graph mode's static, padded steps, captured as CUDA graphs (`capture=False`: run eagerly, for tests)."""
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info(self.device)[0] if capture else 0
-        max_batch = min(self.config.max_num_seqs, self.config.max_graph_batch)
+        max_len = self.config.max_model_len
+        max_batch = min(self.config.max_num_seqs, self.config.engine.max_graph_batch)
         scratch = self.num_blocks  # the cache's extra block
-        self.graphs = DecodeGraphs(self.model, max_batch, -(-max_model_len // self.block_size), scratch,
-                                   self.block_size, self.device, capture)
-        if hasattr(self.model, "encode_images"):
-            if capture:  # the vision tower's graphs have no padding: nothing to test without capture
-                size = hf_config.vision_config.image_size
-                self.vision_graphs = VisionGraphs(self.model, (hf_config.vision_config.num_channels, size, size),
-                                                  self.dtype, self.device)
-            self.prefill_graphs = PrefillGraphs(self.model, min(max_model_len, PREFILL_GRAPH_TOKENS),
-                                                scratch * self.block_size, hf_config.text_config.hidden_size,
-                                                self.dtype, self.device, capture)
+        self.graphs = DecodeGraphs(self.model, max_batch, -(-max_len // self.block_size), scratch,
+                                   self.block_size, self.platform, self.device, capture)
+        item = self.model.static_mm_item()
+        if capture and item is not None:  # the vision graphs have no padding: nothing to test without capture
+            self.vision_graphs = VisionGraphs(self.model, item, self.dtype, self.device)
+        hidden = self.config.hf_config.text_config.hidden_size
+        self.prefill_graphs = PrefillGraphs(self.model, min(max_len, PREFILL_GRAPH_TOKENS), scratch * self.block_size,
+                                            hidden, self.dtype, self.platform, self.device, capture)
         if capture and tp_rank() == 0:
             used = (free_before - torch.cuda.mem_get_info(self.device)[0]) / GiB
-            print(f"note: CUDA graphs captured in {time.perf_counter() - start:.1f} s, using {used:.2f} GiB "
-                  f"(--enforce-eager skips them)", file=sys.stderr)
+            note_once(f"CUDA graphs captured in {time.perf_counter() - start:.1f} s, using {used:.2f} GiB "
+                      f"(--enforce-eager skips them)")
 
     # ---- KV cache -------------------------------------------------------------------------------
     @property
@@ -128,14 +108,16 @@ class ModelRunner:
         per_token = 2 * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
         return per_token * self.block_size * len(self.attention_layers)
 
-    def _plan_kv_blocks(self, max_model_len: int) -> int:
-        blocks_per_seq = -(-max_model_len // self.block_size)
-        if self.config.num_kv_blocks is not None:
-            num = self.config.num_kv_blocks
+    def _plan_kv_blocks(self) -> int:
+        max_len = self.config.max_model_len
+        blocks_per_seq = -(-max_len // self.block_size)
+        if self.config.engine.num_kv_blocks is not None:
+            num = self.config.engine.num_kv_blocks
         else:
             wanted = blocks_per_seq * self.config.max_num_seqs
             one_sequence = (blocks_per_seq + 1) * self.kv_bytes_per_block
-            num = min(wanted, self._kv_budget_bytes(one_sequence) // self.kv_bytes_per_block - 1)  # -1: scratch
+            budget = self.platform.kv_cache_budget(self.device, self.config.engine, one_sequence)
+            num = min(wanted, budget // self.kv_bytes_per_block - 1)  # -1: the scratch block
             if self.control_group is not None:  # every rank must hold the same blocks: take the smallest
                 count = torch.tensor([num])
                 torch.distributed.all_reduce(count, torch.distributed.ReduceOp.MIN, group=self.control_group)
@@ -144,20 +126,10 @@ class ModelRunner:
             have = num * self.kv_bytes_per_block / GiB
             raise UserError(
                 f"the KV cache ({num} blocks, {have:.2f} GiB) cannot hold one sequence of --max-model-len "
-                f"{max_model_len} ({blocks_per_seq} blocks of {self.block_size}); lower --max-model-len or "
+                f"{max_len} ({blocks_per_seq} blocks of {self.block_size}); lower --max-model-len or "
                 f"give the engine more memory"
             )
         return num
-
-    def _kv_budget_bytes(self, one_sequence: int) -> int:
-        """CUDA: what `memory_fraction` of the GPU leaves free after the weights. CPU: 4 GiB (as vLLM's CPU
-        default), or one full-length sequence if that is more, and never more than half the free RAM."""
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            reserve = total * (1 - self.config.memory_fraction) + GiB  # activations, graphs, fragmentation
-            return max(0, int(free - reserve))
-        half_free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-        return min(half_free, max(4 * GiB, one_sequence))
 
     def _allocate_kv_cache(self) -> None:
         layer = self.attention_layers[0]
@@ -165,7 +137,7 @@ class ModelRunner:
         shape = (2, len(self.attention_layers), self.num_blocks + 1, self.block_size, layer.num_kv_heads, layer.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.attention_layers):
-            attn.k_cache, attn.v_cache, attn.backend = self.kv_cache[0, i], self.kv_cache[1, i], self.backend
+            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
     # ---- one step ---------------------------------------------------------------------------------
     # A step is prepared on the host from the scheduled sequences (rank 0), then executed by every
@@ -177,51 +149,60 @@ class ModelRunner:
         return self._prepare_prefill(seqs) if is_prefill else self._prepare_decode(seqs)
 
     def _prepare_prefill(self, seqs: list[Sequence]) -> PrefillInputs:
-        ids, positions, slots, lens, image_mask = [], [], [], [], []
+        ids, positions, slots, lens, mm_mask = [], [], [], [], []
+        mm_token = self.model.mm_token_id
         for seq in seqs:
             n = len(seq)
             ids.extend(seq.token_ids)
             positions.extend(range(n))
             slots.extend(self._slot(seq, p) for p in range(n))
             lens.append(n)
-            # image positions are the prompt's placeholders; generated tokens never are, whatever their id
-            image_mask.extend(t == self.model.image_token_index for t in seq.token_ids[: seq.num_prompt_tokens])
-            image_mask.extend([False] * (n - seq.num_prompt_tokens))
-        pixels = [s.pixel_values for s in seqs if s.pixel_values is not None]
-        return PrefillInputs(torch.tensor([ids, positions, slots]), lens, torch.tensor(image_mask),
-                             torch.cat(pixels) if pixels else None)
+            # multimodal positions are the prompt's placeholders; generated tokens never are, whatever their id
+            mm_mask.extend(t == mm_token for t in seq.token_ids[: seq.num_prompt_tokens])
+            mm_mask.extend([False] * (n - seq.num_prompt_tokens))
+        mm_inputs = concat_mm_inputs([s.mm_inputs for s in seqs if s.mm_inputs])
+        return PrefillInputs(torch.tensor(ids), torch.tensor(positions), torch.tensor(slots), lens,
+                             torch.tensor(mm_mask), mm_inputs)
 
     def _prepare_decode(self, seqs: list[Sequence]) -> DecodeInputs:
         positions = [len(s) - 1 for s in seqs]
-        rows = torch.tensor([[s.last_token for s in seqs], positions,
-                             [self._slot(s, p) for s, p in zip(seqs, positions)], [len(s) for s in seqs]])
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
-        runs = [_run_start(s.block_table) for s in seqs] if self.backend.reads_runs else None
-        return DecodeInputs(rows, tables, runs)
+        return DecodeInputs(
+            token_ids=torch.tensor([s.last_token for s in seqs]), positions=torch.tensor(positions),
+            slots=torch.tensor([self._slot(s, p) for s, p in zip(seqs, positions)]),
+            context_lens=torch.tensor([len(s) for s in seqs]), block_tables=tables,
+            run_starts=[_run_start(s.block_table) for s in seqs] if self.backend.reads_runs else None)
+
+    def _encode_mm(self, mm_inputs: MultiModalInputs) -> torch.Tensor | None:
+        if not mm_inputs:
+            return None
+        on_device = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+                     for k, v in mm_inputs.items()}
+        encode = self.vision_graphs.encode if self.vision_graphs is not None else self.model.encode_mm
+        return encode(on_device)
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of each sequence's next token (and their argmax when a graph computed it)."""
         if isinstance(inputs, PrefillInputs):
-            image_embeds = None
-            if inputs.pixel_values is not None:
-                pixels = inputs.pixel_values.to(self.device, self.dtype)
-                encode = self.vision_graphs.encode if self.vision_graphs is not None else self.model.encode_images
-                image_embeds = encode(pixels).flatten(0, 1)
+            mm_embeds = self._encode_mm(inputs.mm_inputs)
             graphs = self.prefill_graphs
             if graphs is not None and len(inputs.seq_lens) == 1 and inputs.seq_lens[0] <= graphs.max_tokens:
-                return graphs.run(inputs.rows, inputs.image_mask, image_embeds)
-            rows = inputs.rows.to(self.device)
-            meta = AttentionMetadata(True, rows[2], seq_lens=inputs.seq_lens)
+                return graphs.run(inputs, mm_embeds)
+            ids, positions, slots = (t.to(self.device) for t in (inputs.token_ids, inputs.positions, inputs.slots))
+            meta = AttentionMetadata(True, slots, seq_lens=inputs.seq_lens)
             last = torch.tensor(inputs.seq_lens).cumsum(0).to(self.device) - 1
-            hidden = self.model(rows[0], rows[1], meta, image_embeds, inputs.image_mask.to(self.device), keep=last)
+            hidden = self.model(ids, positions, meta, mm_embeds, inputs.mm_mask.to(self.device), keep=last)
             return self.model.compute_logits(hidden), None
-        if self.graphs is not None and inputs.tables.shape[0] <= self.graphs.max_batch:
-            return self.graphs.run(inputs.rows, inputs.tables)
-        rows, tables = to_device(inputs.rows, self.device), to_device(inputs.tables, self.device)
-        meta = AttentionMetadata(False, rows[2], block_tables=tables, context_lens=rows[3], run_starts=inputs.run_starts)
-        return self.model.compute_logits(self.model(rows[0], rows[1], meta)), None
+        if self.graphs is not None and inputs.block_tables.shape[0] <= self.graphs.max_batch:
+            return self.graphs.run(inputs)
+        rows = torch.stack([inputs.token_ids, inputs.positions, inputs.slots, inputs.context_lens])
+        ids, positions, slots, context_lens = self.platform.to_device(rows, self.device)  # one copy
+        tables = self.platform.to_device(inputs.block_tables, self.device)
+        meta = AttentionMetadata(False, slots, block_tables=tables, context_lens=context_lens,
+                                 run_starts=inputs.run_starts)
+        return self.model.compute_logits(self.model(ids, positions, meta)), None
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float] | None]:
         inputs = self.prepare(seqs, is_prefill)

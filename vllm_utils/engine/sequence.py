@@ -5,6 +5,7 @@ from itertools import count
 
 import torch
 
+from vllm_utils.multimodal.inputs import MultiModalInputs
 from vllm_utils.sampling_params import SamplingParams
 
 
@@ -19,14 +20,14 @@ _ids = count()
 
 
 class Sequence:
-    def __init__(self, token_ids: list[int], params: SamplingParams, pixel_values: torch.Tensor | None = None,
+    def __init__(self, token_ids: list[int], params: SamplingParams, mm_inputs: MultiModalInputs | None = None,
                  prompt: str | None = None) -> None:
         self.seq_id = next(_ids)
         self.prompt = prompt
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
         self.params = params
-        self.pixel_values = pixel_values
+        self.mm_inputs = mm_inputs or None  # dropped when the sequence finishes
         self.block_table: list[int] = []
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None

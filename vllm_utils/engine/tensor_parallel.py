@@ -15,44 +15,18 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import PretrainedConfig
 
-from vllm_utils.config import EngineConfig
+from vllm_utils.config import ResolvedConfig
 from vllm_utils.errors import UserError, one_line
-
-
-def check_tp_size(hf_config: PretrainedConfig, size: int, device: torch.device) -> None:
-    """Errors a user can fix, before any process starts."""
-    if size == 1:
-        return
-    text, vision = hf_config.text_config, hf_config.vision_config
-    checks = {
-        "the attention heads": text.num_attention_heads,
-        "the key/value heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-        "the MLP width": text.intermediate_size,
-        "the vision attention heads": vision.num_attention_heads,
-        "the vision MLP width": vision.intermediate_size,
-    }
-    for what, count in checks.items():
-        if count % size:
-            raise UserError(f"--tensor-parallel-size {size} does not divide {what} ({count}); pick a divisor of {count}")
-    if device.type == "cuda" and torch.cuda.device_count() < size:
-        raise UserError(f"--tensor-parallel-size {size} needs {size} GPUs but {torch.cuda.device_count()} are visible; "
-                        f"lower it or expose more GPUs (CUDA_VISIBLE_DEVICES)")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--tensor-parallel-size > 1 supports cpu and cuda, not {device.type}")
-
-
-def rank_device(device: torch.device, rank: int) -> torch.device:
-    return torch.device("cuda", rank) if device.type == "cuda" else device
+from vllm_utils.platforms import platform_for
 
 
 def init_group(rank: int, size: int, store_path: str, device: torch.device) -> dist.ProcessGroup:
-    """Joins the default group (for the model's collectives) and returns a gloo group for control."""
-    if device.type == "cuda":
-        torch.cuda.set_device(rank)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=size)
+    """Joins the default group (for the model's collectives) on this rank's device and returns a gloo group
+    for control."""
+    platform = platform_for(device)
+    platform.configure_rank(device, size)
+    dist.init_process_group(platform.dist_backend, init_method=f"file://{store_path}", rank=rank, world_size=size)
     return dist.new_group(backend="gloo")
 
 
@@ -118,10 +92,9 @@ class WorkerChannel:
         shutil.rmtree(self.store_dir, ignore_errors=True)
 
 
-def start_workers(config: EngineConfig, hf_config: PretrainedConfig, cls: type, device: torch.device,
-                  dtype: torch.dtype, max_model_len: int) -> WorkerChannel:
+def start_workers(config: ResolvedConfig) -> WorkerChannel:
     """Spawns ranks 1..N-1 and joins rank 0 to the group."""
-    size = config.tensor_parallel_size
+    size = config.engine.tensor_parallel_size
     store_dir = tempfile.mkdtemp(prefix="vllm_utils_tp_")
     store_path = os.path.join(store_dir, "store")
     context = mp.get_context("spawn")
@@ -131,35 +104,32 @@ def start_workers(config: EngineConfig, hf_config: PretrainedConfig, cls: type, 
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         for rank in range(1, size):
-            p = context.Process(target=_worker_main, daemon=True,
-                                args=(rank, size, store_path, config, hf_config, cls, device, dtype, max_model_len))
+            p = context.Process(target=_worker_main, daemon=True, args=(rank, size, store_path, config))
             p.start()
             processes.append(p)
     finally:
         signal.signal(signal.SIGINT, handler)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or size) // size))
     try:
-        group = init_group(0, size, store_path, device)
+        group = init_group(0, size, store_path, rank_device(config, 0))
     except BaseException:
         shutil.rmtree(store_dir, ignore_errors=True)
         raise
     return WorkerChannel(group, processes, store_dir)
 
 
-def _worker_main(rank: int, size: int, store_path: str, config: EngineConfig, hf_config: PretrainedConfig,
-                 cls: type, device: torch.device, dtype: torch.dtype, max_model_len: int) -> None:
+def rank_device(config: ResolvedConfig, rank: int) -> torch.device:
+    return platform_for(config.device).rank_device(config.device, rank)
+
+
+def _worker_main(rank: int, size: int, store_path: str, config: ResolvedConfig) -> None:
     from tqdm import tqdm
 
     from vllm_utils.engine.model_runner import ModelRunner
 
     tqdm.set_lock(threading.RLock())  # tqdm's default lock is a semaphore that a killed worker would leak
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or size) // size))
-    group = init_group(rank, size, store_path, device)
+    group = init_group(rank, size, store_path, rank_device(config, rank))
     try:
-        runner = ModelRunner(config, hf_config, cls, rank_device(device, rank), dtype, max_model_len,
-                             control_group=group)
+        runner = ModelRunner(config, rank_device(config, rank), control_group=group)
         while True:
             message = [None]
             dist.broadcast_object_list(message, src=0, group=group)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_utils.layers.linear import dense
+from vllm_utils.layers.linear import LinearOp
 from vllm_utils.layers.parallel import all_gather_last_dim, all_reduce, tp_rank, tp_size
 
 
@@ -30,11 +30,9 @@ class VocabParallelEmbedding(nn.Module):
         return all_reduce(y)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
-    use_cpu_gemv = False  # set by enable_cpu_gemv, with next_weight
-    next_weight: torch.Tensor | None = None
-    packed_weight = None  # the LM head runs in decode steps: never packed for oneDNN
+class ParallelLMHead(VocabParallelEmbedding, LinearOp):
+    """The vocabulary-sharded output projection: each rank computes its logits, gathered into the whole row."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(dense(hidden, self.weight, None, self))
+        logits = all_gather_last_dim(self.run(hidden, None))
         return logits[..., : self.vocab_size]

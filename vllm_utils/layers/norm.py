@@ -1,10 +1,10 @@
 import torch
 from torch import nn
 
-from vllm_utils.layers import cpu_kernels, fused_cuda
+from vllm_utils.layers.op import Op
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Op):
     """Llama's RMSNorm, computed in float32 and cast back as transformers does. With `residual`, it first
     adds x into residual (in place, in the model dtype) and normalizes the sum: the decoder's
     `residual = residual + x; x = norm(residual)` in one pass."""
@@ -15,10 +15,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if fused_cuda.available(x) and x.dim() == 2:
-            return fused_cuda.add_rmsnorm(x, self.weight, self.eps, residual)
-        if cpu_kernels.supports_rmsnorm(x, self.weight, residual):
-            return cpu_kernels.rmsnorm(x, self.weight, self.eps, residual)
+        return self.run(x, residual)
+
+    def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if residual is not None:
             residual.add_(x)
             x = residual

@@ -7,7 +7,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from vllm_utils.errors import UserError
-from vllm_utils.layers import cpu_kernels
+from vllm_utils.layers.op import Op
 
 
 def rope_parameters(config: PretrainedConfig) -> dict:
@@ -47,7 +47,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(Op):
     def __init__(self, head_dim: int, max_positions: int, params: dict) -> None:
         super().__init__()
         inv_freq = inverse_frequencies(head_dim, params)
@@ -57,11 +57,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
-        if cpu_kernels.supports_rope(q, positions, self.cos) and cpu_kernels.supports_rope(k, positions, self.cos):
-            cpu_kernels.rope_(q, positions, self.cos, self.sin)
-            cpu_kernels.rope_(k, positions, self.cos, self.sin)
-            return q, k
+        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]. Returns the rotated pair (an
+        implementation may rotate in place and return its inputs)."""
+        return self.run(positions, q, k)
+
+    def forward_native(self, positions: torch.Tensor, q: torch.Tensor,
+                       k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

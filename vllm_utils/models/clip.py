@@ -1,11 +1,10 @@
 """CLIP vision transformer, run only up to the layers LLaVA reads its image features from."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from vllm_utils.layers import cpu_kernels
-from vllm_utils.layers.activation import get_activation
+from vllm_utils.attention.encoder import EncoderAttention
+from vllm_utils.layers.activation import Activation
 from vllm_utils.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
 
@@ -17,18 +16,12 @@ class CLIPAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, heads, heads, bias=True)
         self.out_proj = RowParallelLinear(config.hidden_size, config.hidden_size, bias=True)
         self.local_heads = self.qkv_proj.num_heads
+        self.attn = EncoderAttention(self.head_dim**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
         q, k, v = self.qkv_proj(x).view(batch, tokens, 3, self.local_heads, self.head_dim).unbind(2)
-        scale = self.head_dim**-0.5
-        if cpu_kernels.supports_prefill_attention(q[0], k[0], v[0]):
-            out = torch.stack([cpu_kernels.prefill_attention(q[i], k[i], v[i], scale, causal=False)
-                               for i in range(batch)])
-        else:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-            out = out.transpose(1, 2)
-        return self.out_proj(out.reshape(batch, tokens, -1))
+        return self.out_proj(self.attn(q, k, v).reshape(batch, tokens, -1))
 
 
 class CLIPMLP(nn.Module):
@@ -36,7 +29,7 @@ class CLIPMLP(nn.Module):
         super().__init__()
         self.fc1 = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias=True)
         self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=True)
-        self.act = get_activation(config.hidden_act)
+        self.act = Activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

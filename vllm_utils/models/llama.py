@@ -4,9 +4,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from vllm_utils.attention.backend import AttentionMetadata
+from vllm_utils.attention.layer import PagedAttention
+from vllm_utils.attention.metadata import AttentionMetadata
 from vllm_utils.layers.activation import SiluAndMul
-from vllm_utils.layers.attention import PagedAttention
 from vllm_utils.layers.embedding import VocabParallelEmbedding
 from vllm_utils.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm_utils.layers.norm import RMSNorm

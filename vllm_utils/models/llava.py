@@ -6,13 +6,14 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from vllm_utils.attention.backend import AttentionMetadata
+from vllm_utils.attention.metadata import AttentionMetadata
 from vllm_utils.errors import UserError
-from vllm_utils.layers.activation import get_activation
+from vllm_utils.layers.activation import Activation
 from vllm_utils.layers.embedding import ParallelLMHead
 from vllm_utils.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm_utils.models.clip import CLIPVisionTower
 from vllm_utils.models.llama import LlamaModel
+from vllm_utils.multimodal.inputs import MultiModalInputs
 
 # Checkpoint key prefixes (hub layout, transformers >= 4.52 layout, transformers 5.2x layout) -> ours.
 _KEY_RULES = [
@@ -38,7 +39,7 @@ class LlavaProjector(nn.Module):
     def __init__(self, in_features: int, hidden: int, act: str, bias: bool) -> None:
         super().__init__()
         self.linear_1 = ColumnParallelLinear(in_features, hidden, bias=bias)
-        self.act = get_activation(act)
+        self.act = Activation(act)
         self.linear_2 = RowParallelLinear(hidden, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,8 +67,9 @@ class LlavaForConditionalGeneration(nn.Module):
         layers = config.vision_feature_layer
         layers = layers if isinstance(layers, (list, tuple)) else [layers]
         self.feature_layers = [i if i >= 0 else vision.num_hidden_layers + 1 + i for i in layers]
-        self.image_token_index = config.image_token_index
-        self.num_image_features = self.image_features(config)
+        self.vision_config = vision
+        self.mm_token_id = config.image_token_index
+        self.num_image_features = (vision.image_size // vision.patch_size) ** 2 + (self.strategy == "full")
 
         self.vision_tower = CLIPVisionTower(vision, max(self.feature_layers))
         self.multi_modal_projector = LlavaProjector(
@@ -79,15 +81,16 @@ class LlavaForConditionalGeneration(nn.Module):
         if getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False):
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
-    @staticmethod
-    def image_features(config: PretrainedConfig) -> int:
-        """Positions one image takes in the prompt: one per patch, plus CLS with the "full" strategy."""
-        vision = config.vision_config
-        return (vision.image_size // vision.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
+    def prompt_only_modules(self) -> list[tuple[nn.Module, int]]:
+        return [(self.vision_tower, self.num_image_features), (self.multi_modal_projector, self.num_image_features)]
 
-    def prompt_only_modules(self) -> list[nn.Module]:
-        """The modules that only ever run on whole prompts, never in a decode step."""
-        return [self.vision_tower, self.multi_modal_projector]
+    def encode_mm(self, mm_inputs: MultiModalInputs) -> torch.Tensor:
+        """pixel_values [images, 3, H, W] -> [images * num_image_features, hidden]"""
+        return self.encode_images(mm_inputs["pixel_values"]).flatten(0, 1)
+
+    def static_mm_item(self) -> MultiModalInputs:
+        size = self.vision_config.image_size
+        return {"pixel_values": torch.zeros(1, self.vision_config.num_channels, size, size)}
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[images, 3, H, W] -> [images, num_image_features, hidden]"""
@@ -97,23 +100,23 @@ class LlavaForConditionalGeneration(nn.Module):
             features = features[:, 1:]
         return self.multi_modal_projector(features)
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
-              image_mask: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings, with the prompt's image positions (`image_mask`) replaced by `image_embeds`
-        in order (rows of `image_embeds` past the last image position are ignored). Generated tokens keep
-        their own embedding, whatever their id. A gather, not a masked write: no host synchronisation, so
-        a CUDA graph can hold it."""
-        if image_embeds is None:
+    def embed(self, input_ids: torch.Tensor, mm_embeds: torch.Tensor | None,
+              mm_mask: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings, with the prompt's image positions (`mm_mask`) replaced by `mm_embeds` in order
+        (rows of `mm_embeds` past the last image position are ignored). Generated tokens keep their own
+        embedding, whatever their id. A gather, not a masked write: no host synchronisation, so a CUDA graph
+        can hold it."""
+        if mm_embeds is None:
             return self.language_model.embed_tokens(input_ids)
-        embeds = self.language_model.embed_tokens(input_ids.masked_fill(image_mask, 0))
-        source = (image_mask.cumsum(0) - 1).clamp(min=0)  # the image row each image position takes
-        return torch.where(image_mask[:, None], image_embeds[source].to(embeds.dtype), embeds)
+        embeds = self.language_model.embed_tokens(input_ids.masked_fill(mm_mask, 0))
+        source = (mm_mask.cumsum(0) - 1).clamp(min=0)  # the image row each image position takes
+        return torch.where(mm_mask[:, None], mm_embeds[source].to(embeds.dtype), embeds)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+                mm_embeds: torch.Tensor | None = None, mm_mask: torch.Tensor | None = None,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states of every token, or of the rows `keep` only."""
-        return self.language_model(positions, self.embed(input_ids, image_embeds, image_mask), meta, keep)
+        return self.language_model(positions, self.embed(input_ids, mm_embeds, mm_mask), meta, keep)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

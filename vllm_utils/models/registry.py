@@ -1,27 +1,46 @@
-"""Model types and architectures -> model classes. A new VLM is one file plus one line here."""
+"""Model families: the --model-type name, the HF config model_types it accepts, its model class and its processor
+adapter. A new family is one model file, one processor adapter and one line here."""
+from dataclasses import dataclass
+
 from transformers import PretrainedConfig
-from torch import nn
 
 from vllm_utils.errors import UserError
+from vllm_utils.models.interface import VisionLanguageModel
 from vllm_utils.models.llava import LlavaForConditionalGeneration
+from vllm_utils.multimodal.llava import LlavaProcessorAdapter
+from vllm_utils.multimodal.processor import ProcessorAdapter
 
-# --model-type name -> (the config model_types it accepts, class)
-MODEL_TYPES: dict[str, tuple[tuple[str, ...], type[nn.Module]]] = {
-    "llava": (("llava",), LlavaForConditionalGeneration),
+
+@dataclass(frozen=True)
+class ModelFamily:
+    config_types: tuple[str, ...]
+    model: type[VisionLanguageModel]
+    processor: type[ProcessorAdapter]
+
+
+MODEL_FAMILIES: dict[str, ModelFamily] = {
+    "llava": ModelFamily(("llava",), LlavaForConditionalGeneration, LlavaProcessorAdapter),
 }
 
 
 def check_model_type(model_type: str) -> None:
-    if model_type not in MODEL_TYPES:
-        raise UserError(f"unknown --model-type '{model_type}': supported: {', '.join(sorted(MODEL_TYPES))}")
+    if model_type not in MODEL_FAMILIES:
+        raise UserError(f"unknown --model-type '{model_type}': supported: {', '.join(sorted(MODEL_FAMILIES))}")
 
 
-def model_class(hf_config: PretrainedConfig, model_type: str | None, model_path: str) -> type[nn.Module]:
+def find_family(hf_config: PretrainedConfig, model_type: str | None, model_path: str) -> str:
+    """The registry name of the family that serves this config (and matches `model_type` when given)."""
+    if model_type is not None:
+        check_model_type(model_type)
     found = getattr(hf_config, "model_type", None)
     archs = ", ".join(getattr(hf_config, "architectures", None) or []) or "unknown architecture"
-    for name, (config_types, cls) in MODEL_TYPES.items():
-        if found in config_types and model_type in (None, name):
-            return cls
-    wanted = model_type or " or ".join(sorted(MODEL_TYPES))
+    for name, family in MODEL_FAMILIES.items():
+        if found in family.config_types and model_type in (None, name):
+            return name
+    wanted = model_type or " or ".join(sorted(MODEL_FAMILIES))
     raise UserError(f"'{model_path}' holds a '{found}' model ({archs}), not a {wanted} model; "
                     f"point --model at a {wanted} checkpoint folder")
+
+
+def family(name: str) -> ModelFamily:
+    return MODEL_FAMILIES[name]

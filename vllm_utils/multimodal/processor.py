@@ -1,13 +1,13 @@
-"""Prompts and images -> token ids and pixel values, through the model folder's own HF processor
-(tokenizer, chat template, CLIP preprocessing); nothing here re-implements them."""
+"""Prompts and images -> token ids and named multimodal tensors, through the model folder's own HF processor
+(tokenizer, chat template, image preprocessing); nothing here re-implements them. A family's adapter adds what
+the engine needs beyond HF: how many prompt positions each item takes."""
 import os
 
-import torch
 from PIL import Image
 from transformers import AutoProcessor, PretrainedConfig
 
 from vllm_utils.errors import UserError
-
+from vllm_utils.multimodal.inputs import MultiModalInputs
 
 
 def load_image(path: str) -> Image.Image:
@@ -20,17 +20,17 @@ def load_image(path: str) -> Image.Image:
         raise UserError(f"cannot read image '{path}' ({type(e).__name__}); pass a PNG/JPEG/... image file") from None
 
 
-class MultiModalProcessor:
+class ProcessorAdapter:
     """The folder's HF processor. With `allow_missing` (random-weight benchmarks) a folder holding only
-    config.json still works for pre-tokenized requests: a CLIP image processor is built from the config."""
+    config.json still works for pre-tokenized requests: the family builds an image processor from the config."""
 
-    def __init__(self, folder: str, hf_config: PretrainedConfig, features_per_image: int,
-                 allow_missing: bool = False) -> None:
+    image_token = "<image>"
+
+    def __init__(self, folder: str, hf_config: PretrainedConfig, allow_missing: bool = False) -> None:
         self.folder = folder
-        self.image_token_index = hf_config.image_token_index
-        self.features_per_image = features_per_image
+        self.hf_config = hf_config
+        self.mm_token_id = hf_config.image_token_index
         self.hf_processor = self.tokenizer = self.image_processor = None
-        self.image_token = "<image>"
         try:
             self.hf_processor = AutoProcessor.from_pretrained(folder)
             self.tokenizer = getattr(self.hf_processor, "tokenizer", None)
@@ -42,18 +42,33 @@ class MultiModalProcessor:
                                 f"use the complete Hugging Face model folder") from None
         if self.tokenizer is None or self.image_processor is None:
             if not allow_missing:
-                raise UserError(f"'{folder}' has no image processor/tokenizer pair; use a LLaVA model folder")
-            self.tokenizer, self.image_processor = None, clip_image_processor(hf_config.vision_config.image_size)
+                raise UserError(f"'{folder}' has no image processor/tokenizer pair; use the complete Hugging Face "
+                                f"model folder")
+            self.tokenizer, self.image_processor = None, self.fallback_image_processor()
         else:
-            self.image_token = getattr(self.hf_processor, "image_token", "<image>")
-            if self.tokenizer.convert_tokens_to_ids(self.image_token) != self.image_token_index:
+            self.image_token = getattr(self.hf_processor, "image_token", self.image_token)
+            if self.tokenizer.convert_tokens_to_ids(self.image_token) != self.mm_token_id:
                 raise UserError(f"the tokenizer's id for {self.image_token} differs from the config's "
-                                f"image_token_index ({self.image_token_index}); the folder mixes files of different models")
+                                f"image_token_index ({self.mm_token_id}); the folder mixes files of different models")
         text = hf_config.text_config
         self.vocab_size = text.vocab_size
         self.bos_token_id = self.tokenizer.bos_token_id if self.tokenizer else getattr(text, "bos_token_id", 1)
         self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else getattr(text, "eos_token_id", 2)
 
+    # ---- what a family defines -------------------------------------------------------------------
+    def item_positions(self, mm_inputs: MultiModalInputs) -> list[int]:
+        """The prompt positions each item of `mm_inputs` takes, in order."""
+        raise NotImplementedError
+
+    def fallback_image_processor(self):
+        """An image processor built from the model config alone, for folders without processor files."""
+        raise NotImplementedError
+
+    def fallback_chat_prompt(self, text: str, num_images: int) -> str:
+        """The prompt the family's chat template renders, for folders that carry none."""
+        raise NotImplementedError
+
+    # ---- shared ----------------------------------------------------------------------------------
     def _need_tokenizer(self) -> None:
         if self.tokenizer is None:
             raise UserError(f"'{self.folder}' has no tokenizer files: text prompts need them (only --perf works "
@@ -61,18 +76,18 @@ class MultiModalProcessor:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(width, height) of the images the vision tower takes."""
+        """(width, height) of the images the processor produces by default (synthetic images take it)."""
         crop = getattr(self.image_processor, "crop_size", None) or {}
         size = crop.get("height") or self.image_processor.size.get("shortest_edge")
         return crop.get("width", size), size
 
-    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    def image_inputs(self, images: list[Image.Image]) -> MultiModalInputs:
+        return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
 
     def text_token_ids(self) -> list[int]:
         """Ids of ordinary text tokens (no special or image token), for synthetic prompts."""
         special = set(self.tokenizer.all_special_ids) if self.tokenizer else {0, 1, 2}
-        special |= {self.image_token_index, self.bos_token_id, self.eos_token_id}
+        special |= {self.mm_token_id, self.bos_token_id, self.eos_token_id}
         vocab = len(self.tokenizer) if self.tokenizer else self.vocab_size
         return [i for i in range(min(vocab, self.vocab_size)) if i not in special]
 
@@ -83,11 +98,11 @@ class MultiModalProcessor:
         if getattr(self.hf_processor, "chat_template", None):
             conversation = [{"role": "user", "content": content}]
             return self.hf_processor.apply_chat_template(conversation, add_generation_prompt=True)
-        # What LLaVA-1.5's template renders, for folders that carry none.
-        return "USER: " + (self.image_token + "\n") * num_images + text + " ASSISTANT:"
+        return self.fallback_chat_prompt(text, num_images)
 
-    def process(self, prompt: str, images: list[Image.Image]) -> tuple[list[int], torch.Tensor | None]:
-        """Token ids with each image placeholder expanded to one position per image feature, and pixels."""
+    def process(self, prompt: str, images: list[Image.Image]) -> tuple[list[int], MultiModalInputs | None]:
+        """Token ids with each image placeholder expanded to the positions its image takes, and the images'
+        tensors."""
         self._need_tokenizer()
         placeholders = prompt.count(self.image_token)
         if placeholders != len(images):
@@ -97,19 +112,13 @@ class MultiModalProcessor:
             return self.tokenizer(prompt)["input_ids"], None
         out = self.hf_processor(text=prompt, images=images, return_tensors="pt")
         ids = out["input_ids"][0].tolist()
-        expanded = ids.count(self.image_token_index)
-        if expanded != len(images) * self.features_per_image:
-            raise UserError(f"the processor expands each image to {expanded // len(images)} positions but the "
-                            f"vision tower yields {self.features_per_image} features; the processor config "
-                            f"does not match the model config")
-        return ids, out["pixel_values"]
+        mm_inputs = {key: value for key, value in out.items() if key not in ("input_ids", "attention_mask")}
+        expanded, expected = ids.count(self.mm_token_id), sum(self.item_positions(mm_inputs))
+        if expanded != expected:
+            raise UserError(f"the processor expands the images to {expanded} positions but the vision tower "
+                            f"yields {expected} features; the processor config does not match the model config")
+        return ids, mm_inputs
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
 
-
-def clip_image_processor(image_size: int):
-    """CLIP preprocessing for a folder that carries no processor files (OpenAI CLIP's mean and std)."""
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})

@@ -1,8 +1,8 @@
-"""The bf16 kernels for x86 CPUs with AVX512-BF16 (cpu_kernels.c): the decode step's linear for a few input
-rows and one-token attention over a run of the KV cache, a prompt's attention, plus RMSNorm, RoPE, SiLU·up and
-quick_gelu (one call each instead of several small ops). Built on first use with the system's C compiler and
-cached. Where they cannot be used (another CPU, no compiler, PyTorch without libgomp, or
-VLLM_UTILS_CPU_KERNELS=0) callers fall back to PyTorch ops; `unavailable_reason()` says why."""
+"""Bindings of the bf16 kernels for x86 CPUs with AVX512-BF16 (cpu_kernels.c): the decode step's linear for a
+few input rows and one-token attention over a run of the KV cache, a prompt's attention, RMSNorm, RoPE, SiLU·up
+and quick_gelu. The library is built on first use with the system's C compiler and cached; where it cannot be
+(another CPU, no compiler, PyTorch without libgomp) `unavailable_reason()` says why and the platform keeps the
+PyTorch ops. Whether to use it at all is the engine config's `cpu_kernels`."""
 import ctypes
 import functools
 import hashlib
@@ -39,13 +39,17 @@ def _cpuinfo(field: str) -> str:
     return ""
 
 
+def cpu_model() -> str:
+    return _cpuinfo("model name")
+
+
 def _cpu_flags() -> set[str]:
     return set(_cpuinfo("flags").split())
 
 
 def prefetch_distance() -> int:
-    """Bytes the kernels prefetch ahead of their reads: 1 KiB on Intel, where it paid (Sapphire Rapids), and
-    none on AMD, where the hardware prefetchers stream faster alone (Zen 4: ~60 GB/s against ~43)."""
+    """Bytes the kernels prefetch ahead of their reads: 1 KiB on Intel, none on AMD, whose hardware prefetchers
+    stream faster alone (figures in BENCHMARKS.md)."""
     return 0 if _cpuinfo("vendor_id") == "AuthenticAMD" else 1024
 
 
@@ -58,16 +62,23 @@ def _torch_uses_libgomp() -> bool:
         return False
 
 
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_kernels-{tag}.so"
+def compiler() -> str | None:
+    """The C compiler to build with: $CC, else the one Python was built with, else `cc`."""
+    configured = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
+    return shutil.which(configured) or shutil.which("cc")
+
+
+def build_library(source_path: Path, compiler: str, flags: list[str] = FLAGS) -> Path:
+    """`source_path` compiled into a shared library in the cache folder (once per source, compiler and flags)."""
+    source = source_path.read_bytes()
+    tag = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{source_path.stem}-{tag}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # concurrent builders (TP ranks) each rename
         os.close(fd)
         try:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+            subprocess.run([compiler, *flags, str(source_path), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -77,8 +88,6 @@ def _build(compiler: str) -> Path:
 
 @functools.cache
 def _load() -> tuple[object | None, str]:
-    if os.environ.get("VLLM_UTILS_CPU_KERNELS", "1") == "0":
-        return None, "VLLM_UTILS_CPU_KERNELS=0"
     if sys.platform != "linux" or platform.machine() != "x86_64":
         return None, f"needs Linux on x86_64, not {sys.platform}/{platform.machine()}"
     missing = CPU_FLAGS - _cpu_flags()
@@ -86,12 +95,11 @@ def _load() -> tuple[object | None, str]:
         return None, f"the CPU lacks {', '.join(sorted(missing))}"
     if not _torch_uses_libgomp():
         return None, "this PyTorch build does not use libgomp"
-    configured = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
-    compiler = shutil.which(configured) or shutil.which("cc")
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         return None, "no C compiler found (set CC)"
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(build_library(SOURCE, cc)))
     except (subprocess.CalledProcessError, OSError) as e:
         lines = (getattr(e, "stderr", "") or str(e)).splitlines()
         first_error = next((line for line in lines if "error" in line), lines[0] if lines else "")
@@ -106,8 +114,6 @@ def _load() -> tuple[object | None, str]:
     lib.vllm_utils_rmsnorm_bf16.restype = None
     lib.vllm_utils_rope_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, long]
     lib.vllm_utils_rope_bf16.restype = None
-    lib.vllm_utils_stream_read.argtypes = [ptr, long]
-    lib.vllm_utils_stream_read.restype = long
     lib.vllm_utils_prefill_attention_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, long, long,
                                                       ctypes.c_float, i32, ptr]
     lib.vllm_utils_prefill_attention_bf16.restype = None
@@ -115,8 +121,6 @@ def _load() -> tuple[object | None, str]:
     lib.vllm_utils_silu_mul_bf16.restype = None
     lib.vllm_utils_quick_gelu_bf16.argtypes = [ptr, ptr, long]
     lib.vllm_utils_quick_gelu_bf16.restype = None
-    lib.vllm_utils_dpbf16_flops.argtypes = [long]
-    lib.vllm_utils_dpbf16_flops.restype = ctypes.c_double
     lib.vllm_utils_set_prefetch.argtypes = [i32]
     lib.vllm_utils_set_prefetch(prefetch_distance())
     return lib, ""
@@ -253,41 +257,3 @@ def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torc
     tokens, heads, head_dim = x.shape
     _load()[0].vllm_utils_rope_bf16(x.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens,
                                     heads, head_dim, x.stride(0))
-
-
-def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of the fastest of `repeats` streaming reads of a buffer on 2 MB pages, read the way the linear
-    kernel reads weights. It is the memory-bandwidth floor the benchmarks compare decode against."""
-    import time
-
-    from vllm_utils.devices import advise_huge_pages
-
-    lib = _load()[0]
-    if lib is None:
-        raise RuntimeError(f"CPU kernels unavailable: {unavailable_reason()}")
-    buf = torch.empty(nbytes + (2 << 20), dtype=torch.uint8)
-    aligned = buf[(-buf.data_ptr()) % (2 << 20):][: nbytes // 256 * 256]
-    advise_huge_pages([aligned])
-    aligned.fill_(1)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        lib.vllm_utils_stream_read(aligned.data_ptr(), aligned.numel())
-        best = min(best, time.perf_counter() - start)
-    return aligned.numel() / best
-
-
-def peak_bf16_flops(iters: int = 20_000_000, repeats: int = 5) -> float:
-    """FLOP/s of the fastest of `repeats` runs of independent 512-bit bf16 dot products on every thread: the
-    compute ceiling the benchmarks compare prefill against (no matmul reaches it: loads and stores cost too)."""
-    import time
-
-    lib = _load()[0]
-    if lib is None:
-        raise RuntimeError(f"CPU kernels unavailable: {unavailable_reason()}")
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        flops = lib.vllm_utils_dpbf16_flops(iters // torch.get_num_threads())
-        best = max(best, flops / (time.perf_counter() - start))
-    return best

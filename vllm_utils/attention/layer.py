@@ -1,10 +1,10 @@
-"""The attention layer of a decoder: holds its slice of the paged KV cache, applies RoPE, stores the new
-K/V and calls the backend."""
+"""The attention layer of a decoder: holds its slice of the paged KV cache, and has the backend apply RoPE, store
+the new K/V and attend."""
 import torch
 from torch import nn
 
-from vllm_utils.attention.backend import AttentionBackend, AttentionMetadata
-from vllm_utils.layers import fused_cuda
+from vllm_utils.attention.backend import AttentionBackend
+from vllm_utils.attention.metadata import AttentionMetadata
 from vllm_utils.layers.rotary import RotaryEmbedding
 
 
@@ -23,12 +23,7 @@ class PagedAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.rotary is not None and fused_cuda.available(q):
-            fused_cuda.rope_and_store_(q, k, v, positions, self.rotary.cos, self.rotary.sin, self.k_cache,
-                                       self.v_cache, meta.slot_mapping)
-        else:
-            if self.rotary is not None:
-                q, k = self.rotary(positions, q, k)
-            self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        q, k = self.backend.rope_and_store(positions, q, k, v, self.rotary, self.k_cache, self.v_cache,
+                                           meta.slot_mapping)
         out = self.backend.attend(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return out.reshape(-1, self.num_heads * self.head_dim)

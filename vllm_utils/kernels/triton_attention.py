@@ -1,11 +1,8 @@
-"""Paged attention for CUDA in Triton: one kernel stores new K/V into their cache slots, one computes
-decode attention reading only each sequence's own blocks (online softmax). Prefill uses SDPA."""
+"""Paged attention kernels in Triton: one stores new K/V into their cache slots, one computes decode attention
+reading only each sequence's own blocks (online softmax, split over the context: flash-decoding)."""
 import torch
 import triton
 import triton.language as tl
-
-from vllm_utils.attention.backend import register_backend
-from vllm_utils.attention.torch_paged import TorchPagedAttention
 
 
 @triton.jit
@@ -89,44 +86,41 @@ TILE = 64
 TARGET_PROGRAMS = 1024  # enough (sequence, head, split) programs to keep every SM streaming the cache
 
 
-@register_backend("triton")
-class TritonPagedAttention(TorchPagedAttention):
-    """Prefill as the PyTorch backend (SDPA); K/V stores and decode in Triton."""
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v [tokens, kv_heads, dim] into their slots of the caches [blocks, block_size, kv_heads, dim]; a slot
+    of -1 writes nothing."""
+    row = k.shape[1] * k.shape[2]
+    _store_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+                                    ROW=row, ROW_PAD=triton.next_power_of_2(row))
 
-    def __init__(self, device: torch.device) -> None:
-        super().__init__(device)
-        self.reads_runs = False  # decode reads the block tables itself
 
-    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
-        row = k.shape[1] * k.shape[2]
-        _store_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                                        ROW=row, ROW_PAD=triton.next_power_of_2(row))
-
-    @staticmethod
-    def decode(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
-        """Flash-decoding: the context is split so that small batches still use the whole GPU; the split
-        count depends only on shapes, so a captured graph stays valid for any context length."""
-        seqs, heads, head_dim = q.shape
-        kv_heads = k_cache.shape[2]
-        group = heads // kv_heads
-        assert q.stride(2) == 1 and q.stride(1) == head_dim, "heads of a token must be contiguous"
-        max_context = block_tables.shape[1] * k_cache.shape[1]
-        splits = max(1, min(TARGET_PROGRAMS // (seqs * kv_heads), triton.cdiv(max_context, 2 * TILE)))
-        split_tokens = triton.cdiv(triton.cdiv(max_context, splits), TILE) * TILE
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        # with one split (large batches) the kernel writes `out` itself: no partials, no combine
-        part_out, part_stats = out, out
-        if splits > 1:
-            part_out = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device)
-            part_stats = torch.empty(seqs, heads, splits, 2, dtype=torch.float32, device=q.device)
-        _paged_decode_kernel[(seqs, kv_heads, splits)](
-            q, k_cache, v_cache, block_tables, context_lens, part_out, part_stats, out, scale, split_tokens, splits,
-            q.stride(0), k_cache.stride(0), block_tables.stride(0), out.stride(0),
-            NUM_KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-            BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, TILE=TILE, ONE_SPLIT=splits == 1,
-        )
-        if splits == 1:
-            return out
-        _combine_splits_kernel[(seqs, heads)](part_out, part_stats, out, splits, out.stride(0), HEADS=heads,
-                                              HEAD_DIM=head_dim, SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence (q [seqs, heads, dim]) over its blocks. The context is split so that small
+    batches still use the whole GPU; the split count depends only on shapes, so a captured graph stays valid
+    for any context length."""
+    seqs, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    assert q.stride(2) == 1 and q.stride(1) == head_dim, "heads of a token must be contiguous"
+    max_context = block_tables.shape[1] * k_cache.shape[1]
+    splits = max(1, min(TARGET_PROGRAMS // (seqs * kv_heads), triton.cdiv(max_context, 2 * TILE)))
+    split_tokens = triton.cdiv(triton.cdiv(max_context, splits), TILE) * TILE
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # with one split (large batches) the kernel writes `out` itself: no partials, no combine
+    part_out, part_stats = out, out
+    if splits > 1:
+        part_out = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        part_stats = torch.empty(seqs, heads, splits, 2, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(seqs, kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part_out, part_stats, out, scale, split_tokens, splits,
+        q.stride(0), k_cache.stride(0), block_tables.stride(0), out.stride(0),
+        NUM_KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, TILE=TILE, ONE_SPLIT=splits == 1,
+    )
+    if splits == 1:
         return out
+    _combine_splits_kernel[(seqs, heads)](part_out, part_stats, out, splits, out.stride(0), HEADS=heads,
+                                          HEAD_DIM=head_dim, SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
+    return out

@@ -5,10 +5,8 @@
  * Linear: y[M, N] = x[M, K] @ W[N, K]^T (+ bias). Decode reads every weight once per step, so the job is to
  * stream W at memory bandwidth. The weight stays in nn.Linear's row-major layout (prefill shares it); each
  * thread walks a contiguous range of rows, each row start to end as one stream (with software prefetch where
- * that pays, see `prefetch`): on a 2-core Sapphire Rapids VM that read ~30 GB/s where oneDNN read ~25, on a
- * 2-core Zen 4 VM ~60 GB/s. For one input row the products use 256-bit VDPBF16PS (the 512-bit form lowered
- * the streaming rate on Sapphire Rapids by ~15%); 2-4 input rows use the 512-bit form. Sums are fp32,
- * rounded once to bf16 (RNE).
+ * that pays, see `prefetch`). For one input row the products use 256-bit VDPBF16PS (the 512-bit form streams
+ * slower on Sapphire Rapids); 2-4 input rows use the 512-bit form. Sums are fp32, rounded once to bf16 (RNE).
  * Threads come from OpenMP: loaded into a process that already has PyTorch's libgomp, this shares its pool.
  * Requires N % 4 == 0 and K % 32 == 0 (checked by the caller). */
 #include <immintrin.h>
@@ -19,9 +17,8 @@
 #define ROWS 4
 #define READ_AHEAD (1L << 20)
 
-/* Software prefetch distance in bytes, 0 for none (set by the caller per CPU): on Sapphire Rapids prefetching
- * 1-2 KiB ahead raised the weight stream from ~25 to ~30 GB/s; on Zen 4 the hardware prefetchers stream alone
- * at ~60 GB/s and software prefetches cut that to ~43. */
+/* Software prefetch distance in bytes, 0 for none (set by the caller per CPU vendor: it speeds up the weight
+ * stream on Sapphire Rapids and slows it on Zen 4, whose hardware prefetchers do better alone). */
 static int prefetch = 1024;
 void vllm_utils_set_prefetch(int bytes) { prefetch = bytes; }
 
@@ -112,8 +109,7 @@ static inline long read_bytes(const uint8_t* a, long n) {
 
 /* Each thread, once its rows are done, reads the start of the rows it will take in the next linear (next: that
  * weight, next_rows x next_cols, or NULL). Between two decode linears the memory sits idle while Python runs,
- * and a linear that starts after an idle gap streams slowly for its first ~100 us; starting it from cache
- * hides most of that (64 linears after 200 us gaps: 63 ms, with 1 MB read ahead: 58 ms, with no gaps: 53). */
+ * and a linear that starts after an idle gap streams slowly at first; starting it from cache hides most of that. */
 #define ROWS_LOOP(call)                                                                                         \
     _Pragma("omp parallel") {                                                                                  \
         _Pragma("omp for schedule(static) nowait") for (int n0 = 0; n0 < N; n0 += ROWS) call;                 \
@@ -438,36 +434,4 @@ void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, con
             }
         }
     }
-}
-
-/* Reads n bytes (n % 256 == 0) the way the kernel reads weights; returns a checksum so the reads stay.
- * Benchmarks time it to measure the read bandwidth this machine can actually deliver. */
-long vllm_utils_stream_read(const uint8_t* a, long n) {
-    long total = 0;
-#pragma omp parallel reduction(+ : total)
-    {
-        int t = omp_get_thread_num(), threads = omp_get_num_threads();
-        long share = n / threads / 256 * 256;
-        total += read_bytes(a + share * t, share);
-    }
-    return total;
-}
-
-/* Runs `iters` rounds of 12 independent 512-bit VDPBF16PS on every thread and returns the FLOPs done (2 per
- * multiply-add): benchmarks time it for the bf16 peak a prefill's products could reach on this machine. */
-double vllm_utils_dpbf16_flops(long iters) {
-    double flops = 0.0;
-#pragma omp parallel reduction(+ : flops)
-    {
-        __m512 acc[12];
-        for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_ps((float)i);
-        __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80), b = (__m512bh)_mm512_set1_epi16(0x3f00);
-        for (long it = 0; it < iters; it++)
-            for (int i = 0; i < 12; i++) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
-        float keep = 0.0f;
-        for (int i = 0; i < 12; i++) keep += _mm512_reduce_add_ps(acc[i]);
-        sink[omp_get_thread_num() % 256 * 16] += (long)keep;
-        flops += (double)iters * 12 * 32 * 2;
-    }
-    return flops;
 }

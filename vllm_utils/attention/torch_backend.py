@@ -1,18 +1,25 @@
 """Paged attention in plain PyTorch: runs on every device and is the ground truth for faster backends."""
-import itertools
-
 import torch
 import torch.nn.functional as F
 
-from vllm_utils.attention.backend import AttentionMetadata, register_backend
-from vllm_utils.layers import cpu_kernels
+from vllm_utils.attention.metadata import AttentionMetadata
+from vllm_utils.layers.rotary import RotaryEmbedding
 
 
-@register_backend("torch")
 class TorchPagedAttention:
-    def __init__(self, device: torch.device) -> None:
-        # on CPU, reading each sequence's run of blocks in place beats gathering the whole batch's cache
-        self.reads_runs = device.type == "cpu"
+    name = "torch"
+
+    def __init__(self, reads_runs: bool = False) -> None:
+        # reading each sequence's run of blocks in place beats gathering the whole batch's cache on CPUs
+        self.reads_runs = reads_runs
+
+    def rope_and_store(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       rotary: RotaryEmbedding | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if rotary is not None:
+            q, k = rotary(positions, q, k)
+        self.store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q, k
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
@@ -25,13 +32,8 @@ class TorchPagedAttention:
             return self.decode_runs(q, k_cache, v_cache, meta, scale)
         return self.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
 
-    @staticmethod
-    def prefill(q, k, v, seq_lens: list[int], scale: float) -> torch.Tensor:
+    def prefill(self, q, k, v, seq_lens: list[int], scale: float) -> torch.Tensor:
         # Each prompt attends causally to itself; the new K/V are the whole context (no prefix reuse).
-        if cpu_kernels.supports_prefill_attention(q, k, v):
-            starts = itertools.accumulate(seq_lens[:-1], initial=0)
-            return torch.cat([cpu_kernels.prefill_attention(q[s : s + n], k[s : s + n], v[s : s + n], scale, causal=True)
-                              for s, n in zip(starts, seq_lens)])
         if k.shape[1] != q.shape[1]:  # expand GQA heads: enable_gqa would push CUDA SDPA onto its slow path
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
@@ -47,8 +49,7 @@ class TorchPagedAttention:
             start += n
         return out
 
-    @classmethod
-    def decode_runs(cls, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def decode_runs(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """One sequence at a time: a sequence whose blocks form one run attends to a slice of the pool
         (no copy); the others gather their own blocks."""
         block_size = k_cache.shape[1]
@@ -56,20 +57,20 @@ class TorchPagedAttention:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         for i, (start, length) in enumerate(zip(meta.run_starts, meta.context_lens.tolist())):
             if start < 0:
-                out[i : i + 1] = cls.decode(q[i : i + 1], k_cache, v_cache, meta.block_tables[i : i + 1],
-                                            meta.context_lens[i : i + 1], scale)
+                out[i : i + 1] = self.decode(q[i : i + 1], k_cache, v_cache, meta.block_tables[i : i + 1],
+                                             meta.context_lens[i : i + 1], scale)
                 continue
             first = start * block_size
-            k, v = flat_k[first : first + length], flat_v[first : first + length]
-            if cpu_kernels.supports_attention(q[i], k, v):
-                out[i] = cpu_kernels.decode_attention(q[i], k, v, scale)
-                continue
-            k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-            out[i] = F.scaled_dot_product_attention(q[i][None, :, None], k, v, scale=scale, enable_gqa=True)[0, :, 0]
+            out[i] = self.decode_one(q[i], flat_k[first : first + length], flat_v[first : first + length], scale)
         return out
 
     @staticmethod
-    def decode(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+    def decode_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [heads, dim] over one sequence's contiguous cache k, v [tokens, kv_heads, dim]."""
+        k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        return F.scaled_dot_product_attention(q[None, :, None], k, v, scale=scale, enable_gqa=True)[0, :, 0]
+
+    def decode(self, q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
         seqs, max_blocks = block_tables.shape
         block_size = k_cache.shape[1]
         # Gather each sequence's blocks into a contiguous [seqs, ctx, kv_heads, dim] copy (index_select with

@@ -1,0 +1,18 @@
+"""What the model runner tells attention about a step."""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [tokens] flat cache slot (block * block_size + offset) for each new token
+    # prefill: the batch is the prompts packed one after another
+    seq_lens: list[int] | None = None
+    # decode: one new token per sequence
+    block_tables: torch.Tensor | None = None  # [seqs, max_blocks] int32, padded with 0
+    context_lens: torch.Tensor | None = None  # [seqs] integer, tokens in cache including the new one
+    # decode, for backends that ask for it (`reads_runs`): per sequence, the first block if its blocks are
+    # one ascending run (so its cache is a plain slice of the pool), else -1
+    run_starts: list[int] | None = None

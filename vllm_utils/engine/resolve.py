@@ -1,0 +1,57 @@
+"""EngineConfig + the model's HF config -> ResolvedConfig, once, before anything is built: every check that needs
+only the configuration runs here, so that bad input fails before minutes of loading."""
+import torch
+
+from vllm_utils.config import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DTYPES, EngineConfig,
+                               ResolvedConfig, bundled_config_dir, checkpoint_dtype, load_hf_config)
+from vllm_utils.errors import UserError
+from vllm_utils.models.registry import find_family
+from vllm_utils.platforms import platform_for, resolve_device
+
+
+def resolve(config: EngineConfig, model_type: str | None = None) -> ResolvedConfig:
+    device = resolve_device(config.device)
+    hf_config = load_hf_config(config.model)
+    family = find_family(hf_config, model_type, config.model)
+    explicit = config.dtype != "auto"
+    dtype = platform_for(device).resolve_dtype(DTYPES[config.dtype] if explicit else checkpoint_dtype(hf_config),
+                                               explicit)
+    longest = hf_config.text_config.max_position_embeddings
+    max_model_len = config.max_model_len or longest
+    if max_model_len > longest:
+        raise UserError(f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings ({longest}); "
+                        f"lower it")
+    if max_model_len < 2:
+        raise UserError(f"--max-model-len must be >= 2, got {max_model_len}")
+    resolved = ResolvedConfig(
+        engine=config, model_type=family, folder=bundled_config_dir(config.model) or config.model,
+        hf_config=hf_config, device=device, dtype=dtype, max_model_len=max_model_len,
+        max_num_seqs=config.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
+        max_num_batched_tokens=max(config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len),
+    )
+    check_tensor_parallel(resolved)
+    return resolved
+
+
+def check_tensor_parallel(config: ResolvedConfig) -> None:
+    """Errors a user can fix, before any process starts."""
+    size = config.engine.tensor_parallel_size
+    if size == 1:
+        return
+    platform = platform_for(config.device)
+    if platform.dist_backend is None:
+        raise UserError(f"--tensor-parallel-size > 1 is not supported on {config.device.type}; use 1")
+    text, vision = config.hf_config.text_config, config.hf_config.vision_config
+    checks = {
+        "the attention heads": text.num_attention_heads,
+        "the key/value heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        "the MLP width": text.intermediate_size,
+        "the vision attention heads": vision.num_attention_heads,
+        "the vision MLP width": vision.intermediate_size,
+    }
+    for what, count in checks.items():
+        if count % size:
+            raise UserError(f"--tensor-parallel-size {size} does not divide {what} ({count}); pick a divisor of {count}")
+    if platform.device_count() < size and config.device.type != "cpu":
+        raise UserError(f"--tensor-parallel-size {size} needs {size} {config.device.type} devices but "
+                        f"{platform.device_count()} are visible; lower it or expose more devices")

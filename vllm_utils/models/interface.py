@@ -1,0 +1,42 @@
+"""The interface between the engine and a model family: what the model runner calls, and nothing else. A model
+is an nn.Module built from the HF config (`cls(hf_config)`) on the target device and dtype."""
+from typing import ClassVar, Protocol
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from vllm_utils.attention.metadata import AttentionMetadata
+from vllm_utils.multimodal.inputs import MultiModalInputs
+
+
+class VisionLanguageModel(Protocol):
+    # checkpoint projection name -> (our fused parameter, shard id), for the loader
+    packed_modules: ClassVar[dict[str, tuple[str, object]]]
+    # the token id that marks multimodal positions in a prompt (one per position an item yields)
+    mm_token_id: int
+
+    def __init__(self, config: PretrainedConfig) -> None: ...
+
+    def checkpoint_key(self, key: str) -> str | None:
+        """Our parameter name for a checkpoint tensor's name (any key layout the family has on the hub), or
+        None for tensors we never use."""
+
+    def prompt_only_modules(self) -> list[tuple[nn.Module, int]]:
+        """Modules that never run in a decode step (vision tower, projector), each with the typical row count
+        of its products: a platform may lay their weights out for prompt-sized products."""
+
+    def encode_mm(self, mm_inputs: MultiModalInputs) -> torch.Tensor:
+        """Embeddings of every multimodal position of the batch, in prompt order: [positions, hidden]."""
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                mm_embeds: torch.Tensor | None = None, mm_mask: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states of every token (or of the rows `keep`). `mm_mask` [tokens] marks the positions
+        that take the rows of `mm_embeds` in order, in place of their token embedding."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def static_mm_item(self) -> MultiModalInputs | None:
+        """One item's inputs (zeros) when every item has these shapes and is one row of each tensor, so that
+        the encoder can run as graphs captured per item count; None when items vary in shape."""

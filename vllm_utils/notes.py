@@ -1,0 +1,13 @@
+"""Notes to the user on stderr: once per process, and from tensor-parallel rank 0 only (every rank would say
+the same)."""
+import sys
+
+from vllm_utils.layers.parallel import tp_rank
+
+_said: set[str] = set()
+
+
+def note_once(message: str) -> None:
+    if message not in _said and tp_rank() == 0:
+        _said.add(message)
+        print(f"note: {message}", file=sys.stderr)

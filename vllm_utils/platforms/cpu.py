@@ -1,0 +1,157 @@
+"""The host CPU: KV cache in RAM, gloo for tensor parallelism, and in bf16 our C kernels (x86 with AVX512-BF16)
+and oneDNN's packed weights for the layers they serve."""
+import ctypes
+import os
+import resource
+import sys
+
+import torch
+from torch import nn
+
+from vllm_utils.attention.backend import AttentionBackend
+from vllm_utils.attention.cpu_backend import CpuPagedAttention
+from vllm_utils.attention.encoder import EncoderAttention
+from vllm_utils.attention.torch_backend import TorchPagedAttention
+from vllm_utils.config import EngineConfig
+from vllm_utils.kernels import cpu
+from vllm_utils.kernels.cpu_linear import DecodeLinear, OneDnnLinear, PackedOneDnnLinear, can_pack_for_onednn
+from vllm_utils.layers.activation import Activation, SiluAndMul
+from vllm_utils.layers.linear import LinearOp
+from vllm_utils.layers.norm import RMSNorm
+from vllm_utils.layers.rotary import RotaryEmbedding
+from vllm_utils.notes import note_once
+from vllm_utils.platforms.interface import GiB, Platform
+
+
+class CpuPlatform(Platform):
+    dist_backend = "gloo"
+    attention_backends = ("torch", "cpu")
+
+    def __init__(self) -> None:
+        super().__init__("cpu", module=None)
+
+    def device_count(self) -> int:
+        return os.cpu_count() or 1
+
+    def rank_device(self, device: torch.device, rank: int) -> torch.device:
+        return device
+
+    def configure_rank(self, device: torch.device, size: int) -> None:
+        torch.set_num_threads(max(1, (os.cpu_count() or size) // size))  # the ranks share the cores
+
+    def device_name(self, device: torch.device) -> str:
+        return cpu.cpu_model() or "cpu"
+
+    def kv_cache_budget(self, device: torch.device, config: EngineConfig, one_sequence_bytes: int) -> int:
+        """4 GiB (as vLLM's CPU default), or one full-length sequence if that is more, and never more than half
+        the free RAM."""
+        half_free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+        return min(half_free, max(4 * GiB, one_sequence_bytes))
+
+    def peak_memory_bytes(self, device: torch.device) -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak RSS
+
+    def reset_peak_memory(self, device: torch.device) -> None:
+        pass  # the kernel keeps a process's peak RSS; it cannot be reset
+
+    def synchronize(self, device: torch.device) -> None:
+        pass
+
+    def resolve_dtype(self, dtype: torch.dtype, explicit: bool) -> torch.dtype:
+        if dtype != torch.float16:
+            return dtype
+        # as vLLM's CPU backend does: fp16 matmuls run several times slower than bf16 on CPUs
+        if explicit:
+            note_once("float16 is slow on CPUs; using bfloat16 (same size); --dtype float32 for full precision")
+        return torch.bfloat16
+
+    def prepare_for_weights(self, model: nn.Module) -> None:
+        advise_huge_pages(list(model.parameters()))
+
+    def attention_backend(self, name: str) -> AttentionBackend:
+        super().attention_backend(name)  # checks the name
+        if name == "torch":
+            return TorchPagedAttention(reads_runs=True)
+        return CpuPagedAttention()
+
+    def choose_kernels(self, model: nn.Module, config: EngineConfig, prompt_only: list[tuple[nn.Module, int]]) -> None:
+        """bf16 only (fp32 runs the native ops): linears of prompt-only modules on oneDNN's packed weights; the
+        other linears on our decode kernel (chained so each reads ahead into the next) where it takes their
+        weight, else on oneDNN; norms, RoPE, activations and encoder attention on our kernels."""
+        params = [p for p in model.parameters() if p.numel()]
+        if not params or params[0].dtype != torch.bfloat16:
+            return
+        use_kernels = config.cpu_kernels and not cpu.unavailable_reason()
+        if config.cpu_kernels and not use_kernels:
+            note_once(f"our bf16 CPU kernels are off ({cpu.unavailable_reason()}); using PyTorch ops")
+        packed = set()
+        if can_pack_for_onednn():
+            for module, rows in prompt_only:
+                for layer in module.modules():
+                    if isinstance(layer, LinearOp):
+                        layer.impl = PackedOneDnnLinear(layer.weight, rows)
+                        packed.add(layer)
+        linears = [m for m in model.modules() if isinstance(m, LinearOp) and m not in packed]
+        decode = [m for m in linears if use_kernels and cpu.supports(m.weight)]
+        for layer, after in zip(decode, decode[1:] + [None]):  # module order is the decode order of our models
+            layer.impl = DecodeLinear(layer.weight, None if after is None else after.weight.data)
+        for layer in linears:
+            if layer.impl is None:
+                layer.impl = OneDnnLinear(layer.weight)
+        if not use_kernels:
+            return
+        for module in model.modules():
+            impl = _kernel_for(module)
+            if impl is not None:
+                module.impl = impl
+
+
+def _kernel_for(module: nn.Module):
+    """The C-kernel implementation of a non-linear op, falling back to its native form for inputs the kernel does
+    not take; None for other modules."""
+    native = module.forward_native if hasattr(module, "forward_native") else None
+    if isinstance(module, RMSNorm):
+        def rmsnorm(x, residual=None):
+            if cpu.supports_rmsnorm(x, module.weight, residual):
+                return cpu.rmsnorm(x, module.weight, module.eps, residual)
+            return native(x, residual)
+        return rmsnorm
+    if isinstance(module, SiluAndMul):
+        return lambda x: cpu.silu_mul(x) if x.dim() == 2 and cpu.supports_activation(x) else native(x)
+    if isinstance(module, Activation) and module.name == "quick_gelu":
+        return lambda x: cpu.quick_gelu(x) if cpu.supports_activation(x) else native(x)
+    if isinstance(module, RotaryEmbedding):
+        def rope(positions, q, k):
+            if cpu.supports_rope(q, positions, module.cos) and cpu.supports_rope(k, positions, module.cos):
+                cpu.rope_(q, positions, module.cos, module.sin)
+                cpu.rope_(k, positions, module.cos, module.sin)
+                return q, k
+            return native(positions, q, k)
+        return rope
+    if isinstance(module, EncoderAttention):
+        def attention(q, k, v):
+            if not cpu.supports_prefill_attention(q[0], k[0], v[0]):
+                return native(q, k, v)
+            return torch.stack([cpu.prefill_attention(q[i], k[i], v[i], module.scale, causal=False)
+                                for i in range(q.shape[0])])
+        return attention
+    return None
+
+
+def advise_huge_pages(tensors: list[torch.Tensor], min_bytes: int = 4 << 20) -> int:
+    """Asks Linux to back these CPU tensors with 2 MB pages (MADV_HUGEPAGE), which streams weights faster
+    (fewer TLB misses). Call it before the memory is first written. Returns the bytes advised."""
+    if sys.platform != "linux":
+        return 0
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page, advised = 4096, 0
+    for t in tensors:
+        size = t.numel() * t.element_size()
+        if t.device.type != "cpu" or size < min_bytes:
+            continue
+        start = -(-t.data_ptr() // page) * page  # madvise wants page-aligned ranges
+        end = (t.data_ptr() + size) // page * page
+        if madvise(start, end - start, 14) == 0:  # 14: MADV_HUGEPAGE
+            advised += end - start
+    return advised
