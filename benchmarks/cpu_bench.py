@@ -15,7 +15,10 @@ import torch
 from vllm_utils import LLM, SamplingParams
 from vllm_utils.bench.hf_backend import HFGenerate
 from vllm_utils.bench.synthetic import synthetic_requests
-from vllm_utils.layers import cpu_kernels
+from vllm_utils.kernels import cpu as cpu_kernels
+from vllm_utils.kernels.cpu_linear import PackedOneDnnLinear
+
+import probes
 
 CACHE = os.path.expanduser("~/.cache/vllm_utils/bench-llava-clip-l-llama-1.26b")
 INPUT_LEN, DECODE_TOKENS = 600, 32
@@ -56,7 +59,7 @@ def prefill_flops(model: torch.nn.Module, tokens: int) -> float:
     projection and MLP (last token only), causal attention, and the LM head for one token."""
     def matrix_params(module: torch.nn.Module) -> int:  # oneDNN-packed linears keep their weight elsewhere
         return sum(p.numel() for p in module.parameters() if p.dim() > 1) + sum(
-            m.packed_weight.numel() for m in module.modules() if getattr(m, "packed_weight", None) is not None)
+            m.impl.packed.numel() for m in module.modules() if isinstance(getattr(m, "impl", None), PackedOneDnnLinear))
 
     vision, lm = model.vision_tower, model.language_model
     patches = vision.embeddings.num_positions - 1
@@ -90,13 +93,13 @@ def memory_bandwidth() -> tuple[float, float, float]:
         start = time.perf_counter()
         a.sum()
         read = min(read, time.perf_counter() - start)
-    stream = cpu_kernels.read_bandwidth() if not cpu_kernels.unavailable_reason() else 0.0
+    stream = probes.read_bandwidth() if not cpu_kernels.unavailable_reason() else 0.0
     return 2 * a.numel() * 4 / copy, a.numel() * 4 / read, stream
 
 
 def measure(llm, batch: int, output_len: int) -> dict:
     reqs = synthetic_requests(llm.engine.processor, INPUT_LEN, batch, None, seed=batch + output_len)
-    prompts = [{"prompt_token_ids": r.prompt_token_ids, "pixel_values": r.pixel_values} for r in reqs]
+    prompts = [r.as_prompt() for r in reqs]
     start = time.perf_counter()
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True), use_tqdm=False)
     wall = time.perf_counter() - start
@@ -138,7 +141,7 @@ def main() -> None:
     copy_bandwidth, sum_bandwidth, stream_bandwidth = memory_bandwidth()
     read_bandwidth = ours["read_bandwidth"]
     floor = weight_bytes / read_bandwidth
-    peak = cpu_kernels.peak_bf16_flops() if not cpu_kernels.unavailable_reason() else 0.0
+    peak = probes.peak_bf16_flops() if not cpu_kernels.unavailable_reason() else 0.0
     ttft_floor = flops / peak if peak else 0.0
     print(f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); CPU kernels: {cpu_kernels.unavailable_reason() or 'on'}; bandwidth: "

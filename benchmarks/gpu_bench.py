@@ -10,7 +10,6 @@ import torch
 
 from vllm_utils import LLM, SamplingParams
 from vllm_utils.bench.synthetic import synthetic_requests
-from vllm_utils.layers import triton_gemv
 
 MODEL = "llava-hf/llava-1.5-7b-hf"
 
@@ -46,7 +45,7 @@ def measured_bf16_flops() -> float:
 
 def run(llm: LLM, batch: int, input_len: int, output_len: int) -> dict:
     reqs = synthetic_requests(llm.engine.processor, input_len, batch, None, seed=batch)
-    prompts = [{"prompt_token_ids": r.prompt_token_ids, "pixel_values": r.pixel_values} for r in reqs]
+    prompts = [r.as_prompt() for r in reqs]
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     torch.cuda.synchronize()
@@ -58,10 +57,10 @@ def run(llm: LLM, batch: int, input_len: int, output_len: int) -> dict:
     return {"ttft_ms": ttft * 1e3, "tpot_ms": tpot * 1e3, "tok_s": batch * output_len / wall}
 
 
-def ours(enforce_eager: bool, full: bool = True) -> dict:
+def ours(enforce_eager: bool, full: bool = True, triton_gemv: bool = False) -> dict:
     """`full=False`: decode at batch 1 and the graph replay only (for a lever's A/B)."""
     llm = LLM(MODEL, load_format="dummy", device="cuda", dtype="bfloat16", max_model_len=4096, block_size=16,
-              max_num_seqs=128, enforce_eager=enforce_eager)
+              max_num_seqs=128, enforce_eager=enforce_eager, triton_gemv=triton_gemv)
     weight_bytes = sum(p.numel() * p.element_size() for n, p in llm.engine.runner.model.named_parameters()
                        if not n.startswith(("vision_tower", "multi_modal_projector", "language_model.embed_tokens")))
     result = {"weight_bytes": weight_bytes, "b1": run(llm, 1, 600, 128)}
@@ -89,7 +88,7 @@ def ours(enforce_eager: bool, full: bool = True) -> dict:
 def hf_decode_batch1() -> dict:
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
-    from vllm_utils.models.bundled_configs import bundled_config_dir
+    from vllm_utils.config import bundled_config_dir
 
     config = AutoConfig.from_pretrained(bundled_config_dir(MODEL))
     with torch.device("cuda"):
@@ -115,9 +114,7 @@ def hf_decode_batch1() -> dict:
 def main() -> None:
     bandwidth, flops = measured_bandwidth(), measured_bf16_flops()
     graph, eager, hf = ours(False), ours(True), hf_decode_batch1()
-    triton_gemv.ENABLED = True  # the lever under test: single-row linears on our Triton GEMV
-    graph_gemv = ours(False, full=False)
-    triton_gemv.ENABLED = False
+    graph_gemv = ours(False, full=False, triton_gemv=True)  # the lever under test: single-row linears in Triton
     floor_ms = graph["weight_bytes"] / bandwidth * 1e3
     print(f"\nGPU: {torch.cuda.get_device_name()}, torch {torch.__version__}; measured copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")

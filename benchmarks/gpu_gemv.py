@@ -9,7 +9,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from vllm_utils.layers import triton_gemv
+from vllm_utils.kernels import triton_gemv
 
 # (name, N, K, times per decode step): 32 layers of Llama-7B, then the LM head
 SHAPES = [("qkv_proj", 12288, 4096, 32), ("o_proj", 4096, 4096, 32), ("gate_up_proj", 22016, 4096, 32),

@@ -14,7 +14,7 @@ from vllm_utils.bench.synthetic import synthetic_requests
 llm = LLM("llava-hf/llava-1.5-7b-hf", load_format="dummy", device="cuda", dtype="bfloat16", max_model_len=4096,
           max_num_seqs=1, enforce_eager=True)
 req = synthetic_requests(llm.engine.processor, 600, 2, None, seed=0)
-prompts = [{"prompt_token_ids": r.prompt_token_ids, "pixel_values": r.pixel_values} for r in req]
+prompts = [r.as_prompt() for r in req]
 steps = 1 if "--prefill" in sys.argv else 16
 llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
 with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
