@@ -158,3 +158,18 @@ def test_padded_steps_of_graph_mode_give_hf_tokens(tiny_llava, hf_reference, ima
         assert out.outputs[0].token_ids == expected
     assert 3 in batches and 1 in batches
     assert len(outputs[3].prompt_token_ids) in prompts  # the request alone was prefilled by the padded step
+
+
+def test_the_native_path_with_every_device_kernel_off_gives_hf_tokens(tiny_llava, hf_reference, images):
+    """The reference the device kernels are held to: every op in its native PyTorch form, the pure-PyTorch
+    attention backend."""
+    from vllm_utils.layers.op import Op
+
+    llm = engine(tiny_llava, cpu_kernels=False, attention_backend="torch")
+    runner = llm.engine.runner
+    assert runner.backend.name == "torch"
+    assert all(m.impl is None for m in runner.model.modules() if isinstance(m, Op))
+    reqs = [request(llm, text, [images[i] for i in idx]) for text, idx in BATCH]
+    for req, out, (_, idx) in zip(reqs, llm.generate(reqs, GREEDY, use_tqdm=False), BATCH):
+        assert out.outputs[0].token_ids == hf_reference.greedy(req["prompt"], [images[i] for i in idx],
+                                                               GREEDY.max_tokens)
