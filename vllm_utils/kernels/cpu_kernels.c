@@ -23,13 +23,19 @@ static int prefetch = 1024;
 void vllm_utils_set_prefetch(int bytes) { prefetch = bytes; }
 
 static inline uint16_t to_bf16(float f) {
-    union { float f; uint32_t u; } v = {f};
+    union {
+        float f;
+        uint32_t u;
+    } v = {f};
     if ((v.u & 0x7fffffff) > 0x7f800000) return (uint16_t)((v.u >> 16) | 0x40); /* NaN stays NaN */
     return (uint16_t)((v.u + 0x7fff + ((v.u >> 16) & 1)) >> 16);
 }
 
 static inline float from_bf16(uint16_t h) {
-    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    union {
+        uint32_t u;
+        float f;
+    } v = {(uint32_t)h << 16};
     return v.f;
 }
 
@@ -59,7 +65,8 @@ static void block_m1(const uint16_t* w, long K, const uint16_t* x, const uint16_
         __m256 a[8];
         for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
         for (int k = 0; k < K; k += 128) {
-            if (prefetch) for (int p = 0; p < 4; p++) _mm_prefetch((const char*)(w + k) + 2 * prefetch + 64 * p, _MM_HINT_T0);
+            if (prefetch)
+                for (int p = 0; p < 4; p++) _mm_prefetch((const char*)(w + k) + 2 * prefetch + 64 * p, _MM_HINT_T0);
             for (int j = 0; j < 8; j++)
                 a[j] = _mm256_dpbf16_ps(a[j], (__m256bh)_mm256_loadu_si256((const __m256i*)(w + k + 16 * j)),
                                         (__m256bh)_mm256_loadu_si256((const __m256i*)(x + k + 16 * j)));
@@ -80,11 +87,13 @@ __attribute__((always_inline)) static inline void block_mn(const uint16_t* w, lo
         for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
         int k = 0;
         for (; k + 64 <= K; k += 64) {
-            if (prefetch) for (int p = 0; p < 2; p++) _mm_prefetch((const char*)(w + k) + 2 * prefetch + 64 * p, _MM_HINT_T0);
+            if (prefetch)
+                for (int p = 0; p < 2; p++) _mm_prefetch((const char*)(w + k) + 2 * prefetch + 64 * p, _MM_HINT_T0);
             for (int j = 0; j < 2; j++) {
                 __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k + 32 * j);
                 for (int m = 0; m < M; m++)
-                    acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv, (__m512bh)_mm512_loadu_si512(x + m * x_stride + k + 32 * j));
+                    acc[m][j] =
+                        _mm512_dpbf16_ps(acc[m][j], wv, (__m512bh)_mm512_loadu_si512(x + m * x_stride + k + 32 * j));
             }
         }
         if (k < K) /* K % 64 == 32 */
@@ -100,7 +109,8 @@ __attribute__((always_inline)) static inline void block_mn(const uint16_t* w, lo
 static inline long read_bytes(const uint8_t* a, long n) {
     __m512i acc = _mm512_setzero_si512();
     for (long i = 0; i < n; i += 256) {
-        if (prefetch) for (int line = 0; line < 4; line++) _mm_prefetch((const char*)a + i + prefetch + 64 * line, _MM_HINT_T0);
+        if (prefetch)
+            for (int line = 0; line < 4; line++) _mm_prefetch((const char*)a + i + prefetch + 64 * line, _MM_HINT_T0);
         acc = _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_loadu_si512(a + i), _mm512_loadu_si512(a + i + 64)));
         acc = _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_loadu_si512(a + i + 128), _mm512_loadu_si512(a + i + 192)));
     }
@@ -110,14 +120,15 @@ static inline long read_bytes(const uint8_t* a, long n) {
 /* Each thread, once its rows are done, reads the start of the rows it will take in the next linear (next: that
  * weight, next_rows x next_cols, or NULL). Between two decode linears the memory sits idle while Python runs,
  * and a linear that starts after an idle gap streams slowly at first; starting it from cache hides most of that. */
-#define ROWS_LOOP(call)                                                                                         \
-    _Pragma("omp parallel") {                                                                                  \
-        _Pragma("omp for schedule(static) nowait") for (int n0 = 0; n0 < N; n0 += ROWS) call;                 \
-        if (next) {                                                                                              \
-            int t = omp_get_thread_num(), threads = omp_get_num_threads();                                      \
-            long share = (long)next_rows * next_cols * 2 / threads, ahead = READ_AHEAD / threads;               \
-            sink[t % 256 * 16] += read_bytes((const uint8_t*)next + share * t, (ahead < share ? ahead : share) / 256 * 256); \
-        }                                                                                                        \
+#define ROWS_LOOP(call)                                                                                    \
+    _Pragma("omp parallel") {                                                                              \
+        _Pragma("omp for schedule(static) nowait") for (int n0 = 0; n0 < N; n0 += ROWS) call;              \
+        if (next) {                                                                                        \
+            int t = omp_get_thread_num(), threads = omp_get_num_threads();                                 \
+            long share = (long)next_rows * next_cols * 2 / threads, ahead = READ_AHEAD / threads;          \
+            sink[t % 256 * 16] +=                                                                          \
+                read_bytes((const uint8_t*)next + share * t, (ahead < share ? ahead : share) / 256 * 256); \
+        }                                                                                                  \
     }
 
 static long sink[16 * 256]; /* per-thread slots, a cache line apart */
@@ -127,20 +138,25 @@ void vllm_utils_gemv_bf16(const uint16_t* w, const uint16_t* x, long x_stride, c
                           long y_stride, int M, int N, int K, const uint16_t* next, int next_rows, int next_cols) {
     switch (M) {
         case 1:
-            if (K % 128 == 0) ROWS_LOOP(block_m1(w + (long)n0 * K, K, x, bias, y, n0))
-            else ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 1, n0))
+            if (K % 128 == 0)
+                ROWS_LOOP(block_m1(w + (long)n0 * K, K, x, bias, y, n0))
+            else
+                ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 1, n0))
             break;
-        case 2: ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 2, n0)) break;
-        case 3: ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 3, n0)) break;
-        case 4: ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 4, n0)) break;
+        case 2:
+            ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 2, n0)) break;
+        case 3:
+            ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 3, n0)) break;
+        case 4:
+            ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 4, n0)) break;
     }
 }
 
 /* Llama's RMSNorm with transformers' rounding points, for rows of n bf16 values. With a residual, first
  * residual = bf16(residual + x) in place, and the sum is normalized: out = bf16(w * bf16(h * rstd)), where
  * rstd = 1 / sqrt(mean(h^2) + eps) in fp32. */
-void vllm_utils_rmsnorm_bf16(const uint16_t* x, uint16_t* residual, const uint16_t* weight, uint16_t* out,
-                             int rows, int n, float eps) {
+void vllm_utils_rmsnorm_bf16(const uint16_t* x, uint16_t* residual, const uint16_t* weight, uint16_t* out, int rows,
+                             int n, float eps) {
 #pragma omp parallel for schedule(static) if (rows > 8)
     for (int row = 0; row < rows; row++) {
         const uint16_t* xr = x + (long)row * n;
@@ -163,7 +179,8 @@ void vllm_utils_rmsnorm_bf16(const uint16_t* x, uint16_t* residual, const uint16
         }
         float rstd = 1.0f / sqrtf(squares / n + eps);
         for (int i = 0; i < vec; i += 16)
-            store16(o + i, _mm512_mul_ps(load16(weight + i), round_bf16(_mm512_mul_ps(load16(h + i), _mm512_set1_ps(rstd)))));
+            store16(o + i,
+                    _mm512_mul_ps(load16(weight + i), round_bf16(_mm512_mul_ps(load16(h + i), _mm512_set1_ps(rstd)))));
         for (int i = vec; i < n; i++) o[i] = to_bf16(from_bf16(weight[i]) * from_bf16(to_bf16(from_bf16(h[i]) * rstd)));
     }
 }
@@ -171,8 +188,8 @@ void vllm_utils_rmsnorm_bf16(const uint16_t* x, uint16_t* residual, const uint16
 /* Rotate-half RoPE in place, as transformers computes it in bf16: with c, s the fp32 table rows rounded to
  * bf16, x1' = bf16(bf16(x1 c) - bf16(x2 s)) and x2' = bf16(bf16(x2 c) + bf16(x1 s)). x: tokens x heads rows of
  * head_dim values, token_stride elements between tokens; cos/sin: [positions, head_dim] fp32. */
-void vllm_utils_rope_bf16(uint16_t* x, const long* positions, const float* cos, const float* sin, int tokens,
-                          int heads, int head_dim, long token_stride) {
+void vllm_utils_rope_bf16(uint16_t* x, const long* positions, const float* cos, const float* sin, int tokens, int heads,
+                          int head_dim, long token_stride) {
     int half = head_dim / 2;
 #pragma omp parallel for schedule(static) if (tokens > 8)
     for (int t = 0; t < tokens; t++) {
@@ -184,7 +201,8 @@ void vllm_utils_rope_bf16(uint16_t* x, const long* positions, const float* cos, 
                 __m512 ci = round_bf16(_mm512_loadu_ps(c + i)), si = round_bf16(_mm512_loadu_ps(s + i));
                 __m512 x1 = load16(v + i), x2 = load16(v + i + half);
                 store16(v + i, _mm512_sub_ps(round_bf16(_mm512_mul_ps(x1, ci)), round_bf16(_mm512_mul_ps(x2, si))));
-                store16(v + i + half, _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, ci)), round_bf16(_mm512_mul_ps(x1, si))));
+                store16(v + i + half,
+                        _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, ci)), round_bf16(_mm512_mul_ps(x1, si))));
             }
             for (; i < half; i++) {
                 float ci = from_bf16(to_bf16(c[i])), si = from_bf16(to_bf16(s[i]));
@@ -228,7 +246,8 @@ void vllm_utils_decode_attention_bf16(const uint16_t* q, const uint16_t* k, cons
                 const uint16_t *qh = q + (long)h * head_dim, *kh = kt + (long)(h / group) * head_dim;
                 __m512 dot = _mm512_setzero_ps();
                 for (int d = 0; d < head_dim; d += 32)
-                    dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(qh + d), (__m512bh)_mm512_loadu_si512(kh + d));
+                    dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(qh + d),
+                                           (__m512bh)_mm512_loadu_si512(kh + d));
                 float score = _mm512_reduce_add_ps(dot) * scale;
                 scratch[(long)h * length + t] = score;
                 if (score > max[h]) max[h] = score;
@@ -263,7 +282,8 @@ void vllm_utils_decode_attention_bf16(const uint16_t* q, const uint16_t* k, cons
             }
             for (int d = 0; d < head_dim; d++) {
                 float x = 0.0f;
-                for (int i = 0; i < n; i++) x += weights[i] * partials[part * i + 2 * num_heads + (long)h * head_dim + d];
+                for (int i = 0; i < n; i++)
+                    x += weights[i] * partials[part * i + 2 * num_heads + (long)h * head_dim + d];
                 out[(long)h * head_dim + d] = to_bf16(x / total);
             }
         }
@@ -292,7 +312,8 @@ void vllm_utils_silu_mul_bf16(const uint16_t* x, uint16_t* out, int rows, int n,
     for (int r = 0; r < rows; r++)
         for (int i = 0; i < n; i += 16) {
             __m512 gate = load16(x + r * x_stride + i), up = load16(x + r * x_stride + n + i);
-            __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
+            __m512 silu = _mm512_div_ps(
+                gate, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
             store16(out + (long)r * n + i, _mm512_mul_ps(round_bf16(silu), up));
         }
 }
@@ -302,7 +323,8 @@ void vllm_utils_quick_gelu_bf16(const uint16_t* x, uint16_t* out, long n) {
 #pragma omp parallel for schedule(static) if (n > 16384)
     for (long i = 0; i < n; i += 16) {
         __m512 v = load16(x + i), t = round_bf16(_mm512_mul_ps(v, _mm512_set1_ps(1.702f)));
-        __m512 sigmoid = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), t))));
+        __m512 sigmoid = _mm512_div_ps(
+            _mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), t))));
         store16(out + i, _mm512_mul_ps(v, round_bf16(sigmoid)));
     }
 }
@@ -329,18 +351,21 @@ void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, con
         for (int g = 0; g < num_kv_heads; g++) /* K: 16 tokens' (d, d+1) pairs per gather */
             for (long t0 = 0; t0 < padded; t0 += 16) {
                 __mmask16 real = t0 + 16 <= tokens ? 0xffff : t0 >= tokens ? 0 : (__mmask16)((1u << (tokens - t0)) - 1);
-                __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                  _mm512_set1_epi32((int)(kv_stride / 2)));
+                __m512i offsets =
+                    _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                       _mm512_set1_epi32((int)(kv_stride / 2)));
                 const int32_t* kt = (const int32_t*)(k + (t0 < tokens ? t0 : 0) * kv_stride + (long)g * head_dim);
                 int32_t* kp = (int32_t*)(packed + g * head_size) + t0;
                 for (int p = 0; p < pairs; p++)
-                    _mm512_storeu_si512(kp + p * padded, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, offsets, kt + p, 4));
+                    _mm512_storeu_si512(kp + p * padded,
+                                        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, offsets, kt + p, 4));
             }
 #pragma omp for schedule(static) collapse(2)
         for (int g = 0; g < num_kv_heads; g++) /* V: rows 2j and 2j + 1 interleaved */
             for (long j = 0; j < padded / 2; j++) {
-                const __m512i low = _mm512_setr_epi32(0x200000, 0x210001, 0x220002, 0x230003, 0x240004, 0x250005, 0x260006, 0x270007,
-                                                      0x280008, 0x290009, 0x2a000a, 0x2b000b, 0x2c000c, 0x2d000d, 0x2e000e, 0x2f000f);
+                const __m512i low =
+                    _mm512_setr_epi32(0x200000, 0x210001, 0x220002, 0x230003, 0x240004, 0x250005, 0x260006, 0x270007,
+                                      0x280008, 0x290009, 0x2a000a, 0x2b000b, 0x2c000c, 0x2d000d, 0x2e000e, 0x2f000f);
                 const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
                 const uint16_t *a = v + 2 * j * kv_stride + (long)g * head_dim, *b = a + kv_stride;
                 uint16_t* vp = packed + (num_kv_heads + g) * head_size + j * head_dim * 2;
@@ -357,7 +382,8 @@ void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, con
         for (int task = 0; task < num_heads * qblocks; task++) {
             int h = task / qblocks, qb = qblocks - 1 - task % qblocks; /* causal: longest tasks first */
             int i0 = qb * QB, rows = tokens - i0 < QB ? tokens - i0 : QB, key_end = causal ? i0 + rows : tokens;
-            const uint16_t *kp = packed + (h / group) * head_size, *vp = packed + (num_kv_heads + h / group) * head_size;
+            const uint16_t *kp = packed + (h / group) * head_size,
+                           *vp = packed + (num_kv_heads + h / group) * head_size;
             for (int r = 0; r < QB; r++) row_max[r] = -INFINITY, row_sum[r] = 0.0f;
             for (int i = 0; i < QB * head_dim; i++) O[i] = 0.0f;
             for (int k0 = 0; k0 < key_end; k0 += KB) {
@@ -381,20 +407,25 @@ void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, con
                     }
                     for (int j = 0; j < 4; j++)
                         for (int c = 0; c < 4; c++)
-                            _mm512_storeu_ps(S + (r + j) * KB + 16 * c, _mm512_mul_ps(acc[j][c], _mm512_set1_ps(scale)));
+                            _mm512_storeu_ps(S + (r + j) * KB + 16 * c,
+                                             _mm512_mul_ps(acc[j][c], _mm512_set1_ps(scale)));
                 }
                 for (int r = 0; r < QB; r++) { /* online softmax; P = 0 for masked keys and rows past the end */
                     int limit = r >= rows ? 0 : causal ? i0 + r + 1 : tokens;
                     __m512 s[4], top = _mm512_set1_ps(-INFINITY);
                     for (int c = 0; c < 4; c++) {
-                        __m512i key = _mm512_add_epi32(_mm512_set1_epi32(k0 + 16 * c), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+                        __m512i key =
+                            _mm512_add_epi32(_mm512_set1_epi32(k0 + 16 * c),
+                                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
                         __mmask16 valid = _mm512_cmplt_epi32_mask(key, _mm512_set1_epi32(limit));
-                        s[c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_loadu_ps(S + r * KB + 16 * c));
+                        s[c] =
+                            _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_loadu_ps(S + r * KB + 16 * c));
                         top = _mm512_max_ps(top, s[c]);
                     }
                     float m = fmaxf(row_max[r], _mm512_reduce_max_ps(top));
                     if (m == -INFINITY) { /* nothing to attend to in this block */
-                        for (int c = 0; c < 4; c++) _mm256_storeu_si256((__m256i*)(P + r * KB + 16 * c), _mm256_setzero_si256());
+                        for (int c = 0; c < 4; c++)
+                            _mm256_storeu_si256((__m256i*)(P + r * KB + 16 * c), _mm256_setzero_si256());
                         continue;
                     }
                     float alpha = expf(row_max[r] - m);
@@ -408,24 +439,28 @@ void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, con
                     row_max[r] = m;
                     if (alpha != 1.0f)
                         for (int d = 0; d < head_dim; d += 16)
-                            _mm512_storeu_ps(O + r * head_dim + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * head_dim + d), _mm512_set1_ps(alpha)));
+                            _mm512_storeu_ps(O + r * head_dim + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * head_dim + d),
+                                                                                 _mm512_set1_ps(alpha)));
                 }
                 for (int r = 0; r < QB; r += 4) /* O += P V, 4 rows x 64 columns at a time */
                     for (int d0 = 0; d0 < head_dim; d0 += 64) {
                         __m512 acc[4][4];
                         for (int j = 0; j < 4; j++)
-                            for (int c = 0; c < 4; c++) acc[j][c] = _mm512_loadu_ps(O + (r + j) * head_dim + d0 + 16 * c);
+                            for (int c = 0; c < 4; c++)
+                                acc[j][c] = _mm512_loadu_ps(O + (r + j) * head_dim + d0 + 16 * c);
                         for (int pair = 0; pair < KB / 2; pair++) {
                             const uint16_t* vr = vp + ((long)(k0 / 2 + pair) * head_dim + d0) * 2;
                             __m512bh vv[4];
                             for (int c = 0; c < 4; c++) vv[c] = (__m512bh)_mm512_loadu_si512(vr + 32 * c);
                             for (int j = 0; j < 4; j++) {
-                                __m512bh pv = (__m512bh)_mm512_set1_epi32(*(const int32_t*)(P + (r + j) * KB + 2 * pair));
+                                __m512bh pv =
+                                    (__m512bh)_mm512_set1_epi32(*(const int32_t*)(P + (r + j) * KB + 2 * pair));
                                 for (int c = 0; c < 4; c++) acc[j][c] = _mm512_dpbf16_ps(acc[j][c], pv, vv[c]);
                             }
                         }
                         for (int j = 0; j < 4; j++)
-                            for (int c = 0; c < 4; c++) _mm512_storeu_ps(O + (r + j) * head_dim + d0 + 16 * c, acc[j][c]);
+                            for (int c = 0; c < 4; c++)
+                                _mm512_storeu_ps(O + (r + j) * head_dim + d0 + 16 * c, acc[j][c]);
                     }
             }
             for (int r = 0; r < rows; r++) {
