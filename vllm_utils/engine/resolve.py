@@ -52,6 +52,6 @@ def check_tensor_parallel(config: ResolvedConfig) -> None:
     for what, count in checks.items():
         if count % size:
             raise UserError(f"--tensor-parallel-size {size} does not divide {what} ({count}); pick a divisor of {count}")
-    if platform.device_count() < size and config.device.type != "cpu":
+    if platform.max_ranks() is not None and platform.max_ranks() < size:
         raise UserError(f"--tensor-parallel-size {size} needs {size} {config.device.type} devices but "
-                        f"{platform.device_count()} are visible; lower it or expose more devices")
+                        f"{platform.max_ranks()} are visible; lower it or expose more devices")

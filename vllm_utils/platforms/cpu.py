@@ -18,6 +18,7 @@ from vllm_utils.kernels.cpu_linear import DecodeLinear, OneDnnLinear, PackedOneD
 from vllm_utils.layers.activation import Activation, SiluAndMul
 from vllm_utils.layers.linear import LinearOp
 from vllm_utils.layers.norm import RMSNorm
+from vllm_utils.layers.op import Op
 from vllm_utils.layers.rotary import RotaryEmbedding
 from vllm_utils.notes import note_once
 from vllm_utils.platforms.interface import GiB, Platform
@@ -30,8 +31,8 @@ class CpuPlatform(Platform):
     def __init__(self) -> None:
         super().__init__("cpu", module=None)
 
-    def device_count(self) -> int:
-        return os.cpu_count() or 1
+    def max_ranks(self) -> int | None:
+        return None  # the ranks share the cores
 
     def rank_device(self, device: torch.device, rank: int) -> torch.device:
         return device
@@ -101,15 +102,14 @@ class CpuPlatform(Platform):
         if not use_kernels:
             return
         for module in model.modules():
-            impl = _kernel_for(module)
-            if impl is not None:
-                module.impl = impl
+            if isinstance(module, Op) and not isinstance(module, LinearOp):
+                module.impl = _kernel_for(module)
 
 
-def _kernel_for(module: nn.Module):
+def _kernel_for(module: Op):
     """The C-kernel implementation of a non-linear op, falling back to its native form for inputs the kernel does
-    not take; None for other modules."""
-    native = module.forward_native if hasattr(module, "forward_native") else None
+    not take; None where there is none."""
+    native = module.forward_native
     if isinstance(module, RMSNorm):
         def rmsnorm(x, residual=None):
             if cpu.supports_rmsnorm(x, module.weight, residual):

@@ -11,6 +11,7 @@ from vllm_utils.errors import UserError
 from vllm_utils.layers.activation import SiluAndMul
 from vllm_utils.layers.linear import LinearOp
 from vllm_utils.layers.norm import RMSNorm
+from vllm_utils.layers.op import Op
 from vllm_utils.platforms.interface import Platform
 
 
@@ -47,7 +48,9 @@ class CudaPlatform(Platform):
         from vllm_utils.kernels import triton_fused, triton_gemv
 
         for module in model.modules():
-            native = module.forward_native if hasattr(module, "forward_native") else None
+            if not isinstance(module, Op):
+                continue
+            native = module.forward_native
             if isinstance(module, RMSNorm):
                 module.impl = (lambda x, residual=None, m=module, native=native:
                                triton_fused.add_rmsnorm(x, m.weight, m.eps, residual) if x.dim() == 2

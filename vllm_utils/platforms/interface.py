@@ -25,7 +25,8 @@ class Platform:
         self.module = module if module is not None else getattr(torch, device_type, None)
 
     # ---- devices ---------------------------------------------------------------------------------
-    def device_count(self) -> int:
+    def max_ranks(self) -> int | None:
+        """How many tensor-parallel ranks this machine can host (one per device); None: any number."""
         return self.module.device_count() if hasattr(self.module, "device_count") else 1
 
     def rank_device(self, device: torch.device, rank: int) -> torch.device:
