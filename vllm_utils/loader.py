@@ -42,14 +42,25 @@ def resolve_target(model: nn.Module, key: str) -> tuple[str, object] | None:
     return name, None
 
 
-def expected_targets(model: nn.Module) -> set[tuple[str, object]]:
+def _shards(model: nn.Module) -> dict[str, list]:
+    """Our fused module name -> the shard ids of the checkpoint tensors it is made of."""
     shards: dict[str, list] = {}
     for fused, shard in model.packed_modules.values():
         shards.setdefault(fused, []).append(shard)
+    return shards
+
+
+def targets_filled(model: nn.Module, name: str, shard: object) -> list[tuple[str, object]]:
+    """What loading one checkpoint tensor fills: its shard, or every shard when it is already fused."""
+    shards = _shards(model).get(name.split(".")[-2])
+    return [(name, s) for s in shards] if shard is None and shards else [(name, shard)]
+
+
+def expected_targets(model: nn.Module) -> set[tuple[str, object]]:
+    shards = _shards(model)
     expected = set()
     for name, _ in model.named_parameters():  # tied parameters appear once, under their first name
-        fused = name.split(".")[-2]
-        for shard in shards.get(fused, [None]):
+        for shard in shards.get(name.split(".")[-2], [None]):
             expected.add((name, shard))
     return expected
 
@@ -71,7 +82,7 @@ def load_weights(model: nn.Module, folder: str, show_progress: bool = True) -> N
                 param = params[name]
                 tensor = f.get_tensor(key)
                 getattr(param, "weight_loader", _copy)(param, tensor.to(param.dtype), shard)
-                loaded.add(target)
+                loaded.update(targets_filled(model, name, shard))
     missing = sorted(expected_targets(model) - loaded, key=str)
     if missing:
         name, shard = missing[0]

@@ -19,7 +19,8 @@ class AttentionBackend(Protocol):
         ...
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
         """q: [tokens, heads, dim], k/v: [tokens, kv_heads, dim], caches: [blocks, block_size, kv_heads, dim],
-        already holding this step's k/v. Returns [tokens, heads, dim]."""
+        already holding this step's k/v; causal, and with `window` each query sees only the keys of the last
+        `window` positions (itself included). Returns [tokens, heads, dim]."""
         ...

@@ -25,14 +25,15 @@ class TorchPagedAttention:
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
-    def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+               window: int | None = None) -> torch.Tensor:
         if meta.is_prefill:
-            return self.prefill(q, k, v, meta.seq_lens, scale)
+            return self.prefill(q, k, v, meta.seq_lens, scale, window)
         if meta.run_starts is not None:
-            return self.decode_runs(q, k_cache, v_cache, meta, scale)
-        return self.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+            return self.decode_runs(q, k_cache, v_cache, meta, scale, window)
+        return self.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, window)
 
-    def prefill(self, q, k, v, seq_lens: list[int], scale: float) -> torch.Tensor:
+    def prefill(self, q, k, v, seq_lens: list[int], scale: float, window: int | None = None) -> torch.Tensor:
         # Each prompt attends causally to itself; the new K/V are the whole context (no prefix reuse).
         if k.shape[1] != q.shape[1]:  # expand GQA heads: enable_gqa would push CUDA SDPA onto its slow path
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -42,14 +43,16 @@ class TorchPagedAttention:
         for n in seq_lens:
             s = slice(start, start + n)
             # 4-D [1, heads, tokens, dim]: CUDA's flash kernels take no 3-D input
+            mask = window_mask(n, window, q.device)
             out[s] = F.scaled_dot_product_attention(
                 q[None, s].transpose(1, 2), k[None, s].transpose(1, 2), v[None, s].transpose(1, 2),
-                is_causal=True, scale=scale,
+                attn_mask=mask, is_causal=mask is None, scale=scale,
             )[0].transpose(0, 1)
             start += n
         return out
 
-    def decode_runs(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def decode_runs(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                    window: int | None = None) -> torch.Tensor:
         """One sequence at a time: a sequence whose blocks form one run attends to a slice of the pool
         (no copy); the others gather their own blocks."""
         block_size = k_cache.shape[1]
@@ -58,19 +61,21 @@ class TorchPagedAttention:
         for i, (start, length) in enumerate(zip(meta.run_starts, meta.context_lens.tolist())):
             if start < 0:
                 out[i : i + 1] = self.decode(q[i : i + 1], k_cache, v_cache, meta.block_tables[i : i + 1],
-                                             meta.context_lens[i : i + 1], scale)
+                                             meta.context_lens[i : i + 1], scale, window)
                 continue
-            first = start * block_size
-            out[i] = self.decode_one(q[i], flat_k[first : first + length], flat_v[first : first + length], scale)
+            end = start * block_size + length
+            first = end - min(length, window or length)
+            out[i] = self.decode_one(q[i], flat_k[first:end], flat_v[first:end], scale)
         return out
 
     @staticmethod
     def decode_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """q [heads, dim] over one sequence's contiguous cache k, v [tokens, kv_heads, dim]."""
+        """q [heads, dim] over one sequence's contiguous cache k, v [tokens, kv_heads, dim], all visible."""
         k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         return F.scaled_dot_product_attention(q[None, :, None], k, v, scale=scale, enable_gqa=True)[0, :, 0]
 
-    def decode(self, q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+    def decode(self, q, k_cache, v_cache, block_tables, context_lens, scale: float,
+               window: int | None = None) -> torch.Tensor:
         seqs, max_blocks = block_tables.shape
         block_size = k_cache.shape[1]
         # Gather each sequence's blocks into a contiguous [seqs, ctx, kv_heads, dim] copy (index_select with
@@ -78,7 +83,19 @@ class TorchPagedAttention:
         ids = block_tables.flatten().long()
         k = k_cache.index_select(0, ids).view(seqs, -1, *k_cache.shape[2:]).transpose(1, 2)
         v = v_cache.index_select(0, ids).view(seqs, -1, *v_cache.shape[2:]).transpose(1, 2)
-        positions = torch.arange(max_blocks * block_size, device=q.device)
-        mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]
-        out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        positions = torch.arange(max_blocks * block_size, device=q.device)[None, :]
+        mask = positions < context_lens[:, None]
+        if window is not None:
+            mask &= positions >= context_lens[:, None] - window
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale,
+                                             enable_gqa=True)
         return out.squeeze(2)
+
+
+def window_mask(tokens: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """[tokens, tokens] bool: causal, each query seeing the last `window` positions; None when the window covers
+    the whole prompt (plain causal attention)."""
+    if window is None or window >= tokens:
+        return None
+    offset = torch.arange(tokens, device=device)[:, None] - torch.arange(tokens, device=device)[None, :]
+    return (offset >= 0) & (offset < window)

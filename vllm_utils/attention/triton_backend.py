@@ -25,5 +25,6 @@ class TritonPagedAttention(TorchPagedAttention):
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         triton_attention.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
-    def decode(self, q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
-        return triton_attention.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    def decode(self, q, k_cache, v_cache, block_tables, context_lens, scale: float,
+               window: int | None = None) -> torch.Tensor:
+        return triton_attention.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window)

@@ -42,49 +42,60 @@ def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout:
                      image_size: int = 56, text_layers: int = 2, hidden: int = 64,
                      vision_feature_layer: int | list[int] = -2, select_strategy: str = "default",
                      rope_parameters: dict | None = None, vision_hidden: int = 32, vision_heads: int = 4,
-                     heads: int = 4, kv_heads: int = 2) -> str:
-    """Writes config, processor and random safetensors weights of a small LLaVA-1.5 to `folder`.
+                     heads: int = 4, kv_heads: int = 2, text_type: str = "llama", text_config: dict | None = None,
+                     vision_type: str = "clip_vision_model") -> str:
+    """Writes config, processor and random safetensors weights of a small LLaVA to `folder`: a CLIP or SigLIP
+    tower and a decoder of `text_type` (llama, mistral, qwen2, gemma, phi3; `text_config`: more of its fields).
     layout: "hub" (language_model.model.*, vision_tower.vision_model.*), "prefixed" (model.language_model.*,
     as transformers 4.52-4.5x write), or "saved" (whatever the installed transformers writes)."""
-    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import AutoConfig, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    if real_tokenizer_dir:
-        tokenizer = AutoTokenizer.from_pretrained(real_tokenizer_dir)
-    else:
-        tokenizer = train_tiny_tokenizer()
-    vocab_size = len(tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(real_tokenizer_dir) if real_tokenizer_dir else train_tiny_tokenizer()
     image_token_index = tokenizer.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                              num_attention_heads=vision_heads, num_hidden_layers=3, image_size=image_size,
-                              patch_size=14, projection_dim=32, hidden_act="quick_gelu")
-    text = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=heads,
-                       num_key_value_heads=kv_heads,
-                       num_hidden_layers=text_layers, vocab_size=vocab_size, max_position_embeddings=4096,
-                       rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id,
+    siglip = vision_type == "siglip_vision_model"
+    vision = AutoConfig.for_model(vision_type, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                  num_attention_heads=vision_heads, num_hidden_layers=3, image_size=image_size,
+                                  patch_size=14, hidden_act="gelu_pytorch_tanh" if siglip else "quick_gelu")
+    text_fields = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, num_hidden_layers=text_layers, vocab_size=len(tokenizer),
+                       max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+    text = AutoConfig.for_model(text_type, **{**text_fields, **(text_config or {})})
+    extra_token = 0 if siglip else 1  # CLIP's class token
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_index,
                          vision_feature_layer=vision_feature_layer,
                          vision_feature_select_strategy=select_strategy, pad_token_id=tokenizer.pad_token_id,
-                         image_seq_length=(image_size // 14) ** 2 + (select_strategy == "full"))
+                         image_seq_length=(image_size // 14) ** 2 + extra_token - (select_strategy == "default"),
+                         tie_word_embeddings=text.tie_word_embeddings)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():  # transformers' init is tiny; scale up so that logits are far from ties
         for name, p in model.named_parameters():
             if p.dim() > 1 and "embed" not in name:
                 p.normal_(0, 1.0 / p.shape[1] ** 0.5)
+            elif p.dim() == 1:  # biases and norm scales off their defaults, so that loading them matters
+                p.add_(torch.randn_like(p) * 0.1)
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     if layout != "saved":
         _rewrite_keys(folder, layout)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                               vision_feature_select_strategy=select_strategy, num_additional_image_tokens=1,
-                               chat_template=LLAVA_CHAT_TEMPLATE)
+    processor = LlavaProcessor(image_processor=_image_processor(vision_type, image_size), tokenizer=tokenizer,
+                               patch_size=14, vision_feature_select_strategy=select_strategy,
+                               num_additional_image_tokens=extra_token, chat_template=LLAVA_CHAT_TEMPLATE)
     processor.save_pretrained(folder)
     return folder
+
+
+def _image_processor(vision_type: str, size: int):
+    """The image processor the hub checkpoints with this tower carry, at `size`."""
+    if vision_type == "siglip_vision_model":
+        from transformers import SiglipImageProcessor
+
+        return SiglipImageProcessor(size={"height": size, "width": size})
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 _LAYOUTS = {

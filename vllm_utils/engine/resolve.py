@@ -5,6 +5,7 @@ import torch
 from vllm_utils.config import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DTYPES, EngineConfig,
                                ResolvedConfig, bundled_config_dir, checkpoint_dtype, load_hf_config)
 from vllm_utils.errors import UserError
+from vllm_utils.models.registry import family as model_family
 from vllm_utils.models.registry import find_family
 from vllm_utils.platforms import platform_for, resolve_device
 
@@ -13,6 +14,7 @@ def resolve(config: EngineConfig, model_type: str | None = None) -> ResolvedConf
     device = resolve_device(config.device)
     hf_config = load_hf_config(config.model)
     family = find_family(hf_config, model_type, config.model)
+    model_family(family).model.check_config(hf_config)
     explicit = config.dtype != "auto"
     dtype = platform_for(device).resolve_dtype(DTYPES[config.dtype] if explicit else checkpoint_dtype(hf_config),
                                                explicit)

@@ -19,18 +19,21 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k,
 
 @triton.jit
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr,
-                         part_stats_ptr, out_ptr, scale, split_tokens, num_splits, stride_q, stride_block,
+                         part_stats_ptr, out_ptr, scale, window, split_tokens, num_splits, stride_q, stride_block,
                          stride_table, stride_out, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                          GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                          TILE: tl.constexpr, ONE_SPLIT: tl.constexpr):
-    """One (sequence, kv head, context split): unnormalised attention over that split's tokens, or with
-    ONE_SPLIT (the whole context in one program) the normalised output itself."""
+    """One (sequence, kv head, context split): unnormalised attention over that split's tokens (those of the
+    last `window` positions only, when window > 0), or with ONE_SPLIT (the whole context in one program) the
+    normalised output itself."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     begin = split * split_tokens
     end = tl.minimum(begin + split_tokens, context_len)
+    if window > 0:
+        begin = tl.maximum(begin, context_len - window)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_g = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + offs_g
@@ -75,7 +78,7 @@ def _combine_splits_kernel(part_out_ptr, part_stats_ptr, out_ptr, num_splits, st
     index = (seq * HEADS + head) * num_splits + offs_s
     m = tl.load(part_stats_ptr + index * 2, mask=used, other=float("-inf"))
     denom = tl.load(part_stats_ptr + index * 2 + 1, mask=used, other=0.0)
-    m_max = tl.max(m, axis=0)  # finite: the first split always holds a token
+    m_max = tl.max(m, axis=0)  # finite: the split holding the newest token always has one
     weight = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
     acc = tl.load(part_out_ptr + index[:, None] * HEAD_DIM + offs_d[None, :], mask=used[:, None], other=0.0)
     out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(denom * weight, axis=0)
@@ -96,10 +99,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token per sequence (q [seqs, heads, dim]) over its blocks. The context is split so that small
-    batches still use the whole GPU; the split count depends only on shapes, so a captured graph stays valid
-    for any context length."""
+                 context_lens: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
+    """One query token per sequence (q [seqs, heads, dim]) over its blocks (the last `window` positions only,
+    when given). The context is split so that small batches still use the whole GPU; the split count depends only
+    on shapes, so a captured graph stays valid for any context length."""
     seqs, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
@@ -114,8 +117,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         part_out = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device)
         part_stats = torch.empty(seqs, heads, splits, 2, dtype=torch.float32, device=q.device)
     _paged_decode_kernel[(seqs, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part_out, part_stats, out, scale, split_tokens, splits,
-        q.stride(0), k_cache.stride(0), block_tables.stride(0), out.stride(0),
+        q, k_cache, v_cache, block_tables, context_lens, part_out, part_stats, out, scale, window or 0, split_tokens,
+        splits, q.stride(0), k_cache.stride(0), block_tables.stride(0), out.stride(0),
         NUM_KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, TILE=TILE, ONE_SPLIT=splits == 1,
     )

@@ -13,14 +13,18 @@ ACTIVATIONS = {
 }
 
 
+def check_activation(name: str, field: str = "hidden_act") -> str:
+    if name not in ACTIVATIONS:
+        raise UserError(f"{field} '{name}' is not supported; supported: {', '.join(ACTIVATIONS)}")
+    return name
+
+
 class Activation(Op):
     """An elementwise activation by its transformers name (`hidden_act`)."""
 
     def __init__(self, name: str) -> None:
         super().__init__()
-        if name not in ACTIVATIONS:
-            raise UserError(f"activation '{name}' is not supported; supported: {', '.join(ACTIVATIONS)}")
-        self.name = name
+        self.name = check_activation(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)
@@ -29,12 +33,16 @@ class Activation(Op):
         return ACTIVATIONS[self.name](x)
 
 
-class SiluAndMul(Op):
-    """silu(gate) * up for a fused gate_up projection."""
+class ActAndMul(Op):
+    """act(gate) * up for a fused gate_up projection (the gated MLP of Llama-style decoders)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = check_activation(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return ACTIVATIONS[self.name](gate) * up

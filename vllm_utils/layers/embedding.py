@@ -8,8 +8,11 @@ from vllm_utils.layers.parallel import all_gather_last_dim, all_reduce, tp_rank,
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden: int) -> None:
+    def __init__(self, vocab_size: int, hidden: int, scale: float | None = None) -> None:
+        """`scale`: a factor the embeddings are multiplied by, in the model dtype (Gemma's sqrt(hidden))."""
         super().__init__()
+        self.register_buffer("scale", None if scale is None else torch.tensor(scale, dtype=torch.float32),
+                             persistent=False)
         self.vocab_size = vocab_size
         self.shard = (vocab_size + tp_size() - 1) // tp_size()
         self.start = tp_rank() * self.shard
@@ -23,11 +26,12 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:
-            return F.embedding(ids, self.weight)
-        local = ids - self.start
-        in_shard = (local >= 0) & (local < self.shard)
-        y = F.embedding(local.clamp(0, self.shard - 1), self.weight) * in_shard.unsqueeze(-1)
-        return all_reduce(y)
+            y = F.embedding(ids, self.weight)
+        else:
+            local = ids - self.start
+            in_shard = (local >= 0) & (local < self.shard)
+            y = all_reduce(F.embedding(local.clamp(0, self.shard - 1), self.weight) * in_shard.unsqueeze(-1))
+        return y if self.scale is None else y * self.scale.to(y.dtype)
 
 
 class ParallelLMHead(VocabParallelEmbedding, LinearOp):

@@ -62,7 +62,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(out_sizes), bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        assert isinstance(shard_id, int)
+        """One projection's tensor (`shard_id` its index), or all of them fused as the checkpoint holds them."""
+        if shard_id is None:
+            for index, part in enumerate(loaded.split(self.out_sizes)):
+                self.weight_loader(param, part, index)
+            return
         shard = self.out_sizes[shard_id] // tp_size()
         offset = sum(self.out_sizes[:shard_id]) // tp_size()
         param.data.narrow(0, offset, shard).copy_(loaded.narrow(0, tp_rank() * shard, shard))
@@ -79,6 +83,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden, out, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        """The q, k or v tensor (`shard_id`), or all three fused as the checkpoint holds them."""
+        if shard_id is None:
+            q_all, kv_all = self.num_heads * tp_size() * self.head_dim, self.num_kv_heads * tp_size() * self.head_dim
+            for name, part in zip("qkv", loaded.split([q_all, kv_all, kv_all])):
+                self.weight_loader(param, part, name)
+            return
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, tp_rank() * size, size))

@@ -10,6 +10,9 @@ from vllm_utils.errors import UserError
 from vllm_utils.layers.op import Op
 
 
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
 def rope_parameters(config: PretrainedConfig) -> dict:
     """The rope settings in transformers 5 form, also from older configs (rope_theta + rope_scaling)."""
     params = getattr(config, "rope_parameters", None)
@@ -39,7 +42,7 @@ def inverse_frequencies(head_dim: int, params: dict) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return torch.where(is_medium, smoothed, scaled)
-    raise UserError(f"rope_type '{rope_type}' is not supported yet (supported: default, linear, llama3)")
+    raise UserError(f"rope_type '{rope_type}' is not supported yet (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

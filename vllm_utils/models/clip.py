@@ -1,4 +1,5 @@
-"""CLIP vision transformer, run only up to the layers LLaVA reads its image features from."""
+"""CLIP vision transformer, run only up to the layers LLaVA reads its image features from. Its encoder layer is
+SigLIP's too."""
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -75,10 +76,14 @@ class CLIPVisionTower(nn.Module):
         self.encoder.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(num_layers))
 
     def forward(self, pixels: torch.Tensor, wanted: list[int]) -> list[torch.Tensor]:
-        x = self.pre_layrnorm(self.embeddings(pixels))
-        states = {0: x} if 0 in wanted else {}
-        for i, layer in enumerate(self.encoder.layers, start=1):
-            x = layer(x)
-            if i in wanted:
-                states[i] = x
-        return [states[i] for i in wanted]
+        return hidden_states(self.pre_layrnorm(self.embeddings(pixels)), self.encoder.layers, wanted)
+
+
+def hidden_states(x: torch.Tensor, layers: nn.ModuleList, wanted: list[int]) -> list[torch.Tensor]:
+    """The hidden states `wanted` (0: the input of the first layer, i: the output of layer i), in that order."""
+    states = {0: x} if 0 in wanted else {}
+    for i, layer in enumerate(layers, start=1):
+        x = layer(x)
+        if i in wanted:
+            states[i] = x
+    return [states[i] for i in wanted]

@@ -18,6 +18,11 @@ class VisionLanguageModel(Protocol):
 
     def __init__(self, config: PretrainedConfig) -> None: ...
 
+    @staticmethod
+    def check_config(config: PretrainedConfig) -> None:
+        """Refuses (UserError), by name, every configuration value the model does not implement: called before
+        anything is loaded."""
+
     def checkpoint_key(self, key: str) -> str | None:
         """Our parameter name for a checkpoint tensor's name (any key layout the family has on the hub), or
         None for tensors we never use."""

@@ -1,34 +1,37 @@
-"""Llama decoder (the language model of LLaVA), read top to bottom. Fused QKV and gate/up projections;
-grouped-query attention; tensor-parallel linears."""
+"""The Llama-style decoder (the language model of LLaVA), read top to bottom: fused QKV and gate/up projections,
+grouped-query attention, tensor-parallel linears. Mistral, Qwen2, Gemma and Phi-3 are this decoder with the
+switches of their `DecoderSpec` (biases, norm form, embedding scale, sliding windows)."""
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from vllm_utils.attention.layer import PagedAttention
 from vllm_utils.attention.metadata import AttentionMetadata
-from vllm_utils.layers.activation import SiluAndMul
+from vllm_utils.layers.activation import ActAndMul
 from vllm_utils.layers.embedding import VocabParallelEmbedding
 from vllm_utils.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from vllm_utils.layers.norm import RMSNorm
-from vllm_utils.layers.rotary import RotaryEmbedding, rope_parameters
+from vllm_utils.layers.norm import GemmaRMSNorm, RMSNorm
+from vllm_utils.layers.rotary import RotaryEmbedding
+from vllm_utils.models.text_backbones import DecoderSpec, decoder_spec
 
 
-def head_dim_of(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def make_norm(config: PretrainedConfig, spec: DecoderSpec) -> nn.Module:
+    return (GemmaRMSNorm if spec.gemma_norm else RMSNorm)(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: PretrainedConfig, spec: DecoderSpec, rotary: RotaryEmbedding,
+                 sliding_window: int | None) -> None:
         super().__init__()
-        head_dim = head_dim_of(config)
+        head_dim = spec.head_dim
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        bias = getattr(config, "attention_bias", False)
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads, num_kv_heads, bias)
-        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, bias)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads, num_kv_heads,
+                                          spec.qkv_bias)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, spec.o_bias)
         self.q_size = self.qkv_proj.num_heads * head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * head_dim
         self.attn = PagedAttention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5,
-                                   rotary)
+                                   rotary, sliding_window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,24 +41,25 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
+    def __init__(self, config: PretrainedConfig, spec: DecoderSpec) -> None:
         super().__init__()
-        bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias)
-        self.act = SiluAndMul()
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
+                                                       spec.mlp_bias)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, spec.mlp_bias)
+        self.act = ActAndMul(spec.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: PretrainedConfig, spec: DecoderSpec, rotary: RotaryEmbedding,
+                 sliding_window: int | None) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, rotary)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.input_layernorm = make_norm(config, spec)
+        self.self_attn = LlamaAttention(config, spec, rotary, sliding_window)
+        self.post_attention_layernorm = make_norm(config, spec)
+        self.mlp = LlamaMLP(config, spec)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,15 +80,16 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        rotary = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings, rope_parameters(config))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        spec = decoder_spec(config)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, spec.embed_scale)
+        rotary = RotaryEmbedding(spec.head_dim, config.max_position_embeddings, spec.rope)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, spec, rotary, window) for window in spec.sliding_windows)
+        self.norm = make_norm(config, spec)
 
     def forward(self, positions: torch.Tensor, embeds: torch.Tensor, meta: AttentionMetadata,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states of every row, or of the rows `keep` (a prefill needs only each prompt's last:
-        the last layer then runs its output projection and MLP on those alone, ~5% of a prefill's work)."""
+        the last layer then runs its output projection and MLP on those alone)."""
         x, residual = embeds, None
         for i, layer in enumerate(self.layers):
             x, residual = layer(positions, x, residual, meta, keep if i == len(self.layers) - 1 else None)

@@ -8,11 +8,13 @@ from transformers import PretrainedConfig
 
 from vllm_utils.attention.metadata import AttentionMetadata
 from vllm_utils.errors import UserError
-from vllm_utils.layers.activation import Activation
+from vllm_utils.layers.activation import Activation, check_activation
 from vllm_utils.layers.embedding import ParallelLMHead
 from vllm_utils.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm_utils.models.clip import CLIPVisionTower
 from vllm_utils.models.llama import LlamaModel
+from vllm_utils.models.siglip import SiglipVisionTower
+from vllm_utils.models.text_backbones import decoder_spec
 from vllm_utils.multimodal.inputs import MultiModalInputs
 
 # Checkpoint key prefixes (hub layout, transformers >= 4.52 layout, transformers 5.2x layout) -> ours.
@@ -30,6 +32,17 @@ def canonical_key(key: str) -> str:
     for pattern, replacement in _KEY_RULES:
         key = pattern.sub(replacement, key)
     return key
+
+
+VISION_TOWERS = {"clip_vision_model": CLIPVisionTower, "siglip_vision_model": SiglipVisionTower}
+
+
+def image_features(config: PretrainedConfig) -> int:
+    """Positions one image takes in the prompt: one per patch, plus CLIP's class token, less the first of them
+    with the "default" strategy (which drops it)."""
+    vision = config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + (vision.model_type == "clip_vision_model")
+    return tokens - (config.vision_feature_select_strategy == "default")
 
 
 _VISION_LAYER = re.compile(r"^vision_tower\.encoder\.layers\.(\d+)\.")
@@ -56,22 +69,36 @@ class LlavaForConditionalGeneration(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
+    @staticmethod
+    def check_config(config: PretrainedConfig) -> None:
+        """Refuses, by name, every configuration value this model does not implement."""
+        vision = config.vision_config
+        if getattr(vision, "model_type", None) not in VISION_TOWERS:
+            raise UserError(f"vision_config.model_type '{getattr(vision, 'model_type', None)}' is not supported "
+                            f"(supported: {', '.join(VISION_TOWERS)})")
+        check_activation(vision.hidden_act, "vision_config.hidden_act")
+        check_activation(config.projector_hidden_act, "projector_hidden_act")
+        if config.vision_feature_select_strategy not in ("default", "full"):
+            raise UserError(f"vision_feature_select_strategy '{config.vision_feature_select_strategy}' is not "
+                            f"supported (supported: default, full)")
+        if getattr(config, "quantization_config", None):
+            raise UserError("quantization_config is set: quantized checkpoints are not supported; use the "
+                            "unquantized model")
+        decoder_spec(config.text_config)
+
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
+        self.check_config(config)
         vision, text = config.vision_config, config.text_config
-        if getattr(vision, "model_type", "clip_vision_model") != "clip_vision_model":
-            raise UserError(f"LLaVA with a '{vision.model_type}' vision tower is not supported (only CLIP)")
         self.strategy = config.vision_feature_select_strategy
-        if self.strategy not in ("default", "full"):
-            raise UserError(f"vision_feature_select_strategy '{self.strategy}' is not supported (default, full)")
         layers = config.vision_feature_layer
         layers = layers if isinstance(layers, (list, tuple)) else [layers]
         self.feature_layers = [i if i >= 0 else vision.num_hidden_layers + 1 + i for i in layers]
         self.vision_config = vision
         self.mm_token_id = config.image_token_index
-        self.num_image_features = (vision.image_size // vision.patch_size) ** 2 + (self.strategy == "full")
+        self.num_image_features = image_features(config)
 
-        self.vision_tower = CLIPVisionTower(vision, max(self.feature_layers))
+        self.vision_tower = VISION_TOWERS[vision.model_type](vision, max(self.feature_layers))
         self.multi_modal_projector = LlavaProjector(
             vision.hidden_size * len(self.feature_layers), text.hidden_size, config.projector_hidden_act,
             getattr(config, "multimodal_projector_bias", True),
@@ -124,8 +151,9 @@ class LlavaForConditionalGeneration(nn.Module):
     def checkpoint_key(self, key: str) -> str | None:
         """Our name for a checkpoint tensor, or None for tensors LLaVA never uses."""
         key = canonical_key(key)
-        if key.endswith(("position_ids", "rotary_emb.inv_freq")) or key.startswith("vision_tower.post_layernorm."):
-            return None
+        if key.endswith(("position_ids", "rotary_emb.inv_freq")) or \
+                key.startswith(("vision_tower.post_layernorm.", "vision_tower.head.")):
+            return None  # never run: LLaVA reads the tower's hidden states
         layer = _VISION_LAYER.match(key)
         if layer and int(layer.group(1)) >= len(self.vision_tower.encoder.layers):
             return None  # layers after the feature layer are never run

@@ -1,5 +1,5 @@
 """LLaVA-1.5's processor adapter: every image is resized to the tower's square input and takes one prompt position
-per patch (plus CLS with the "full" feature strategy)."""
+per patch (plus CLIP's class token, less the first token with the "default" feature strategy)."""
 from vllm_utils.multimodal.inputs import MultiModalInputs
 from vllm_utils.multimodal.processor import ProcessorAdapter
 
@@ -7,9 +7,10 @@ from vllm_utils.multimodal.processor import ProcessorAdapter
 class LlavaProcessorAdapter(ProcessorAdapter):
     def item_positions(self, mm_inputs: MultiModalInputs) -> list[int]:
         pixels = mm_inputs["pixel_values"]  # [images, channels, height, width]
-        patch = self.hf_config.vision_config.patch_size
-        cls = self.hf_config.vision_feature_select_strategy == "full"
-        return [(pixels.shape[2] // patch) * (pixels.shape[3] // patch) + cls] * pixels.shape[0]
+        vision = self.hf_config.vision_config
+        tokens = (pixels.shape[2] // vision.patch_size) * (pixels.shape[3] // vision.patch_size)
+        tokens += vision.model_type == "clip_vision_model"  # CLIP's class token
+        return [tokens - (self.hf_config.vision_feature_select_strategy == "default")] * pixels.shape[0]
 
     def fallback_image_processor(self):
         """CLIP preprocessing at the tower's input size (OpenAI CLIP's mean and std)."""

@@ -78,8 +78,12 @@ class ProcessorAdapter:
     def image_size(self) -> tuple[int, int]:
         """(width, height) of the images the processor produces by default (synthetic images take it)."""
         crop = getattr(self.image_processor, "crop_size", None) or {}
-        size = crop.get("height") or self.image_processor.size.get("shortest_edge")
-        return crop.get("width", size), size
+        size = dict(self.image_processor.size)
+        if crop:
+            return crop["width"], crop["height"]
+        if "height" in size:
+            return size["width"], size["height"]
+        return size["shortest_edge"], size["shortest_edge"]
 
     def image_inputs(self, images: list[Image.Image]) -> MultiModalInputs:
         return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}

@@ -15,7 +15,7 @@ from vllm_utils.attention.torch_backend import TorchPagedAttention
 from vllm_utils.config import EngineConfig
 from vllm_utils.kernels import cpu
 from vllm_utils.kernels.cpu_linear import DecodeLinear, OneDnnLinear, PackedOneDnnLinear, can_pack_for_onednn
-from vllm_utils.layers.activation import Activation, SiluAndMul
+from vllm_utils.layers.activation import ActAndMul, Activation
 from vllm_utils.layers.linear import LinearOp
 from vllm_utils.layers.norm import RMSNorm
 from vllm_utils.layers.op import Op
@@ -116,7 +116,7 @@ def _kernel_for(module: Op):
                 return cpu.rmsnorm(x, module.weight, module.eps, residual)
             return native(x, residual)
         return rmsnorm
-    if isinstance(module, SiluAndMul):
+    if isinstance(module, ActAndMul) and module.name == "silu":
         return lambda x: cpu.silu_mul(x) if x.dim() == 2 and cpu.supports_activation(x) else native(x)
     if isinstance(module, Activation) and module.name == "quick_gelu":
         return lambda x: cpu.quick_gelu(x) if cpu.supports_activation(x) else native(x)

@@ -8,7 +8,7 @@ from torch import nn
 from vllm_utils.attention.backend import AttentionBackend
 from vllm_utils.config import EngineConfig
 from vllm_utils.errors import UserError
-from vllm_utils.layers.activation import SiluAndMul
+from vllm_utils.layers.activation import ActAndMul
 from vllm_utils.layers.linear import LinearOp
 from vllm_utils.layers.norm import RMSNorm
 from vllm_utils.layers.op import Op
@@ -55,7 +55,7 @@ class CudaPlatform(Platform):
                 module.impl = (lambda x, residual=None, m=module, native=native:
                                triton_fused.add_rmsnorm(x, m.weight, m.eps, residual) if x.dim() == 2
                                else native(x, residual))
-            elif isinstance(module, SiluAndMul):
+            elif isinstance(module, ActAndMul) and module.name == "silu":
                 module.impl = lambda x, native=native: triton_fused.silu_and_mul(x) if x.dim() == 2 else native(x)
             elif isinstance(module, LinearOp) and config.triton_gemv:
                 module.impl = (lambda x, bias, w=module.weight:
