@@ -30,7 +30,7 @@ def load_image(path: str) -> Image.Image:
 
 def _check_is_file(path: str) -> None:
     if os.path.isdir(path):
-        raise UserError(f"image '{path}' is a folder, not a file; {_FIX} (one per --input-image)")
+        raise UserError(f"image '{path}' is a folder, not a file; pass the image files in it, one per --input-image")
     if not os.path.isfile(path):
         raise UserError(f"image '{path}' does not exist; {_FIX}")
 
@@ -50,4 +50,4 @@ def _note_if_large(path: str, size: tuple[int, int]) -> None:
     pixels = size[0] * size[1]
     if limit is not None and pixels > limit:
         note_once(f"image '{path}' is large ({size[0]}x{size[1]}, {pixels / 1e6:.1f} Mpixels, above PIL's "
-                  f"decompression-bomb limit of {limit / 1e6:.1f}); reading it anyway")
+                  f"decompression-bomb limit of {limit / 1e6:.1f} Mpixels); reading it anyway")
