@@ -86,7 +86,7 @@ def make_llm(args: argparse.Namespace):
 
 def run_demo(args: argparse.Namespace) -> None:
     from vllm_utils.config import DEFAULT_MAX_NUM_SEQS
-    from vllm_utils.multimodal.processor import load_image
+    from vllm_utils.multimodal.image import load_image
     from vllm_utils.sampling_params import SamplingParams
 
     if args.model is None:

@@ -10,7 +10,7 @@ from vllm_utils.bench.report import environment, write_csv, write_json
 from vllm_utils.bench.synthetic import SyntheticRequest, synthetic_requests
 from vllm_utils.config import DEFAULT_MAX_NUM_SEQS
 from vllm_utils.errors import UserError
-from vllm_utils.multimodal.processor import load_image
+from vllm_utils.multimodal.image import load_image
 from vllm_utils.sampling_params import SamplingParams
 
 

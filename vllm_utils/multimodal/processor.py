@@ -1,23 +1,11 @@
 """Prompts and images -> token ids and named multimodal tensors, through the model folder's own HF processor
 (tokenizer, chat template, image preprocessing); nothing here re-implements them. A family's adapter adds what
 the engine needs beyond HF: how many prompt positions each item takes."""
-import os
-
 from PIL import Image
 from transformers import AutoProcessor, PretrainedConfig
 
 from vllm_utils.errors import UserError
 from vllm_utils.multimodal.inputs import MultiModalInputs
-
-
-def load_image(path: str) -> Image.Image:
-    if not os.path.isfile(path):
-        raise UserError(f"image '{path}' does not exist; pass --input-image a readable image file")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image '{path}' ({type(e).__name__}); pass a PNG/JPEG/... image file") from None
 
 
 class ProcessorAdapter:
