@@ -1,0 +1,80 @@
+"""The language models and vision towers real `llava` checkpoints use, each on a tiny random checkpoint shaped like
+its hub config (the published values, sizes shrunk), against HF transformers: through the API and the CLI."""
+import pytest
+import torch
+from PIL import Image
+
+from vllm_utils import LLM, SamplingParams
+
+from conftest import HFReference, real_tokenizer_dir
+from test_cli import cli
+
+# name -> (the hub checkpoint it is shaped like, build_tiny_llava arguments)
+BACKBONES = {
+    "mistral": ("llava-hf/bakLlava-v1-hf", dict(
+        text_type="mistral", text_config=dict(sliding_window=24, max_position_embeddings=32768))),
+    "qwen2": ("llava-hf/llava-interleave-qwen-0.5b-hf", dict(
+        text_type="qwen2", vision_type="siglip_vision_model", select_strategy="full", vision_feature_layer=-1,
+        text_config=dict(tie_word_embeddings=True, max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}))),
+    "gemma": ("Intel/llava-gemma-2b", dict(
+        text_type="gemma", kv_heads=1, seed=7,
+        text_config=dict(head_dim=256, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
+                         max_position_embeddings=8192))),
+    "phi3": ("xtuner/llava-phi-3-mini-hf", dict(
+        text_type="phi3", kv_heads=4, text_config=dict(sliding_window=24, max_position_embeddings=4096))),
+    "llama-gelu": ("a Llama decoder with hidden_act gelu", dict(text_config=dict(hidden_act="gelu"))),
+}
+PROMPT = "Describe the picture in detail please."  # with the image: longer than the 24-token windows
+NEW_TOKENS = 20
+
+
+@pytest.fixture(scope="session", params=list(BACKBONES))
+def backbone(request, tmp_path_factory) -> tuple[str, HFReference]:
+    folder = str(tmp_path_factory.mktemp(request.param))
+    kwargs = {"seed": 5, **BACKBONES[request.param][1]}
+    from vllm_utils.bench.tiny_model import build_tiny_llava
+
+    build_tiny_llava(folder, real_tokenizer_dir(), **kwargs)
+    return folder, HFReference(folder)
+
+
+def _generate(llm: LLM, image: Image.Image, logprobs: bool = True):
+    request = {"prompt": llm.engine.processor.chat_prompt(PROMPT), "multi_modal_data": {"image": image}}
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=logprobs)
+    return request["prompt"], llm.generate([request], params, use_tqdm=False)[0]
+
+
+def test_fp32_tokens_and_logprobs_equal_hf(backbone, images):
+    folder, hf = backbone
+    llm = LLM(folder, device="cpu", dtype="float32", max_model_len=512, block_size=4)
+    prompt, out = _generate(llm, images[0])
+    tokens = out.outputs[0].token_ids
+    expected = hf.model.generate(**hf.inputs(prompt, images[0:1]), max_new_tokens=NEW_TOKENS,
+                                 min_new_tokens=NEW_TOKENS, do_sample=False)[0, len(out.prompt_token_ids):].tolist()
+    assert len(set(expected)) > 3, "the reference repeats itself: it would prove nothing"
+    assert tokens == expected
+    reference = hf.token_logprobs(prompt, images[0:1], tokens)
+    assert max(abs(a - b) for a, b in zip(out.outputs[0].logprobs, reference)) < 1e-4
+
+
+def test_bf16_logprobs_close_to_hf_fp32(backbone, images):
+    folder, hf = backbone
+    llm = LLM(folder, device="cpu", dtype="bfloat16", max_model_len=512)
+    prompt, out = _generate(llm, images[1])
+    reference = hf.token_logprobs(prompt, images[1:2], out.outputs[0].token_ids)
+    assert max(abs(a - b) for a, b in zip(out.outputs[0].logprobs, reference)) < 0.05
+
+
+def test_cli_demo_prints_what_hf_generates(backbone, tmp_path):
+    folder, hf = backbone
+    path = tmp_path / "picture.png"
+    Image.new("RGB", (90, 60), (200, 40, 90)).save(path)
+    run = cli("--demo", f"--model={folder}", "--device=cpu", f"--input-image={path}", f"--prompt={PROMPT}",
+              "--dtype=float32", f"--output-len={NEW_TOKENS}")
+    assert run.returncode == 0, run.stderr
+    prompt = hf.chat_prompt(PROMPT)
+    with torch.inference_mode():
+        tokens = hf.greedy(prompt, [Image.open(path).convert("RGB")], NEW_TOKENS)
+    text = hf.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert any(line.endswith(f"Generated text: {text!r}") for line in run.stdout.splitlines()), run.stdout
