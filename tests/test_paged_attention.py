@@ -1,4 +1,5 @@
 """The PyTorch paged backend's two decode paths agree, and the block manager keeps sequences in runs."""
+import pytest
 import torch
 
 from vllm_utils.attention.metadata import AttentionMetadata
@@ -9,7 +10,8 @@ from vllm_utils.engine.sequence import Sequence
 from vllm_utils.sampling_params import SamplingParams
 
 
-def test_reading_runs_in_place_equals_gathering():
+@pytest.mark.parametrize("window", [None, 5])
+def test_reading_runs_in_place_equals_gathering(window):
     torch.manual_seed(0)
     block_size, heads, kv_heads, dim = 4, 8, 2, 16
     k_cache = torch.randn(40, block_size, kv_heads, dim)
@@ -21,9 +23,26 @@ def test_reading_runs_in_place_equals_gathering():
                              context_lens=context_lens, run_starts=[_run_start(t) for t in tables])
     assert meta.run_starts == [3, -1, 20]
     backend = TorchPagedAttention(reads_runs=True)
-    in_place = backend.decode_runs(q, k_cache, v_cache, meta, dim**-0.5)
-    gathered = backend.decode(q, k_cache, v_cache, meta.block_tables, context_lens, dim**-0.5)
+    in_place = backend.decode_runs(q, k_cache, v_cache, meta, dim**-0.5, window)
+    gathered = backend.decode(q, k_cache, v_cache, meta.block_tables, context_lens, dim**-0.5, window)
     torch.testing.assert_close(in_place, gathered)
+    # each against attention over exactly the keys it may see
+    for i, (table, length) in enumerate(zip(tables, context_lens.tolist())):
+        keys = slice(length - min(length, window or length), length)
+        k, v = (c[table].flatten(0, 1)[keys].repeat_interleave(heads // kv_heads, 1) for c in (k_cache, v_cache))
+        expected = torch.softmax(torch.einsum("hd,thd->ht", q[i], k) * dim**-0.5, -1)
+        torch.testing.assert_close(gathered[i], torch.einsum("ht,thd->hd", expected, v))
+
+
+def test_prefill_with_a_window_sees_only_the_last_positions():
+    torch.manual_seed(0)
+    tokens, heads, dim, window = 9, 2, 8, 3
+    q, k, v = torch.randn(3, tokens, heads, dim).unbind(0)
+    out = TorchPagedAttention().prefill(q, k, v, [tokens], dim**-0.5, window)
+    for t in range(tokens):
+        keys = slice(max(0, t - window + 1), t + 1)
+        weights = torch.softmax(torch.einsum("hd,thd->ht", q[t], k[keys]) * dim**-0.5, -1)
+        torch.testing.assert_close(out[t], torch.einsum("ht,thd->hd", weights, v[keys]))
 
 
 def test_sequences_grow_in_place_and_every_block_comes_back():

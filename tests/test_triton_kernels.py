@@ -18,11 +18,12 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HALF = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
 
 
-@pytest.mark.parametrize("block_size, heads, kv_heads, dtype, longest", [
-    (16, 32, 32, HALF, 257), (1, 8, 2, torch.float16, 257), (64, 16, 4, torch.float32, 257),
-    (5, 4, 4, torch.float32, 257), (16, 8, 2, HALF, 100),  # the last fits one split: no partials
+@pytest.mark.parametrize("block_size, heads, kv_heads, dtype, longest, window", [
+    (16, 32, 32, HALF, 257, None), (1, 8, 2, torch.float16, 257, None), (64, 16, 4, torch.float32, 257, None),
+    (5, 4, 4, torch.float32, 257, None), (16, 8, 2, HALF, 100, None),  # the last fits one split: no partials
+    (16, 8, 2, torch.float32, 257, 70), (4, 8, 2, torch.float32, 100, 3),  # sliding windows, several splits or one
 ])
-def test_paged_decode_matches_the_torch_reference(block_size, heads, kv_heads, dtype, longest):
+def test_paged_decode_matches_the_torch_reference(block_size, heads, kv_heads, dtype, longest, window):
     from vllm_utils.attention.triton_backend import TritonPagedAttention
 
     torch.manual_seed(block_size)
@@ -42,7 +43,7 @@ def test_paged_decode_matches_the_torch_reference(block_size, heads, kv_heads, d
     for backend in (TorchPagedAttention(), TritonPagedAttention()):  # the reference gathers
         k_cache, v_cache = caches[0].clone(), caches[1].clone()
         backend.store_kv(k, v, k_cache, v_cache, slots)
-        outputs.append((backend.attend(q, k, v, k_cache, v_cache, meta, dim**-0.5).float(), k_cache, v_cache))
+        outputs.append((backend.attend(q, k, v, k_cache, v_cache, meta, dim**-0.5, window).float(), k_cache, v_cache))
     (ref, k_ref, v_ref), (out, k_out, v_out) = outputs
     assert torch.equal(k_ref, k_out) and torch.equal(v_ref, v_out)  # the same slots written
     assert ((out - ref).norm() / ref.norm()).item() < (1e-2 if dtype != torch.float32 else 1e-3)
