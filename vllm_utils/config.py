@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PretrainedConfig
 
 from vllm_utils import envs
@@ -93,9 +94,10 @@ def load_hf_config(model: str) -> PretrainedConfig:
         with open(config_path) as f:
             json.load(f)
         return AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError, OSError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read {config_path}: {first_line}") from None
+    except (ValueError, KeyError, OSError, TypeError, StrictDataclassError) as e:
+        # transformers' own validation names the field: keep its words, in one line
+        words = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"cannot read {config_path}: {words}") from None
 
 
 def checkpoint_dtype(hf_config: PretrainedConfig) -> torch.dtype:

@@ -1,0 +1,54 @@
+"""Configuration values the engine does not implement are refused by name, in one line, before anything loads:
+never run as if they were something else."""
+import copy
+import json
+
+import pytest
+
+from vllm_utils.benchmark_vision_language import main
+
+
+def _rope(kind: str, **extra) -> dict:
+    return {"rope_parameters": {"rope_type": kind, "rope_theta": 10000.0, **extra}}
+
+
+# name -> (the change to the tiny LLaVA's config.json, words the error must contain)
+REFUSED = {
+    "text model type": ({"text_config": {"model_type": "gemma2"}}, "text_config.model_type 'gemma2'"),
+    "vision model type": ({"vision_config": {"model_type": "dinov2"}}, "vision_config.model_type 'dinov2'"),
+    "text hidden_act": ({"text_config": {"hidden_act": "gelu_new"}}, "text_config.hidden_act 'gelu_new'"),
+    "vision hidden_act": ({"vision_config": {"hidden_act": "gelu_new"}}, "vision_config.hidden_act 'gelu_new'"),
+    "projector act": ({"projector_hidden_act": "gelu_fast"}, "projector_hidden_act 'gelu_fast'"),
+    "dynamic RoPE": ({"text_config": _rope("dynamic", factor=2.0)}, "'dynamic'"),
+    "yarn RoPE": ({"text_config": _rope("yarn", factor=2.0)}, "'yarn'"),
+    "longrope": ({"text_config": {"model_type": "phi3", **_rope("longrope", short_factor=[1.0] * 8,
+                                                                 long_factor=[2.0] * 8),
+                                  "original_max_position_embeddings": 1024}}, "'longrope'"),
+    "partial rotary": ({"text_config": {"model_type": "phi3", "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
+    "bidirectional gemma": ({"text_config": {"model_type": "gemma", "use_bidirectional_attention": True}},
+                            "use_bidirectional_attention"),
+    "feature strategy": ({"vision_feature_select_strategy": "cls_patch"}, "vision_feature_select_strategy"),
+    "quantized": ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
+                  "quantization_config"),
+}
+
+
+def _merge(base: dict, change: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in change.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) and key != "rope_parameters" else value
+    return out
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_unsupported_config_values_are_refused_in_one_line(case, tiny_llava, tmp_path, capsys):
+    change, words = REFUSED[case]
+    with open(f"{tiny_llava}/config.json") as f:
+        config = _merge(json.load(f), change)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code = main(["--perf", f"--model={tmp_path}", "--load-format=dummy", "--device=cpu", "--input-len=64",
+                 "--output-len=2"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and "Traceback" not in err
+    assert len(errors) == 1 and words in errors[0], err
