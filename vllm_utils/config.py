@@ -55,10 +55,12 @@ def load_hf_config(model: str) -> PretrainedConfig:
 
     folder = bundled_config_dir(model) or model
     if not os.path.isdir(folder):
-        raise UserError(f"model folder '{model}' does not exist: pass --model a local folder holding config.json")
+        hub = " (nothing is downloaded: fetch a Hub model first, e.g. `hf download NAME --local-dir DIR`)"
+        raise UserError(f"model folder '{model}' does not exist; give a local folder holding config.json"
+                        f"{hub if model.count('/') == 1 and not model.startswith(('/', '.')) else ''}")
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
-        raise UserError(f"'{model}' has no config.json: pass --model a Hugging Face model folder")
+        raise UserError(f"'{model}' has no config.json; give the folder of a Hugging Face model")
     try:
         with open(config_path) as f:
             json.load(f)

@@ -2,8 +2,8 @@
 from dataclasses import dataclass
 
 from PIL import Image
-from tqdm import tqdm
 
+from vllm_utils.bench.progress import GenerationProgress
 from vllm_utils.config import EngineConfig
 from vllm_utils.engine.llm_engine import LLMEngine
 from vllm_utils.engine.sequence import Sequence, SequenceTimes
@@ -47,9 +47,9 @@ class LLM:
         except Exception:
             self.engine.abort(seqs)  # all or nothing: no half-added batch left in the queue
             raise
-        with tqdm(total=len(seqs), desc="Processed prompts", unit="prompt", disable=not use_tqdm) as bar:
+        with GenerationProgress(seqs, disable=not use_tqdm) as progress:  # generated tokens, tokens/s, prompts
             while self.engine.has_unfinished():
-                bar.update(len(self.engine.step()))
+                progress.step(self.engine.step())
         return [self._output(s) for s in seqs]
 
     def _add(self, prompt: PromptInput, params: SamplingParams) -> Sequence:

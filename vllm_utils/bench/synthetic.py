@@ -20,17 +20,22 @@ class SyntheticRequest:
         return len(self.prompt_token_ids) - self.num_image_tokens
 
 
-def min_input_len(processor: MultiModalProcessor) -> int:
-    return processor.features_per_image + 2  # BOS + one text token + the image
+def min_input_len(features_per_image: int) -> int:
+    return features_per_image + 2  # BOS + one text token + the image
+
+
+def check_input_len(input_len: int, features_per_image: int) -> None:
+    """Needs only the model's config: run it before the weights load."""
+    if input_len < min_input_len(features_per_image):
+        raise UserError(f"--input-len {input_len} is shorter than one image ({features_per_image} positions) "
+                        f"plus BOS and one text token; use --input-len >= {min_input_len(features_per_image)}")
 
 
 def synthetic_requests(processor: MultiModalProcessor, input_len: int, count: int, image: Image.Image | None,
                        seed: int) -> list[SyntheticRequest]:
     """BOS, one random token, the image positions, then random tokens up to `input_len`. The random token
     before the image makes every request's prefix differ, so no prefix could be shared."""
-    if input_len < min_input_len(processor):
-        raise UserError(f"--input-len {input_len} is shorter than one image ({processor.features_per_image} "
-                        f"positions) plus BOS and one text token; use --input-len >= {min_input_len(processor)}")
+    check_input_len(input_len, processor.features_per_image)
     image = image or Image.new("RGB", processor.image_size)
     pixels = processor.pixel_values([image])
     vocab = np.array(processor.text_token_ids())
