@@ -31,7 +31,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     from vllm_utils.bench.report import check_output_json, probe_folder
 
     if args.perf:
-        probe_folder(os.getcwd(), "the result CSV (written to the working directory)")
+        probe_folder(os.getcwd(), "the result CSV", "run from a writable working directory (the CSV goes there)")
     if args.output_json:
         if not args.perf:
             raise UserError("--output-json applies to --perf only; drop it or use --perf")

@@ -14,7 +14,7 @@ import time
 from vllm_utils.errors import UserError
 
 
-def probe_folder(folder: str, what: str) -> None:
+def probe_folder(folder: str, what: str, fix: str = "choose a writable folder") -> None:
     """Raises a UserError unless a file can be created in `folder` (tried, not guessed from permissions)."""
     if not os.path.isdir(folder):
         raise UserError(f"the folder '{folder}' for {what} does not exist; create it or choose another path")
@@ -23,7 +23,7 @@ def probe_folder(folder: str, what: str) -> None:
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot write {what} in '{folder}' ({e.strerror}); choose a writable folder") from None
+        raise UserError(f"cannot write {what} in '{folder}' ({e.strerror}); {fix}") from None
 
 
 def check_output_json(path: str) -> None:
