@@ -39,7 +39,8 @@ install: $(BIN)/.installed
 # What torch resolved to: version, CUDA or CPU build, and the size of what was installed.
 torch-info:
 	@$(BIN)/python -c "import torch, os; cuda = torch.version.cuda; \
-	  print('torch', torch.__version__, f'(CUDA {cuda} build)' if cuda else '(CPU build)', 'at', os.path.dirname(torch.__file__))"
+	  print('torch', torch.__version__, f'(CUDA {cuda} build)' if cuda else '(CPU build)', 'at', os.path.dirname(torch.__file__)); \
+	  cuda and not '$(HAS_NVIDIA_GPU)' and print('note: a CUDA build on a machine without an NVIDIA GPU; make clean, then make TORCH_INDEX=$(TORCH_CPU_INDEX)')"
 	@du -sh $(VENV) | awk '{print "venv size:", $$1}'
 
 demo: $(BIN)/.installed
