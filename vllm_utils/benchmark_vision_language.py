@@ -191,7 +191,8 @@ def run_demo(args: argparse.Namespace) -> None:
         args.batch_size = min(len(pairs), 256)
     llm = make_llm(args)
     requests = demo_requests(llm.engine.processor, pairs, images)
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len or 64)
+    max_tokens = 64 if args.output_len is None else args.output_len
+    params = SamplingParams(temperature=args.temperature, max_tokens=max_tokens)
     outputs = generate_seeded(llm, requests, params, args.seed)
     for (path, _), output in zip(pairs, outputs):
         print(f"Prompt: {output.prompt!r}, Generated text: {output.outputs[0].text!r}, Image: {path!r}")
