@@ -77,4 +77,4 @@ def test_cli_demo_prints_what_hf_generates(backbone, tmp_path):
     with torch.inference_mode():
         tokens = hf.greedy(prompt, [Image.open(path).convert("RGB")], NEW_TOKENS)
     text = hf.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-    assert any(line.endswith(f"Generated text: {text!r}") for line in run.stdout.splitlines()), run.stdout
+    assert f"Generated text: {text!r}," in run.stdout, run.stdout

@@ -11,11 +11,22 @@ from vllm_utils.bench.tiny_model import make_demo_image
 from conftest import HFReference, SHARED_IMAGES
 
 MODULE = "vllm_utils.benchmark_vision_language"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli_env(env: dict | None = None) -> dict:
+    """This checkout's package first, whatever another install (e.g. an editable one) says."""
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(env or {})}
 
 
 def cli(*args: str, cwd: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", MODULE, *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, **(env or {})}, timeout=300)
+                          env=cli_env(env), timeout=300)
+
+
+def error_lines(run: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in run.stderr.splitlines() if line.startswith("error:")]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +46,7 @@ def test_demo_prints_what_hf_generates(tiny_llava, photo):
     prompt = hf.chat_prompt("Describe the picture.")
     tokens = hf.greedy(prompt, [Image.open(photo).convert("RGB")], 20)
     text = hf.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-    assert f"Prompt: {prompt!r}, Generated text: {text!r}" in run.stdout.splitlines()
+    assert f"Prompt: {prompt!r}, Generated text: {text!r}, Image: {photo!r}" in run.stdout.splitlines()
 
 
 def test_demo_batch_prints_one_line_per_pair(tiny_llava, photo, tmp_path):
@@ -99,3 +110,109 @@ def test_hf_backend_prints_the_same_demo_text(tiny_llava, photo):
     assert ours.returncode == 0 and hf.returncode == 0, ours.stderr + hf.stderr
     lines = [line for line in ours.stdout.splitlines() if line.startswith("Prompt: ")]
     assert len(lines) == 1 and lines == [line for line in hf.stdout.splitlines() if line.startswith("Prompt: ")]
+
+
+def test_demo_accepts_a_prompt_holding_the_image_placeholder(tiny_llava, photo):
+    run = cli("--demo", f"--model={tiny_llava}", "--device=cpu", f"--input-image={photo}", "--output-len=6",
+              "--prompt=Describe the picture.", "--prompt=<image>\nDescribe the picture.")
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stdout.splitlines() if line.startswith("Prompt: ")]
+    assert len(lines) == 2 and lines[0] == lines[1], "the placeholder should stand where the template puts it"
+    assert lines[0].count("<image>") == 1
+
+
+def test_demo_names_the_image_of_each_line_and_samples_each_request(tiny_llava, photo, tmp_path):
+    other = make_demo_image(str(tmp_path / "other.png"), seed=3)
+    args = ["--demo", f"--model={tiny_llava}", "--device=cpu", f"--input-image={photo}", f"--input-image={photo}",
+            f"--input-image={other}", "--output-len=12", "--temperature=1.5"]
+    first, again = cli(*args), cli(*args)
+    assert first.returncode == 0, first.stderr
+    lines = [line for line in first.stdout.splitlines() if line.startswith("Prompt: ")]
+    assert [line.endswith(f"Image: {path!r}") for line, path in zip(lines, [photo, photo, other])] == [True] * 3
+    texts = [line.split(", Generated text: ")[1] for line in lines]
+    assert texts[0] != texts[1], "two identical requests drew the same sample"
+    assert first.stdout == again.stdout, "the same --seed should give the same text"
+
+
+# Bad input found before any model loads: one line, exit 1, no "Loading the model" phase, no file written.
+def _missing_json_folder(t):
+    return ["--perf", "--output-json", str(t / "no_such_folder" / "perf.json")]
+
+
+EARLY_ERRORS = {
+    "output-json in a missing folder": (_missing_json_folder, "does not exist"),
+    "output-json onto a folder": (lambda t: ["--perf", "--output-json", str(t)], "is a directory"),
+    "output-len zero": (lambda t: ["--perf", "--output-len", "0"], "--output-len must be >= 1, got 0"),
+    "demo output-len zero": (lambda t: ["--demo", "--output-len=0"], "--output-len must be >= 1, got 0"),
+    "temperature nan": (lambda t: ["--demo", "--temperature", "nan"], "--temperature must be a finite number"),
+    "temperature inf": (lambda t: ["--demo", "--temperature", "inf"], "--temperature must be a finite number"),
+    "two placeholders, one image": (lambda t: ["--demo", "--prompt", "<image> <image> What?"],
+                                    "leave them out"),
+    "input-len shorter than the image": (lambda t: ["--perf", "--input-len", "17"], "use --input-len >= 18"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EARLY_ERRORS))
+def test_bad_input_is_refused_before_the_model_loads(case, tiny_llava, photo, tmp_path):
+    make_args, expected = EARLY_ERRORS[case]
+    run = cli(f"--model={tiny_llava}", "--device=cpu", f"--input-image={photo}", "--input-len=100",
+              *make_args(tmp_path), cwd=str(tmp_path))
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert len(error_lines(run)) == 1 and expected in error_lines(run)[0], run.stderr
+    assert "Loading the model" not in run.stderr
+    assert os.listdir(tmp_path) == [], "nothing may be written"
+
+
+def test_bundled_hub_name_needs_dummy_weights(tmp_path):
+    run = cli("--perf", "--model", "llava-hf/llava-1.5-7b-hf", "--device=cpu", cwd=str(tmp_path))
+    assert run.returncode == 1 and len(error_lines(run)) == 1, run.stderr
+    assert "--load-format dummy" in error_lines(run)[0] and "--model DIR" in error_lines(run)[0]
+    assert "Loading the model" not in run.stderr
+    assert len(error_lines(run)[0]) < 260
+
+
+def test_7b_input_len_is_checked_from_its_config_alone(tmp_path):
+    run = cli("--perf", "--model", "llava-hf/llava-1.5-7b-hf", "--load-format=dummy", "--device=cpu",
+              "--input-len=500", cwd=str(tmp_path))
+    assert run.returncode == 1 and "Loading the model" not in run.stderr
+    assert error_lines(run) == ["error: --input-len 500 is shorter than one image (576 positions) plus BOS and "
+                                "one text token; use --input-len >= 578"]
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path) -> str:
+    """A folder no file can be created in, even by root (who ignores permission bits)."""
+    if os.geteuid() == 0:
+        return "/proc"
+    folder = tmp_path / "read_only"
+    folder.mkdir(mode=0o555)
+    return str(folder)
+
+
+def test_unwritable_csv_folder_is_refused_before_the_model_loads(tiny_llava, unwritable_folder):
+    run = cli("--perf", f"--model={tiny_llava}", "--device=cpu", "--input-len=100", cwd=unwritable_folder)
+    assert run.returncode == 1 and "Loading the model" not in run.stderr
+    assert len(error_lines(run)) == 1 and "cannot write the result CSV" in error_lines(run)[0], run.stderr
+
+
+@pytest.mark.parametrize("args", [["--perf", "--no-such-flag"], ["--input-len=3"], ["--perf", "--num-prompts=x"],
+                                  ["--demo", "--perf"]])
+def test_flag_errors_are_one_line_and_exit_1(args):
+    run = cli(*args)
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == error_lines(run) and len(error_lines(run)) == 1, run.stderr
+
+
+def test_help_lists_every_flag_with_help_and_the_bundled_models_without_importing_torch():
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", MODULE, "--help"], capture_output=True,
+                         text=True, env=cli_env(), timeout=60)
+    assert run.returncode == 0
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in run.stderr.splitlines() if "|" in line}
+    assert not imported & {"torch", "transformers", "numpy", "PIL"}, "--help should not wait for heavy imports"
+    from vllm_utils.benchmark_vision_language import build_parser
+
+    for action in build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    assert "llava-hf/llava-1.5-7b-hf" in run.stdout
+    for shown in ("(default: 1024)", "(default: 16)", "(default: auto)", "(default: 0)", "(default: 0.0)"):
+        assert shown in " ".join(run.stdout.split()), shown

@@ -151,7 +151,7 @@ def test_cli_prints_what_hf_generates_for_the_file(cli_lines, hf, pictures, name
     prompt = hf.chat_prompt(PROMPT)
     tokens = hf.greedy(prompt, [hf_load_image(pictures[name])], OUTPUT_LEN)
     text = hf.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-    assert cli_lines[name] == f"Prompt: {prompt!r}, Generated text: {text!r}"
+    assert cli_lines[name] == f"Prompt: {prompt!r}, Generated text: {text!r}, Image: {str(pictures[name])!r}"
 
 
 def test_cli_says_a_folder_is_a_folder(tiny_llava, tmp_path):

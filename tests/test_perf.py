@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from vllm_utils.engine.model_runner import build_model
 from vllm_utils.models.llava import LlavaForConditionalGeneration
 
 from conftest import REAL_LLAVA, needs_shared
-from test_cli import MODULE, cli
+from test_cli import MODULE, cli, cli_env, error_lines
 
 SEED_KEYS = {"latency_num_prompts": "ms", "latency_per_token": "ms", "request_per_second": "requests/s",
              "token_per_second": "tokens/s", "prefill_latency_per_token": "ms", "decode_latency_per_token": "ms"}
@@ -54,7 +55,14 @@ def test_perf_report_csv_and_json(tiny_llava, tmp_path):
     assert metrics["image_tokens_per_request"] + metrics["text_tokens_per_request"] == 100
     assert metrics["output_tokens"] == 3 * 12
     assert metrics["peak_kv_blocks_used"] <= metrics["kv_blocks_total"]
-    assert document["environment"]["torch"] == torch.__version__
+    environment = document["environment"]
+    assert environment["torch"] == torch.__version__ and environment["packages"]["torch"] == metadata.version("torch")
+    assert {"torch", "transformers", "vllm_utils", "python"} <= set(environment["packages"])
+    assert environment["cpu_cores"] == os.cpu_count() and environment["cpu_threads"] >= 1
+    model_names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")] \
+        if os.path.isfile("/proc/cpuinfo") else []
+    if model_names:
+        assert environment["cpu_model"] == model_names[0]
 
     [csv_path] = glob.glob(str(tmp_path / "*.csv"))
     assert len(os.path.basename(csv_path)) == len("YYYYmmddHHMMSS.csv")
@@ -80,7 +88,7 @@ def test_output_len_one_reports_time_to_first_token(tiny_llava, tmp_path):
 def test_killed_run_leaves_no_csv(tiny_llava, tmp_path):
     args = perf_args(tiny_llava, "--output-len=140", "--num-prompts=40", "--num-iters=5")
     proc = subprocess.Popen([sys.executable, "-m", MODULE, *args], cwd=str(tmp_path), stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.DEVNULL, text=True, env=cli_env({"VLLM_UTILS_PROGRESS_INTERVAL": "0"}))
     deadline = time.time() + 120
     while time.time() < deadline and "Processed prompts" not in proc.stderr.read(64):
         pass
@@ -135,3 +143,109 @@ def test_float16_on_cpu_runs_as_bfloat16_and_says_so(tiny_llava, tmp_path):
     [csv_path] = glob.glob(str(tmp_path / "*.csv"))
     with open(csv_path) as f:
         assert dict(csv.reader(f))["dtype"] == "bfloat16"
+
+
+def _csvs(folder) -> list[str]:
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.csv")))
+
+
+def test_a_second_run_in_the_same_second_writes_a_second_csv(tiny_llava, tmp_path):
+    first = cli(*perf_args(tiny_llava, "--num-prompts=1"), cwd=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    [mine] = _csvs(tmp_path)
+    # Every name the next run could take in the coming minutes is already taken, as if it had finished in
+    # the same second as another run.
+    now = time.time()
+    taken = {time.strftime("%Y%m%d%H%M%S", time.localtime(now + s)) + ".csv" for s in range(-1, 300)} - {mine}
+    for name in taken:
+        (tmp_path / name).write_text("another run's result\n")
+    second = cli(*perf_args(tiny_llava, "--num-prompts=1"), cwd=str(tmp_path))
+    assert second.returncode == 0, second.stderr
+    [new] = set(_csvs(tmp_path)) - taken - {mine}
+    assert new.endswith("-1.csv") and new[: -len("-1.csv")] + ".csv" in taken | {mine}
+    assert all((tmp_path / name).read_text() == "another run's result\n" for name in taken)
+    assert f"Saved to ./{new}" in second.stderr
+
+
+def test_concurrent_csv_writers_never_share_a_name(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vllm_utils.bench import report
+
+    monkeypatch.setattr(report.time, "strftime", lambda fmt: "20260101000000")
+    with ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(lambda i: report.write_csv({"run": i}, str(tmp_path)), range(8)))
+    assert len(set(paths)) == 8 and _csvs(tmp_path) == sorted(os.path.basename(p) for p in paths)
+    assert sorted(dict(csv.reader(open(p)))["run"] for p in paths) == [str(i) for i in range(8)]
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+
+
+def test_a_report_that_cannot_be_written_loses_no_other(tmp_path, monkeypatch):
+    from vllm_utils.bench.perf import save_reports
+    from vllm_utils.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"could not write --output-json .*figures printed above are complete"):
+        save_reports({"a": 1}, str(tmp_path / "removed_meanwhile" / "perf.json"), lambda: {"a": 1})
+    [csv_name] = _csvs(tmp_path)  # the CSV was still written
+    os.chmod(tmp_path, 0o555) if os.geteuid() else monkeypatch.chdir("/proc")
+    try:
+        with pytest.raises(UserError, match=r"could not write the result CSV"):
+            save_reports({"a": 1}, str(tmp_path.parent / f"{tmp_path.name}.json"), lambda: {"a": 1})
+    finally:
+        os.chmod(tmp_path, 0o755)
+    assert json.loads((tmp_path.parent / f"{tmp_path.name}.json").read_text()) == {"a": 1}
+
+
+def test_progress_to_a_file_is_whole_lines(tiny_llava, tmp_path):
+    """Off a terminal, each update is one line (here one per update: interval 0), never a '\\r' stream."""
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        run = subprocess.run([sys.executable, "-m", MODULE, *perf_args(tiny_llava, "--output-len=40")],
+                             stdout=subprocess.PIPE, stderr=stderr, cwd=str(tmp_path), timeout=300,
+                             env=cli_env({"VLLM_UTILS_PROGRESS_INTERVAL": "0"}))
+    assert run.returncode == 0
+    text = log.read_text()
+    assert "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    for phase in ("Loading the model", "Loading weights", "Warm-up", "Timed run 1/1"):
+        assert any(line.startswith(phase) for line in lines), phase
+    bars = [line for line in lines if line.startswith("Processed prompts")]
+    assert len(bars) > 3 and len(set(bars)) == len(bars), "one line per update, each printed once"
+    assert "tok/s" in bars[-1] and "120/120" in bars[-1] and "prompts 3/3" in bars[-1]
+
+
+def test_progress_is_throttled_in_a_file(tmp_path):
+    from vllm_utils.progress import progress_bar
+
+    class Clock:
+        now = 0.0
+
+    with open(tmp_path / "log", "w") as f:
+        sys_stderr, sys.stderr = sys.stderr, f
+        try:
+            bar = progress_bar(total=100, desc="work")
+            bar._time = lambda: Clock.now  # tqdm's clock, made fake: 0.5 s per update
+            bar.start_t = bar.last_print_t = 0.0
+            for _ in range(100):
+                Clock.now += 0.5
+                bar.update(1)
+            bar.close()
+        finally:
+            sys.stderr = sys_stderr
+    lines = (tmp_path / "log").read_text().splitlines()
+    assert 3 <= len(lines) <= 7, lines  # 50 s at one line per 10 s, and the last
+
+
+def test_hf_backend_says_n_a_and_which_flags_it_ignores(tiny_llava, tmp_path):
+    run = cli(*perf_args(tiny_llava, "--backend=hf", "--num-kv-blocks=64", "--num-prompts=1"), cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    notes = [line for line in run.stderr.splitlines() if "ignores" in line]
+    assert notes == ["note: --backend hf ignores the engine-only flags --block-size, --num-kv-blocks"]
+    assert "KV-cache blocks used at peak: n/a;" in run.stdout and "0 of 0" not in run.stdout
+    [csv_path] = glob.glob(str(tmp_path / "*.csv"))
+    table = dict(csv.reader(open(csv_path)))
+    assert table["kv_blocks_total"] == "n/a" and table["peak_kv_blocks_used"] == "n/a"
+    quiet = cli(*[a for a in perf_args(tiny_llava, "--backend=hf", "--num-prompts=1") if a != "--block-size=16"],
+                cwd=str(tmp_path))
+    assert quiet.returncode == 0 and "ignores" not in quiet.stderr

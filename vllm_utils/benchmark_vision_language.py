@@ -1,53 +1,117 @@
 """Command line: `--demo` (images + prompts in, generated text out) and `--perf` (synthetic requests of
-exact length, timed). Flags -> configuration -> bench/; nothing else lives here."""
+exact length, timed). Flags -> checks -> configuration -> bench/; nothing else lives here.
+
+Nothing heavy is imported at module level: `--help` and flag errors answer at once."""
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from vllm_utils.errors import UserError, one_line
 
+if TYPE_CHECKING:
+    from vllm_utils.config import ResolvedConfig
+from vllm_utils.bundled import BUNDLED
+
 DEFAULT_PROMPT = "Describe the picture."
+ENGINE_ONLY_FLAGS = ("--block-size", "--num-kv-blocks", "--enforce-eager")  # what --backend hf ignores
+PROG = "python3 -m vllm_utils.benchmark_vision_language"
+EPILOG = f"""\
+bundled configurations (run with --load-format dummy, nothing downloaded): {', '.join(sorted(BUNDLED))}
+
+Every bad input, flag errors included, gets one 'error: ...' line on stderr and exit status 1.
+Progress goes to stderr: live bars on a terminal, else one line per VLLM_UTILS_PROGRESS_INTERVAL seconds
+(default 10)."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python3 -m vllm_utils.benchmark_vision_language",
-                                description="Validate (--demo) and benchmark (--perf) a vision-language model.")
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default unless it has none worth showing or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == []
+        if unset or action.default is argparse.SUPPRESS or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line and exit status 1, as for every other bad input (argparse's own: usage block, 2)."""
+        print(f"error: {message}; see --help", file=sys.stderr)
+        sys.exit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Validate (--demo) and benchmark (--perf) a vision-language model.",
+                formatter_class=_HelpFormatter, epilog=EPILOG)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--demo", action="store_true", help="generate text for images and prompts")
     mode.add_argument("--perf", action="store_true", help="time synthetic requests of exact length")
-    p.add_argument("--model-type", default="llava", help="model family (default: llava)")
+    p.add_argument("--model-type", default="llava", help="model family")
     p.add_argument("--model", default=None,
-                   help="model folder (Hugging Face layout); --demo without it builds a tiny random LLaVA")
+                   help="model folder (Hugging Face layout), or a bundled name with --load-format dummy "
+                        "(default: a tiny random LLaVA, built and cached on first use)")
     p.add_argument("--device", default=None, help="cpu, cuda or gcu (default: cuda if present, else cpu)")
-    p.add_argument("--input-image", action="append", default=[], help="image file (repeatable)")
-    p.add_argument("--prompt", action="append", default=[], help=f"prompt text (repeatable; default: '{DEFAULT_PROMPT}')")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
+    p.add_argument("--input-image", action="append", default=[],
+                   help="--demo: image file (repeatable); --perf: the image of every request (default: black)")
+    p.add_argument("--prompt", action="append", default=[],
+                   help=f"--demo: prompt text (repeatable; default: '{DEFAULT_PROMPT}'). The chat template places "
+                        f"the image before it; a prompt holding one {'<image>'} places it there instead")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks (processes) the model is split over; must divide the heads and MLP widths")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's max_position_embeddings)")
     p.add_argument("--input-len", type=int, default=1024, help="--perf: prompt tokens, image positions included")
     p.add_argument("--output-len", type=int, default=None,
-                   help="tokens to generate (default: 64 for --demo, 128 for --perf)")
-    p.add_argument("--num-prompts", type=int, default=1, help="--perf: requests in the timed run")
+                   help="tokens to generate, >= 1 (default: 64 for --demo, 128 for --perf)")
+    p.add_argument("--num-prompts", type=int, default=1, help="--perf: requests in each timed run")
     p.add_argument("--batch-size", type=int, default=None,
                    help="most requests running at once (default: the number of requests, at most 256)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
-    p.add_argument("--enforce-eager", action="store_true", help="do not capture graphs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.0, help="--demo: 0 is greedy")
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
-    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (engine only)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, float16 or bfloat16")
+    p.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs (engine only)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of random weights, synthetic requests and sampling (one generator for all requests)")
+    p.add_argument("--temperature", type=float, default=0.0, help="--demo: sampling temperature; 0 is greedy")
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV-cache blocks (engine only; default: sized from memory)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="auto: the folder's safetensors; dummy: random weights (no checkpoint needed)")
     p.add_argument("--num-iters", type=int, default=1, help="--perf: timed repetitions")
     p.add_argument("--backend", default="engine", choices=["engine", "hf"],
                    help="engine: ours; hf: the same workload through HF transformers' generate, for comparison")
-    p.add_argument("--output-json", default=None, help="--perf: also write settings, metrics and environment here")
-    return p.parse_args(argv)
+    p.add_argument("--output-json", default=None,
+                   help="--perf: also write settings, metrics and environment to this file")
+    return p
+
+
+def explicit_flags(argv: list[str] | None) -> set[str]:
+    """The destinations of the flags given on the command line (whatever their value)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.explicit = explicit_flags(argv)
+    return args
+
+
+def resolve_config(args: argparse.Namespace) -> "ResolvedConfig":
+    """The flags as the engine's configuration, resolved against the model's once (no weights read)."""
+    from vllm_utils.config import EngineConfig
+    from vllm_utils.engine.resolve import resolve
+
+    return resolve(EngineConfig(model=args.model, **engine_args(args)), args.model_type)
 
 
 def engine_args(args: argparse.Namespace) -> dict:
     from vllm_utils.platforms import default_device
 
     return dict(
-        model_type=args.model_type,
         device=args.device or default_device(),
         dtype=args.dtype,
         max_model_len=args.max_model_len,
@@ -73,44 +137,82 @@ def pair_images_and_prompts(images: list[str], prompts: list[str]) -> list[tuple
     return list(zip(images, prompts))
 
 
-def make_llm(args: argparse.Namespace):
-    """Our engine, or HF transformers behind the same interface (`--backend hf`)."""
+def ignored_by_hf(args: argparse.Namespace) -> list[str]:
+    return [flag for flag in ENGINE_ONLY_FLAGS if flag[2:].replace("-", "_") in args.explicit]
+
+
+def make_llm(args: argparse.Namespace, config: "ResolvedConfig"):
+    """Our engine, or HF transformers behind the same interface (`--backend hf`), loaded as a phase."""
+    from vllm_utils.progress import phase
+
+    weights = " with random weights" if args.load_format == "dummy" else ""
+    what = f"Loading the model {args.model}{weights} on {config.device}"
     if args.backend == "hf":
         from vllm_utils.bench.hf_backend import HFGenerate
 
-        return HFGenerate(args.model, **engine_args(args))
+        if ignored_by_hf(args):
+            print(f"note: --backend hf ignores the engine-only flags {', '.join(ignored_by_hf(args))}",
+                  file=sys.stderr)
+        with phase(what + " through HF transformers", "Loading"):
+            return HFGenerate(config)
     from vllm_utils.llm import LLM
 
-    return LLM(args.model, **engine_args(args))
+    with phase(what, "Loading"):
+        return LLM(config)
+
+
+def use_default_demo_model(args: argparse.Namespace) -> None:
+    from vllm_utils.bench.tiny_model import default_demo_assets
+
+    args.model, default_image, built = default_demo_assets()
+    print(f"No --model given: {'built' if built else 'using'} a tiny LLaVA with RANDOM weights at {args.model} "
+          f"(its text is gibberish by design); pass --model PATH for a real checkpoint.", file=sys.stderr)
+    if not args.input_image:
+        args.input_image = [default_image]
+        print(f"No --input-image given: using the generated picture {default_image}.", file=sys.stderr)
+
+
+def demo_requests(processor, pairs: list[tuple[str, str]], images: dict) -> list[dict]:
+    """A prompt holding the image placeholder is rendered as given; otherwise the image goes before it."""
+    requests = []
+    for path, text in pairs:
+        holds_image = processor.image_token in text
+        prompt = processor.chat_prompt(text, num_images=0 if holds_image else 1)
+        requests.append({"prompt": prompt, "multi_modal_data": {"image": images[path]}})
+    return requests
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    from vllm_utils.bench.preflight import check_prompt_placeholders
     from vllm_utils.config import DEFAULT_MAX_NUM_SEQS
     from vllm_utils.multimodal.image import load_image
     from vllm_utils.sampling_params import SamplingParams
 
     if args.model is None:
-        from vllm_utils.bench.tiny_model import default_demo_assets
-
-        args.model, default_image, built = default_demo_assets()
-        print(f"No --model given: {'built' if built else 'using'} a tiny LLaVA with RANDOM weights at {args.model} "
-              f"(its text is gibberish by design); pass --model PATH for a real checkpoint.", file=sys.stderr)
-        if not args.input_image:
-            args.input_image = [default_image]
-            print(f"No --input-image given: using the generated picture {default_image}.", file=sys.stderr)
+        use_default_demo_model(args)
     if not args.input_image:
         raise UserError("--demo needs --input-image IMAGE (repeatable)")
     pairs = pair_images_and_prompts(args.input_image, args.prompt)
+    check_prompt_placeholders([text for _, text in pairs])
     images = {path: load_image(path) for path, _ in pairs}
     if args.batch_size is None:
         args.batch_size = min(len(pairs), DEFAULT_MAX_NUM_SEQS)
-    llm = make_llm(args)
-    processor = llm.engine.processor
-    requests = [{"prompt": processor.chat_prompt(text), "multi_modal_data": {"image": images[path]}}
-                for path, text in pairs]
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len or 64, seed=args.seed)
-    for output in llm.generate(requests, params):
-        print(f"Prompt: {output.prompt!r}, Generated text: {output.outputs[0].text!r}")
+    llm = make_llm(args, resolve_config(args))
+    requests = demo_requests(llm.engine.processor, pairs, images)
+    max_tokens = 64 if args.output_len is None else args.output_len
+    params = SamplingParams(temperature=args.temperature, max_tokens=max_tokens)
+    outputs = generate_seeded(llm, requests, params, args.seed)
+    for (path, _), output in zip(pairs, outputs):
+        print(f"Prompt: {output.prompt!r}, Generated text: {output.outputs[0].text!r}, Image: {path!r}")
+
+
+def generate_seeded(llm, requests: list[dict], params, seed: int) -> list:
+    """As in vLLM, --seed seeds one global generator that every request draws from: identical requests
+    sample differently, and the same command gives the same text."""
+    import torch
+
+    torch.manual_seed(seed)
+    return llm.generate(requests, params)
 
 
 def quiet_libraries() -> None:
@@ -121,21 +223,34 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def preflight(args: argparse.Namespace) -> None:
+    """Everything that can be checked without the model's weights."""
+    from vllm_utils.bench.preflight import check_flags, check_model_name, check_outputs
+    from vllm_utils.models.registry import check_model_type
+
+    check_flags(args)
+    check_outputs(args)
+    check_model_type(args.model_type)
+    check_model_name(args.model, args.load_format)
+
+
+def run(args: argparse.Namespace) -> None:
+    preflight(args)
+    if args.demo:
+        run_demo(args)
+    else:
+        from vllm_utils.bench.perf import run_perf
+
+        run_perf(args, resolve_config, make_llm)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()
     import torch
 
     try:
-        from vllm_utils.models.registry import check_model_type
-
-        check_model_type(args.model_type)
-        if args.demo:
-            run_demo(args)
-        else:
-            from vllm_utils.bench.perf import run_perf
-
-            run_perf(args, make_llm)
+        run(args)
     except (UserError, torch.OutOfMemoryError, MemoryError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PretrainedConfig
 
 from vllm_utils import envs
+from vllm_utils.bundled import bundled_config_dir
 from vllm_utils.errors import UserError
 
 DTYPES = {
@@ -20,10 +21,6 @@ DTYPES = {
 }
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
-
-# Hub names whose configuration the package carries, so that `--load-format dummy` needs no download.
-BUNDLED_DIR = os.path.join(os.path.dirname(__file__), "bundled")
-BUNDLED = {"llava-hf/llava-1.5-7b-hf": "llava-1.5-7b-hf"}
 
 
 @dataclass
@@ -75,21 +72,16 @@ class ResolvedConfig:
     max_num_batched_tokens: int
 
 
-def bundled_config_dir(model: str) -> str | None:
-    """The packaged folder for a known hub name, unless a local folder of that name exists."""
-    if model in BUNDLED and not os.path.isdir(model):
-        return os.path.join(BUNDLED_DIR, BUNDLED[model])
-    return None
-
-
 def load_hf_config(model: str) -> PretrainedConfig:
     """The model folder's config.json, read through transformers so that defaults are filled in."""
     folder = bundled_config_dir(model) or model
     if not os.path.isdir(folder):
-        raise UserError(f"model folder '{model}' does not exist: pass --model a local folder holding config.json")
+        hub = " (nothing is downloaded: fetch a Hub model first, e.g. `hf download NAME --local-dir DIR`)"
+        raise UserError(f"model folder '{model}' does not exist; give a local folder holding config.json"
+                        f"{hub if model.count('/') == 1 and not model.startswith(('/', '.')) else ''}")
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
-        raise UserError(f"'{model}' has no config.json: pass --model a Hugging Face model folder")
+        raise UserError(f"'{model}' has no config.json; give the folder of a Hugging Face model")
     try:
         with open(config_path) as f:
             json.load(f)

@@ -2,9 +2,9 @@
 from dataclasses import dataclass
 
 from PIL import Image
-from tqdm import tqdm
 
-from vllm_utils.config import EngineConfig
+from vllm_utils.progress import GenerationProgress
+from vllm_utils.config import EngineConfig, ResolvedConfig
 from vllm_utils.engine.llm_engine import LLMEngine
 from vllm_utils.engine.sequence import Sequence, SequenceTimes
 from vllm_utils.errors import UserError
@@ -31,8 +31,11 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str, model_type: str | None = None, **engine_args) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args), model_type)
+    def __init__(self, model: str | ResolvedConfig, model_type: str | None = None, **engine_args) -> None:
+        """`model`: a model folder (with EngineConfig's fields as keywords), or a configuration already
+        resolved."""
+        config = model if isinstance(model, ResolvedConfig) else EngineConfig(model=model, **engine_args)
+        self.engine = LLMEngine(config, model_type)
 
     def generate(self, prompts: PromptInput | list[PromptInput], sampling_params: SamplingParams | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -48,9 +51,9 @@ class LLM:
         except Exception:
             self.engine.abort(seqs)  # all or nothing: no half-added batch left in the queue
             raise
-        with tqdm(total=len(seqs), desc="Processed prompts", unit="prompt", disable=not use_tqdm) as bar:
+        with GenerationProgress(seqs, disable=not use_tqdm) as progress:  # generated tokens, tokens/s, prompts
             while self.engine.has_unfinished():
-                bar.update(len(self.engine.step()))
+                progress.step(self.engine.step())
         return [self._output(s) for s in seqs]
 
     def _add(self, prompt: PromptInput, params: SamplingParams) -> Sequence:

@@ -7,8 +7,8 @@ import os
 import torch
 from safetensors import safe_open
 from torch import nn
-from tqdm import tqdm
 
+from vllm_utils.progress import progress_bar
 from vllm_utils.errors import UserError
 
 
@@ -69,7 +69,9 @@ def load_weights(model: nn.Module, folder: str, show_progress: bool = True) -> N
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[tuple[str, object]] = set()
     files = safetensors_files(folder)
-    for path in tqdm(files, desc="Loading weights", unit="file", disable=not show_progress or len(files) < 2):
+    bar = progress_bar(total=sum(os.path.getsize(p) for p in files), desc="Loading weights", unit="B",
+                       unit_scale=True, unit_divisor=1024, disable=not show_progress)
+    for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for key in f.keys():
                 target = resolve_target(model, key)
@@ -83,6 +85,8 @@ def load_weights(model: nn.Module, folder: str, show_progress: bool = True) -> N
                 tensor = f.get_tensor(key)
                 getattr(param, "weight_loader", _copy)(param, tensor.to(param.dtype), shard)
                 loaded.update(targets_filled(model, name, shard))
+                bar.update(tensor.nbytes)
+    bar.close()
     missing = sorted(expected_targets(model) - loaded, key=str)
     if missing:
         name, shard = missing[0]

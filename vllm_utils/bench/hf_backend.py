@@ -8,7 +8,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, StoppingCriteria
 
-from vllm_utils.config import EngineConfig
+from vllm_utils.config import EngineConfig, ResolvedConfig
 from vllm_utils.engine.llm_engine import EngineStats
 from vllm_utils.engine.resolve import resolve
 from vllm_utils.engine.sequence import SequenceTimes
@@ -17,18 +17,20 @@ from vllm_utils.llm import CompletionOutput, RequestOutput
 from vllm_utils.models.registry import family
 from vllm_utils.multimodal.inputs import concat_mm_inputs
 from vllm_utils.platforms import Platform, platform_for
+from vllm_utils.progress import progress_bar
 from vllm_utils.sampling_params import SamplingParams
 
 
 class _StepClock(StoppingCriteria):
-    """Called by `generate` after each new token: records when it came."""
+    """Called by `generate` after each new token: records when it came, and counts the batch's tokens on `bar`."""
 
-    def __init__(self, platform: Platform, device: torch.device) -> None:
-        self.platform, self.device, self.times = platform, device, []
+    def __init__(self, platform: Platform, device: torch.device, bar) -> None:
+        self.platform, self.device, self.bar, self.times = platform, device, bar, []
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
         self.platform.synchronize(self.device)
         self.times.append(time.perf_counter())
+        self.bar.update(input_ids.shape[0])
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -40,10 +42,11 @@ class _BlockCounts:
 class HFEngineView:
     """What the perf and demo code read from our engine, filled in for HF (the same resolved configuration)."""
 
-    def __init__(self, config: EngineConfig, model_type: str | None) -> None:
+    def __init__(self, config: EngineConfig | ResolvedConfig, model_type: str | None) -> None:
+        self.config = config if isinstance(config, ResolvedConfig) else resolve(config, model_type)
+        config = self.config.engine
         if config.tensor_parallel_size != 1:
             raise UserError("--backend hf runs on one device: use --tensor-parallel-size 1")
-        self.config = resolve(config, model_type)
         self.device, self.dtype, self.max_model_len = self.config.device, self.config.dtype, self.config.max_model_len
         self.platform = platform_for(self.device)
         self.processor = family(self.config.model_type).processor(self.config.folder, self.config.hf_config,
@@ -65,9 +68,9 @@ class HFEngineView:
 class HFGenerate:
     """`LLM`'s interface over HF transformers."""
 
-    def __init__(self, model: str, model_type: str | None = None, **engine_args) -> None:
-        engine_args = {k: v for k, v in engine_args.items() if k in EngineConfig.__dataclass_fields__}
-        self.engine = HFEngineView(EngineConfig(model=model, **engine_args), model_type)
+    def __init__(self, model: str | ResolvedConfig, model_type: str | None = None, **engine_args) -> None:
+        config = model if isinstance(model, ResolvedConfig) else EngineConfig(model=model, **engine_args)
+        self.engine = HFEngineView(config, model_type)
 
     def generate(self, prompts: list[dict], sampling_params: SamplingParams, use_tqdm: bool = True) -> list[RequestOutput]:
         engine, params = self.engine, sampling_params
@@ -75,11 +78,11 @@ class HFGenerate:
         arrival = time.perf_counter()
         outputs = []
         batch_size = engine.config.max_num_seqs
-        with tqdm(total=len(requests), desc="Processed prompts (HF)", unit="prompt", disable=not use_tqdm) as bar:
+        with progress_bar(total=len(requests) * params.max_tokens, desc="Generating (HF)", unit="tok",
+                          disable=not use_tqdm) as bar:  # the batch's positions, EOS or not
             for start in range(0, len(requests), batch_size):
                 chunk = requests[start : start + batch_size]
-                outputs.extend(self._generate_batch(chunk, params, arrival))
-                bar.update(len(chunk))
+                outputs.extend(self._generate_batch(chunk, params, arrival, bar))
         return outputs
 
     def _tokenize(self, prompt: dict) -> tuple[str | None, list[int], torch.Tensor | None]:
@@ -93,7 +96,7 @@ class HFGenerate:
         return prompt["prompt"], ids, mm_inputs
 
     @torch.inference_mode()
-    def _generate_batch(self, chunk: list, params: SamplingParams, arrival: float) -> list[RequestOutput]:
+    def _generate_batch(self, chunk: list, params: SamplingParams, arrival: float, bar) -> list[RequestOutput]:
         engine = self.engine
         hf_config = engine.config.hf_config
         pad = getattr(hf_config, "pad_token_id", None)
@@ -109,7 +112,7 @@ class HFGenerate:
         if not params.greedy:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                           top_k=params.top_k if params.top_k > 0 else None)
-        clock = _StepClock(engine.platform, engine.device)
+        clock = _StepClock(engine.platform, engine.device, bar)
         scheduled = time.perf_counter()
         out = engine.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=params.max_tokens,
                                     do_sample=not params.greedy, stopping_criteria=[clock], pad_token_id=pad, **kwargs)

@@ -6,6 +6,8 @@ import sys
 import time
 
 from vllm_utils.bench.metrics import TimedRun, seed_perf_info, summarize
+from vllm_utils.bench.preflight import check_perf_lengths
+from vllm_utils.progress import phase
 from vllm_utils.bench.report import environment, write_csv, write_json
 from vllm_utils.bench.synthetic import SyntheticRequest, synthetic_requests
 from vllm_utils.config import DEFAULT_MAX_NUM_SEQS
@@ -41,9 +43,10 @@ def timed_run(llm, requests: list[SyntheticRequest], params: SamplingParams) -> 
     return TimedRun(wall, outputs, engine.stats)
 
 
-def run_perf(args: argparse.Namespace, make_llm) -> None:
-    """`make_llm(args)` builds the backend (our LLM, or HF behind the same interface)."""
-    args.output_len = args.output_len or 128
+def run_perf(args: argparse.Namespace, resolve_config, make_llm) -> None:
+    """`resolve_config(args)` gives the resolved engine configuration, `make_llm(args, config)` builds the backend
+    (our LLM, or HF behind the same interface)."""
+    args.output_len = 128 if args.output_len is None else args.output_len
     check_lengths(args)
     if args.batch_size is None:
         args.batch_size = min(args.num_prompts, DEFAULT_MAX_NUM_SEQS)
@@ -53,25 +56,26 @@ def run_perf(args: argparse.Namespace, make_llm) -> None:
         args.model = default_demo_assets()[0]
         print(f"No --model given: benchmarking the tiny random LLaVA at {args.model}; pass --model PATH "
               f"(or --model llava-hf/llava-1.5-7b-hf --load-format dummy).", file=sys.stderr)
+    config = resolve_config(args)
+    check_perf_lengths(args, config)  # before the weights load
     image = load_image(args.input_image[0]) if args.input_image else None
-    llm = make_llm(args)
+    llm = make_llm(args, config)
     engine = llm.engine
-    if args.input_len + args.output_len > engine.max_model_len:
-        raise UserError(f"--input-len {args.input_len} + --output-len {args.output_len} exceeds the max model "
-                        f"length {engine.max_model_len}; raise --max-model-len or shorten the request")
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    warmup = synthetic_requests(engine.processor, args.input_len, 1, image, seed=args.seed + 10_000)
-    llm.generate(_as_prompts(warmup), SamplingParams(temperature=0, max_tokens=min(args.output_len, 8), ignore_eos=True),
-                 use_tqdm=False)
+    warm_up(llm, args, image)
     engine.platform.reset_peak_memory(engine.device)
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     runs = []
     for i in range(args.num_iters):
         requests = synthetic_requests(engine.processor, args.input_len, args.num_prompts, image, seed=args.seed + i)
-        runs.append(timed_run(llm, requests, params))
+        with phase(f"Timed run {i + 1}/{args.num_iters}: {args.num_prompts} request(s) of {args.input_len} prompt "
+                   f"+ {args.output_len} output tokens", f"Timed run {i + 1}/{args.num_iters}"):
+            runs.append(timed_run(llm, requests, params))
     summary = summarize(runs, args.output_len)
     summary["image_tokens_per_request"] = requests[0].num_image_tokens
     summary["text_tokens_per_request"] = requests[0].num_text_tokens
-    summary["kv_blocks_total"] = engine.block_manager.num_blocks
+    paged = args.backend != "hf"  # HF has no paged KV cache: its block figures are "n/a", not 0
+    summary["kv_blocks_total"] = engine.block_manager.num_blocks if paged else None
+    summary["peak_kv_blocks_used"] = summary["peak_kv_blocks_used"] if paged else None
     summary["peak_memory_gib"] = engine.platform.peak_memory_bytes(engine.device) / 2**30
 
     info = seed_perf_info(summary)
@@ -79,12 +83,34 @@ def run_perf(args: argparse.Namespace, make_llm) -> None:
     print(json.dumps(info, indent=4))
     print_details(summary)
     settings = perf_settings(args, engine)
-    rows = {**settings, **info, **flatten(summary)}
-    path = write_csv(rows)
-    print(f"Saved to {path}", file=sys.stderr)
-    if args.output_json:
-        write_json(args.output_json, {"settings": settings, "perf_info": info, "metrics": summary,
-                                      "environment": environment(engine.device)})
+    save_reports({**settings, **info, **flatten(summary)}, args.output_json,
+                 lambda: {"settings": settings, "perf_info": info, "metrics": summary,
+                          "environment": environment(engine.device)})
+
+
+def warm_up(llm, args: argparse.Namespace, image) -> None:
+    """One untimed request: first-use costs (kernel builds, allocator growth) stay out of the figures."""
+    engine = llm.engine
+    requests = synthetic_requests(engine.processor, args.input_len, 1, image, seed=args.seed + 10_000)
+    params = SamplingParams(temperature=0, max_tokens=min(args.output_len, 8), ignore_eos=True)
+    with phase(f"Warm-up: 1 request of {args.input_len} + {params.max_tokens} tokens, not timed", "Warm-up"):
+        llm.generate(_as_prompts(requests), params, use_tqdm=False)
+
+
+def save_reports(rows: dict[str, object], json_path: str | None, document) -> None:
+    """Writes every report it can; if one fails, says which after trying the others (the figures are
+    printed above either way). `document()` builds the JSON's content."""
+    writers = [("the result CSV", lambda: write_csv(rows))]
+    if json_path:
+        writers.append(("--output-json", lambda: write_json(json_path, document())))
+    failed = []
+    for what, write in writers:
+        try:
+            print(f"Saved to {write()}", file=sys.stderr)
+        except OSError as e:
+            failed.append(f"{what} ({e.strerror or e})")
+    if failed:
+        raise UserError(f"could not write {' or '.join(failed)}; the figures printed above are complete")
 
 
 def perf_settings(args: argparse.Namespace, engine) -> dict[str, object]:
@@ -105,7 +131,7 @@ def flatten(summary: dict, prefix: str = "") -> dict[str, object]:
         if isinstance(value, dict):
             flat.update(flatten(value, f"{prefix}{key}_"))
         else:
-            flat[prefix + key] = round(value, 4) if isinstance(value, float) else value
+            flat[prefix + key] = "n/a" if value is None else round(value, 4) if isinstance(value, float) else value
     return flat
 
 
@@ -116,6 +142,7 @@ def print_details(s: dict) -> None:
         print(f"{name:26}{d['mean']:10.2f}{d['p50']:10.2f}{d['p90']:10.2f}{d['p99']:10.2f}")
     print(f"prefill throughput: {s['prefill_tokens_per_second']:.1f} prompt tokens/s; "
           f"decode throughput (whole batch): {s['decode_tokens_per_second']:.1f} tokens/s")
+    blocks = "n/a" if s["kv_blocks_total"] is None else f"{s['peak_kv_blocks_used']} of {s['kv_blocks_total']}"
     print(f"tokens per request: {s['image_tokens_per_request']} image + {s['text_tokens_per_request']} text; "
-          f"KV-cache blocks used at peak: {s['peak_kv_blocks_used']} of {s['kv_blocks_total']}; "
+          f"KV-cache blocks used at peak: {blocks}; "
           f"peak memory: {s['peak_memory_gib']:.2f} GiB; preemptions: {s['preemptions']}")

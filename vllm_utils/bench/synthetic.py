@@ -24,6 +24,17 @@ class SyntheticRequest:
         return {"prompt_token_ids": self.prompt_token_ids, "mm_inputs": self.mm_inputs}
 
 
+def min_input_len(image_positions: int) -> int:
+    return image_positions + 2  # BOS + one text token + the image
+
+
+def check_input_len(input_len: int, image_positions: int) -> None:
+    """Needs only the processor (no weights): run it before the weights load."""
+    if input_len < min_input_len(image_positions):
+        raise UserError(f"--input-len {input_len} is shorter than one image ({image_positions} positions) "
+                        f"plus BOS and one text token; use --input-len >= {min_input_len(image_positions)}")
+
+
 def image_positions(processor: ProcessorAdapter, image: Image.Image | None) -> tuple[MultiModalInputs, int]:
     """The synthetic image's tensors (black, of the processor's size, unless `image` is given) and its positions."""
     mm_inputs = processor.image_inputs([image or Image.new("RGB", processor.image_size)])
@@ -35,9 +46,7 @@ def synthetic_requests(processor: ProcessorAdapter, input_len: int, count: int, 
     """BOS, one random token, the image positions, then random tokens up to `input_len`. The random token
     before the image makes every request's prefix differ, so no prefix could be shared."""
     mm_inputs, n_image = image_positions(processor, image)
-    if input_len < n_image + 2:
-        raise UserError(f"--input-len {input_len} is shorter than one image ({n_image} positions) plus BOS and one "
-                        f"text token; use --input-len >= {n_image + 2}")
+    check_input_len(input_len, n_image)
     vocab = np.array(processor.text_token_ids())
     rng = np.random.default_rng(seed)
     requests = []

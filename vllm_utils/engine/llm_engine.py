@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from vllm_utils.config import EngineConfig
+from vllm_utils.config import EngineConfig, ResolvedConfig
 from vllm_utils.engine.block_manager import BlockManager
 from vllm_utils.engine.model_runner import ModelRunner
 from vllm_utils.engine.resolve import resolve
@@ -32,8 +32,9 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_type: str | None = None) -> None:
-        self.config = resolve(config, model_type)
+    def __init__(self, config: EngineConfig | ResolvedConfig, model_type: str | None = None) -> None:
+        self.config = config if isinstance(config, ResolvedConfig) else resolve(config, model_type)
+        config = self.config.engine
         self.device, self.dtype, self.max_model_len = self.config.device, self.config.dtype, self.config.max_model_len
         # before the (slow) weights, so that a folder without tokenizer files fails at once
         self.processor = family(self.config.model_type).processor(self.config.folder, self.config.hf_config,

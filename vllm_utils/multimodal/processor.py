@@ -99,7 +99,8 @@ class ProcessorAdapter:
         placeholders = prompt.count(self.image_token)
         if placeholders != len(images):
             raise UserError(f"the prompt has {placeholders} {self.image_token} placeholder(s) but "
-                            f"{len(images)} image(s) were given; put one {self.image_token} per image in the prompt")
+                            f"{len(images)} image(s) were given; a raw prompt needs exactly one {self.image_token} "
+                            f"per image, where the image belongs (the chat template of --demo adds it for you)")
         if not images:
             return self.tokenizer(prompt)["input_ids"], None
         out = self.hf_processor(text=prompt, images=images, return_tensors="pt")

@@ -1,0 +1,78 @@
+"""Checks that need no weights, run before the model loads (a 7B takes minutes to build): flag values,
+output paths, the model name, and the lengths that the model's config alone decides."""
+import argparse
+import math
+import os
+from typing import TYPE_CHECKING
+
+from vllm_utils.errors import UserError
+
+if TYPE_CHECKING:
+    from vllm_utils.config import ResolvedConfig
+
+IMAGE_PLACEHOLDER = "<image>"  # LLaVA's; requests are checked again against the processor's own token
+
+# flags whose value counts something: 0 or less is refused, never read as "the default"
+COUNTS = ("--input-len", "--output-len", "--num-prompts", "--num-iters", "--batch-size", "--block-size",
+          "--tensor-parallel-size", "--num-kv-blocks", "--max-model-len")
+
+
+def _value(args: argparse.Namespace, flag: str):
+    return getattr(args, flag[2:].replace("-", "_"))
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    for flag in COUNTS:
+        value = _value(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every file a run will write, checked before it starts, so that no result is lost at its end."""
+    from vllm_utils.bench.report import check_output_json, probe_folder
+
+    if args.perf:
+        probe_folder(os.getcwd(), "the result CSV", "run from a writable working directory (the CSV goes there)")
+    if args.output_json:
+        if not args.perf:
+            raise UserError("--output-json applies to --perf only; drop it or use --perf")
+        check_output_json(args.output_json)
+
+
+def check_model_name(model: str | None, load_format: str) -> None:
+    """A Hub name whose config the package carries runs with random weights only: nothing is downloaded."""
+    from vllm_utils.bundled import bundled_config_dir
+
+    if model is not None and load_format != "dummy" and bundled_config_dir(model):
+        raise UserError(f"'{model}' is a Hugging Face Hub name and nothing is downloaded here: add --load-format "
+                        f"dummy to run it with random weights, or download it (e.g. `hf download {model} "
+                        f"--local-dir DIR`) and pass --model DIR")
+
+
+def check_prompt_placeholders(prompts: list[str], placeholder: str = IMAGE_PLACEHOLDER) -> None:
+    """--demo: each prompt has one image; its text may hold that image's placeholder, or none."""
+    for prompt in prompts:
+        count = prompt.count(placeholder)
+        if count > 1:
+            raise UserError(f"--prompt {prompt!r} holds {count} {placeholder} placeholders for its one image; "
+                            f"leave them out (the image is placed before the text) or put exactly one where "
+                            f"the image belongs")
+
+
+def check_perf_lengths(args: argparse.Namespace, config: "ResolvedConfig") -> None:
+    """--perf lengths against the resolved configuration: an image's positions and the context length. Reads the
+    processor files, not the weights."""
+    from vllm_utils.bench.synthetic import check_input_len, image_positions
+    from vllm_utils.models.registry import family
+    from vllm_utils.multimodal.image import load_image
+
+    processor = family(config.model_type).processor(config.folder, config.hf_config,
+                                                    allow_missing=args.load_format == "dummy")
+    image = load_image(args.input_image[0]) if args.input_image else None
+    check_input_len(args.input_len, image_positions(processor, image)[1])
+    if args.input_len + args.output_len > config.max_model_len:
+        raise UserError(f"--input-len {args.input_len} + --output-len {args.output_len} exceeds the max model "
+                        f"length {config.max_model_len}; raise --max-model-len or shorten the request")

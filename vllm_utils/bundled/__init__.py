@@ -1,0 +1,14 @@
+"""Hub names whose configuration the package carries (each in the folder of that name here, with where its values
+came from), so that `--load-format dummy` benchmarks an architecture without any download. No torch import: the
+CLI's --help lists them."""
+import os
+
+HERE = os.path.dirname(__file__)
+BUNDLED = {"llava-hf/llava-1.5-7b-hf": "llava-1.5-7b-hf"}
+
+
+def bundled_config_dir(model: str) -> str | None:
+    """The packaged folder for a known hub name, unless a local folder of that name exists."""
+    if model in BUNDLED and not os.path.isdir(model):
+        return os.path.join(HERE, BUNDLED[model])
+    return None
