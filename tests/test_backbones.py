@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from vllm_utils import LLM, SamplingParams
+from vllm_utils.bundled import BUNDLED
 
 from conftest import HFReference, real_tokenizer_dir
 from test_cli import cli
@@ -78,3 +79,32 @@ def test_cli_demo_prints_what_hf_generates(backbone, tmp_path):
         tokens = hf.greedy(prompt, [Image.open(path).convert("RGB")], NEW_TOKENS)
     text = hf.processor.tokenizer.decode(tokens, skip_special_tokens=True)
     assert f"Generated text: {text!r}," in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_bundled_configs_are_accepted_and_load_every_tensor_hf_would_save(name):
+    """Each bundled configuration resolves, and our model built from it (on the meta device) takes every tensor
+    of HF's model of the same configuration, in shape, and needs none that HF lacks."""
+    from transformers import AutoModelForImageTextToText
+
+    from vllm_utils.config import EngineConfig
+    from vllm_utils.engine.model_runner import build_model
+    from vllm_utils.engine.resolve import resolve
+    from vllm_utils.loader import expected_targets, resolve_target, targets_filled
+    from vllm_utils.models.registry import family
+
+    config = resolve(EngineConfig(name, load_format="dummy"))
+    ours = build_model(config.hf_config, family(config.model_type).model, torch.device("meta"), torch.float16)
+    with torch.device("meta"):
+        theirs = AutoModelForImageTextToText.from_config(config.hf_config)
+    params, filled = dict(ours.named_parameters(remove_duplicate=False)), set()
+    first_name = {id(p): n for n, p in reversed(list(params.items()))}  # tied parameters: the name loading fills
+    for key, tensor in theirs.state_dict().items():
+        target = resolve_target(ours, key)
+        if target is None:
+            continue
+        assert target[0] in params, f"{key} -> {target[0]} is no parameter"
+        if target[1] is None and params[target[0]].shape != tensor.shape:
+            assert targets_filled(ours, *target) != [target], f"{key}: {tensor.shape} vs {params[target[0]].shape}"
+        filled.update(targets_filled(ours, first_name[id(params[target[0]])], target[1]))
+    assert filled == expected_targets(ours)

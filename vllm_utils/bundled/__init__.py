@@ -1,10 +1,17 @@
 """Hub names whose configuration the package carries (each in the folder of that name here, with where its values
-came from), so that `--load-format dummy` benchmarks an architecture without any download. No torch import: the
+came from: SOURCES.md), so that `--load-format dummy` benchmarks an architecture without any download. No torch import: the
 CLI's --help lists them."""
 import os
 
 HERE = os.path.dirname(__file__)
-BUNDLED = {"llava-hf/llava-1.5-7b-hf": "llava-1.5-7b-hf"}
+BUNDLED = {
+    "llava-hf/llava-1.5-7b-hf": "llava-1.5-7b-hf",
+    "llava-hf/llava-1.5-13b-hf": "llava-1.5-13b-hf",
+    "llava-hf/bakLlava-v1-hf": "bakLlava-v1-hf",
+    "llava-hf/llava-interleave-qwen-7b-hf": "llava-interleave-qwen-7b-hf",
+    "Intel/llava-gemma-2b": "llava-gemma-2b",
+    "xtuner/llava-phi-3-mini-hf": "llava-phi-3-mini-hf",
+}
 
 
 def bundled_config_dir(model: str) -> str | None:
