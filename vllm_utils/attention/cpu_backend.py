@@ -15,11 +15,10 @@ class CpuPagedAttention(TorchPagedAttention):
         super().__init__(reads_runs=True)
 
     def prefill(self, q, k, v, seq_lens: list[int], scale: float, window: int | None = None) -> torch.Tensor:
-        """The kernel's attention is plainly causal: prompts longer than a sliding window go the PyTorch way."""
-        if not cpu.supports_prefill_attention(q, k, v) or (window is not None and max(seq_lens) > window):
+        if not cpu.supports_prefill_attention(q, k, v):
             return super().prefill(q, k, v, seq_lens, scale, window)
         starts = itertools.accumulate(seq_lens[:-1], initial=0)
-        return torch.cat([cpu.prefill_attention(q[s : s + n], k[s : s + n], v[s : s + n], scale, causal=True)
+        return torch.cat([cpu.prefill_attention(q[s : s + n], k[s : s + n], v[s : s + n], scale, True, window)
                           for s, n in zip(starts, seq_lens)])
 
     @staticmethod

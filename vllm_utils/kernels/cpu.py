@@ -115,7 +115,7 @@ def _load() -> tuple[object | None, str]:
     lib.vllm_utils_rope_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, long]
     lib.vllm_utils_rope_bf16.restype = None
     lib.vllm_utils_prefill_attention_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, long, long,
-                                                      ctypes.c_float, i32, ptr]
+                                                      ctypes.c_float, i32, i32, ptr]
     lib.vllm_utils_prefill_attention_bf16.restype = None
     lib.vllm_utils_silu_mul_bf16.argtypes = [ptr, ptr, i32, i32, long]
     lib.vllm_utils_silu_mul_bf16.restype = None
@@ -195,9 +195,11 @@ def supports_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             and k.stride(0) % 2 == 0 and _load()[0] is not None)
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
-    """softmax(scale * q k^T [+ causal mask]) v for a whole prompt, tensors as in `supports_prefill_attention`.
-    Returns [tokens, heads, dim]."""
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+                      window: int | None = None) -> torch.Tensor:
+    """softmax(scale * q k^T [+ causal mask]) v for a whole prompt, tensors as in `supports_prefill_attention`;
+    with `window` (causal only) each query sees the keys of the last `window` positions. Returns [tokens, heads,
+    dim]."""
     tokens, heads, dim = q.shape
     kv_heads = k.shape[1]
     padded = -(-tokens // 64) * 64
@@ -205,7 +207,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     out = torch.empty(tokens, heads, dim, dtype=torch.bfloat16)
     _load()[0].vllm_utils_prefill_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), tokens,
                                                  heads, kv_heads, dim, q.stride(0), k.stride(0), scale, int(causal),
-                                                 packed.data_ptr())
+                                                 window or 0, packed.data_ptr())
     return out
 
 

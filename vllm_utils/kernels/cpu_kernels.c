@@ -333,7 +333,7 @@ void vllm_utils_quick_gelu_bf16(const uint16_t* x, uint16_t* out, long n) {
 #define KB 64 /* keys per block */
 
 /* Attention of a whole prompt, flash-style: out[t, h] = softmax(scale * q[t, h] . K[s, g]) . V[s, g] over s < tokens
- * (s <= t when causal), g = h / (num_heads / num_kv_heads). q: tokens rows of num_heads * head_dim values,
+ * (s <= t when causal, and t - s < window when window > 0: a sliding window), g = h / (num_heads / num_kv_heads). q: tokens rows of num_heads * head_dim values,
  * q_stride apart; k, v: tokens rows of num_kv_heads * head_dim values, kv_stride apart; out: [tokens, num_heads,
  * head_dim]. Both products run on VDPBF16PS, which multiplies pairs of bf16 along its reduction, so K is first
  * packed as [head_dim / 2][keys][2] (gathers) and V as [keys / 2][head_dim][2] (packed: 2 * num_kv_heads * padded *
@@ -342,7 +342,7 @@ void vllm_utils_quick_gelu_bf16(const uint16_t* x, uint16_t* out, long n) {
  * for the second product, as flash attention does on GPUs. head_dim % 64 == 0. */
 void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
                                        int tokens, int num_heads, int num_kv_heads, int head_dim, long q_stride,
-                                       long kv_stride, float scale, int causal, uint16_t* packed) {
+                                       long kv_stride, float scale, int causal, int window, uint16_t* packed) {
     int group = num_heads / num_kv_heads, pairs = head_dim / 2, qblocks = (tokens + QB - 1) / QB;
     long padded = (tokens + KB - 1) / KB * KB, head_size = padded * head_dim;
 #pragma omp parallel
@@ -386,7 +386,8 @@ void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, con
                            *vp = packed + (num_kv_heads + h / group) * head_size;
             for (int r = 0; r < QB; r++) row_max[r] = -INFINITY, row_sum[r] = 0.0f;
             for (int i = 0; i < QB * head_dim; i++) O[i] = 0.0f;
-            for (int k0 = 0; k0 < key_end; k0 += KB) {
+            int first = window > 0 && i0 - window + 1 > 0 ? i0 - window + 1 : 0; /* the first key any row sees */
+            for (int k0 = first / KB * KB; k0 < key_end; k0 += KB) {
                 for (int r = 0; r < QB; r += 4) { /* S = scale * Q K^T, 4 rows x KB keys at a time */
                     const uint16_t* qr[4];
                     for (int j = 0; j < 4; j++) {
@@ -412,12 +413,14 @@ void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, con
                 }
                 for (int r = 0; r < QB; r++) { /* online softmax; P = 0 for masked keys and rows past the end */
                     int limit = r >= rows ? 0 : causal ? i0 + r + 1 : tokens;
+                    int low = window > 0 ? i0 + r - window + 1 : 0;
                     __m512 s[4], top = _mm512_set1_ps(-INFINITY);
                     for (int c = 0; c < 4; c++) {
                         __m512i key =
                             _mm512_add_epi32(_mm512_set1_epi32(k0 + 16 * c),
                                              _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-                        __mmask16 valid = _mm512_cmplt_epi32_mask(key, _mm512_set1_epi32(limit));
+                        __mmask16 valid = _mm512_cmplt_epi32_mask(key, _mm512_set1_epi32(limit)) &
+                                          _mm512_cmpge_epi32_mask(key, _mm512_set1_epi32(low));
                         s[c] =
                             _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_loadu_ps(S + r * KB + 16 * c));
                         top = _mm512_max_ps(top, s[c]);
