@@ -333,13 +333,13 @@ void vllm_utils_quick_gelu_bf16(const uint16_t* x, uint16_t* out, long n) {
 #define KB 64 /* keys per block */
 
 /* Attention of a whole prompt, flash-style: out[t, h] = softmax(scale * q[t, h] . K[s, g]) . V[s, g] over s < tokens
- * (s <= t when causal, and t - s < window when window > 0: a sliding window), g = h / (num_heads / num_kv_heads). q: tokens rows of num_heads * head_dim values,
- * q_stride apart; k, v: tokens rows of num_kv_heads * head_dim values, kv_stride apart; out: [tokens, num_heads,
- * head_dim]. Both products run on VDPBF16PS, which multiplies pairs of bf16 along its reduction, so K is first
- * packed as [head_dim / 2][keys][2] (gathers) and V as [keys / 2][head_dim][2] (packed: 2 * num_kv_heads * padded *
- * head_dim values, padded = tokens rounded up to KB; padding keys are zero and masked). Each task is one head
- * and QB query rows, walking key blocks with a running max and sum per row; probabilities are rounded to bf16
- * for the second product, as flash attention does on GPUs. head_dim % 64 == 0. */
+ * (s <= t when causal, and t - s < window when window > 0: a sliding window), g = h / (num_heads / num_kv_heads). q:
+ * tokens rows of num_heads * head_dim values, q_stride apart; k, v: tokens rows of num_kv_heads * head_dim values,
+ * kv_stride apart; out: [tokens, num_heads, head_dim]. Both products run on VDPBF16PS, which multiplies pairs of bf16
+ * along its reduction, so K is first packed as [head_dim / 2][keys][2] (gathers) and V as [keys / 2][head_dim][2]
+ * (packed: 2 * num_kv_heads * padded * head_dim values, padded = tokens rounded up to KB; padding keys are zero and
+ * masked). Each task is one head and QB query rows, walking key blocks with a running max and sum per row;
+ * probabilities are rounded to bf16 for the second product, as flash attention does on GPUs. head_dim % 64 == 0. */
 void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
                                        int tokens, int num_heads, int num_kv_heads, int head_dim, long q_stride,
                                        long kv_stride, float scale, int causal, int window, uint16_t* packed) {
