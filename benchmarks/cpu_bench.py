@@ -1,7 +1,9 @@
 """Our engine against HF transformers on this CPU, on one LLaVA-shaped checkpoint built here: CLIP
 ViT-L/14-336 tower + a 1.26B Llama (hidden 2048, 16 layers, 16 heads, intermediate 5632, vocab 32064),
 random weights, bf16. One black 336x336 image + text = 600 prompt tokens, greedy, EOS ignored.
-Prints a markdown table with ratios to HF and the memory-bandwidth floor measured here.
+Prints a markdown table with ratios to HF and the memory-bandwidth floor measured here, then a Mistral-shaped
+row: the same weights run as a Mistral decoder with a 512-token sliding window (shorter than the prompt),
+against the Llama, interleaved.
 
     .venv/bin/python benchmarks/cpu_bench.py [--quick]
 """
@@ -45,6 +47,24 @@ def build_checkpoint() -> str:
                    tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
                    num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(CACHE)
     return CACHE
+
+
+def mistral_twin(folder: str, window: int = 512) -> str:
+    """The checkpoint as a Mistral decoder with a sliding window (Mistral's weight names are Llama's): its own
+    config.json beside links to the same weights and processor files."""
+    import json
+
+    twin = folder + f"-mistral-window{window}"
+    os.makedirs(twin, exist_ok=True)
+    for name in os.listdir(folder):
+        if name != "config.json" and not os.path.exists(os.path.join(twin, name)):
+            os.symlink(os.path.join(folder, name), os.path.join(twin, name))
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    config["text_config"].update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=window)
+    with open(os.path.join(twin, "config.json"), "w") as f:
+        json.dump(config, f)
+    return twin
 
 
 def language_model_bytes(model: torch.nn.Module) -> int:
@@ -160,6 +180,27 @@ def main() -> None:
     for b in batches:
         key = f"b{b}_tok_s"
         print(f"| output tokens/s, batch {b} (600 in, 32 out) | {ours[key]:.1f} | {hf[key]:.1f} | {ours[key] / hf[key]:.2f} | |")
+    compare_mistral(folder, common)
+
+
+def compare_mistral(folder: str, common: dict, rounds: int = 2) -> None:
+    """Ours as Llama and as Mistral with a sliding window, the same weights, measured in turns."""
+    figures = {"llama": [], "mistral": []}
+    for _ in range(rounds):
+        for name, path in (("llama", folder), ("mistral", mistral_twin(folder))):
+            llm = LLM(path, **common)
+            for _ in range(2):
+                measure(llm, 1, 2)
+            ttft = sorted(measure(llm, 1, 1)["ttft"] for _ in range(3))[1]
+            figures[name].append((ttft, measure(llm, 1, DECODE_TOKENS)["tpot"]))
+            del llm
+    (llama_ttft, llama_tpot), (mistral_ttft, mistral_tpot) = (
+        (min(t for t, _ in figures[n]), min(d for _, d in figures[n])) for n in ("llama", "mistral"))
+    print("\n| ours, same weights | TTFT, s (600-token image prompt) | decode ms/token, batch 1 |")
+    print("|---|---|---|")
+    print(f"| Llama decoder | {llama_ttft:.2f} | {llama_tpot * 1e3:.0f} |")
+    print(f"| Mistral decoder, sliding window 512 | {mistral_ttft:.2f} | {mistral_tpot * 1e3:.0f} |")
+    print(f"| Mistral / Llama | {mistral_ttft / llama_ttft:.2f} | {mistral_tpot / llama_tpot:.2f} |")
 
 
 if __name__ == "__main__":
