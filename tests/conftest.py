@@ -1,4 +1,4 @@
-"""Fixtures: tiny random LLaVA checkpoints built here, and HF transformers as the reference."""
+"""Fixtures: tiny random LLaVA checkpoints built here, and HF transformers (its auto classes) as the reference."""
 import os
 from pathlib import Path
 
@@ -50,10 +50,10 @@ def images(tmp_path_factory) -> list[Image.Image]:
 
 class HFReference:
     def __init__(self, folder: str) -> None:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(folder)
-        self.model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
 
     def chat_prompt(self, text: str, num_images: int = 1) -> str:
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]

@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--demo", action="store_true", help="generate text for images and prompts")
     mode.add_argument("--perf", action="store_true", help="time synthetic requests of exact length")
-    p.add_argument("--model-type", default="llava", help="model family")
+    p.add_argument("--model-type", default=None,
+                   help="model family: llava, llava_next or llava_onevision (default: the one the model folder's "
+                        "config.json names; a mismatch is refused)")
     p.add_argument("--model", default=None,
                    help="model folder (Hugging Face layout), or a bundled name with --load-format dummy "
                         "(default: a tiny random LLaVA, built and cached on first use)")
@@ -230,7 +232,8 @@ def preflight(args: argparse.Namespace) -> None:
 
     check_flags(args)
     check_outputs(args)
-    check_model_type(args.model_type)
+    if args.model_type is not None:
+        check_model_type(args.model_type)
     check_model_name(args.model, args.load_format)
 
 

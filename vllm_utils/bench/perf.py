@@ -115,7 +115,7 @@ def save_reports(rows: dict[str, object], json_path: str | None, document) -> No
 
 def perf_settings(args: argparse.Namespace, engine) -> dict[str, object]:
     return {
-        "model": args.model, "model_type": args.model_type, "device": str(engine.device),
+        "model": args.model, "model_type": engine.config.model_type, "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."), "tensor_parallel_size": args.tensor_parallel_size,
         "max_model_len": engine.max_model_len, "input_len": args.input_len, "output_len": args.output_len,
         "num_prompts": args.num_prompts, "batch_size": engine.config.max_num_seqs, "block_size": args.block_size,

@@ -43,12 +43,14 @@ def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout:
                      vision_feature_layer: int | list[int] = -2, select_strategy: str = "default",
                      rope_parameters: dict | None = None, vision_hidden: int = 32, vision_heads: int = 4,
                      heads: int = 4, kv_heads: int = 2, text_type: str = "llama", text_config: dict | None = None,
-                     vision_type: str = "clip_vision_model") -> str:
+                     vision_type: str = "clip_vision_model", family: str = "llava") -> str:
     """Writes config, processor and random safetensors weights of a small LLaVA to `folder`: a CLIP or SigLIP
     tower and a decoder of `text_type` (llama, mistral, qwen2, gemma, phi3; `text_config`: more of its fields).
-    layout: "hub" (language_model.model.*, vision_tower.vision_model.*), "prefixed" (model.language_model.*,
-    as transformers 4.52-4.5x write), or "saved" (whatever the installed transformers writes)."""
-    from transformers import AutoConfig, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    family: "llava" (1.5), "llava_next" or "llava_onevision" (any-resolution images: tiles of `image_size`, grid
+    resolutions up to 3x3 tiles). layout: "hub" (language_model.model.*, vision_tower.vision_model.*),
+    "prefixed" (model.language_model.*, as transformers 4.52-4.5x write), or "saved" (whatever the installed
+    transformers writes)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(real_tokenizer_dir) if real_tokenizer_dir else train_tiny_tokenizer()
     image_token_index = tokenizer.convert_tokens_to_ids("<image>")
@@ -63,13 +65,16 @@ def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout:
                        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
     text = AutoConfig.for_model(text_type, **{**text_fields, **(text_config or {})})
     extra_token = 0 if siglip else 1  # CLIP's class token
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_index,
-                         vision_feature_layer=vision_feature_layer,
-                         vision_feature_select_strategy=select_strategy, pad_token_id=tokenizer.pad_token_id,
-                         image_seq_length=(image_size // 14) ** 2 + extra_token - (select_strategy == "default"),
-                         tie_word_embeddings=text.tie_word_embeddings)
+    anyres = {} if family == "llava" else {"image_grid_pinpoints": _pinpoints(image_size)}
+    if family == "llava_onevision":
+        anyres["vision_aspect_ratio"] = "anyres_max_2"  # small, so that large images are shrunk
+    config = AutoConfig.for_model(family, vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                  image_token_index=image_token_index, vision_feature_layer=vision_feature_layer,
+                                  vision_feature_select_strategy=select_strategy, pad_token_id=tokenizer.pad_token_id,
+                                  image_seq_length=(image_size // 14) ** 2 + extra_token - (select_strategy == "default"),
+                                  tie_word_embeddings=text.tie_word_embeddings, **anyres)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = AutoModelForImageTextToText.from_config(config).eval()
     with torch.no_grad():  # transformers' init is tiny; scale up so that logits are far from ties
         for name, p in model.named_parameters():
             if p.dim() > 1 and "embed" not in name:
@@ -80,11 +85,40 @@ def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout:
     model.save_pretrained(folder)
     if layout != "saved":
         _rewrite_keys(folder, layout)
-    processor = LlavaProcessor(image_processor=_image_processor(vision_type, image_size), tokenizer=tokenizer,
-                               patch_size=14, vision_feature_select_strategy=select_strategy,
-                               num_additional_image_tokens=extra_token, chat_template=LLAVA_CHAT_TEMPLATE)
-    processor.save_pretrained(folder)
+    _processor(family, vision_type, image_size, tokenizer, select_strategy, extra_token, anyres).save_pretrained(folder)
     return folder
+
+
+def _pinpoints(tile: int) -> list[list[int]]:
+    """Grid resolutions (height, width) of 1x2 up to 3x3 tiles, as LLaVA-NeXT's list goes up to 2x2 / 1x3."""
+    return [[tile * rows, tile * cols] for rows in (1, 2, 3) for cols in (1, 2, 3) if rows * cols > 1]
+
+
+def _processor(family: str, vision_type: str, size: int, tokenizer, strategy: str, extra_token: int, anyres: dict):
+    if family == "llava":
+        from transformers import LlavaProcessor
+
+        return LlavaProcessor(image_processor=_image_processor(vision_type, size), tokenizer=tokenizer, patch_size=14,
+                              vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_token,
+                              chat_template=LLAVA_CHAT_TEMPLATE)
+    if family == "llava_next":
+        from transformers import LlavaNextProcessor
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        images = LlavaNextImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                            image_grid_pinpoints=anyres["image_grid_pinpoints"])
+        return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
+                                  vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_token,
+                                  chat_template=LLAVA_CHAT_TEMPLATE)
+    from transformers import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    images = LlavaOnevisionImageProcessorPil(size={"height": size, "width": size},
+                                             image_grid_pinpoints=anyres["image_grid_pinpoints"])
+    return LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer, num_image_tokens=(size // 14) ** 2,
+                                   vision_feature_select_strategy=strategy, chat_template=LLAVA_CHAT_TEMPLATE,
+                                   vision_aspect_ratio=anyres["vision_aspect_ratio"])
 
 
 def _image_processor(vision_type: str, size: int):
@@ -101,10 +135,11 @@ def _image_processor(vision_type: str, size: int):
 _LAYOUTS = {
     # our canonical prefix -> the prefix each layout writes
     "hub": {"language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
-            "vision_tower.": "vision_tower.vision_model.", "multi_modal_projector.": "multi_modal_projector."},
+            "vision_tower.": "vision_tower.vision_model.", "multi_modal_projector.": "multi_modal_projector.",
+            "image_newline": "image_newline"},
     "prefixed": {"language_model.": "model.language_model.", "lm_head.": "lm_head.",
                  "vision_tower.": "model.vision_tower.vision_model.",
-                 "multi_modal_projector.": "model.multi_modal_projector."},
+                 "multi_modal_projector.": "model.multi_modal_projector.", "image_newline": "model.image_newline"},
 }
 
 

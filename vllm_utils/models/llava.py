@@ -25,6 +25,7 @@ _KEY_RULES = [
     (re.compile(r"^model\.vision_tower\."), "vision_tower."),
     (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
     (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),
+    (re.compile(r"^model\.image_newline$"), "image_newline"),  # LLaVA-NeXT's
 ]
 
 

@@ -7,7 +7,9 @@ from transformers import PretrainedConfig
 from vllm_utils.errors import UserError
 from vllm_utils.models.interface import VisionLanguageModel
 from vllm_utils.models.llava import LlavaForConditionalGeneration
+from vllm_utils.models.llava_next import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 from vllm_utils.multimodal.llava import LlavaProcessorAdapter
+from vllm_utils.multimodal.llava_next import LlavaNextProcessorAdapter, LlavaOnevisionProcessorAdapter
 from vllm_utils.multimodal.processor import ProcessorAdapter
 
 
@@ -20,6 +22,9 @@ class ModelFamily:
 
 MODEL_FAMILIES: dict[str, ModelFamily] = {
     "llava": ModelFamily(("llava",), LlavaForConditionalGeneration, LlavaProcessorAdapter),
+    "llava_next": ModelFamily(("llava_next",), LlavaNextForConditionalGeneration, LlavaNextProcessorAdapter),
+    "llava_onevision": ModelFamily(("llava_onevision",), LlavaOnevisionForConditionalGeneration,
+                                   LlavaOnevisionProcessorAdapter),
 }
 
 
@@ -38,6 +43,9 @@ def find_family(hf_config: PretrainedConfig, model_type: str | None, model_path:
         if found in family.config_types and model_type in (None, name):
             return name
     wanted = model_type or " or ".join(sorted(MODEL_FAMILIES))
+    if any(found in f.config_types for f in MODEL_FAMILIES.values()):
+        raise UserError(f"--model-type {model_type} does not match '{model_path}', which holds a '{found}' model "
+                        f"({archs}); leave --model-type out (the folder's config decides) or pass --model-type {found}")
     raise UserError(f"'{model_path}' holds a '{found}' model ({archs}), not a {wanted} model; "
                     f"point --model at a {wanted} checkpoint folder")
 

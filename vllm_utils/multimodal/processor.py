@@ -56,6 +56,11 @@ class ProcessorAdapter:
         """The prompt the family's chat template renders, for folders that carry none."""
         raise NotImplementedError
 
+    def items(self, processed: MultiModalInputs) -> MultiModalInputs:
+        """The HF processor's image tensors for the images of one prompt, as the model takes them (each item's
+        rows along dim 0, so that prompts concatenate)."""
+        return processed
+
     # ---- shared ----------------------------------------------------------------------------------
     def _need_tokenizer(self) -> None:
         if self.tokenizer is None:
@@ -74,7 +79,9 @@ class ProcessorAdapter:
         return size["shortest_edge"], size["shortest_edge"]
 
     def image_inputs(self, images: list[Image.Image]) -> MultiModalInputs:
-        return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
+        """The tensors of `images`, as the images of one prompt."""
+        processed = self.image_processor(images=images, return_tensors="pt")
+        return self.items({k: v for k, v in processed.items() if k != "batch_num_images"})
 
     def text_token_ids(self) -> list[int]:
         """Ids of ordinary text tokens (no special or image token), for synthetic prompts."""
@@ -105,7 +112,8 @@ class ProcessorAdapter:
             return self.tokenizer(prompt)["input_ids"], None
         out = self.hf_processor(text=prompt, images=images, return_tensors="pt")
         ids = out["input_ids"][0].tolist()
-        mm_inputs = {key: value for key, value in out.items() if key not in ("input_ids", "attention_mask")}
+        mm_inputs = self.items({k: v for k, v in out.items() if k not in ("input_ids", "attention_mask",
+                                                                            "batch_num_images")})
         expanded, expected = ids.count(self.mm_token_id), sum(self.item_positions(mm_inputs))
         if expanded != expected:
             raise UserError(f"the processor expands the images to {expanded} positions but the vision tower "

@@ -1,0 +1,93 @@
+"""LLaVA-NeXT and LLaVA-OneVision (any-resolution images, several per prompt) against HF transformers on tiny
+random checkpoints shaped like llava-v1.6 (CLIP + Llama) and llava-onevision (SigLIP + Qwen2)."""
+import pytest
+import torch
+from PIL import Image
+
+from vllm_utils import LLM, SamplingParams
+from vllm_utils.errors import UserError
+
+from conftest import HFReference, real_tokenizer_dir
+from test_cli import cli
+
+FAMILIES = {
+    "llava_next": dict(family="llava_next"),
+    "llava_onevision": dict(family="llava_onevision", vision_type="siglip_vision_model", select_strategy="full",
+                            vision_feature_layer=-1, text_type="qwen2"),
+}
+SIZES = {"square": (120, 120), "wide": (200, 70), "tall": (60, 180), "tiny": (10, 8), "large": (640, 480)}
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+def picture(size: tuple[int, int], seed: int) -> Image.Image:
+    """A colourful picture of (width, height)."""
+    gen = torch.Generator().manual_seed(seed)
+    small = (torch.rand(3, 4, 4, generator=gen) * 255).byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(small).resize(size, Image.BILINEAR)
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def anyres(request, tmp_path_factory) -> tuple[str, HFReference]:
+    from vllm_utils.bench.tiny_model import build_tiny_llava
+
+    folder = str(tmp_path_factory.mktemp(request.param))
+    build_tiny_llava(folder, real_tokenizer_dir(), seed=11, **FAMILIES[request.param])
+    return folder, HFReference(folder)
+
+
+def _request(llm: LLM, text: str, images: list) -> dict:
+    return {"prompt": llm.engine.processor.chat_prompt(text, len(images)), "multi_modal_data": {"image": images}}
+
+
+def test_images_of_every_shape_in_one_batch_give_hf_tokens(anyres):
+    folder, hf = anyres
+    llm = LLM(folder, device="cpu", dtype="float32", max_model_len=2048)
+    images = {name: picture(size, i) for i, (name, size) in enumerate(SIZES.items())}
+    requests = [_request(llm, f"Describe the {name} picture.", [image]) for name, image in images.items()]
+    outputs = llm.generate(requests, GREEDY, use_tqdm=False)
+    lengths = {name: len(out.prompt_token_ids) for name, out in zip(images, outputs)}
+    assert len(set(lengths.values())) == len(SIZES), lengths  # positions follow each image's size
+    for (name, image), request, out in zip(images.items(), requests, outputs):
+        expected = hf.greedy(request["prompt"], [image], GREEDY.max_tokens)
+        assert out.outputs[0].token_ids == expected, name
+        assert len(out.prompt_token_ids) == hf.inputs(request["prompt"], [image])["input_ids"].shape[1]
+
+
+def test_two_images_in_one_prompt_give_hf_tokens(anyres):
+    folder, hf = anyres
+    llm = LLM(folder, device="cpu", dtype="float32", max_model_len=2048, block_size=4)
+    images = [picture(SIZES["wide"], 1), picture(SIZES["tall"], 2)]
+    request = _request(llm, "Compare the two pictures.", images)
+    out = llm.generate([request], GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == hf.greedy(request["prompt"], images, GREEDY.max_tokens)
+
+
+def test_bf16_logprobs_close_to_hf_fp32(anyres):
+    folder, hf = anyres
+    llm = LLM(folder, device="cpu", dtype="bfloat16", max_model_len=2048)
+    image = picture(SIZES["large"], 3)
+    request = _request(llm, "Describe the picture.", [image])
+    out = llm.generate([request], SamplingParams(temperature=0, max_tokens=12, logprobs=True), use_tqdm=False)[0]
+    reference = hf.token_logprobs(request["prompt"], [image], out.outputs[0].token_ids)
+    assert len(set(out.outputs[0].token_ids)) > 2
+    assert max(abs(a - b) for a, b in zip(out.outputs[0].logprobs, reference)) < 0.05
+
+
+def test_the_model_type_comes_from_the_folder_and_a_mismatch_is_one_line(anyres):
+    folder, _ = anyres
+    family = LLM(folder, device="cpu", dtype="float32", max_model_len=256).engine.config.model_type
+    assert family in FAMILIES
+    with pytest.raises(UserError, match=f"leave --model-type out .* --model-type {family}"):
+        LLM(folder, model_type="llava", device="cpu", dtype="float32")
+
+
+def test_cli_demo_prints_what_hf_generates(anyres, tmp_path):
+    folder, hf = anyres
+    path = tmp_path / "wide.png"
+    picture(SIZES["wide"], 4).save(path)
+    run = cli("--demo", f"--model={folder}", "--device=cpu", f"--input-image={path}", "--prompt=What is this?",
+              "--dtype=float32", "--output-len=12")
+    assert run.returncode == 0, run.stderr
+    prompt = hf.chat_prompt("What is this?")
+    tokens = hf.greedy(prompt, [Image.open(path).convert("RGB")], 12)
+    assert f"Generated text: {hf.processor.tokenizer.decode(tokens, skip_special_tokens=True)!r}," in run.stdout
