@@ -52,15 +52,38 @@ class HFReference:
     def __init__(self, folder: str) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(folder)
         self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+        self.adapter = None
+        try:
+            self.processor = AutoProcessor.from_pretrained(folder)
+        except (AttributeError, ImportError, ValueError):
+            # transformers builds this processor only with torchvision (LLaVA-OneVision's video processor): our
+            # adapter expands the prompt's placeholders, a count HF's model checks against its own features, around
+            # HF's tokenizer and image processor
+            from vllm_utils.config import load_hf_config
+            from vllm_utils.engine.resolve import resolve
+            from vllm_utils.config import EngineConfig
+            from vllm_utils.models.registry import family
+
+            config = resolve(EngineConfig(folder))
+            self.adapter = family(config.model_type).processor(folder, load_hf_config(folder))
+            self.processor = self.adapter  # .tokenizer, .chat_prompt
 
     def chat_prompt(self, text: str, num_images: int = 1) -> str:
+        if self.adapter is not None:
+            return self.adapter.chat_prompt(text, num_images)
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
     def inputs(self, prompt: str, images: list[Image.Image]) -> dict:
-        return self.processor(text=prompt, images=images or None, return_tensors="pt")
+        if self.adapter is None:
+            return self.processor(text=prompt, images=images or None, return_tensors="pt")
+        ids, mm_inputs = self.adapter.process(prompt, images)
+        inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        if mm_inputs:
+            inputs.update(pixel_values=mm_inputs["pixel_values"], image_sizes=mm_inputs["image_sizes"],
+                          batch_num_images=torch.tensor([len(images)]))
+        return inputs
 
     @torch.inference_mode()
     def greedy(self, prompt: str, images: list[Image.Image], max_new_tokens: int) -> list[int]:

@@ -50,9 +50,14 @@ def _shards(model: nn.Module) -> dict[str, list]:
     return shards
 
 
+def _module_of(name: str) -> str:
+    """The name of the module holding parameter `name` within its parent ("" for the model's own)."""
+    return name.rpartition(".")[0].rpartition(".")[2]
+
+
 def targets_filled(model: nn.Module, name: str, shard: object) -> list[tuple[str, object]]:
     """What loading one checkpoint tensor fills: its shard, or every shard when it is already fused."""
-    shards = _shards(model).get(name.split(".")[-2])
+    shards = _shards(model).get(_module_of(name))
     return [(name, s) for s in shards] if shard is None and shards else [(name, shard)]
 
 
@@ -60,7 +65,7 @@ def expected_targets(model: nn.Module) -> set[tuple[str, object]]:
     shards = _shards(model)
     expected = set()
     for name, _ in model.named_parameters():  # tied parameters appear once, under their first name
-        for shard in shards.get(name.split(".")[-2], [None]):
+        for shard in shards.get(_module_of(name), [None]):
             expected.add((name, shard))
     return expected
 

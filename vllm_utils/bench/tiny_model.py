@@ -85,7 +85,10 @@ def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout:
     model.save_pretrained(folder)
     if layout != "saved":
         _rewrite_keys(folder, layout)
-    _processor(family, vision_type, image_size, tokenizer, select_strategy, extra_token, anyres).save_pretrained(folder)
+    if family == "llava_onevision":
+        _save_onevision_processor(folder, image_size, tokenizer, select_strategy, anyres)
+    else:
+        _processor(family, vision_type, image_size, tokenizer, select_strategy, extra_token, anyres).save_pretrained(folder)
     return folder
 
 
@@ -110,15 +113,27 @@ def _processor(family: str, vision_type: str, size: int, tokenizer, strategy: st
         return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
                                   vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_token,
                                   chat_template=LLAVA_CHAT_TEMPLATE)
-    from transformers import LlavaOnevisionProcessor
+    raise ValueError(f"no processor for family '{family}'")
+
+
+def _save_onevision_processor(folder: str, size: int, tokenizer, strategy: str, anyres: dict) -> None:
+    """The files of a LLaVA-OneVision processor as the hub holds them, written part by part: transformers
+    builds the processor object only with torchvision (for its video processor)."""
+    import json
+
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil)
 
-    images = LlavaOnevisionImageProcessorPil(size={"height": size, "width": size},
-                                             image_grid_pinpoints=anyres["image_grid_pinpoints"])
-    return LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer, num_image_tokens=(size // 14) ** 2,
-                                   vision_feature_select_strategy=strategy, chat_template=LLAVA_CHAT_TEMPLATE,
-                                   vision_aspect_ratio=anyres["vision_aspect_ratio"])
+    LlavaOnevisionImageProcessorPil(size={"height": size, "width": size},
+                                    image_grid_pinpoints=anyres["image_grid_pinpoints"]).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+        f.write(LLAVA_CHAT_TEMPLATE)
+    processor = {"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": (size // 14) ** 2,
+                 "vision_feature_select_strategy": strategy, "vision_aspect_ratio": anyres["vision_aspect_ratio"],
+                 "image_token": "<image>", "video_token": "<video>"}
+    with open(os.path.join(folder, "processor_config.json"), "w") as f:
+        json.dump(processor, f, indent=2)
 
 
 def _image_processor(vision_type: str, size: int):

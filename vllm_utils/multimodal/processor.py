@@ -1,6 +1,9 @@
 """Prompts and images -> token ids and named multimodal tensors, through the model folder's own HF processor
-(tokenizer, chat template, image preprocessing); nothing here re-implements them. A family's adapter adds what
-the engine needs beyond HF: how many prompt positions each item takes."""
+(tokenizer, chat template, image preprocessing). A family's adapter adds what the engine needs beyond HF: how many
+prompt positions each item takes; where transformers cannot build a folder's processor (without torchvision), the
+adapter expands the placeholders itself from those counts, around HF's tokenizer and image processor."""
+import os
+
 from PIL import Image
 from transformers import AutoProcessor, PretrainedConfig
 
@@ -19,11 +22,10 @@ class ProcessorAdapter:
         self.hf_config = hf_config
         self.mm_token_id = hf_config.image_token_index
         self.hf_processor = self.tokenizer = self.image_processor = None
+        self.chat_template = None
         try:
-            self.hf_processor = AutoProcessor.from_pretrained(folder)
-            self.tokenizer = getattr(self.hf_processor, "tokenizer", None)
-            self.image_processor = getattr(self.hf_processor, "image_processor", None)
-        except (OSError, ValueError, TypeError, KeyError) as e:
+            self.hf_processor, self.tokenizer, self.image_processor = _load_hf_parts(folder)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError) as e:
             if not allow_missing:
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UserError(f"'{folder}' lacks usable tokenizer/processor files ({reason}); "
@@ -34,7 +36,9 @@ class ProcessorAdapter:
                                 f"model folder")
             self.tokenizer, self.image_processor = None, self.fallback_image_processor()
         else:
-            self.image_token = getattr(self.hf_processor, "image_token", self.image_token)
+            self.image_token = getattr(self.hf_processor or self.tokenizer, "image_token", None) or self.image_token
+            self.chat_template = getattr(self.hf_processor, "chat_template", None) or _chat_template_file(folder) \
+                or getattr(self.tokenizer, "chat_template", None)
             if self.tokenizer.convert_tokens_to_ids(self.image_token) != self.mm_token_id:
                 raise UserError(f"the tokenizer's id for {self.image_token} differs from the config's "
                                 f"image_token_index ({self.mm_token_id}); the folder mixes files of different models")
@@ -94,10 +98,10 @@ class ProcessorAdapter:
         """A user turn with images then text, rendered by the model's chat template."""
         self._need_tokenizer()
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
-        if getattr(self.hf_processor, "chat_template", None):
-            conversation = [{"role": "user", "content": content}]
-            return self.hf_processor.apply_chat_template(conversation, add_generation_prompt=True)
-        return self.fallback_chat_prompt(text, num_images)
+        if not self.chat_template:
+            return self.fallback_chat_prompt(text, num_images)
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  chat_template=self.chat_template, add_generation_prompt=True)
 
     def process(self, prompt: str, images: list[Image.Image]) -> tuple[list[int], MultiModalInputs | None]:
         """Token ids with each image placeholder expanded to the positions its image takes, and the images'
@@ -110,16 +114,56 @@ class ProcessorAdapter:
                             f"per image, where the image belongs (the chat template of --demo adds it for you)")
         if not images:
             return self.tokenizer(prompt)["input_ids"], None
-        out = self.hf_processor(text=prompt, images=images, return_tensors="pt")
-        ids = out["input_ids"][0].tolist()
-        mm_inputs = self.items({k: v for k, v in out.items() if k not in ("input_ids", "attention_mask",
-                                                                            "batch_num_images")})
+        if self.hf_processor is None:
+            ids, mm_inputs = self._expand(prompt, images)
+        else:
+            out = self.hf_processor(text=prompt, images=images, return_tensors="pt")
+            ids = out["input_ids"][0].tolist()
+            mm_inputs = self.items({k: v for k, v in out.items() if k not in ("input_ids", "attention_mask",
+                                                                                "batch_num_images")})
         expanded, expected = ids.count(self.mm_token_id), sum(self.item_positions(mm_inputs))
         if expanded != expected:
             raise UserError(f"the processor expands the images to {expanded} positions but the vision tower "
                             f"yields {expected} features; the processor config does not match the model config")
         return ids, mm_inputs
 
+    def _expand(self, prompt: str, images: list[Image.Image]) -> tuple[list[int], MultiModalInputs]:
+        """What the HF processor does, where transformers cannot build it: each image's placeholder token repeated
+        for the positions its image takes."""
+        mm_inputs = self.image_inputs(images)
+        counts = iter(self.item_positions(mm_inputs))
+        ids = []
+        for token in self.tokenizer(prompt)["input_ids"]:
+            ids.extend([token] * next(counts) if token == self.mm_token_id else [token])
+        return ids, mm_inputs
+
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
 
+
+
+def _load_hf_parts(folder: str) -> tuple[object | None, object, object]:
+    """(processor, tokenizer, image processor) of a model folder. Where transformers cannot build the processor
+    itself (LLaVA-OneVision's and Qwen2-VL's need torchvision for their video processors) the tokenizer and image
+    processor are loaded alone, processor None."""
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+        return processor, getattr(processor, "tokenizer", None), getattr(processor, "image_processor", None)
+    except (AttributeError, ImportError, ValueError):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        return None, AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+
+
+def _chat_template_file(folder: str) -> str | None:
+    """The processor's chat template as a folder stores it (chat_template.jinja or chat_template.json)."""
+    jinja, json_file = os.path.join(folder, "chat_template.jinja"), os.path.join(folder, "chat_template.json")
+    if os.path.isfile(jinja):
+        with open(jinja) as f:
+            return f.read()
+    if os.path.isfile(json_file):
+        import json
+
+        with open(json_file) as f:
+            return json.load(f).get("chat_template")
+    return None
