@@ -80,7 +80,8 @@ def _not_an_image(tmp_path) -> str:
 
 BAD_INPUTS = {
     "missing model folder": (lambda t, m, p: ["--model", str(t / "nope")], "does not exist"),
-    "not a llava folder": (lambda t, m, p: ["--model", _non_llava_folder(t)], "not a llava model"),
+    "not a llava folder": (lambda t, m, p: ["--model", _non_llava_folder(t)],
+                           "holds a 'llama' model (LlamaForCausalLM), not a llava, llava_next or llava_onevision"),
     "unreadable image": (lambda t, m, p: ["--model", m, "--input-image", _not_an_image(t)], "cannot read image"),
     "missing image": (lambda t, m, p: ["--model", m, "--input-image", str(t / "none.png")], "does not exist"),
     "unknown model type": (lambda t, m, p: ["--model", m, "--model-type", "qwen9"], "unknown --model-type"),
