@@ -176,7 +176,7 @@ def test_7b_input_len_is_checked_from_its_config_alone(tmp_path):
     run = cli("--perf", "--model", "llava-hf/llava-1.5-7b-hf", "--load-format=dummy", "--device=cpu",
               "--input-len=500", cwd=str(tmp_path))
     assert run.returncode == 1 and "Loading the model" not in run.stderr
-    assert error_lines(run) == ["error: --input-len 500 is shorter than one image (576 positions) plus BOS and "
+    assert error_lines(run) == ["error: --input-len 500 is shorter than the request's images (576 positions) plus BOS and "
                                 "one text token; use --input-len >= 578"]
 
 

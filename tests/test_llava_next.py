@@ -94,3 +94,60 @@ def test_cli_demo_prints_what_hf_generates(anyres, tmp_path):
     prompt = hf.chat_prompt("What is this?")
     tokens = hf.greedy(prompt, [Image.open(path).convert("RGB")], 12)
     assert f"Generated text: {hf.processor.tokenizer.decode(tokens, skip_special_tokens=True)!r}," in run.stdout
+
+
+def _hf_image_positions(processor, images: list[Image.Image]) -> int:
+    """How many image positions HF's own processor gives a prompt holding these images."""
+    placeholder = processor.image_token
+    ids = processor(text=placeholder * len(images), images=images, return_tensors="pt")["input_ids"][0].tolist()
+    return ids.count(processor.tokenizer.convert_tokens_to_ids(placeholder))
+
+
+@pytest.mark.parametrize("shape", ["672,672", "336,1008", "1000,300"])
+def test_the_bundled_next_7b_takes_the_positions_hf_gives(shape, tiny_llava):
+    """--perf on llava-v1.6-vicuna-7b-hf with dummy weights: each --input-vision-shape takes the positions HF's
+    LLaVA-NeXT processor expands it to (with the processor our adapter builds from the bundled config)."""
+    from transformers import AutoTokenizer, LlavaNextProcessor
+
+    from vllm_utils.bench.synthetic import image_positions, parse_vision_shapes, request_images
+    from vllm_utils.config import EngineConfig
+    from vllm_utils.engine.resolve import resolve
+    from vllm_utils.models.registry import family
+
+    config = resolve(EngineConfig("llava-hf/llava-v1.6-vicuna-7b-hf", load_format="dummy"))
+    adapter = family(config.model_type).processor(config.folder, config.hf_config, allow_missing=True)
+    images = request_images(adapter, [], parse_vision_shapes(shape), 1)
+    hf = LlavaNextProcessor(image_processor=adapter.image_processor, tokenizer=AutoTokenizer.from_pretrained(tiny_llava),
+                            patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    assert image_positions(adapter, images)[1] == _hf_image_positions(hf, images) > 576
+
+
+def test_perf_with_two_images_of_given_shapes_per_request(tmp_path):
+    from vllm_utils.bench.tiny_model import build_tiny_llava
+
+    from test_perf import perf_info, SEED_KEYS
+
+    folder = build_tiny_llava(str(tmp_path / "next"), real_tokenizer_dir(), family="llava_next")
+    run = cli("--perf", f"--model={folder}", "--device=cpu", "--dtype=float32", "--max-model-len=512",
+              "--input-len=300", "--output-len=4", "--num-prompts=2", "--mm-per-prompt=2",
+              "--input-vision-shape=60,180;200,70", cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert set(perf_info(run.stdout)) == set(SEED_KEYS)
+    from transformers import AutoProcessor
+
+    images = [Image.new("RGB", (180, 60)), Image.new("RGB", (70, 200))]  # (width, height)
+    expected = _hf_image_positions(AutoProcessor.from_pretrained(folder), images)
+    assert f"tokens per request: {expected} image + {300 - expected} text" in run.stdout
+
+
+def test_demo_with_two_images_per_prompt_prints_what_hf_generates(anyres, tmp_path):
+    folder, hf = anyres
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for i, (path, size) in enumerate(zip(paths, (SIZES["wide"], SIZES["tall"]))):
+        picture(size, 10 + i).save(path)
+    run = cli("--demo", f"--model={folder}", "--device=cpu", *(f"--input-image={p}" for p in paths),
+              "--mm-per-prompt=2", "--prompt=Compare them.", "--dtype=float32", "--output-len=12")
+    assert run.returncode == 0, run.stderr
+    prompt = hf.chat_prompt("Compare them.", 2)
+    tokens = hf.greedy(prompt, [Image.open(p).convert("RGB") for p in paths], 12)
+    assert f"Generated text: {hf.processor.tokenizer.decode(tokens, skip_special_tokens=True)!r}," in run.stdout

@@ -100,7 +100,7 @@ def test_killed_run_leaves_no_csv(tiny_llava, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--input-len=250", "--output-len=10"], "exceeds --max-model-len 256"),
-    (["--input-len=10"], "--input-len 10 is shorter than one image"),
+    (["--input-len=10"], "--input-len 10 is shorter than the request's images"),
     (["--num-prompts=0"], "--num-prompts must be >= 1"),
 ])
 def test_inconsistent_lengths_are_one_line_errors(tiny_llava, tmp_path, extra, message):

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or gcu (default: cuda if present, else cpu)")
     p.add_argument("--input-image", action="append", default=[],
                    help="--demo: image file (repeatable); --perf: the image of every request (default: black)")
+    p.add_argument("--mm-per-prompt", type=int, default=1,
+                   help="images per request: --demo groups each N consecutive --input-image into one prompt; "
+                        "--perf gives every synthetic request N images")
+    p.add_argument("--input-vision-shape", default=None,
+                   help="--perf: HEIGHT,WIDTH of the synthetic images, ';' between images (e.g. 672,672 or "
+                        "336,672;672,336; default: the processor's size)")
     p.add_argument("--prompt", action="append", default=[],
                    help=f"--demo: prompt text (repeatable; default: '{DEFAULT_PROMPT}'). The chat template places "
                         f"the image before it; a prompt holding one {'<image>'} places it there instead")
@@ -127,16 +133,22 @@ def engine_args(args: argparse.Namespace) -> dict:
     )
 
 
-def pair_images_and_prompts(images: list[str], prompts: list[str]) -> list[tuple[str, str]]:
+def pair_images_and_prompts(images: list[str], prompts: list[str],
+                            per_prompt: int = 1) -> list[tuple[tuple[str, ...], str]]:
+    """Requests as (image paths, prompt): each `per_prompt` consecutive images with one prompt."""
+    if len(images) % per_prompt:
+        raise UserError(f"{len(images)} --input-image do not split into groups of --mm-per-prompt {per_prompt}; "
+                        f"pass a multiple of {per_prompt} images")
+    groups = [tuple(images[i : i + per_prompt]) for i in range(0, len(images), per_prompt)]
     prompts = prompts or [DEFAULT_PROMPT]
     if len(prompts) == 1:
-        prompts = prompts * len(images)
-    elif len(images) == 1:
-        images = images * len(prompts)
-    if len(images) != len(prompts):
-        raise UserError(f"{len(images)} --input-image and {len(prompts)} --prompt given; pass one prompt, "
-                        f"one image, or as many of each")
-    return list(zip(images, prompts))
+        prompts = prompts * len(groups)
+    elif len(groups) == 1:
+        groups = groups * len(prompts)
+    if len(groups) != len(prompts):
+        raise UserError(f"{len(groups)} image group(s) of --mm-per-prompt {per_prompt} and {len(prompts)} --prompt "
+                        f"given; pass one prompt, one group, or as many of each")
+    return list(zip(groups, prompts))
 
 
 def ignored_by_hf(args: argparse.Namespace) -> list[str]:
@@ -177,10 +189,10 @@ def use_default_demo_model(args: argparse.Namespace) -> None:
 def demo_requests(processor, pairs: list[tuple[str, str]], images: dict) -> list[dict]:
     """A prompt holding the image placeholder is rendered as given; otherwise the image goes before it."""
     requests = []
-    for path, text in pairs:
+    for paths, text in pairs:
         holds_image = processor.image_token in text
-        prompt = processor.chat_prompt(text, num_images=0 if holds_image else 1)
-        requests.append({"prompt": prompt, "multi_modal_data": {"image": images[path]}})
+        prompt = processor.chat_prompt(text, num_images=0 if holds_image else len(paths))
+        requests.append({"prompt": prompt, "multi_modal_data": {"image": [images[p] for p in paths]}})
     return requests
 
 
@@ -194,9 +206,9 @@ def run_demo(args: argparse.Namespace) -> None:
         use_default_demo_model(args)
     if not args.input_image:
         raise UserError("--demo needs --input-image IMAGE (repeatable)")
-    pairs = pair_images_and_prompts(args.input_image, args.prompt)
-    check_prompt_placeholders([text for _, text in pairs])
-    images = {path: load_image(path) for path, _ in pairs}
+    pairs = pair_images_and_prompts(args.input_image, args.prompt, args.mm_per_prompt)
+    check_prompt_placeholders([text for _, text in pairs], args.mm_per_prompt)
+    images = {path: load_image(path) for paths, _ in pairs for path in paths}
     if args.batch_size is None:
         args.batch_size = min(len(pairs), DEFAULT_MAX_NUM_SEQS)
     llm = make_llm(args, resolve_config(args))
@@ -204,8 +216,8 @@ def run_demo(args: argparse.Namespace) -> None:
     max_tokens = 64 if args.output_len is None else args.output_len
     params = SamplingParams(temperature=args.temperature, max_tokens=max_tokens)
     outputs = generate_seeded(llm, requests, params, args.seed)
-    for (path, _), output in zip(pairs, outputs):
-        print(f"Prompt: {output.prompt!r}, Generated text: {output.outputs[0].text!r}, Image: {path!r}")
+    for (paths, _), output in zip(pairs, outputs):
+        print(f"Prompt: {output.prompt!r}, Generated text: {output.outputs[0].text!r}, Image: {', '.join(paths)!r}")
 
 
 def generate_seeded(llm, requests: list[dict], params, seed: int) -> list:

@@ -9,10 +9,9 @@ from vllm_utils.bench.metrics import TimedRun, seed_perf_info, summarize
 from vllm_utils.bench.preflight import check_perf_lengths
 from vllm_utils.progress import phase
 from vllm_utils.bench.report import environment, write_csv, write_json
-from vllm_utils.bench.synthetic import SyntheticRequest, synthetic_requests
+from vllm_utils.bench.synthetic import SyntheticRequest, perf_images, synthetic_requests
 from vllm_utils.config import DEFAULT_MAX_NUM_SEQS
 from vllm_utils.errors import UserError
-from vllm_utils.multimodal.image import load_image
 from vllm_utils.sampling_params import SamplingParams
 
 
@@ -58,15 +57,15 @@ def run_perf(args: argparse.Namespace, resolve_config, make_llm) -> None:
               f"(or --model llava-hf/llava-1.5-7b-hf --load-format dummy).", file=sys.stderr)
     config = resolve_config(args)
     check_perf_lengths(args, config)  # before the weights load
-    image = load_image(args.input_image[0]) if args.input_image else None
     llm = make_llm(args, config)
+    images = perf_images(args, llm.engine.processor)
     engine = llm.engine
-    warm_up(llm, args, image)
+    warm_up(llm, args, images)
     engine.platform.reset_peak_memory(engine.device)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     runs = []
     for i in range(args.num_iters):
-        requests = synthetic_requests(engine.processor, args.input_len, args.num_prompts, image, seed=args.seed + i)
+        requests = synthetic_requests(engine.processor, args.input_len, args.num_prompts, images, seed=args.seed + i)
         with phase(f"Timed run {i + 1}/{args.num_iters}: {args.num_prompts} request(s) of {args.input_len} prompt "
                    f"+ {args.output_len} output tokens", f"Timed run {i + 1}/{args.num_iters}"):
             runs.append(timed_run(llm, requests, params))
@@ -88,10 +87,10 @@ def run_perf(args: argparse.Namespace, resolve_config, make_llm) -> None:
                           "environment": environment(engine.device)})
 
 
-def warm_up(llm, args: argparse.Namespace, image) -> None:
+def warm_up(llm, args: argparse.Namespace, images: list) -> None:
     """One untimed request: first-use costs (kernel builds, allocator growth) stay out of the figures."""
     engine = llm.engine
-    requests = synthetic_requests(engine.processor, args.input_len, 1, image, seed=args.seed + 10_000)
+    requests = synthetic_requests(engine.processor, args.input_len, 1, images, seed=args.seed + 10_000)
     params = SamplingParams(temperature=0, max_tokens=min(args.output_len, 8), ignore_eos=True)
     with phase(f"Warm-up: 1 request of {args.input_len} + {params.max_tokens} tokens, not timed", "Warm-up"):
         llm.generate(_as_prompts(requests), params, use_tqdm=False)
@@ -120,7 +119,8 @@ def perf_settings(args: argparse.Namespace, engine) -> dict[str, object]:
         "max_model_len": engine.max_model_len, "input_len": args.input_len, "output_len": args.output_len,
         "num_prompts": args.num_prompts, "batch_size": engine.config.max_num_seqs, "block_size": args.block_size,
         "enforce_eager": args.enforce_eager, "load_format": args.load_format, "num_iters": args.num_iters,
-        "seed": args.seed, "input_image": args.input_image[0] if args.input_image else "black",
+        "seed": args.seed, "input_image": ";".join(args.input_image) or "black",
+        "mm_per_prompt": args.mm_per_prompt, "input_vision_shape": args.input_vision_shape or "",
         "backend": args.backend,
     }
 

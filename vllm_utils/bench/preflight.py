@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 IMAGE_PLACEHOLDER = "<image>"  # LLaVA's; requests are checked again against the processor's own token
 
 # flags whose value counts something: 0 or less is refused, never read as "the default"
-COUNTS = ("--input-len", "--output-len", "--num-prompts", "--num-iters", "--batch-size", "--block-size",
+COUNTS = ("--input-len", "--output-len", "--num-prompts", "--num-iters", "--batch-size", "--block-size", "--mm-per-prompt",
           "--tensor-parallel-size", "--num-kv-blocks", "--max-model-len")
 
 
@@ -52,27 +52,25 @@ def check_model_name(model: str | None, load_format: str) -> None:
                         f"--local-dir DIR`) and pass --model DIR")
 
 
-def check_prompt_placeholders(prompts: list[str], placeholder: str = IMAGE_PLACEHOLDER) -> None:
-    """--demo: each prompt has one image; its text may hold that image's placeholder, or none."""
+def check_prompt_placeholders(prompts: list[str], per_prompt: int = 1, placeholder: str = IMAGE_PLACEHOLDER) -> None:
+    """--demo: each prompt has `per_prompt` images; its text holds a placeholder for each, or none."""
     for prompt in prompts:
         count = prompt.count(placeholder)
-        if count > 1:
-            raise UserError(f"--prompt {prompt!r} holds {count} {placeholder} placeholders for its one image; "
-                            f"leave them out (the image is placed before the text) or put exactly one where "
-                            f"the image belongs")
+        if count not in (0, per_prompt):
+            raise UserError(f"--prompt {prompt!r} holds {count} {placeholder} placeholder(s) for its {per_prompt} "
+                            f"image(s); leave them out (the images are placed before the text) or put exactly "
+                            f"{per_prompt}, where the images belong")
 
 
 def check_perf_lengths(args: argparse.Namespace, config: "ResolvedConfig") -> None:
     """--perf lengths against the resolved configuration: an image's positions and the context length. Reads the
     processor files, not the weights."""
-    from vllm_utils.bench.synthetic import check_input_len, image_positions
+    from vllm_utils.bench.synthetic import check_input_len, image_positions, perf_images
     from vllm_utils.models.registry import family
-    from vllm_utils.multimodal.image import load_image
 
     processor = family(config.model_type).processor(config.folder, config.hf_config,
                                                     allow_missing=args.load_format == "dummy")
-    image = load_image(args.input_image[0]) if args.input_image else None
-    check_input_len(args.input_len, image_positions(processor, image)[1])
+    check_input_len(args.input_len, image_positions(processor, perf_images(args, processor))[1])
     if args.input_len + args.output_len > config.max_model_len:
         raise UserError(f"--input-len {args.input_len} + --output-len {args.output_len} exceeds the max model "
                         f"length {config.max_model_len}; raise --max-model-len or shorten the request")

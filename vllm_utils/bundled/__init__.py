@@ -11,6 +11,10 @@ BUNDLED = {
     "llava-hf/llava-interleave-qwen-7b-hf": "llava-interleave-qwen-7b-hf",
     "Intel/llava-gemma-2b": "llava-gemma-2b",
     "xtuner/llava-phi-3-mini-hf": "llava-phi-3-mini-hf",
+    "llava-hf/llava-v1.6-mistral-7b-hf": "llava-v1.6-mistral-7b-hf",
+    "llava-hf/llava-v1.6-vicuna-7b-hf": "llava-v1.6-vicuna-7b-hf",
+    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": "llava-onevision-qwen2-0.5b-ov-hf",
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava-onevision-qwen2-7b-ov-hf",
 }
 
 

@@ -11,6 +11,14 @@ from vllm_utils.multimodal.llava import LlavaProcessorAdapter
 
 
 class LlavaNextProcessorAdapter(LlavaProcessorAdapter):
+    def fallback_image_processor(self):
+        """LLaVA-NeXT's preprocessing at the tower's tile size and the config's grid resolutions."""
+        from transformers import LlavaNextImageProcessor
+
+        size = self.hf_config.vision_config.image_size
+        return LlavaNextImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                       image_grid_pinpoints=self.hf_config.image_grid_pinpoints)
+
     def tiles(self, image_size: tuple[int, int], images_in_prompt: int) -> int:
         """Views of one image through the tower: the base view and its best resolution's tiles."""
         rows, cols = tile_grid(image_size, self.hf_config.image_grid_pinpoints, self.hf_config.vision_config.image_size)
@@ -44,6 +52,13 @@ class LlavaNextProcessorAdapter(LlavaProcessorAdapter):
 
 
 class LlavaOnevisionProcessorAdapter(LlavaNextProcessorAdapter):
+    def fallback_image_processor(self):
+        from transformers import LlavaOnevisionImageProcessor
+
+        size = self.hf_config.vision_config.image_size
+        return LlavaOnevisionImageProcessor(size={"height": size, "width": size},
+                                            image_grid_pinpoints=self.hf_config.image_grid_pinpoints)
+
     def tiles(self, image_size: tuple[int, int], images_in_prompt: int) -> int:
         return super().tiles(image_size, 1) if images_in_prompt == 1 else 1
 
