@@ -151,3 +151,16 @@ def test_demo_with_two_images_per_prompt_prints_what_hf_generates(anyres, tmp_pa
     prompt = hf.chat_prompt("Compare them.", 2)
     tokens = hf.greedy(prompt, [Image.open(p).convert("RGB") for p in paths], 12)
     assert f"Generated text: {hf.processor.tokenizer.decode(tokens, skip_special_tokens=True)!r}," in run.stdout
+
+
+def test_tensor_parallel_2_gives_the_tokens_of_1(anyres):
+    folder, _ = anyres
+    images = [picture(SIZES["wide"], 1), picture(SIZES["large"], 2)]
+    outputs = {}
+    for size in (1, 2):
+        llm = LLM(folder, device="cpu", dtype="float32", max_model_len=2048, tensor_parallel_size=size)
+        requests = [_request(llm, "Describe the picture.", [image]) for image in images]
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        outputs[size] = [o.outputs[0].token_ids for o in llm.generate(requests, params, use_tqdm=False)]
+        llm.engine.shutdown()
+    assert outputs[2] == outputs[1] and all(len(t) == 12 for t in outputs[2])
