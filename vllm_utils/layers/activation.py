@@ -19,29 +19,24 @@ def check_activation(name: str, field: str = "hidden_act") -> str:
     return name
 
 
-class Activation(Op):
-    """An elementwise activation by its transformers name (`hidden_act`)."""
-
+class _NamedActivation(Op):
     def __init__(self, name: str) -> None:
         super().__init__()
         self.name = check_activation(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)
+
+
+class Activation(_NamedActivation):
+    """An elementwise activation by its transformers name (`hidden_act`)."""
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         return ACTIVATIONS[self.name](x)
 
 
-class ActAndMul(Op):
+class ActAndMul(_NamedActivation):
     """act(gate) * up for a fused gate_up projection (the gated MLP of Llama-style decoders)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.name = check_activation(name)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
