@@ -27,9 +27,9 @@ def test_decode_step_does_not_wait_for_the_gpu(tiny_llava, images, enforce_eager
     prompt = engine.processor.chat_prompt("Describe the picture.")
     engine.add_request(prompt, [images[0]], SamplingParams(temperature=0, max_tokens=8))
     engine.step()  # the prefill
-    seqs, is_prefill = engine.scheduler.schedule()
-    assert not is_prefill
-    inputs = engine.runner.prepare(seqs, is_prefill)
+    step = engine.scheduler.schedule()
+    assert not step.is_prefill
+    inputs = engine.runner.prepare(step)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -164,3 +164,14 @@ def test_tensor_parallel_2_gives_the_tokens_of_1(anyres):
         outputs[size] = [o.outputs[0].token_ids for o in llm.generate(requests, params, use_tqdm=False)]
         llm.engine.shutdown()
     assert outputs[2] == outputs[1] and all(len(t) == 12 for t in outputs[2])
+
+
+def test_a_large_image_prefilled_in_chunks_gives_hf_tokens(anyres):
+    folder, hf = anyres
+    llm = LLM(folder, device="cpu", dtype="float32", max_model_len=2048, max_num_batched_tokens=16)
+    images = [picture(SIZES["large"], 3), picture(SIZES["tall"], 4)]
+    requests = [_request(llm, "Describe the picture.", [image]) for image in images]
+    outputs = llm.generate(requests, GREEDY, use_tqdm=False)
+    assert len(outputs[0].prompt_token_ids) > 3 * 16  # several chunks
+    for image, request, out in zip(images, requests, outputs):
+        assert out.outputs[0].token_ids == hf.greedy(request["prompt"], [image], GREEDY.max_tokens)

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or gcu (default: cuda if present, else cpu)")
     p.add_argument("--input-image", action="append", default=[],
                    help="--demo: image file (repeatable); --perf: the image of every request (default: black)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens computed per engine step; below --max-model-len, long prompts are prefilled in "
+                        "chunks of it, with the running requests' decodes in the same steps (default: "
+                        "max(8192, --max-model-len): whole prompts)")
     p.add_argument("--mm-per-prompt", type=int, default=1,
                    help="images per request: --demo groups each N consecutive --input-image into one prompt; "
                         "--perf gives every synthetic request N images")
@@ -125,6 +129,7 @@ def engine_args(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len,
         block_size=args.block_size,
         max_num_seqs=args.batch_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks,
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,

@@ -31,7 +31,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16
     max_num_seqs: int | None = None  # None: DEFAULT_MAX_NUM_SEQS
-    max_num_batched_tokens: int | None = None  # None: max(max_model_len, DEFAULT_MAX_NUM_BATCHED_TOKENS)
+    # tokens computed per step; below max_model_len, prompts are prefilled in chunks with decodes mixed in.
+    # None: max(max_model_len, DEFAULT_MAX_NUM_BATCHED_TOKENS), whole prompts
+    max_num_batched_tokens: int | None = None
     num_kv_blocks: int | None = None  # None: sized from memory
     memory_fraction: float = 0.9  # share of device memory the engine may use (accelerators)
     enforce_eager: bool = False
@@ -48,6 +50,8 @@ class EngineConfig:
             raise UserError(f"--block-size must be >= 1, got {self.block_size}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise UserError(f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.tensor_parallel_size < 1:
             raise UserError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.load_format not in ("auto", "dummy"):

@@ -8,9 +8,12 @@ import torch
 class AttentionMetadata:
     is_prefill: bool
     slot_mapping: torch.Tensor  # [tokens] flat cache slot (block * block_size + offset) for each new token
-    # prefill: the batch is the prompts packed one after another
+    # prefill: the batch is the prompts (or chunks of them) packed one after another
     seq_lens: list[int] | None = None
-    # decode: one new token per sequence
+    # prefill with chunks: tokens of each prompt already in the cache (its queries also attend to those,
+    # read through `block_tables`); None when every prompt starts here
+    cached_lens: list[int] | None = None
+    # decode (and chunked prefill): one new token per sequence
     block_tables: torch.Tensor | None = None  # [seqs, max_blocks] int32, padded with 0
     context_lens: torch.Tensor | None = None  # [seqs] integer, tokens in cache including the new one
     # decode, for backends that ask for it (`reads_runs`): per sequence, the first block if its blocks are

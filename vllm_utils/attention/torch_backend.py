@@ -27,6 +27,8 @@ class TorchPagedAttention:
 
     def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                window: int | None = None) -> torch.Tensor:
+        if meta.is_prefill and meta.cached_lens is not None:
+            return self.prefill_after_cached(q, k_cache, v_cache, meta, scale, window)
         if meta.is_prefill:
             return self.prefill(q, k, v, meta.seq_lens, scale, window)
         if meta.run_starts is not None:
@@ -49,6 +51,25 @@ class TorchPagedAttention:
                 attn_mask=mask, is_causal=mask is None, scale=scale,
             )[0].transpose(0, 1)
             start += n
+        return out
+
+    def prefill_after_cached(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                             window: int | None = None) -> torch.Tensor:
+        """Chunks of prompts whose earlier tokens are in the cache: each chunk's queries attend causally to its
+        sequence's whole cache so far (this step's K/V included), read block by block."""
+        block_size = k_cache.shape[1]
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        row = 0
+        for i, (n, cached) in enumerate(zip(meta.seq_lens, meta.cached_lens)):
+            length = cached + n
+            blocks = meta.block_tables[i, : -(-length // block_size)].long()
+            k, v = (c.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)[None] for c in (k_cache, v_cache))
+            offset = torch.arange(cached, length, device=q.device)[:, None] - torch.arange(length, device=q.device)
+            mask = (offset >= 0) & (offset < (window or length))
+            out[row : row + n] = F.scaled_dot_product_attention(q[row : row + n].transpose(0, 1)[None], k, v,
+                                                                attn_mask=mask, scale=scale,
+                                                                enable_gqa=True)[0].transpose(0, 1)
+            row += n
         return out
 
     def decode_runs(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,

@@ -14,6 +14,7 @@ IMAGE_PLACEHOLDER = "<image>"  # LLaVA's; requests are checked again against the
 
 # flags whose value counts something: 0 or less is refused, never read as "the default"
 COUNTS = ("--input-len", "--output-len", "--num-prompts", "--num-iters", "--batch-size", "--block-size", "--mm-per-prompt",
+          "--max-num-batched-tokens",
           "--tensor-parallel-size", "--num-kv-blocks", "--max-model-len")
 
 

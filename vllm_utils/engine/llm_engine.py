@@ -87,22 +87,22 @@ class LLMEngine:
     def step(self) -> list[Sequence]:
         """Runs one prefill or decode step; returns the sequences that finished in it."""
         start = time.perf_counter()
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
+        step = self.scheduler.schedule()
+        if not step.seqs:
             raise RuntimeError("scheduler found nothing to run although requests are pending")
-        token_ids, logprobs = self.runner.run(seqs, is_prefill)  # returns host ints: the step is done
+        token_ids, logprobs = self.runner.run(step)  # returns host ints: the step is done
         elapsed = time.perf_counter() - start
         stats = self.stats
-        if is_prefill:
+        if step.is_prefill:
             stats.prefill_steps += 1
-            stats.prefill_tokens += sum(len(s) for s in seqs)
+            stats.prefill_tokens += sum(step.num_tokens)
             stats.prefill_seconds += elapsed
         else:
             stats.decode_steps += 1
-            stats.decode_tokens += len(seqs)
+            stats.decode_tokens += len(step.seqs)
             stats.decode_seconds += elapsed
         stats.peak_blocks_used = max(stats.peak_blocks_used, self.block_manager.num_used)
-        finished = self.scheduler.postprocess(seqs, token_ids, logprobs)
+        finished = self.scheduler.postprocess(step, token_ids, logprobs)
         for seq in finished:
             seq.mm_inputs = None
         return finished

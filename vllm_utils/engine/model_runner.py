@@ -9,6 +9,7 @@ from vllm_utils.attention.layer import PagedAttention
 from vllm_utils.attention.metadata import AttentionMetadata
 from vllm_utils.config import ResolvedConfig
 from vllm_utils.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, VisionGraphs
+from vllm_utils.engine.scheduler import ScheduledStep
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.engine.step_inputs import DecodeInputs, PrefillInputs, StepInputs
 from vllm_utils.errors import UserError
@@ -69,6 +70,7 @@ class ModelRunner:
             else:
                 note_once(f"graph mode needs CUDA graphs; running eagerly on {device.type}")
         self.workers = None  # rank 0 of a tensor-parallel group: the channel to the other ranks
+        self.mm_cache: dict[int, torch.Tensor] = {}  # sequence id -> its multimodal embeddings, mid-prefill
 
     def choose_kernels(self, platform: Platform) -> None:
         """Gives every op `platform`'s implementation and every attention layer its backend (tests pass another
@@ -145,24 +147,34 @@ class ModelRunner:
     def _slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def prepare(self, seqs: list[Sequence], is_prefill: bool) -> StepInputs:
-        return self._prepare_prefill(seqs) if is_prefill else self._prepare_decode(seqs)
+    def prepare(self, step: ScheduledStep) -> StepInputs:
+        return self._prepare_prefill(step) if step.is_prefill else self._prepare_decode(step.seqs)
 
-    def _prepare_prefill(self, seqs: list[Sequence]) -> PrefillInputs:
-        ids, positions, slots, lens, mm_mask = [], [], [], [], []
+    def _prepare_prefill(self, step: ScheduledStep) -> PrefillInputs:
+        ids, positions, slots, mm_mask, mm_offsets, mm_new, starting = [], [], [], [], [], [], []
         mm_token = self.model.mm_token_id
-        for seq in seqs:
-            n = len(seq)
-            ids.extend(seq.token_ids)
-            positions.extend(range(n))
-            slots.extend(self._slot(seq, p) for p in range(n))
-            lens.append(n)
+        for seq, n in zip(step.seqs, step.num_tokens):
+            start, end = seq.num_computed, seq.num_computed + n
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(self._slot(seq, p) for p in range(start, end))
             # multimodal positions are the prompt's placeholders; generated tokens never are, whatever their id
-            mm_mask.extend(t == mm_token for t in seq.token_ids[: seq.num_prompt_tokens])
-            mm_mask.extend([False] * (n - seq.num_prompt_tokens))
-        mm_inputs = concat_mm_inputs([s.mm_inputs for s in seqs if s.mm_inputs])
-        return PrefillInputs(torch.tensor(ids), torch.tensor(positions), torch.tensor(slots), lens,
-                             torch.tensor(mm_mask), mm_inputs)
+            is_mm = [t == mm_token for t in seq.token_ids[: seq.num_prompt_tokens]]
+            is_mm += [False] * (len(seq) - seq.num_prompt_tokens)
+            mm_mask.extend(is_mm[start:end])
+            mm_offsets.append(sum(is_mm[:start]))
+            if start == 0 and seq.mm_inputs:  # its items are encoded now, for this and its later chunks
+                mm_new.append((seq.seq_id, sum(is_mm)))
+                starting.append(seq.mm_inputs)
+        cached = [s.num_computed for s in step.seqs]
+        tables = None
+        if any(cached):
+            width = max(len(s.block_table) for s in step.seqs)
+            tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in step.seqs],
+                                  dtype=torch.int32)
+        return PrefillInputs(torch.tensor(ids), torch.tensor(positions), torch.tensor(slots), list(step.num_tokens),
+                             torch.tensor(mm_mask), concat_mm_inputs(starting), [s.seq_id for s in step.seqs],
+                             cached, step.samples(), mm_offsets, mm_new, tables)
 
     def _prepare_decode(self, seqs: list[Sequence]) -> DecodeInputs:
         positions = [len(s) - 1 for s in seqs]
@@ -174,27 +186,46 @@ class ModelRunner:
             context_lens=torch.tensor([len(s) for s in seqs]), block_tables=tables,
             run_starts=[_run_start(s.block_table) for s in seqs] if self.backend.reads_runs else None)
 
-    def _encode_mm(self, mm_inputs: MultiModalInputs) -> torch.Tensor | None:
-        if not mm_inputs:
-            return None
+    def _encode_mm(self, mm_inputs: MultiModalInputs) -> torch.Tensor:
         on_device = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
                      for k, v in mm_inputs.items()}
         encode = self.vision_graphs.encode if self.vision_graphs is not None else self.model.encode_mm
         return encode(on_device)
 
+    def _step_mm_embeds(self, inputs: PrefillInputs) -> torch.Tensor | None:
+        """The multimodal embeddings of this step's multimodal positions, in order. A sequence's items are encoded
+        at its first step and kept until its prompt is done (its later chunks read them)."""
+        if inputs.mm_inputs:
+            embeds = self._encode_mm(inputs.mm_inputs).split([count for _, count in inputs.mm_new])
+            self.mm_cache.update((seq_id, e) for (seq_id, _), e in zip(inputs.mm_new, embeds))
+        rows, start = [], 0
+        for seq_id, n, offset, done in zip(inputs.seq_ids, inputs.seq_lens, inputs.mm_offsets, inputs.samples):
+            count = int(inputs.mm_mask[start : start + n].sum())
+            if count:
+                rows.append(self.mm_cache[seq_id][offset : offset + count])
+            if done:
+                self.mm_cache.pop(seq_id, None)
+            start += n
+        return torch.cat(rows) if rows else None
+
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of each sequence's next token (and their argmax when a graph computed it)."""
         if isinstance(inputs, PrefillInputs):
-            mm_embeds = self._encode_mm(inputs.mm_inputs)
+            mm_embeds = self._step_mm_embeds(inputs)
             graphs = self.prefill_graphs
-            if graphs is not None and len(inputs.seq_lens) == 1 and inputs.seq_lens[0] <= graphs.max_tokens:
+            whole_prompt = len(inputs.seq_lens) == 1 and inputs.cached_lens[0] == 0 and inputs.samples[0]
+            if graphs is not None and whole_prompt and inputs.seq_lens[0] <= graphs.max_tokens:
                 return graphs.run(inputs, mm_embeds)
             ids, positions, slots = (t.to(self.device) for t in (inputs.token_ids, inputs.positions, inputs.slots))
-            meta = AttentionMetadata(True, slots, seq_lens=inputs.seq_lens)
-            last = torch.tensor(inputs.seq_lens).cumsum(0).to(self.device) - 1
-            hidden = self.model(ids, positions, meta, mm_embeds, inputs.mm_mask.to(self.device), keep=last)
-            return self.model.compute_logits(hidden), None
+            tables = None if inputs.block_tables is None else inputs.block_tables.to(self.device)
+            meta = AttentionMetadata(True, slots, seq_lens=inputs.seq_lens, block_tables=tables,
+                                     cached_lens=inputs.cached_lens if tables is not None else None)
+            ends = torch.tensor(inputs.seq_lens).cumsum(0) - 1
+            sampling = ends[torch.tensor(inputs.samples)]
+            keep = (sampling if len(sampling) else ends[-1:]).to(self.device)  # a chunk alone: no logits needed
+            hidden = self.model(ids, positions, meta, mm_embeds, inputs.mm_mask.to(self.device), keep=keep)
+            return self.model.compute_logits(hidden)[: len(sampling)], None
         if self.graphs is not None and inputs.block_tables.shape[0] <= self.graphs.max_batch:
             return self.graphs.run(inputs)
         rows = torch.stack([inputs.token_ids, inputs.positions, inputs.slots, inputs.context_lens])
@@ -204,13 +235,17 @@ class ModelRunner:
                                  run_starts=inputs.run_starts)
         return self.model.compute_logits(self.model(ids, positions, meta)), None
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float] | None]:
-        inputs = self.prepare(seqs, is_prefill)
+    def run(self, step: ScheduledStep) -> tuple[list[int], list[float] | None]:
+        """The next token of each sequence that samples this step (see ScheduledStep.samples), in order."""
+        inputs = self.prepare(step)
         if self.workers is None:
             logits, greedy = self.execute(inputs)
         else:
             with self.workers.watch():
                 self.workers.send(inputs)
                 logits, greedy = self.execute(inputs)
+        seqs = [seq for seq, samples in zip(step.seqs, step.samples()) if samples]
+        if not seqs:
+            return [], None
         want_logprobs = any(s.params.logprobs for s in seqs)
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], want_logprobs, greedy)

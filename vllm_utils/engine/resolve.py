@@ -29,7 +29,8 @@ def resolve(config: EngineConfig, model_type: str | None = None) -> ResolvedConf
         engine=config, model_type=family, folder=bundled_config_dir(config.model) or config.model,
         hf_config=hf_config, device=device, dtype=dtype, max_model_len=max_model_len,
         max_num_seqs=config.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
-        max_num_batched_tokens=max(config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len),
+        # a budget below the longest sequence prefills prompts in chunks
+        max_num_batched_tokens=config.max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len),
     )
     check_tensor_parallel(resolved)
     return resolved

@@ -1,11 +1,25 @@
-"""Continuous batching: new prompts are prefilled as soon as blocks and batch slots allow, running
-sequences decode one token per step, and when blocks run out the youngest sequence is preempted
-(its blocks freed; it is recomputed from its tokens later)."""
+"""Continuous batching: new prompts are prefilled as soon as blocks and batch slots allow, running sequences
+decode one token per step, and when blocks run out the youngest sequence is preempted (its blocks freed; it is
+recomputed from its tokens later). With a token budget per step smaller than the longest sequence
+(`max_num_batched_tokens` < `max_model_len`), prompts are prefilled in chunks, and the running sequences'
+decodes share those steps."""
 import time
 from collections import deque
+from dataclasses import dataclass
 
 from vllm_utils.engine.block_manager import BlockManager
 from vllm_utils.engine.sequence import Sequence
+
+
+@dataclass
+class ScheduledStep:
+    seqs: list[Sequence]
+    num_tokens: list[int]  # tokens each sequence computes this step, from its `num_computed` on
+    is_prefill: bool  # False: every sequence decodes one token (the decode paths and graphs)
+
+    def samples(self) -> list[bool]:
+        """Whether each sequence gets a new token this step (its last chunk, or a decode)."""
+        return [s.num_computed + n == len(s) for s, n in zip(self.seqs, self.num_tokens)]
 
 
 class Scheduler:
@@ -15,6 +29,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.chunked = max_num_batched_tokens < max_model_len
         self.eos_token_id = eos_token_id
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -26,50 +41,89 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """The sequences to run this step, and whether the step is a prefill."""
+    def schedule(self) -> ScheduledStep:
+        if self.chunked:
+            return self._schedule_chunked()
         prefill, num_tokens = [], 0
         while self.waiting and len(self.running) + len(prefill) < self.max_num_seqs:
             seq = self.waiting[0]
             if prefill and num_tokens + len(seq) > self.max_num_batched_tokens:
                 break
-            if not self.blocks.can_allocate(seq):
+            if not self._admit(seq):
                 break
-            self.blocks.allocate(seq)
-            if seq.times.first_scheduled is None:
-                seq.times.first_scheduled = time.perf_counter()
             num_tokens += len(seq)
             prefill.append(self.waiting.popleft())
         if prefill:
             self.running.extend(prefill)
-            return prefill, True
-
+            return ScheduledStep(prefill, [len(s) for s in prefill], True)
         decode = []
         while self.running:
             seq = self.running.popleft()
-            while not self.blocks.can_append(seq):
-                if self.running:
-                    self._preempt(self.running.pop())
-                else:
-                    self._preempt(seq)
-                    break
-            else:
-                self.blocks.append(seq)
+            if self._reserve_next_token(seq):
                 decode.append(seq)
         self.running.extend(decode)
-        return decode, False
+        return ScheduledStep(decode, [1] * len(decode), False)
+
+    def _schedule_chunked(self) -> ScheduledStep:
+        """Within the token budget, oldest first: one token for each decoding sequence, the next chunk of each
+        prompt under way, then chunks of new prompts."""
+        budget, seqs, counts, kept = self.max_num_batched_tokens, [], [], deque()
+        while self.running and budget > 0:
+            seq = self.running.popleft()
+            remaining = len(seq) - seq.num_computed
+            if remaining > 1 or self._reserve_next_token(seq):  # a prompt's blocks were allocated whole
+                seqs.append(seq)
+                counts.append(min(remaining, budget))
+                budget -= counts[-1]
+                kept.append(seq)
+        self.running = kept + self.running  # those the budget did not reach wait for the next step
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self._admit(self.waiting[0]):
+            seq = self.waiting.popleft()
+            seqs.append(seq)
+            counts.append(min(len(seq), budget))
+            budget -= counts[-1]
+            self.running.append(seq)
+        is_prefill = any(len(s) - s.num_computed > 1 for s in seqs)
+        return ScheduledStep(seqs, counts, is_prefill)
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Allocates the blocks of a waiting sequence's tokens, if they are free."""
+        if not self.blocks.can_allocate(seq):
+            return False
+        self.blocks.allocate(seq)
+        if seq.times.first_scheduled is None:
+            seq.times.first_scheduled = time.perf_counter()
+        return True
+
+    def _reserve_next_token(self, seq: Sequence) -> bool:
+        """Room for a running sequence's next token, preempting the youngest sequences (`seq` itself last) while
+        blocks run out. False if `seq` was preempted."""
+        while not self.blocks.can_append(seq):
+            if self.running:
+                self._preempt(self.running.pop())
+            else:
+                self._preempt(seq)
+                return False
+        self.blocks.append(seq)
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        seq.num_computed = 0
         self.blocks.free(seq)
         self.waiting.appendleft(seq)
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[float] | None) -> list[Sequence]:
-        """Appends each new token, and retires the sequences that are done."""
+    def postprocess(self, step: ScheduledStep, token_ids: list[int],
+                    logprobs: list[float] | None) -> list[Sequence]:
+        """Counts the computed tokens, appends each new token (`token_ids`: one per sampling sequence, in step
+        order), and retires the sequences that are done."""
         now = time.perf_counter()
+        sampled = [seq for seq, samples in zip(step.seqs, step.samples()) if samples]
+        for seq, n in zip(step.seqs, step.num_tokens):
+            seq.num_computed += n
         finished = []
-        for i, (seq, token) in enumerate(zip(seqs, token_ids)):
+        for i, (seq, token) in enumerate(zip(sampled, token_ids)):
             seq.token_ids.append(token)
             seq.times.token_times.append(now)
             if logprobs is not None and seq.params.logprobs:

@@ -29,6 +29,7 @@ class Sequence:
         self.params = params
         self.mm_inputs = mm_inputs or None  # dropped when the sequence finishes
         self.block_table: list[int] = []
+        self.num_computed = 0  # tokens whose K/V the cache holds
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.num_preemptions = 0

@@ -8,14 +8,20 @@ from vllm_utils.multimodal.inputs import MultiModalInputs
 
 @dataclass
 class PrefillInputs:
-    """The prompts of a step, packed one after another."""
+    """The prompts (or chunks of prompts) of a step, packed one after another."""
 
     token_ids: torch.Tensor  # [tokens]
     positions: torch.Tensor  # [tokens]
     slots: torch.Tensor  # [tokens] the cache slot each token's K/V goes to
-    seq_lens: list[int]
+    seq_lens: list[int]  # tokens of each sequence in this step
     mm_mask: torch.Tensor  # [tokens] bool: the positions that take multimodal embeddings
-    mm_inputs: MultiModalInputs  # every item of the step, in prompt order ({} for none)
+    mm_inputs: MultiModalInputs  # the items of the sequences that start this step, in order ({} for none)
+    seq_ids: list[int]
+    cached_lens: list[int]  # tokens of each sequence already in the cache (chunked prefill)
+    samples: list[bool]  # whether each sequence's last token here gets the next token's logits
+    mm_offsets: list[int]  # multimodal positions of each sequence before this step's tokens
+    mm_new: list[tuple[int, int]]  # (sequence id, all its multimodal positions) of those whose items come now
+    block_tables: torch.Tensor | None = None  # [seqs, width] int32, when any sequence has cached tokens
 
 
 @dataclass

@@ -1,0 +1,68 @@
+"""Chunked prefill: with a token budget per step below the prompt lengths, prompts are prefilled in chunks (their
+queries attending to the cache of the earlier chunks), running requests' decodes share those steps, and every
+token equals HF's."""
+import pytest
+
+from vllm_utils import LLM, SamplingParams
+
+from test_matches_hf import BATCH, request
+
+PARAMS = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+def _hf_tokens(hf, req: dict, images: list, n: int) -> list[int]:
+    out = hf.model.generate(**hf.inputs(req["prompt"], images), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, hf.inputs(req["prompt"], images)["input_ids"].shape[1]:].tolist()
+
+
+def _record_steps(llm: LLM) -> list[list[tuple[int, int]]]:
+    """Each step's (tokens still to compute, tokens computed this step) per sequence, as scheduled."""
+    steps, schedule = [], llm.engine.scheduler.schedule
+
+    def recording():
+        step = schedule()
+        steps.append([(len(s) - s.num_computed, n) for s, n in zip(step.seqs, step.num_tokens)])
+        return step
+
+    llm.engine.scheduler.schedule = recording
+    return steps
+
+
+@pytest.mark.parametrize("budget", [7, 32])
+def test_chunks_and_mixed_decodes_give_hf_tokens(tiny_llava, hf_reference, images, budget):
+    llm = LLM(tiny_llava, device="cpu", dtype="float32", max_model_len=512, max_num_batched_tokens=budget)
+    steps = _record_steps(llm)
+    reqs = [request(llm, text, [images[i] for i in idx]) for text, idx in BATCH]
+    outputs = llm.generate(reqs, PARAMS, use_tqdm=False)
+    for req, out, (_, idx) in zip(reqs, outputs, BATCH):
+        assert out.outputs[0].token_ids == _hf_tokens(hf_reference, req, [images[i] for i in idx], 16)
+    assert all(sum(n for _, n in step) <= budget for step in steps)
+    assert any(n < remaining for step in steps for remaining, n in step)  # a prompt was cut into chunks
+    assert any(remaining == 1 for step in steps for remaining, n in step if len(step) > 1
+               and any(r > 1 for r, _ in step))  # a decode shared a step with a prompt's chunk
+
+
+def test_chunks_under_preemption_give_hf_tokens(tiny_llava, hf_reference, images):
+    llm = LLM(tiny_llava, device="cpu", dtype="float32", block_size=4, num_kv_blocks=48, max_num_seqs=4,
+              max_model_len=192, max_num_batched_tokens=24)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    reqs = [request(llm, text, [images[i] for i in idx]) for text, idx in BATCH]
+    outputs = llm.generate(reqs, params, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.block_manager.num_free == 48 and not llm.engine.runner.mm_cache
+    for req, out, (_, idx) in zip(reqs, outputs, BATCH):
+        assert out.outputs[0].token_ids == _hf_tokens(hf_reference, req, [images[i] for i in idx], 40)
+
+
+def test_a_sliding_window_across_chunks_gives_hf_tokens(tmp_path, images):
+    from vllm_utils.bench.tiny_model import build_tiny_llava
+
+    from conftest import HFReference, real_tokenizer_dir
+
+    folder = build_tiny_llava(str(tmp_path / "mistral"), real_tokenizer_dir(), seed=5, text_type="mistral",
+                              text_config=dict(sliding_window=12))
+    hf = HFReference(folder)
+    llm = LLM(folder, device="cpu", dtype="float32", max_model_len=512, max_num_batched_tokens=10)
+    req = request(llm, "Describe the picture in detail please.", images[:1])
+    out = llm.generate([req], PARAMS, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == _hf_tokens(hf, req, images[:1], 16)
