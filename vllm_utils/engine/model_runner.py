@@ -9,6 +9,7 @@ from vllm_utils.attention.layer import PagedAttention
 from vllm_utils.attention.metadata import AttentionMetadata
 from vllm_utils.config import ResolvedConfig
 from vllm_utils.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, VisionGraphs
+from vllm_utils.engine.prompt_logprobs import kept_rows, prompt_logprobs
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.engine.step_inputs import DecodeInputs, PrefillInputs, StepInputs
 from vllm_utils.errors import UserError
@@ -157,12 +158,15 @@ class ModelRunner:
             positions.extend(range(n))
             slots.extend(self._slot(seq, p) for p in range(n))
             lens.append(n)
-            # multimodal positions are the prompt's placeholders; generated tokens never are, whatever their id
-            mm_mask.extend(t == mm_token for t in seq.token_ids[: seq.num_prompt_tokens])
-            mm_mask.extend([False] * (n - seq.num_prompt_tokens))
+            # multimodal positions are the prompt's placeholders; generated or given continuation tokens never
+            # are, whatever their id
+            mm_mask.extend(t == mm_token for t in seq.token_ids[: seq.text_from])
+            mm_mask.extend([False] * (n - seq.text_from))
         mm_inputs = concat_mm_inputs([s.mm_inputs for s in seqs if s.mm_inputs])
+        # a recomputed (preempted) prompt already has its prompt log-probs
+        all_rows = [s.params.prompt_logprobs is not None and s.prompt_logprobs is None for s in seqs]
         return PrefillInputs(torch.tensor(ids), torch.tensor(positions), torch.tensor(slots), lens,
-                             torch.tensor(mm_mask), mm_inputs)
+                             torch.tensor(mm_mask), mm_inputs, all_rows if any(all_rows) else [])
 
     def _prepare_decode(self, seqs: list[Sequence]) -> DecodeInputs:
         positions = [len(s) - 1 for s in seqs]
@@ -184,16 +188,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits of each sequence's next token (and their argmax when a graph computed it)."""
+        """Logits of each sequence's next token (and their argmax when a graph computed it); a prefill with
+        `all_rows` gives the rows of `kept_rows` instead."""
         if isinstance(inputs, PrefillInputs):
             mm_embeds = self._encode_mm(inputs.mm_inputs)
             graphs = self.prefill_graphs
-            if graphs is not None and len(inputs.seq_lens) == 1 and inputs.seq_lens[0] <= graphs.max_tokens:
+            if graphs is not None and len(inputs.seq_lens) == 1 and inputs.seq_lens[0] <= graphs.max_tokens \
+                    and not inputs.all_rows:
                 return graphs.run(inputs, mm_embeds)
             ids, positions, slots = (t.to(self.device) for t in (inputs.token_ids, inputs.positions, inputs.slots))
             meta = AttentionMetadata(True, slots, seq_lens=inputs.seq_lens)
-            last = torch.tensor(inputs.seq_lens).cumsum(0).to(self.device) - 1
-            hidden = self.model(ids, positions, meta, mm_embeds, inputs.mm_mask.to(self.device), keep=last)
+            if inputs.all_rows:
+                keep = kept_rows(inputs.seq_lens, inputs.all_rows)[0].to(self.device)
+            else:  # the fast path: each prompt's last row only
+                keep = torch.tensor(inputs.seq_lens).cumsum(0).to(self.device) - 1
+            hidden = self.model(ids, positions, meta, mm_embeds, inputs.mm_mask.to(self.device), keep=keep)
             return self.model.compute_logits(hidden), None
         if self.graphs is not None and inputs.block_tables.shape[0] <= self.graphs.max_batch:
             return self.graphs.run(inputs)
@@ -212,5 +221,18 @@ class ModelRunner:
             with self.workers.watch():
                 self.workers.send(inputs)
                 logits, greedy = self.execute(inputs)
+        if is_prefill and inputs.all_rows:
+            logits = self._store_prompt_logprobs(seqs, inputs, logits)
         want_logprobs = any(s.params.logprobs for s in seqs)
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], want_logprobs, greedy)
+
+    @staticmethod
+    def _store_prompt_logprobs(seqs: list[Sequence], inputs: PrefillInputs, logits: torch.Tensor) -> torch.Tensor:
+        """Sets `prompt_logprobs` on the sequences that asked; returns each sequence's last row, to sample from."""
+        _, last, first = kept_rows(inputs.seq_lens, inputs.all_rows)
+        for seq, every, start in zip(seqs, inputs.all_rows, first):
+            if every:
+                n = seq.num_prompt_tokens
+                seq.prompt_logprobs = prompt_logprobs(logits[start : start + n], seq.token_ids[:n],
+                                                      seq.params.prompt_logprobs)
+        return logits[torch.tensor(last, device=logits.device)]

@@ -1,5 +1,5 @@
 """What one step hands the model runner's `execute` (and the other tensor-parallel ranks): host tensors, by name."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +16,7 @@ class PrefillInputs:
     seq_lens: list[int]
     mm_mask: torch.Tensor  # [tokens] bool: the positions that take multimodal embeddings
     mm_inputs: MultiModalInputs  # every item of the step, in prompt order ({} for none)
+    all_rows: list[bool] = field(default_factory=list)  # per prompt: logits of every row wanted, not only the last
 
 
 @dataclass
