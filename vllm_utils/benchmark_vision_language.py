@@ -1,5 +1,6 @@
 """Command line: `--demo` (images + prompts in, generated text out), `--perf` (synthetic requests of
-exact length, timed) and `--acc` (a dataset's questions, scored; optionally compared with an HF reference). Flags -> checks -> configuration -> bench/; nothing else lives here.
+exact length, timed) and `--acc` (a dataset's questions, scored; optionally compared with an HF reference).
+Flags -> checks -> configuration -> bench/; nothing else lives here.
 
 Nothing heavy is imported at module level: `--help` and flag errors answer at once."""
 import argparse
@@ -228,28 +229,9 @@ def run_demo(args: argparse.Namespace) -> None:
     for (path, _), output in zip(pairs, outputs):
         print(f"Prompt: {output.prompt!r}, Generated text: {output.outputs[0].text!r}, Image: {path!r}")
     if args.reference:
+        from vllm_utils.bench.acc.demo import demo_agreement
+
         demo_agreement(llm, args, requests, outputs, max_tokens)
-
-
-def demo_agreement(llm, args: argparse.Namespace, requests: list[dict], outputs: list, max_tokens: int) -> None:
-    """--demo --reference hf: the agreement figures of each request, then overall, as --acc prints them."""
-    import json
-
-    from vllm_utils.bench.acc.agreement import HFReference, agreement, overall
-    from vllm_utils.progress import phase
-
-    processor = llm.engine.processor
-    with phase(f"Loading the HF reference ({args.reference_dtype} on {args.reference_device})", "Loading"):
-        reference = HFReference(args.model, args.model_type, args.reference_dtype, args.reference_device)
-    processed = [dict(zip(("prompt_token_ids", "mm_inputs"), processor.process(r["prompt"], [r["multi_modal_data"]["image"]])))
-                 for r in requests]
-    results = agreement(llm, reference, processed, [o.outputs[0].token_ids for o in outputs], max_tokens)
-    for i, a in enumerate(results):
-        print(f"Reference agreement {i}: exact match {a.exact_match}, first divergence {a.first_divergence}, "
-              f"top-1 {a.top1_agreement}, mean |dlogprob| {a.mean_abs_dlogprob}, max |dlogprob| {a.max_abs_dlogprob}"
-              + (f", error {a.error}" if a.error else ""))
-    print("***Reference Agreement***")
-    print(json.dumps(overall(results), indent=4))
 
 
 def generate_seeded(llm, requests: list[dict], params, seed: int) -> list:

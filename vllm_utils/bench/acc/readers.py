@@ -67,7 +67,8 @@ def load_table(path: str, split: str | None):
     try:
         return datasets.load_dataset(kind, data_files=files, split="train")
     except Exception as e:  # a corrupt file or files whose columns differ: say which folder
-        raise UserError(f"cannot read --dataset '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        first_line = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UserError(f"cannot read --dataset '{path}' ({type(e).__name__}: {first_line})") from None
 
 
 def _pick_split(splits: list[str], wanted: str | None, path: str) -> str:
