@@ -228,6 +228,21 @@ def test_teacher_forced_logprobs_match_hf(llm_fp32, hf_reference, images):
     assert max(first, key=first.get) == hf_reference.greedy(prompt, images[:1], 1)[0]
 
 
+def test_prompt_logprobs_in_chunks_equal_one_log_softmax(monkeypatch):
+    from vllm_utils.engine import prompt_logprobs as module
+
+    monkeypatch.setattr(module, "CHUNK_ROWS", 3)  # several chunks and a partial last one
+    logits = torch.randn(8, 11, generator=torch.Generator().manual_seed(0))
+    tokens = [4, 1, 7, 7, 0, 10, 2, 5]
+    got = module.prompt_logprobs(logits, tokens, top=2)
+    full = logits.log_softmax(-1)
+    assert got[0] is None and len(got) == len(tokens)
+    for i in range(1, len(tokens)):
+        top = full[i - 1].topk(2).indices.tolist()
+        assert set(got[i]) == {tokens[i], *top}
+        assert got[i][tokens[i]] == pytest.approx(float(full[i - 1, tokens[i]]))
+
+
 def test_continuation_tokens_are_text_whatever_their_id(llm_fp32, images):
     """A continuation holding the image token's id is embedded as that token, not read as an image position."""
     from vllm_utils import SamplingParams
