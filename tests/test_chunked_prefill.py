@@ -66,3 +66,17 @@ def test_a_sliding_window_across_chunks_gives_hf_tokens(tmp_path, images):
     req = request(llm, "Describe the picture in detail please.", images[:1])
     out = llm.generate([req], PARAMS, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == _hf_tokens(hf, req, images[:1], 16)
+
+
+def test_prompt_logprobs_of_a_chunked_prompt_equal_the_whole_prompts(tiny_llava, images):
+    results = []
+    for budget in (None, 9):
+        llm = LLM(tiny_llava, device="cpu", dtype="float32", max_model_len=512, max_num_batched_tokens=budget)
+        req = request(llm, "Describe the picture.", images[:1])
+        out = llm.generate([req], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1), use_tqdm=False)[0]
+        results.append(out)
+    whole, chunked = results
+    assert len(chunked.prompt_logprobs) == len(chunked.prompt_token_ids) > 9 and chunked.prompt_logprobs[0] is None
+    for a, b in zip(whole.prompt_logprobs[1:], chunked.prompt_logprobs[1:]):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
+    assert whole.outputs[0].token_ids == chunked.outputs[0].token_ids

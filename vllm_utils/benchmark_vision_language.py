@@ -1,5 +1,6 @@
-"""Command line: `--demo` (images + prompts in, generated text out) and `--perf` (synthetic requests of
-exact length, timed). Flags -> checks -> configuration -> bench/; nothing else lives here.
+"""Command line: `--demo` (images + prompts in, generated text out), `--perf` (synthetic requests of
+exact length, timed) and `--acc` (a dataset's questions, scored; optionally compared with an HF reference).
+Flags -> checks -> configuration -> bench/; nothing else lives here.
 
 Nothing heavy is imported at module level: `--help` and flag errors answer at once."""
 import argparse
@@ -12,6 +13,7 @@ from vllm_utils.errors import UserError, one_line
 if TYPE_CHECKING:
     from vllm_utils.config import ResolvedConfig
 from vllm_utils.bundled import BUNDLED
+from vllm_utils.bench.acc.bundled import ACC_SAMPLES
 
 DEFAULT_PROMPT = "Describe the picture."
 ENGINE_ONLY_FLAGS = ("--block-size", "--num-kv-blocks", "--enforce-eager")  # what --backend hf ignores
@@ -43,11 +45,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Validate (--demo) and benchmark (--perf) a vision-language model.",
+    p = _Parser(prog=PROG, description="Validate (--demo), benchmark (--perf) and score (--acc) a vision-language "
+                                       "model.",
                 formatter_class=_HelpFormatter, epilog=EPILOG)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--demo", action="store_true", help="generate text for images and prompts")
     mode.add_argument("--perf", action="store_true", help="time synthetic requests of exact length")
+    mode.add_argument("--acc", action="store_true",
+                      help="score the replies to a dataset's questions as the dataset's evaluation does")
     p.add_argument("--model-type", default=None,
                    help="model family: llava, llava_next or llava_onevision (default: the one the model folder's "
                         "config.json names; a mismatch is refused)")
@@ -76,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest prompt + output (default: the model's max_position_embeddings)")
     p.add_argument("--input-len", type=int, default=1024, help="--perf: prompt tokens, image positions included")
     p.add_argument("--output-len", type=int, default=None,
-                   help="tokens to generate, >= 1 (default: 64 for --demo, 128 for --perf)")
-    p.add_argument("--num-prompts", type=int, default=1, help="--perf: requests in each timed run")
+                   help="tokens to generate, >= 1 (default: 64 for --demo, 128 for --perf; --acc: per metric, "
+                        "1024 for ROUGE, 32 for choices and ANLS, 16 for VQA)")
+    p.add_argument("--num-prompts", type=int, default=1,
+                   help="--perf: requests in each timed run; --acc: the first N rows (default there: all)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="most requests running at once (default: the number of requests, at most 256)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (engine only)")
@@ -94,7 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="engine", choices=["engine", "hf"],
                    help="engine: ours; hf: the same workload through HF transformers' generate, for comparison")
     p.add_argument("--output-json", default=None,
-                   help="--perf: also write settings, metrics and environment to this file")
+                   help="--perf, --acc: also write settings, metrics and environment to this file")
+    p.add_argument("--dataset", default=None,
+                   help="--acc: a Hugging Face dataset folder (parquet/arrow files as published, or save_to_disk), "
+                        "one parquet/arrow file, a JSONL, or a bundled sample: " + ", ".join(ACC_SAMPLES)
+                        + " (default: sample-jsonl)")
+    p.add_argument("--dataset-format", default=None,
+                   help="--acc: jsonl, llava-bench, mmmu, textvqa or docvqa (default: from the columns)")
+    p.add_argument("--dataset-split", default=None,
+                   help="--acc: the split of a folder holding several (default: validation, else the only one)")
+    p.add_argument("--save-output", default=None,
+                   help="--acc: write one JSON line per sample (id, prompt, answer, reference, score) to this file")
+    p.add_argument("--reference", default=None, choices=["hf"],
+                   help="--acc, --demo: run the same prompts through HF transformers and report how well our "
+                        "engine agrees (greedy exact match, first divergence, teacher-forced top-1 and log-probs)")
+    p.add_argument("--reference-dtype", default="float32", help="--reference: the reference's dtype")
+    p.add_argument("--reference-device", default="cpu", help="--reference: the reference's device")
     return p
 
 
@@ -180,13 +202,13 @@ def make_llm(args: argparse.Namespace, config: "ResolvedConfig"):
         return LLM(config)
 
 
-def use_default_demo_model(args: argparse.Namespace) -> None:
+def use_default_demo_model(args: argparse.Namespace, with_image: bool = True) -> None:
     from vllm_utils.bench.tiny_model import default_demo_assets
 
     args.model, default_image, built = default_demo_assets()
     print(f"No --model given: {'built' if built else 'using'} a tiny LLaVA with RANDOM weights at {args.model} "
           f"(its text is gibberish by design); pass --model PATH for a real checkpoint.", file=sys.stderr)
-    if not args.input_image:
+    if with_image and not args.input_image:
         args.input_image = [default_image]
         print(f"No --input-image given: using the generated picture {default_image}.", file=sys.stderr)
 
@@ -223,6 +245,10 @@ def run_demo(args: argparse.Namespace) -> None:
     outputs = generate_seeded(llm, requests, params, args.seed)
     for (paths, _), output in zip(pairs, outputs):
         print(f"Prompt: {output.prompt!r}, Generated text: {output.outputs[0].text!r}, Image: {', '.join(paths)!r}")
+    if args.reference:
+        from vllm_utils.bench.acc.demo import demo_agreement
+
+        demo_agreement(llm, args, requests, outputs, max_tokens)
 
 
 def generate_seeded(llm, requests: list[dict], params, seed: int) -> list:
@@ -244,10 +270,11 @@ def quiet_libraries() -> None:
 
 def preflight(args: argparse.Namespace) -> None:
     """Everything that can be checked without the model's weights."""
-    from vllm_utils.bench.preflight import check_flags, check_model_name, check_outputs
+    from vllm_utils.bench.preflight import check_flags, check_model_name, check_outputs, check_reference
     from vllm_utils.models.registry import check_model_type
 
     check_flags(args)
+    check_reference(args)
     check_outputs(args)
     if args.model_type is not None:
         check_model_type(args.model_type)
@@ -258,6 +285,17 @@ def run(args: argparse.Namespace) -> None:
     preflight(args)
     if args.demo:
         run_demo(args)
+    elif args.acc:
+        from vllm_utils.bench.acc.run import run_acc
+        from vllm_utils.bench.perf import save_reports
+        from vllm_utils.bench.report import environment
+
+        if args.model is None:
+            use_default_demo_model(args, with_image=False)
+        if args.dataset is None:
+            args.dataset = "sample-jsonl"
+            print("No --dataset given: scoring the bundled sample-jsonl.", file=sys.stderr)
+        run_acc(args, resolve_config, make_llm, save_reports, environment)
     else:
         from vllm_utils.bench.perf import run_perf
 

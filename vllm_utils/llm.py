@@ -28,6 +28,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     times: SequenceTimes
     num_preemptions: int
+    # with SamplingParams.prompt_logprobs: per prompt token, {token: log-prob} (the token's and the most likely
+    # ones'); None for the first token
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class LLM:
@@ -41,7 +44,9 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Each prompt is a string, or {"prompt": str, "multi_modal_data": {"image": PIL image or list}},
         or {"prompt_token_ids": [...], "mm_inputs": {"pixel_values": tensor, ...}} (already processed: each
-        image placeholder expanded to its positions). Outputs come back in input order."""
+        image placeholder expanded to its positions). A dict may also hold "continuation_token_ids": tokens
+        appended to the prompt as text (teacher forcing; see `LLMEngine.add_request`). Outputs come back in
+        input order."""
         prompts = prompts if isinstance(prompts, list) else [prompts]
         params = sampling_params or SamplingParams()
         seqs = []
@@ -64,9 +69,11 @@ class LLM:
         if not all(isinstance(i, Image.Image) for i in images):
             raise UserError("multi_modal_data['image'] must be a PIL image or a list of them")
         return self.engine.add_request(prompt.get("prompt"), images, params,
-                                       prompt.get("prompt_token_ids"), prompt.get("mm_inputs"))
+                                       prompt.get("prompt_token_ids"), prompt.get("mm_inputs"),
+                                       prompt.get("continuation_token_ids"))
 
     def _output(self, seq: Sequence) -> RequestOutput:
         out = CompletionOutput(self.engine.processor.decode(seq.output_token_ids), seq.output_token_ids,
                                seq.logprobs if seq.params.logprobs else None, seq.finish_reason)
-        return RequestOutput(seq.prompt, seq.token_ids[: seq.num_prompt_tokens], [out], seq.times, seq.num_preemptions)
+        return RequestOutput(seq.prompt, seq.token_ids[: seq.num_prompt_tokens], [out], seq.times, seq.num_preemptions,
+                             seq.prompt_logprobs)

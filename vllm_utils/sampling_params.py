@@ -15,6 +15,9 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: bool = False  # return the log-probability of each chosen token
+    # vLLM's prompt_logprobs: for each prompt token after the first, its log-prob given the tokens before it, with
+    # the log-probs of the `prompt_logprobs` most likely tokens at that position (None: off)
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -23,6 +26,8 @@ class SamplingParams:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:
             raise UserError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise UserError(f"prompt_logprobs must be None (off) or >= 0, got {self.prompt_logprobs}")
         if self.max_tokens < 1:
             raise UserError(f"max_tokens must be >= 1, got {self.max_tokens}")
 

@@ -35,12 +35,36 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Every file a run will write, checked before it starts, so that no result is lost at its end."""
     from vllm_utils.bench.report import check_output_json, probe_folder
 
-    if args.perf:
+    if args.perf or args.acc:
         probe_folder(os.getcwd(), "the result CSV", "run from a writable working directory (the CSV goes there)")
     if args.output_json:
-        if not args.perf:
-            raise UserError("--output-json applies to --perf only; drop it or use --perf")
+        if not (args.perf or args.acc):
+            raise UserError("--output-json applies to --perf and --acc only; drop it or use one of them")
         check_output_json(args.output_json)
+    for flag, value in (("--dataset", args.dataset), ("--dataset-format", args.dataset_format),
+                        ("--dataset-split", args.dataset_split), ("--save-output", args.save_output)):
+        if value is not None and not args.acc:
+            raise UserError(f"{flag} applies to --acc only; drop it or use --acc")
+    if args.save_output:
+        if os.path.isdir(args.save_output):
+            raise UserError(f"--save-output '{args.save_output}' is a directory; give a file path such as "
+                            f"{os.path.join(args.save_output, 'samples.jsonl')}")
+        probe_folder(os.path.dirname(os.path.abspath(args.save_output)), "--save-output")
+
+
+def check_reference(args: argparse.Namespace) -> None:
+    """--reference compares greedy outputs of the same weights: HF must load the very checkpoint we run."""
+    if not args.reference:
+        return
+    if args.perf:
+        raise UserError("--reference applies to --acc and --demo; drop it for --perf (--backend hf times HF)")
+    if args.backend == "hf":
+        raise UserError("--reference hf compares our engine with HF: drop --backend hf")
+    if args.temperature != 0:
+        raise UserError("--reference compares greedy outputs: drop --temperature (or set it to 0)")
+    if args.load_format == "dummy":
+        raise UserError("--reference needs the checkpoint's weights (HF cannot load our random ones): drop "
+                        "--load-format dummy")
 
 
 def check_model_name(model: str | None, load_format: str) -> None:

@@ -54,15 +54,20 @@ class LLMEngine:
         self.stats = EngineStats()
 
     def add_request(self, prompt: str | None, images: list[Image.Image], params: SamplingParams,
-                    prompt_token_ids: list[int] | None = None, mm_inputs: MultiModalInputs | None = None) -> Sequence:
-        """A raw prompt (with one image placeholder per image) or ready token ids and multimodal tensors."""
+                    prompt_token_ids: list[int] | None = None, mm_inputs: MultiModalInputs | None = None,
+                    continuation_token_ids: list[int] | None = None) -> Sequence:
+        """A raw prompt (with one image placeholder per image) or ready token ids and multimodal tensors.
+        `continuation_token_ids` are appended to the prompt as text, whatever their ids (teacher forcing: with
+        `prompt_logprobs`, their log-probs given all before them)."""
         if prompt_token_ids is None:
             prompt_token_ids, mm_inputs = self.processor.process(prompt, images)
+        text_from = len(prompt_token_ids)
+        prompt_token_ids = list(prompt_token_ids) + list(continuation_token_ids or [])
         if len(prompt_token_ids) >= self.max_model_len:
             raise UserError(f"the prompt is {len(prompt_token_ids)} tokens (image positions included), which leaves "
                             f"no room to generate within --max-model-len {self.max_model_len}; shorten the prompt "
                             f"or raise --max-model-len")
-        seq = Sequence(prompt_token_ids, params, mm_inputs, prompt)
+        seq = Sequence(prompt_token_ids, params, mm_inputs, prompt, text_from)
         self.scheduler.add(seq)
         return seq
 

@@ -9,6 +9,7 @@ from vllm_utils.attention.layer import PagedAttention
 from vllm_utils.attention.metadata import AttentionMetadata
 from vllm_utils.config import ResolvedConfig
 from vllm_utils.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, VisionGraphs
+from vllm_utils.engine.prompt_logprobs import kept_rows, prompt_logprobs
 from vllm_utils.engine.scheduler import ScheduledStep
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.engine.step_inputs import DecodeInputs, PrefillInputs, StepInputs
@@ -159,8 +160,9 @@ class ModelRunner:
             positions.extend(range(start, end))
             slots.extend(self._slot(seq, p) for p in range(start, end))
             # multimodal positions are the prompt's placeholders; generated tokens never are, whatever their id
-            is_mm = [t == mm_token for t in seq.token_ids[: seq.num_prompt_tokens]]
-            is_mm += [False] * (len(seq) - seq.num_prompt_tokens)
+            # (and a continuation given after the prompt, as in teacher forcing, is text whatever its ids)
+            is_mm = [t == mm_token for t in seq.token_ids[: seq.text_from]]
+            is_mm += [False] * (len(seq) - seq.text_from)
             mm_mask.extend(is_mm[start:end])
             mm_offsets.append(sum(is_mm[:start]))
             if start == 0 and seq.mm_inputs:  # its items are encoded now, for this and its later chunks
@@ -172,9 +174,12 @@ class ModelRunner:
             width = max(len(s.block_table) for s in step.seqs)
             tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in step.seqs],
                                   dtype=torch.int32)
+        # prompt log-probs: the rows of a prompt that asked, unless a first pass (before a preemption) gave them
+        all_rows = [s.params.prompt_logprobs is not None and s.num_computed < s.num_prompt_tokens
+                    and len(s.prompt_logprobs or [None]) < s.num_prompt_tokens for s in step.seqs]
         return PrefillInputs(torch.tensor(ids), torch.tensor(positions), torch.tensor(slots), list(step.num_tokens),
                              torch.tensor(mm_mask), concat_mm_inputs(starting), [s.seq_id for s in step.seqs],
-                             cached, step.samples(), mm_offsets, mm_new, tables)
+                             cached, step.samples(), mm_offsets, mm_new, tables, all_rows if any(all_rows) else [])
 
     def _prepare_decode(self, seqs: list[Sequence]) -> DecodeInputs:
         positions = [len(s) - 1 for s in seqs]
@@ -210,22 +215,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits of each sequence's next token (and their argmax when a graph computed it)."""
+        """Logits of each sequence's next token (and their argmax when a graph computed it); a prefill with
+        `all_rows` gives the rows of `kept_rows` instead."""
         if isinstance(inputs, PrefillInputs):
             mm_embeds = self._step_mm_embeds(inputs)
             graphs = self.prefill_graphs
-            whole_prompt = len(inputs.seq_lens) == 1 and inputs.cached_lens[0] == 0 and inputs.samples[0]
+            whole_prompt = len(inputs.seq_lens) == 1 and inputs.cached_lens[0] == 0 and inputs.samples[0] \
+                and not inputs.all_rows
             if graphs is not None and whole_prompt and inputs.seq_lens[0] <= graphs.max_tokens:
                 return graphs.run(inputs, mm_embeds)
             ids, positions, slots = (t.to(self.device) for t in (inputs.token_ids, inputs.positions, inputs.slots))
             tables = None if inputs.block_tables is None else inputs.block_tables.to(self.device)
             meta = AttentionMetadata(True, slots, seq_lens=inputs.seq_lens, block_tables=tables,
                                      cached_lens=inputs.cached_lens if tables is not None else None)
-            ends = torch.tensor(inputs.seq_lens).cumsum(0) - 1
-            sampling = ends[torch.tensor(inputs.samples)]
-            keep = (sampling if len(sampling) else ends[-1:]).to(self.device)  # a chunk alone: no logits needed
+            rows = kept_rows(inputs.seq_lens, inputs.all_rows, inputs.samples)[0]
+            keep = torch.tensor(rows or [sum(inputs.seq_lens) - 1], device=self.device)  # a chunk alone: any row
             hidden = self.model(ids, positions, meta, mm_embeds, inputs.mm_mask.to(self.device), keep=keep)
-            return self.model.compute_logits(hidden)[: len(sampling)], None
+            return self.model.compute_logits(hidden)[: len(rows)], None
         if self.graphs is not None and inputs.block_tables.shape[0] <= self.graphs.max_batch:
             return self.graphs.run(inputs)
         rows = torch.stack([inputs.token_ids, inputs.positions, inputs.slots, inputs.context_lens])
@@ -244,8 +250,25 @@ class ModelRunner:
             with self.workers.watch():
                 self.workers.send(inputs)
                 logits, greedy = self.execute(inputs)
+        if isinstance(inputs, PrefillInputs) and inputs.all_rows:
+            logits = self._store_prompt_logprobs(step.seqs, inputs, logits)
         seqs = [seq for seq, samples in zip(step.seqs, step.samples()) if samples]
         if not seqs:
             return [], None
         want_logprobs = any(s.params.logprobs for s in seqs)
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], want_logprobs, greedy)
+
+    @staticmethod
+    def _store_prompt_logprobs(seqs: list[Sequence], inputs: PrefillInputs, logits: torch.Tensor) -> torch.Tensor:
+        """Adds this step's prompt log-probs to the sequences that asked (entry 0, for the first token, is None);
+        returns the rows of the sequences that sample, to sample from."""
+        _, last, first = kept_rows(inputs.seq_lens, inputs.all_rows, inputs.samples)
+        for seq, every, row, start, n in zip(seqs, inputs.all_rows, first, inputs.cached_lens, inputs.seq_lens):
+            if not every:
+                continue
+            if start == 0:
+                seq.prompt_logprobs = [None]
+            targets = seq.token_ids[start + 1 : min(start + n + 1, seq.num_prompt_tokens)]
+            seq.prompt_logprobs += prompt_logprobs(logits[row : row + len(targets)], targets,
+                                                   seq.params.prompt_logprobs)
+        return logits[torch.tensor(last, dtype=torch.long, device=logits.device)]

@@ -21,16 +21,20 @@ _ids = count()
 
 class Sequence:
     def __init__(self, token_ids: list[int], params: SamplingParams, mm_inputs: MultiModalInputs | None = None,
-                 prompt: str | None = None) -> None:
+                 prompt: str | None = None, text_from: int | None = None) -> None:
+        """`text_from`: prompt positions from there on are text whatever their id (a continuation given after the
+        prompt, as in teacher forcing); by default the whole prompt may hold multimodal placeholders."""
         self.seq_id = next(_ids)
         self.prompt = prompt
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
+        self.text_from = self.num_prompt_tokens if text_from is None else text_from
         self.params = params
         self.mm_inputs = mm_inputs or None  # dropped when the sequence finishes
         self.block_table: list[int] = []
         self.num_computed = 0  # tokens whose K/V the cache holds
         self.logprobs: list[float] = []
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None  # set by the first prefill, if asked
         self.finish_reason: str | None = None
         self.num_preemptions = 0
         self.times = SequenceTimes(arrival=time.perf_counter())

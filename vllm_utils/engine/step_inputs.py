@@ -1,5 +1,5 @@
 """What one step hands the model runner's `execute` (and the other tensor-parallel ranks): host tensors, by name."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,7 @@ class PrefillInputs:
     mm_offsets: list[int]  # multimodal positions of each sequence before this step's tokens
     mm_new: list[tuple[int, int]]  # (sequence id, all its multimodal positions) of those whose items come now
     block_tables: torch.Tensor | None = None  # [seqs, width] int32, when any sequence has cached tokens
+    all_rows: list[bool] = field(default_factory=list)  # per sequence: logits of every row wanted (prompt_logprobs)
 
 
 @dataclass

@@ -1,0 +1,127 @@
+"""Does this device compute the same model as a reference? The same prompts through HF transformers (fp32 on CPU
+by default), compared with our engine's outputs:
+
+- exact match: our greedy tokens equal the reference's greedy tokens; first divergence: the first position
+  where they differ;
+- teacher-forced on the reference's tokens (each fed after the prompt, one prefill): top-1 agreement, the share
+  of positions where our most likely next token is the reference's token, and |Δ log-prob|, how far our
+  log-probability of each reference token is from the reference's own (mean and max over tokens).
+
+Greedy texts can part on near-ties in 16-bit arithmetic while the model is right; the teacher-forced figures
+still show a device that computes another model."""
+from dataclasses import asdict, dataclass
+
+import torch
+
+from vllm_utils.progress import progress_bar
+from vllm_utils.sampling_params import SamplingParams
+
+
+@dataclass
+class Agreement:
+    """One sample's figures (None where the reference or the teacher-forced pass failed: see `error`)."""
+
+    exact_match: bool | None = None
+    first_divergence: int | None = None  # token position; None when the outputs are identical
+    num_reference_tokens: int = 0
+    top1_agreement: float | None = None
+    mean_abs_dlogprob: float | None = None
+    max_abs_dlogprob: float | None = None
+    error: str | None = None
+
+
+class HFReference:
+    """Greedy tokens and the log-probs of each under HF transformers' model of the same folder."""
+
+    def __init__(self, model: str, model_type: str | None, dtype: str, device: str) -> None:
+        from vllm_utils.bench.hf_backend import HFEngineView
+        from vllm_utils.config import EngineConfig
+
+        self.view = HFEngineView(EngineConfig(model=model, device=device, dtype=dtype, max_num_seqs=1), model_type)
+
+    @torch.inference_mode()
+    def greedy(self, request: dict, max_tokens: int) -> tuple[list[int], list[float]]:
+        """`request`: {"prompt_token_ids", "mm_inputs"} as our engine takes them (one request: no padding)."""
+        view = self.view
+        ids = torch.tensor([request["prompt_token_ids"]], device=view.device)
+        mm = request.get("mm_inputs") or {}
+        kwargs = {k: v.to(view.device, view.dtype) if v.is_floating_point() else v.to(view.device)
+                  for k, v in mm.items()}
+        eos = view.processor.eos_token_id
+        out = view.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                  do_sample=False, eos_token_id=eos, pad_token_id=eos, output_logits=True,
+                                  return_dict_in_generate=True, **kwargs)
+        tokens = out.sequences[0, ids.shape[1]:].tolist()
+        if eos in tokens:
+            tokens = tokens[: tokens.index(eos) + 1]
+        logprobs = [float(step[0].float().log_softmax(-1)[t]) for step, t in zip(out.logits, tokens)]
+        return tokens, logprobs
+
+
+def first_divergence(ours: list[int], ref: list[int]) -> int | None:
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            return i
+    return None if len(ours) == len(ref) else min(len(ours), len(ref))
+
+
+def compare(ours: list[int], ref: list[int], ref_logprobs: list[float],
+            forced: list[dict[int, float]]) -> Agreement:
+    """`forced[j]`: our {token: log-prob} at reference position j (the reference's token and our top one)."""
+    top1 = [max(d, key=d.get) == t for d, t in zip(forced, ref)]
+    delta = [abs(d[t] - lp) for d, t, lp in zip(forced, ref, ref_logprobs)]
+    divergence = first_divergence(ours, ref)
+    return Agreement(divergence is None, divergence, len(ref), sum(top1) / len(top1), sum(delta) / len(delta),
+                     max(delta))
+
+
+def teacher_forced(llm, request: dict, ref_tokens: list[int]) -> list[dict[int, float]]:
+    """Our log-probs at each of the reference's positions: one prefill of the prompt followed by its tokens."""
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    out = llm.generate([{**request, "continuation_token_ids": ref_tokens}], params, use_tqdm=False)[0]
+    return out.prompt_logprobs[len(request["prompt_token_ids"]):]
+
+
+def agreement(llm, reference: HFReference, requests: list, ours: list[list[int] | None],
+              max_tokens: int) -> list[Agreement]:
+    """Per request (None: it did not run here either, so it is skipped), the figures above. `requests` may be
+    lazy (an iterable of callables giving the request), so that only one sample's tensors live at a time."""
+    results = []
+    with progress_bar(total=len(ours), desc="HF reference", unit="sample") as bar:
+        for make, our_tokens in zip(requests, ours):
+            if our_tokens is None:
+                results.append(Agreement(error="the sample failed on this engine"))
+            else:
+                results.append(_one(llm, reference, make() if callable(make) else make, our_tokens, max_tokens))
+            bar.update(1)
+    return results
+
+
+def _one(llm, reference: HFReference, request: dict, our_tokens: list[int], max_tokens: int) -> Agreement:
+    try:
+        ref_tokens, ref_logprobs = reference.greedy(request, max_tokens)
+        forced = teacher_forced(llm, request, ref_tokens)
+    except Exception as e:  # one sample's failure is reported, and the others still compared
+        return Agreement(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    return compare(our_tokens, ref_tokens, ref_logprobs, forced)
+
+
+def overall(results: list[Agreement]) -> dict[str, object]:
+    """Exact-match rate over samples; top-1 agreement and mean |Δ log-prob| over all reference tokens; the max
+    |Δ log-prob| and the earliest divergence over samples."""
+    ok = [r for r in results if r.error is None]
+    tokens = sum(r.num_reference_tokens for r in ok)
+    divergences = [r.first_divergence for r in ok if r.first_divergence is not None]
+    return {
+        "samples_compared": len(ok), "samples_failed": len(results) - len(ok), "reference_tokens": tokens,
+        "exact_match_rate": sum(r.exact_match for r in ok) / len(ok) if ok else None,
+        "samples_diverged": len(divergences),
+        "earliest_divergence": min(divergences) if divergences else None,
+        "top1_agreement": sum(r.top1_agreement * r.num_reference_tokens for r in ok) / tokens if tokens else None,
+        "mean_abs_dlogprob": sum(r.mean_abs_dlogprob * r.num_reference_tokens for r in ok) / tokens if tokens else None,
+        "max_abs_dlogprob": max((r.max_abs_dlogprob for r in ok), default=None),
+    }
+
+
+def as_record(result: Agreement) -> dict:
+    return asdict(result)

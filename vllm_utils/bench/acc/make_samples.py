@@ -1,0 +1,128 @@
+"""Builds the bundled samples in `samples/`: synthetic pictures (shapes, and digits in PIL's default font for the
+document sample) with questions and answers written for them, one folder per format in its published layout.
+Run `python -m vllm_utils.bench.acc.make_samples` to rebuild them."""
+import io
+import json
+import os
+
+from PIL import Image, ImageDraw
+
+from vllm_utils.bench.acc.bundled import SAMPLES_DIR
+
+
+def shape(kind: str, colour: str, background: str = "white", size: int = 64) -> Image.Image:
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    box = (12, 12, size - 12, size - 12)
+    if kind == "circle":
+        draw.ellipse(box, fill=colour)
+    elif kind == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(size // 2, 10), (size - 10, size - 10), (10, size - 10)], fill=colour)
+    return image
+
+
+def document(lines: list[str]) -> Image.Image:
+    image = Image.new("RGB", (160, 20 + 16 * len(lines)), "white")
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(lines):
+        draw.text((8, 8 + 16 * i), line, fill="black")
+    return image
+
+
+def png(image: Image.Image) -> dict:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+def write_parquet(rows: list[dict], features: dict, path: str) -> None:
+    import datasets
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    columns = {name: [row.get(name) for row in rows] for name in features}
+    datasets.Dataset.from_dict(columns, features=datasets.Features(features)).to_parquet(path)
+
+
+def jsonl(folder: str) -> None:
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    pictures = {"red_circle.png": shape("circle", "red"), "blue_square.png": shape("square", "blue"),
+                "invoice.png": document(["INVOICE 4721", "TOTAL 38"])}
+    for name, image in pictures.items():
+        image.save(os.path.join(folder, "images", name), optimize=True)
+    rows = [
+        {"id": "circle", "image": "images/red_circle.png", "question": "Describe the picture.",
+         "answer": "A red circle on a white background."},
+        {"id": "square", "image": "images/blue_square.png", "question": "Which shape is in the picture?",
+         "choices": ["circle", "square", "triangle"], "answer": "square"},
+        {"id": "invoice", "image": "images/invoice.png", "question": "What is the invoice number?",
+         "answers": ["4721"], "metric": "anls"},
+    ]
+    with open(os.path.join(folder, "sample.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def main() -> None:
+    import datasets
+
+    S, I = datasets.Value("string"), datasets.Image()
+    jsonl(os.path.join(SAMPLES_DIR, "jsonl"))
+    write_parquet([
+        {"question_id": "0", "question": "What colour is the circle?", "image": png(shape("circle", "red")),
+         "category": "conv", "image_id": "red_circle", "answer": "The circle is red.",
+         "caption": "A red circle on a white background."},
+        {"question_id": "1", "question": "Describe the picture in detail.", "image": png(shape("triangle", "green")),
+         "category": "detail", "image_id": "green_triangle",
+         "answer": "A green triangle stands on a white background, pointing upwards.",
+         "caption": "A green triangle on a white background."},
+    ], {"question_id": S, "question": S, "image": I, "category": S, "image_id": S, "answer": S, "caption": S},
+        os.path.join(SAMPLES_DIR, "llava-bench", "data", "train-00000-of-00001.parquet"))
+    mmmu_features = {"id": S, "question": S, "options": S, "explanation": S,
+                     **{f"image_{i}": I for i in range(1, 8)}, "img_type": S, "answer": S,
+                     "topic_difficulty": S, "question_type": S, "subfield": S}
+    for subject, rows in {
+        "Art": [{"id": "validation_Art_1", "question": "<image 1> Which colour fills the shape?",
+                 "options": "['Red', 'Blue', 'Green', 'Yellow']", "image_1": png(shape("square", "blue")),
+                 "answer": "B", "question_type": "multiple-choice", "img_type": "['Diagrams']",
+                 "topic_difficulty": "Easy", "subfield": "Colour", "explanation": ""}],
+        "Math": [{"id": "validation_Math_1", "question": "How many corners does the shape in <image 1> have?",
+                  "options": "['2', '3', '4', '5']", "image_1": png(shape("triangle", "black")), "answer": "B",
+                  "question_type": "multiple-choice", "img_type": "['Diagrams']", "topic_difficulty": "Easy",
+                  "subfield": "Geometry", "explanation": ""},
+                 {"id": "validation_Math_2", "question": "How many sides does the shape in <image 1> have?",
+                  "options": "[]", "image_1": png(shape("square", "black")), "answer": "4",
+                  "question_type": "open", "img_type": "['Diagrams']", "topic_difficulty": "Easy",
+                  "subfield": "Geometry", "explanation": ""}],
+    }.items():
+        write_parquet(rows, mmmu_features, os.path.join(SAMPLES_DIR, "mmmu", subject,
+                                                        "validation-00000-of-00001.parquet"))
+    L = datasets.Sequence(S)
+    write_parquet([
+        {"image_id": "red_circle", "question_id": 0, "question": "what colour is the circle?",
+         "question_tokens": ["what", "colour", "is", "the", "circle"], "image": png(shape("circle", "red")),
+         "image_width": 64, "image_height": 64, "flickr_original_url": "", "flickr_300k_url": "",
+         "answers": ["red"] * 8 + ["red circle", "orange"], "image_classes": ["circle"], "set_name": "val",
+         "ocr_tokens": []},
+        {"image_id": "sign", "question_id": 1, "question": "what number is on the sign?",
+         "question_tokens": ["what", "number", "is", "on", "the", "sign"], "image": png(document(["STOP 12"])),
+         "image_width": 160, "image_height": 36, "flickr_original_url": "", "flickr_300k_url": "",
+         "answers": ["12"] * 9 + ["twelve"], "image_classes": ["sign"], "set_name": "val", "ocr_tokens": ["STOP", "12"]},
+    ], {"image_id": S, "question_id": datasets.Value("int64"), "question": S, "question_tokens": L, "image": I,
+        "image_width": datasets.Value("int64"), "image_height": datasets.Value("int64"), "flickr_original_url": S,
+        "flickr_300k_url": S, "answers": L, "image_classes": L, "set_name": S, "ocr_tokens": L},
+        os.path.join(SAMPLES_DIR, "textvqa", "data", "validation-00000-of-00001.parquet"))
+    write_parquet([
+        {"questionId": "1", "question": "What is the invoice number?", "question_types": ["form"],
+         "image": png(document(["INVOICE 4721", "DATE 03/05", "TOTAL 38.50"])), "docId": 1,
+         "ucsf_document_id": "synthetic", "ucsf_document_page_no": "1", "answers": ["4721"]},
+        {"questionId": "2", "question": "What is the total?", "question_types": ["form"],
+         "image": png(document(["INVOICE 4721", "DATE 03/05", "TOTAL 38.50"])), "docId": 1,
+         "ucsf_document_id": "synthetic", "ucsf_document_page_no": "1", "answers": ["38.50", "$38.50"]},
+    ], {"questionId": S, "question": S, "question_types": L, "image": I, "docId": datasets.Value("int64"),
+        "ucsf_document_id": S, "ucsf_document_page_no": S, "answers": L},
+        os.path.join(SAMPLES_DIR, "docvqa", "DocVQA", "validation-00000-of-00001.parquet"))
+
+
+if __name__ == "__main__":
+    main()

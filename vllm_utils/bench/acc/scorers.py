@@ -1,0 +1,110 @@
+"""Each task family's score of one reply, as that dataset's own evaluation defines it; every score is in [0, 1]."""
+import random
+from dataclasses import dataclass
+
+from vllm_utils.bench.acc.vqa_normalize import normalize_answer
+
+ANLS_THRESHOLD = 0.5
+
+
+def rouge_l(reply: str, reference: str) -> float:
+    """ROUGE-L F-measure (Google's `rouge-score`, its default tokenizer, no stemming)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, reply)["rougeL"].fmeasure
+
+
+def vqa_accuracy(reply: str, answers: list[str]) -> float:
+    """VQA accuracy as the official evaluation computes it: both sides normalised (`normalize_answer`); for each
+    of the human answers, min(1, matches among the other ones / 3); averaged over them (the 10-choose-9 subsets)."""
+    if not answers:
+        return 0.0
+    reply = normalize_answer(reply)
+    gts = [normalize_answer(a) for a in answers]
+    accs = [min(1.0, sum(other == reply for j, other in enumerate(gts) if j != i) / 3) for i in range(len(gts))]
+    return sum(accs) / len(accs)
+
+
+def levenshtein(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def anls(reply: str, answers: list[str], threshold: float = ANLS_THRESHOLD) -> float:
+    """Average Normalised Levenshtein Similarity of one question (DocVQA's metric): the best over the answers of
+    1 - distance / longer length (case and surrounding space ignored), or 0 when that distance is >= threshold."""
+    best = 0.0
+    pred = " ".join(reply.strip().lower().split())
+    for answer in answers:
+        gt = " ".join(answer.strip().lower().split())
+        longest = max(len(gt), len(pred))
+        nl = levenshtein(gt, pred) / longest if longest else 0.0
+        best = max(best, 1 - nl if nl < threshold else 0.0)
+    return best
+
+
+def choice_letters(n: int) -> list[str]:
+    return [chr(ord("A") + i) for i in range(n)]
+
+
+def render_choices(question: str, choices: list[str]) -> str:
+    """MMMU's multiple-choice prompt: the question, then `(A) option` lines, then the instruction."""
+    options = "".join(f"({letter}) {option}\n" for letter, option in zip(choice_letters(len(choices)), choices))
+    return f"{question}\n\n{options}\n\nAnswer with the option's letter from the given choices directly."
+
+
+@dataclass
+class ParsedChoice:
+    letter: str
+    guessed: bool  # no letter or option text found in the reply: a random pick, as MMMU's evaluation does
+
+
+def parse_choice(reply: str, choices: list[str], rng: random.Random) -> ParsedChoice:
+    """MMMU's `parse_multi_choice_response`: "(B)" first, then a bare " B ", then (replies over 5 words) an
+    option's text; the last one mentioned wins; none: a random letter."""
+    letters = choice_letters(len(choices))
+    for char in [",", ".", "!", "?", ";", ":", "'"]:
+        reply = reply.strip(char)
+    reply = f" {reply} "
+    bracketed = [c for c in letters if f"({c})" in reply]
+    candidates = bracketed or [c for c in letters if f" {c} " in reply]
+    by_text = False
+    if not candidates and len(reply.split()) > 5:
+        candidates = [c for c, option in zip(letters, choices) if option.lower() in reply.lower()]
+        by_text = True
+    if not candidates:
+        return ParsedChoice(rng.choice(letters), True)
+    if len(candidates) == 1:
+        return ParsedChoice(candidates[0], False)
+    if by_text:
+        where = [reply.lower().rfind(choices[letters.index(c)].lower()) for c in candidates]
+    else:
+        where = [reply.rfind(f"({c})" if bracketed else f" {c} ") for c in candidates]
+    return ParsedChoice(candidates[where.index(max(where))], False)
+
+
+def open_answer(reply: str, answers: list[str]) -> float:
+    """MMMU's open questions, simplified: 1 when a normalised answer appears in the normalised reply (MMMU's own
+    rule also extracts and compares numbers)."""
+    reply = normalize_answer(reply)
+    return float(any(normalize_answer(a) and normalize_answer(a) in reply for a in answers))
+
+
+def score(metric: str, reply: str, references: list[str], choices: list[str] | None,
+          rng: random.Random) -> tuple[float, str | None]:
+    """The sample's score, and what was parsed from the reply (the letter of a multiple-choice reply)."""
+    if metric == "rouge":
+        return rouge_l(reply, references[0]), None
+    if metric == "choice":
+        parsed = parse_choice(reply, choices or [], rng)
+        return float(parsed.letter == references[0]), parsed.letter + (" (guessed)" if parsed.guessed else "")
+    if metric == "vqa":
+        return vqa_accuracy(reply, references), None
+    if metric == "anls":
+        return anls(reply, references), None
+    return open_answer(reply, references), None

@@ -1,0 +1,36 @@
+"""Prompt log-probs (vLLM's `prompt_logprobs`): a prefill keeps every row of the prompts that ask for them, not
+only each prompt's last row, and each row's distribution scores the token that follows it. A prompt prefilled in
+chunks gets its entries chunk by chunk."""
+import torch
+
+CHUNK_ROWS = 256  # rows turned into float log-probs at once: bounds the extra memory for long prompts
+
+
+def kept_rows(seq_lens: list[int], all_rows: list[bool], samples: list[bool]) -> tuple[list[int], list[int],
+                                                                                       list[int]]:
+    """The packed rows a prefill keeps: every row of the sequences in `all_rows`, the last row of the others that
+    sample. Returns them, where each sampling sequence's last row sits among them, and where each sequence's
+    rows start among them."""
+    keep, last, first = [], [], []
+    start = 0
+    for n, every, sampled in zip(seq_lens, all_rows or [False] * len(seq_lens), samples):
+        first.append(len(keep))
+        keep.extend(range(start, start + n) if every else [start + n - 1] if sampled else [])
+        if sampled:
+            last.append(len(keep) - 1)
+        start += n
+    return keep, last, first
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], top: int) -> list[dict[int, float]]:
+    """`logits`: one row per target, the row before it. Entry i: {targets[i]: its log-prob} plus the `top` most
+    likely tokens there."""
+    out = []
+    target = torch.tensor(targets, device=logits.device)
+    for lo in range(0, len(targets), CHUNK_ROWS):
+        rows = logits[lo : lo + CHUNK_ROWS].float().log_softmax(dim=-1)
+        given = rows.gather(-1, target[lo : lo + len(rows), None]).squeeze(-1).tolist()
+        best_lp, best_ids = rows.topk(top, dim=-1) if top else (rows[:, :0], rows[:, :0].long())
+        for token, lp, ids, lps in zip(targets[lo : lo + len(rows)], given, best_ids.tolist(), best_lp.tolist()):
+            out.append({**dict(zip(ids, lps)), token: lp})
+    return out
