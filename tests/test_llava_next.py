@@ -175,3 +175,15 @@ def test_a_large_image_prefilled_in_chunks_gives_hf_tokens(anyres):
     assert len(outputs[0].prompt_token_ids) > 3 * 16  # several chunks
     for image, request, out in zip(images, requests, outputs):
         assert out.outputs[0].token_ids == hf.greedy(request["prompt"], [image], GREEDY.max_tokens)
+
+
+def test_the_hf_backend_runs_the_same_perf_workload(anyres, tmp_path):
+    """--backend hf hands HF's model the images as it takes them (not our engine's own tensor layout)."""
+    from test_perf import SEED_KEYS, perf_info
+
+    folder, _ = anyres
+    run = cli("--perf", "--backend=hf", f"--model={folder}", "--device=cpu", "--dtype=float32",
+              "--max-model-len=1024", "--input-len=400", "--output-len=3", "--mm-per-prompt=2",
+              "--input-vision-shape=60,180;200,70", cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert set(perf_info(run.stdout)) == set(SEED_KEYS)

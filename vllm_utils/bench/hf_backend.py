@@ -104,7 +104,7 @@ class HFGenerate:
         width = max(len(ids) for _, ids, _ in chunk)
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids, _ in chunk], device=engine.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids, _ in chunk], device=engine.device)
-        mm_inputs = concat_mm_inputs([mm for _, _, mm in chunk if mm])
+        mm_inputs = concat_mm_inputs([engine.processor.hf_model_inputs(mm) for _, _, mm in chunk if mm])
         kwargs = {k: v.to(engine.device, engine.dtype) if v.is_floating_point() else v.to(engine.device)
                   for k, v in mm_inputs.items()}
         if params.ignore_eos:

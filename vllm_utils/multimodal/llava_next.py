@@ -32,6 +32,10 @@ class LlavaNextProcessorAdapter(LlavaProcessorAdapter):
         views = torch.cat([pixels[i, :n] for i, n in enumerate(tiles)]) if pixels.dim() == 5 else pixels
         return {"pixel_values": views, "image_sizes": sizes, "image_tiles": torch.tensor(tiles)}
 
+    def hf_model_inputs(self, mm_inputs: MultiModalInputs) -> MultiModalInputs:
+        """HF's model takes the views flattened too, and counts them from the image sizes itself."""
+        return {"pixel_values": mm_inputs["pixel_values"], "image_sizes": mm_inputs["image_sizes"]}
+
     def item_positions(self, mm_inputs: MultiModalInputs) -> list[int]:
         vision = self.hf_config.vision_config
         side = vision.image_size // vision.patch_size
@@ -52,6 +56,10 @@ class LlavaNextProcessorAdapter(LlavaProcessorAdapter):
 
 
 class LlavaOnevisionProcessorAdapter(LlavaNextProcessorAdapter):
+    def hf_model_inputs(self, mm_inputs: MultiModalInputs) -> MultiModalInputs:
+        """With the prompt's image count: HF's model gives several images of one prompt their base view only."""
+        return {**super().hf_model_inputs(mm_inputs), "batch_num_images": torch.tensor([len(mm_inputs["image_sizes"])])}
+
     def fallback_image_processor(self):
         from transformers import LlavaOnevisionImageProcessor
 

@@ -60,6 +60,10 @@ class ProcessorAdapter:
         """The prompt the family's chat template renders, for folders that carry none."""
         raise NotImplementedError
 
+    def hf_model_inputs(self, mm_inputs: MultiModalInputs) -> MultiModalInputs:
+        """One prompt's items as HF transformers' model takes them (for the HF reference backend)."""
+        return mm_inputs
+
     def items(self, processed: MultiModalInputs) -> MultiModalInputs:
         """The HF processor's image tensors for the images of one prompt, as the model takes them (each item's
         rows along dim 0, so that prompts concatenate)."""
