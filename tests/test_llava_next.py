@@ -187,3 +187,23 @@ def test_the_hf_backend_runs_the_same_perf_workload(anyres, tmp_path):
               "--input-vision-shape=60,180;200,70", cwd=str(tmp_path))
     assert run.returncode == 0, run.stderr
     assert set(perf_info(run.stdout)) == set(SEED_KEYS)
+
+
+def test_preemption_under_a_small_kv_pool_gives_hf_tokens(anyres):
+    folder, hf = anyres
+    images = [picture(SIZES["large"], 3), picture(SIZES["wide"], 1), picture(SIZES["tall"], 2)]
+    probe = LLM(folder, device="cpu", dtype="float32", max_model_len=2048)
+    lengths = [len(probe.engine.processor.process(_request(probe, "Describe the picture.", [i])["prompt"], [i])[0])
+               for i in images]
+    # room for every prompt, not for all of them to grow by 40 tokens: running requests must be preempted
+    blocks = max(sum(-(-n // 4) for n in lengths) + 8, -(-(max(lengths) + 40) // 4))
+    llm = LLM(folder, device="cpu", dtype="float32", block_size=4, max_model_len=4 * blocks, max_num_seqs=3,
+              num_kv_blocks=blocks)
+    requests = [_request(llm, "Describe the picture.", [image]) for image in images]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.block_manager.num_free == blocks
+    for image, request, out in zip(images, requests, outputs):
+        expected = hf.model.generate(**hf.inputs(request["prompt"], [image]), max_new_tokens=40, min_new_tokens=40,
+                                     do_sample=False)[0, len(out.prompt_token_ids):].tolist()
+        assert out.outputs[0].token_ids == expected
