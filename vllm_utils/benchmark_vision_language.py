@@ -8,6 +8,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from vllm_utils.bench.demo import DEFAULT_PROMPT
 from vllm_utils.errors import UserError, one_line
 
 if TYPE_CHECKING:
@@ -15,7 +16,6 @@ if TYPE_CHECKING:
 from vllm_utils.bundled import BUNDLED
 from vllm_utils.bench.acc.bundled import ACC_SAMPLES
 
-DEFAULT_PROMPT = "Describe the picture."
 ENGINE_ONLY_FLAGS = ("--block-size", "--num-kv-blocks", "--enforce-eager")  # what --backend hf ignores
 PROG = "python3 -m vllm_utils.benchmark_vision_language"
 EPILOG = f"""\
@@ -160,24 +160,6 @@ def engine_args(args: argparse.Namespace) -> dict:
     )
 
 
-def pair_images_and_prompts(images: list[str], prompts: list[str],
-                            per_prompt: int = 1) -> list[tuple[tuple[str, ...], str]]:
-    """Requests as (image paths, prompt): each `per_prompt` consecutive images with one prompt."""
-    if len(images) % per_prompt:
-        raise UserError(f"{len(images)} --input-image do not split into groups of --mm-per-prompt {per_prompt}; "
-                        f"pass a multiple of {per_prompt} images")
-    groups = [tuple(images[i : i + per_prompt]) for i in range(0, len(images), per_prompt)]
-    prompts = prompts or [DEFAULT_PROMPT]
-    if len(prompts) == 1:
-        prompts = prompts * len(groups)
-    elif len(groups) == 1:
-        groups = groups * len(prompts)
-    if len(groups) != len(prompts):
-        raise UserError(f"{len(groups)} image group(s) of --mm-per-prompt {per_prompt} and {len(prompts)} --prompt "
-                        f"given; pass one prompt, one group, or as many of each")
-    return list(zip(groups, prompts))
-
-
 def ignored_by_hf(args: argparse.Namespace) -> list[str]:
     return [flag for flag in ENGINE_ONLY_FLAGS if flag[2:].replace("-", "_") in args.explicit]
 
@@ -200,64 +182,6 @@ def make_llm(args: argparse.Namespace, config: "ResolvedConfig"):
 
     with phase(what, "Loading"):
         return LLM(config)
-
-
-def use_default_demo_model(args: argparse.Namespace, with_image: bool = True) -> None:
-    from vllm_utils.bench.tiny_model import default_demo_assets
-
-    args.model, default_image, built = default_demo_assets()
-    print(f"No --model given: {'built' if built else 'using'} a tiny LLaVA with RANDOM weights at {args.model} "
-          f"(its text is gibberish by design); pass --model PATH for a real checkpoint.", file=sys.stderr)
-    if with_image and not args.input_image:
-        args.input_image = [default_image]
-        print(f"No --input-image given: using the generated picture {default_image}.", file=sys.stderr)
-
-
-def demo_requests(processor, pairs: list[tuple[str, str]], images: dict) -> list[dict]:
-    """A prompt holding the image placeholder is rendered as given; otherwise the image goes before it."""
-    requests = []
-    for paths, text in pairs:
-        holds_image = processor.image_token in text
-        prompt = processor.chat_prompt(text, num_images=0 if holds_image else len(paths))
-        requests.append({"prompt": prompt, "multi_modal_data": {"image": [images[p] for p in paths]}})
-    return requests
-
-
-def run_demo(args: argparse.Namespace) -> None:
-    from vllm_utils.bench.preflight import check_prompt_placeholders
-    from vllm_utils.config import DEFAULT_MAX_NUM_SEQS
-    from vllm_utils.multimodal.image import load_image
-    from vllm_utils.sampling_params import SamplingParams
-
-    if args.model is None:
-        use_default_demo_model(args)
-    if not args.input_image:
-        raise UserError("--demo needs --input-image IMAGE (repeatable)")
-    pairs = pair_images_and_prompts(args.input_image, args.prompt, args.mm_per_prompt)
-    check_prompt_placeholders([text for _, text in pairs], args.mm_per_prompt)
-    images = {path: load_image(path) for paths, _ in pairs for path in paths}
-    if args.batch_size is None:
-        args.batch_size = min(len(pairs), DEFAULT_MAX_NUM_SEQS)
-    llm = make_llm(args, resolve_config(args))
-    requests = demo_requests(llm.engine.processor, pairs, images)
-    max_tokens = 64 if args.output_len is None else args.output_len
-    params = SamplingParams(temperature=args.temperature, max_tokens=max_tokens)
-    outputs = generate_seeded(llm, requests, params, args.seed)
-    for (paths, _), output in zip(pairs, outputs):
-        print(f"Prompt: {output.prompt!r}, Generated text: {output.outputs[0].text!r}, Image: {', '.join(paths)!r}")
-    if args.reference:
-        from vllm_utils.bench.acc.demo import demo_agreement
-
-        demo_agreement(llm, args, requests, outputs, max_tokens)
-
-
-def generate_seeded(llm, requests: list[dict], params, seed: int) -> list:
-    """As in vLLM, --seed seeds one global generator that every request draws from: identical requests
-    sample differently, and the same command gives the same text."""
-    import torch
-
-    torch.manual_seed(seed)
-    return llm.generate(requests, params)
 
 
 def quiet_libraries() -> None:
@@ -284,11 +208,15 @@ def preflight(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     preflight(args)
     if args.demo:
-        run_demo(args)
+        from vllm_utils.bench.demo import run_demo
+
+        run_demo(args, resolve_config, make_llm)
     elif args.acc:
         from vllm_utils.bench.acc.run import run_acc
         from vllm_utils.bench.perf import save_reports
         from vllm_utils.bench.report import environment
+
+        from vllm_utils.bench.demo import use_default_demo_model
 
         if args.model is None:
             use_default_demo_model(args, with_image=False)
