@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, StoppingCriteria
 
 from vllm_utils.config import EngineConfig, ResolvedConfig

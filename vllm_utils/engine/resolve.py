@@ -1,7 +1,5 @@
 """EngineConfig + the model's HF config -> ResolvedConfig, once, before anything is built: every check that needs
 only the configuration runs here, so that bad input fails before minutes of loading."""
-import torch
-
 from vllm_utils.config import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DTYPES, EngineConfig,
                                ResolvedConfig, bundled_config_dir, checkpoint_dtype, load_hf_config)
 from vllm_utils.errors import UserError

@@ -3,12 +3,10 @@ that Llama checkpoints use: default, linear and llama3."""
 import math
 
 import torch
-from torch import nn
 from transformers import PretrainedConfig
 
 from vllm_utils.errors import UserError
 from vllm_utils.layers.op import Op
-
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
