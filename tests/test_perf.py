@@ -16,8 +16,8 @@ from vllm_utils.config import load_hf_config
 from vllm_utils.engine.model_runner import build_model
 from vllm_utils.models.llava import LlavaForConditionalGeneration
 
-from conftest import REAL_LLAVA, needs_shared
-from test_cli import MODULE, cli, cli_env, error_lines
+from conftest import REAL_LLAVA
+from test_cli import MODULE, cli, cli_env
 
 SEED_KEYS = {"latency_num_prompts": "ms", "latency_per_token": "ms", "request_per_second": "requests/s",
              "token_per_second": "tokens/s", "prefill_latency_per_token": "ms", "decode_latency_per_token": "ms"}

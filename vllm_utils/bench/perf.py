@@ -8,7 +8,7 @@ import time
 from vllm_utils.bench.metrics import TimedRun, seed_perf_info, summarize
 from vllm_utils.bench.preflight import check_perf_lengths
 from vllm_utils.progress import phase
-from vllm_utils.bench.report import environment, write_csv, write_json
+from vllm_utils.bench.report import environment, flatten, write_csv, write_json
 from vllm_utils.bench.synthetic import SyntheticRequest, perf_images, synthetic_requests
 from vllm_utils.config import DEFAULT_MAX_NUM_SEQS
 from vllm_utils.errors import UserError
@@ -123,16 +123,6 @@ def perf_settings(args: argparse.Namespace, engine) -> dict[str, object]:
         "mm_per_prompt": args.mm_per_prompt, "input_vision_shape": args.input_vision_shape or "",
         "backend": args.backend,
     }
-
-
-def flatten(summary: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in summary.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}_"))
-        else:
-            flat[prefix + key] = "n/a" if value is None else round(value, 4) if isinstance(value, float) else value
-    return flat
 
 
 def print_details(s: dict) -> None:

@@ -165,3 +165,14 @@ def environment(device) -> dict[str, object]:
     else:
         env["device_name"] = env["cpu_model"]
     return env
+
+
+def flatten(summary: dict, prefix: str = "") -> dict[str, object]:
+    """Nested figures as the CSV's Key,Value rows: keys joined by "_", floats to 4 places, None as "n/a"."""
+    flat = {}
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}_"))
+        else:
+            flat[prefix + key] = "n/a" if value is None else round(value, 4) if isinstance(value, float) else value
+    return flat

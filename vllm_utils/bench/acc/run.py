@@ -11,6 +11,7 @@ from vllm_utils.bench.acc.readers import read_dataset
 from vllm_utils.bench.acc.sample import Sample
 from vllm_utils.bench.acc.scorers import score
 from vllm_utils.bench.acc.summary import acc_info, print_summary
+from vllm_utils.bench.report import flatten
 from vllm_utils.errors import UserError
 from vllm_utils.progress import progress_bar
 from vllm_utils.sampling_params import SamplingParams
@@ -114,7 +115,7 @@ def run_acc(args: argparse.Namespace, resolve_config, make_llm, save_reports, en
     info = acc_info(args, results, agreement)
     print_summary(info, agreement)
     settings = acc_settings(args, llm.engine)
-    save_reports({**settings, **flat(info)}, args.output_json,
+    save_reports({**settings, **flatten(info)}, args.output_json,
                  lambda: {"settings": settings, "acc_info": info, "samples": [r.record() for r in results],
                           "agreement": agreement, "environment": environment(llm.engine.device)})
 
@@ -141,13 +142,3 @@ def acc_settings(args: argparse.Namespace, engine) -> dict[str, object]:
         args.explicit else "all", "batch_size": args.batch_size, "output_len": args.output_len,
         "max_model_len": engine.max_model_len, "seed": args.seed, "reference": args.reference or "none",
     }
-
-
-def flat(info: dict, prefix: str = "") -> dict[str, object]:
-    rows = {}
-    for key, value in info.items():
-        if isinstance(value, dict):
-            rows.update(flat(value, f"{prefix}{key}_"))
-        else:
-            rows[prefix + key] = "n/a" if value is None else round(value, 4) if isinstance(value, float) else value
-    return rows
