@@ -215,8 +215,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits of each sequence's next token (and their argmax when a graph computed it); a prefill with
-        `all_rows` gives the rows of `kept_rows` instead."""
+        """Logits of the next token of each sequence that samples this step (and their argmax when a graph
+        computed it); a prefill with `all_rows` gives every row `kept_rows` keeps."""
         if isinstance(inputs, PrefillInputs):
             mm_embeds = self._step_mm_embeds(inputs)
             graphs = self.prefill_graphs
