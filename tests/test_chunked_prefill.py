@@ -80,3 +80,14 @@ def test_prompt_logprobs_of_a_chunked_prompt_equal_the_whole_prompts(tiny_llava,
     for a, b in zip(whole.prompt_logprobs[1:], chunked.prompt_logprobs[1:]):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
     assert whole.outputs[0].token_ids == chunked.outputs[0].token_ids
+
+
+def test_chunked_prefill_at_tensor_parallel_2_gives_the_tokens_of_1(tiny_llava, images):
+    outputs = {}
+    for size in (1, 2):
+        llm = LLM(tiny_llava, device="cpu", dtype="float32", max_model_len=512, max_num_batched_tokens=9,
+                  tensor_parallel_size=size)
+        reqs = [request(llm, text, [images[i] for i in idx]) for text, idx in BATCH]
+        outputs[size] = [o.outputs[0].token_ids for o in llm.generate(reqs, PARAMS, use_tqdm=False)]
+        llm.engine.shutdown()
+    assert outputs[2] == outputs[1] and all(len(t) == PARAMS.max_tokens for t in outputs[2])
