@@ -3,11 +3,11 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from vllm_utils.progress import GenerationProgress
 from vllm_utils.config import EngineConfig, ResolvedConfig
 from vllm_utils.engine.llm_engine import LLMEngine
 from vllm_utils.engine.sequence import Sequence, SequenceTimes
 from vllm_utils.errors import UserError
+from vllm_utils.progress import GenerationProgress
 from vllm_utils.sampling_params import SamplingParams
 
 PromptInput = str | dict
