@@ -10,7 +10,7 @@ from vllm_utils.config import EngineConfig
 from vllm_utils.kernels import cpu as cpu_kernels
 from vllm_utils.kernels.cpu_linear import DecodeLinear, OneDnnLinear, PackedOneDnnLinear
 from vllm_utils.layers.linear import ColumnParallelLinear, RowParallelLinear
-from vllm_utils.platforms.cpu import CpuPlatform
+from vllm_utils.platforms.cpu import CpuPlatform, _kernel_for as kernel_for
 
 
 def choose_cpu_kernels(model: nn.Module, prompt_only: list | None = None, **config) -> None:
@@ -159,8 +159,35 @@ def test_rope_kernel_is_bit_identical_to_pytorch(rope_type, dim):
     sin = rotary.sin[positions].to(torch.bfloat16).unsqueeze(1)
     expected_q, expected_k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     assert cpu_kernels.supports_rope(q, positions, rotary.cos)
+    rotary.impl = kernel_for(rotary)  # what the CPU platform gives a bf16 model's RoPE
     out_q, out_k = rotary(positions, q, k)
     assert torch.equal(out_q, expected_q) and torch.equal(out_k, expected_k)
+
+
+@needs_kernel
+def test_multimodal_rope_kernel_is_bit_identical_to_transformers_qwen2_vl():
+    """Qwen2-VL's RoPE of three position rows (time, height, width) through the C kernel, against transformers'
+    own rotary embedding and its bf16 arithmetic."""
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, apply_rotary_pos_emb
+
+    from vllm_utils.layers.rotary import MRotaryEmbedding
+
+    dim, sections, tokens = 128, [16, 24, 24], 11
+    rope = {"rope_type": "default", "rope_theta": 1e6}
+    hf = Qwen2VLRotaryEmbedding(Qwen2VLTextConfig(hidden_size=4 * dim, num_attention_heads=4, num_key_value_heads=2,
+                                                  rope_parameters={**rope, "mrope_section": sections}))
+    rotary = MRotaryEmbedding(dim, 4096, rope, sections)
+    rotary.impl = kernel_for(rotary)
+    positions = torch.randint(0, 4096, (3, tokens))
+    qkv = torch.randn(tokens, 8 * dim).to(torch.bfloat16)
+    q, k = qkv[:, : 6 * dim].view(tokens, 6, dim), qkv[:, 6 * dim :].view(tokens, 2, dim)
+    cos, sin = hf(q, positions[:, None, :])
+    expected = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    index, cos_table, _ = rotary.tables(positions)
+    assert cpu_kernels.supports_rope(q, index, cos_table)
+    out_q, out_k = rotary(positions, q, k)
+    assert torch.equal(out_q, expected[0][0].transpose(0, 1)) and torch.equal(out_k, expected[1][0].transpose(0, 1))
 
 
 @needs_kernel

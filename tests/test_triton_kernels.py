@@ -79,6 +79,38 @@ def test_rope_and_store_equals_rotary_then_store(dtype):
     assert not k_cache.view(-1, kv_heads, dim)[untouched].any() and not v_cache.view(-1, kv_heads, dim)[untouched].any()
 
 
+@pytest.mark.parametrize("dtype", [HALF, torch.float32])
+def test_rope_and_store_of_three_position_rows_equals_transformers_qwen2_vl(dtype):
+    """The fused RoPE + K/V store with Qwen2-VL's multimodal RoPE (positions [3, tokens]) against transformers'
+    rotary embedding."""
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, apply_rotary_pos_emb
+
+    from vllm_utils.attention.triton_backend import TritonPagedAttention
+    from vllm_utils.layers.rotary import MRotaryEmbedding
+
+    torch.manual_seed(1)
+    tokens, heads, kv_heads, dim, sections = 9, 4, 2, 64, [8, 12, 12]
+    rope = {"rope_type": "default", "rope_theta": 1e6}
+    hf = Qwen2VLRotaryEmbedding(Qwen2VLTextConfig(hidden_size=heads * dim, num_attention_heads=heads,
+                                                  num_key_value_heads=kv_heads,
+                                                  rope_parameters={**rope, "mrope_section": sections})).to(DEVICE)
+    rotary = MRotaryEmbedding(dim, 1024, rope, sections).to(DEVICE)
+    positions = torch.randint(0, 1024, (3, tokens), device=DEVICE)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype, device=DEVICE)
+    q, k, v = (t.view(tokens, -1, dim) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+    cos, sin = hf(q, positions[:, None, :])
+    q_ref, k_ref = (t[0].transpose(0, 1) for t in apply_rotary_pos_emb(q.transpose(0, 1)[None],
+                                                                       k.transpose(0, 1)[None], cos, sin))
+    k_cache, v_cache = (torch.zeros(4, 4, kv_heads, dim, dtype=dtype, device=DEVICE) for _ in range(2))
+    slots = torch.randperm(16, device=DEVICE)[:tokens]
+    TritonPagedAttention().rope_and_store(positions, q, k, v, rotary, k_cache, v_cache, slots)
+    tolerance = {"rtol": 2**-7, "atol": 2**-7} if DEVICE.type == "cuda" else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(q, q_ref, **tolerance)
+    torch.testing.assert_close(k, k_ref, **tolerance)
+    assert torch.equal(k_cache.view(-1, kv_heads, dim)[slots], k)
+
+
 def test_add_rmsnorm_and_silu_mul_equal_the_pytorch_layers():
     from vllm_utils.kernels import triton_fused
 

@@ -33,6 +33,19 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
+def multi_modal_items(prompt: dict) -> tuple[list[Image.Image], list]:
+    """(images, videos) of a prompt's multi_modal_data: "image" a PIL image or a list of them; "video" one video
+    (a VideoClip, a [frames, H, W, 3] uint8 array, or a list of PIL frames) or a list of them."""
+    data = prompt.get("multi_modal_data") or {}
+    images = data.get("image", [])
+    images = images if isinstance(images, list) else [images]
+    if not all(isinstance(i, Image.Image) for i in images):
+        raise UserError("multi_modal_data['image'] must be a PIL image or a list of them")
+    videos = data.get("video", [])
+    single = not isinstance(videos, list) or (videos and isinstance(videos[0], Image.Image))
+    return images, [videos] if single else videos
+
+
 class LLM:
     def __init__(self, model: str | ResolvedConfig, model_type: str | None = None, **engine_args) -> None:
         """`model`: a model folder (with EngineConfig's fields as keywords), or a configuration already
@@ -42,7 +55,8 @@ class LLM:
 
     def generate(self, prompts: PromptInput | list[PromptInput], sampling_params: SamplingParams | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Each prompt is a string, or {"prompt": str, "multi_modal_data": {"image": PIL image or list}},
+        """Each prompt is a string, or {"prompt": str, "multi_modal_data": {"image": PIL image or list, "video": a
+        video or list (see `multi_modal_items`)}},
         or {"prompt_token_ids": [...], "mm_inputs": {"pixel_values": tensor, ...}} (already processed: each
         image placeholder expanded to its positions). A dict may also hold "continuation_token_ids": tokens
         appended to the prompt as text (teacher forcing; see `LLMEngine.add_request`). Outputs come back in
@@ -64,13 +78,10 @@ class LLM:
     def _add(self, prompt: PromptInput, params: SamplingParams) -> Sequence:
         if isinstance(prompt, str):
             return self.engine.add_request(prompt, [], params)
-        images = (prompt.get("multi_modal_data") or {}).get("image", [])
-        images = images if isinstance(images, list) else [images]
-        if not all(isinstance(i, Image.Image) for i in images):
-            raise UserError("multi_modal_data['image'] must be a PIL image or a list of them")
+        images, videos = multi_modal_items(prompt)
         return self.engine.add_request(prompt.get("prompt"), images, params,
                                        prompt.get("prompt_token_ids"), prompt.get("mm_inputs"),
-                                       prompt.get("continuation_token_ids"))
+                                       prompt.get("continuation_token_ids"), videos)
 
     def _output(self, seq: Sequence) -> RequestOutput:
         out = CompletionOutput(self.engine.processor.decode(seq.output_token_ids), seq.output_token_ids,

@@ -19,7 +19,8 @@ class TritonPagedAttention(TorchPagedAttention):
         """RoPE of q and k and the store of k and v in one launch (in place)."""
         if rotary is None:
             return super().rope_and_store(positions, q, k, v, rotary, k_cache, v_cache, slot_mapping)
-        triton_fused.rope_and_store_(q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, slot_mapping)
+        index, cos, sin = rotary.tables(positions)
+        triton_fused.rope_and_store_(q, k, v, index, cos, sin, k_cache, v_cache, slot_mapping)
         return q, k
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:

@@ -4,7 +4,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 from transformers import AutoModelForImageTextToText, StoppingCriteria
 
 from vllm_utils.config import EngineConfig, ResolvedConfig
@@ -12,7 +11,7 @@ from vllm_utils.engine.llm_engine import EngineStats
 from vllm_utils.engine.resolve import resolve
 from vllm_utils.engine.sequence import SequenceTimes
 from vllm_utils.errors import UserError
-from vllm_utils.llm import CompletionOutput, RequestOutput
+from vllm_utils.llm import CompletionOutput, RequestOutput, multi_modal_items
 from vllm_utils.models.registry import family
 from vllm_utils.multimodal.inputs import concat_mm_inputs
 from vllm_utils.platforms import Platform, platform_for
@@ -87,11 +86,8 @@ class HFGenerate:
     def _tokenize(self, prompt: dict) -> tuple[str | None, list[int], torch.Tensor | None]:
         if "prompt_token_ids" in prompt:
             return None, prompt["prompt_token_ids"], prompt.get("mm_inputs")
-        images = (prompt.get("multi_modal_data") or {}).get("image", [])
-        images = images if isinstance(images, list) else [images]
-        if not all(isinstance(i, Image.Image) for i in images):
-            raise UserError("multi_modal_data['image'] must be a PIL image or a list of them")
-        ids, mm_inputs = self.engine.processor.process(prompt["prompt"], images)
+        images, videos = multi_modal_items(prompt)
+        ids, mm_inputs = self.engine.processor.process(prompt["prompt"], images, videos)
         return prompt["prompt"], ids, mm_inputs
 
     @torch.inference_mode()
@@ -106,6 +102,7 @@ class HFGenerate:
         mm_inputs = concat_mm_inputs([engine.processor.hf_model_inputs(mm) for _, _, mm in chunk if mm])
         kwargs = {k: v.to(engine.device, engine.dtype) if v.is_floating_point() else v.to(engine.device)
                   for k, v in mm_inputs.items()}
+        kwargs.update(engine.processor.hf_token_inputs(input_ids))
         if params.ignore_eos:
             kwargs["min_new_tokens"] = params.max_tokens
         if not params.greedy:

@@ -55,12 +55,12 @@ class LLMEngine:
 
     def add_request(self, prompt: str | None, images: list[Image.Image], params: SamplingParams,
                     prompt_token_ids: list[int] | None = None, mm_inputs: MultiModalInputs | None = None,
-                    continuation_token_ids: list[int] | None = None) -> Sequence:
-        """A raw prompt (with one image placeholder per image) or ready token ids and multimodal tensors.
+                    continuation_token_ids: list[int] | None = None, videos: list | None = None) -> Sequence:
+        """A raw prompt (with one placeholder per image and per video) or ready token ids and multimodal tensors.
         `continuation_token_ids` are appended to the prompt as text, whatever their ids (teacher forcing: with
         `prompt_logprobs`, their log-probs given all before them)."""
         if prompt_token_ids is None:
-            prompt_token_ids, mm_inputs = self.processor.process(prompt, images)
+            prompt_token_ids, mm_inputs = self.processor.process(prompt, images, videos)
         text_from = len(prompt_token_ids)
         prompt_token_ids = list(prompt_token_ids) + list(continuation_token_ids or [])
         if len(prompt_token_ids) >= self.max_model_len:

@@ -96,9 +96,11 @@ class ModelRunner:
         item = self.model.static_mm_item()
         if capture and item is not None:  # the vision graphs have no padding: nothing to test without capture
             self.vision_graphs = VisionGraphs(self.model, item, self.dtype, self.device)
-        hidden = self.config.hf_config.text_config.hidden_size
-        self.prefill_graphs = PrefillGraphs(self.model, min(max_len, PREFILL_GRAPH_TOKENS), scratch * self.block_size,
-                                            hidden, self.dtype, self.platform, self.device, capture)
+        if self.model.position_rows == 1:  # prompts whose positions have several rows run eagerly
+            hidden = self.config.hf_config.text_config.hidden_size
+            self.prefill_graphs = PrefillGraphs(self.model, min(max_len, PREFILL_GRAPH_TOKENS),
+                                                scratch * self.block_size, hidden, self.dtype, self.platform,
+                                                self.device, capture)
         if capture and tp_rank() == 0:
             used = (free_before - torch.cuda.mem_get_info(self.device)[0]) / GiB
             note_once(f"CUDA graphs captured in {time.perf_counter() - start:.1f} s, using {used:.2f} GiB "
@@ -153,16 +155,16 @@ class ModelRunner:
 
     def _prepare_prefill(self, step: ScheduledStep) -> PrefillInputs:
         ids, positions, slots, mm_mask, mm_offsets, mm_new, starting = [], [], [], [], [], [], []
-        mm_token = self.model.mm_token_id
+        mm_tokens = set(self.model.mm_token_ids)
         for seq, n in zip(step.seqs, step.num_tokens):
             start, end = seq.num_computed, seq.num_computed + n
             ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
             slots.extend(self._slot(seq, p) for p in range(start, end))
             # multimodal positions are the prompt's placeholders; generated tokens never are, whatever their id
             # (and a continuation given after the prompt, as in teacher forcing, is text whatever its ids)
-            is_mm = [t == mm_token for t in seq.token_ids[: seq.text_from]]
+            is_mm = [t in mm_tokens for t in seq.token_ids[: seq.text_from]]
             is_mm += [False] * (len(seq) - seq.text_from)
+            positions.append(self._positions(seq, is_mm, start, end))
             mm_mask.extend(is_mm[start:end])
             mm_offsets.append(sum(is_mm[:start]))
             if start == 0 and seq.mm_inputs:  # its items are encoded now, for this and its later chunks
@@ -177,17 +179,31 @@ class ModelRunner:
         # prompt log-probs: the rows of a prompt that asked, unless a first pass (before a preemption) gave them
         all_rows = [s.params.prompt_logprobs is not None and s.num_computed < s.num_prompt_tokens
                     and len(s.prompt_logprobs or [None]) < s.num_prompt_tokens for s in step.seqs]
-        return PrefillInputs(torch.tensor(ids), torch.tensor(positions), torch.tensor(slots), list(step.num_tokens),
+        return PrefillInputs(torch.tensor(ids), torch.cat(positions, dim=-1), torch.tensor(slots), list(step.num_tokens),
                              torch.tensor(mm_mask), concat_mm_inputs(starting), [s.seq_id for s in step.seqs],
                              cached, step.samples(), mm_offsets, mm_new, tables, all_rows if any(all_rows) else [])
 
+    def _positions(self, seq: Sequence, is_mm: list[bool], start: int, end: int) -> torch.Tensor:
+        """Positions of tokens start..end of `seq`: their indices, or with multimodal RoPE [3, tokens], the
+        prompt's rows from the model (worked out once per sequence) and index + offset after the prompt."""
+        if self.model.position_rows == 1:
+            return torch.arange(start, end)
+        if seq.rope_positions is None:
+            prompt = seq.num_prompt_tokens
+            seq.rope_positions, seq.rope_offset = self.model.rope_positions(is_mm[:prompt], seq.mm_inputs)
+        prompt = seq.rope_positions.shape[1]
+        rows = (torch.arange(start, end) + seq.rope_offset).expand(3, -1).clone()
+        if start < prompt:
+            rows[:, : min(end, prompt) - start] = seq.rope_positions[:, start : min(end, prompt)]
+        return rows
+
     def _prepare_decode(self, seqs: list[Sequence]) -> DecodeInputs:
-        positions = [len(s) - 1 for s in seqs]
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
-        return DecodeInputs(
-            token_ids=torch.tensor([s.last_token for s in seqs]), positions=torch.tensor(positions),
-            slots=torch.tensor([self._slot(s, p) for s, p in zip(seqs, positions)]),
+        slots = [self._slot(s, len(s) - 1) for s in seqs]
+        return DecodeInputs(  # with multimodal RoPE the three rows agree: one row, offset
+            token_ids=torch.tensor([s.last_token for s in seqs]),
+            positions=torch.tensor([len(s) - 1 + s.rope_offset for s in seqs]), slots=torch.tensor(slots),
             context_lens=torch.tensor([len(s) for s in seqs]), block_tables=tables,
             run_starts=[_run_start(s.block_table) for s in seqs] if self.backend.reads_runs else None)
 

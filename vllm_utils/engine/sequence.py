@@ -31,6 +31,9 @@ class Sequence:
         self.text_from = self.num_prompt_tokens if text_from is None else text_from
         self.params = params
         self.mm_inputs = mm_inputs or None  # dropped when the sequence finishes
+        # multimodal RoPE: the prompt's positions [3, prompt tokens] and the offset of later tokens' positions
+        self.rope_positions: torch.Tensor | None = None
+        self.rope_offset = 0
         self.block_table: list[int] = []
         self.num_computed = 0  # tokens whose K/V the cache holds
         self.logprobs: list[float] = []

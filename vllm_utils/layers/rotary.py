@@ -1,5 +1,6 @@
 """Rotary position embedding (rotate-half layout, as Llama in transformers), with the rope types
-that Llama checkpoints use: default, linear and llama3."""
+that Llama checkpoints use: default, linear and llama3; and Qwen2-VL's multimodal RoPE, whose positions have three
+rows (time, height, width), each rotating its own section of the frequencies."""
 import math
 
 import torch
@@ -62,8 +63,41 @@ class RotaryEmbedding(Op):
         implementation may rotate in place and return its inputs)."""
         return self.run(positions, q, k)
 
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row index of each token, cos table, sin table): what every implementation reads, token t rotated by
+        cos[index[t]] and sin[index[t]]."""
+        return positions, self.cos, self.sin
+
     def forward_native(self, positions: torch.Tensor, q: torch.Tensor,
                        k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
+        index, cos_table, sin_table = self.tables(positions)
+        cos = cos_table[index].to(q.dtype).unsqueeze(1)
+        sin = sin_table[index].to(q.dtype).unsqueeze(1)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Multimodal RoPE: positions [3, tokens] (time, height, width); frequency j of the first half of the head
+    takes its angle from the row of the section it falls in (`sections`, summing to head_dim / 2), and the second
+    half repeats the first. Positions [tokens] (decode: the three rows agree) are plain RoPE."""
+
+    def __init__(self, head_dim: int, max_positions: int, params: dict, sections: list[int]) -> None:
+        super().__init__(head_dim, max_positions, params)
+        if sum(sections) != head_dim // 2:
+            raise UserError(f"rope mrope_section {sections} must sum to head_dim / 2 ({head_dim // 2})")
+        rows = torch.repeat_interleave(torch.arange(len(sections)) % 3, torch.tensor(sections))
+        self.register_buffer("freq_rows", torch.cat([rows, rows]), persistent=False)
+        self._last: tuple[torch.Tensor, tuple] | None = None  # every layer of a step rotates by the same positions
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For [3, tokens] positions: a table of one row per token, gathered once per step."""
+        if positions.dim() == 1:
+            return positions, self.cos, self.sin
+        if self._last is not None and self._last[0] is positions:
+            return self._last[1]
+        per_freq = positions[self.freq_rows]  # [head_dim, tokens]: each frequency's position row
+        columns = torch.arange(per_freq.shape[0], device=positions.device)[:, None]
+        cos, sin = self.cos[per_freq, columns].T.contiguous(), self.sin[per_freq, columns].T.contiguous()
+        tables = (torch.arange(positions.shape[1], device=positions.device), cos, sin)
+        self._last = (positions, tables)
+        return tables

@@ -13,8 +13,10 @@ from vllm_utils.multimodal.inputs import MultiModalInputs
 class VisionLanguageModel(Protocol):
     # checkpoint projection name -> (our fused parameter, shard id), for the loader
     packed_modules: ClassVar[dict[str, tuple[str, object]]]
-    # the token id that marks multimodal positions in a prompt (one per position an item yields)
-    mm_token_id: int
+    # the token ids that mark multimodal positions in a prompt (one per position an item yields)
+    mm_token_ids: tuple[int, ...]
+    # 1: a token's position is its index; 3: multimodal RoPE, a prompt's positions come from `rope_positions`
+    position_rows: ClassVar[int]
 
     def __init__(self, config: PretrainedConfig) -> None: ...
 
@@ -34,10 +36,15 @@ class VisionLanguageModel(Protocol):
     def encode_mm(self, mm_inputs: MultiModalInputs) -> torch.Tensor:
         """Embeddings of every multimodal position of the batch, in prompt order: [positions, hidden]."""
 
+    def rope_positions(self, is_mm: list[bool], mm_inputs: MultiModalInputs | None) -> tuple[torch.Tensor, int]:
+        """Only with position_rows 3: a prompt's positions [3, tokens] and the offset of the tokens after it
+        (their position is their index plus it, in all rows). `is_mm` marks the prompt's multimodal positions."""
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 mm_embeds: torch.Tensor | None = None, mm_mask: torch.Tensor | None = None,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Final hidden states of every token (or of the rows `keep`). `mm_mask` [tokens] marks the positions
+        """Final hidden states of every token (or of the rows `keep`). `positions` [position_rows, tokens] in a
+        prefill of a model with several rows, else [tokens]. `mm_mask` [tokens] marks the positions
         that take the rows of `mm_embeds` in order, in place of their token embedding."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...

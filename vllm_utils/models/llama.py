@@ -11,7 +11,7 @@ from vllm_utils.layers.activation import ActAndMul
 from vllm_utils.layers.embedding import VocabParallelEmbedding
 from vllm_utils.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm_utils.layers.norm import GemmaRMSNorm, RMSNorm
-from vllm_utils.layers.rotary import RotaryEmbedding
+from vllm_utils.layers.rotary import MRotaryEmbedding, RotaryEmbedding
 from vllm_utils.models.text_backbones import DecoderSpec, decoder_spec
 
 
@@ -82,7 +82,10 @@ class LlamaModel(nn.Module):
         super().__init__()
         spec = decoder_spec(config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, spec.embed_scale)
-        rotary = RotaryEmbedding(spec.head_dim, config.max_position_embeddings, spec.rope)
+        if spec.mrope_sections:
+            rotary = MRotaryEmbedding(spec.head_dim, config.max_position_embeddings, spec.rope, list(spec.mrope_sections))
+        else:
+            rotary = RotaryEmbedding(spec.head_dim, config.max_position_embeddings, spec.rope)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, spec, rotary, window) for window in spec.sliding_windows)
         self.norm = make_norm(config, spec)
 

@@ -69,6 +69,7 @@ class LlavaForConditionalGeneration(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    position_rows = 1
 
     @staticmethod
     def check_config(config: PretrainedConfig) -> None:
@@ -96,7 +97,7 @@ class LlavaForConditionalGeneration(nn.Module):
         layers = layers if isinstance(layers, (list, tuple)) else [layers]
         self.feature_layers = [i if i >= 0 else vision.num_hidden_layers + 1 + i for i in layers]
         self.vision_config = vision
-        self.mm_token_id = config.image_token_index
+        self.mm_token_ids = (config.image_token_index,)
         self.num_image_features = image_features(config)
 
         self.vision_tower = VISION_TOWERS[vision.model_type](vision, max(self.feature_layers))

@@ -8,9 +8,11 @@ from vllm_utils.errors import UserError
 from vllm_utils.models.interface import VisionLanguageModel
 from vllm_utils.models.llava import LlavaForConditionalGeneration
 from vllm_utils.models.llava_next import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+from vllm_utils.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from vllm_utils.multimodal.llava import LlavaProcessorAdapter
 from vllm_utils.multimodal.llava_next import LlavaNextProcessorAdapter, LlavaOnevisionProcessorAdapter
 from vllm_utils.multimodal.processor import ProcessorAdapter
+from vllm_utils.multimodal.qwen2_vl import Qwen2VLProcessorAdapter
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
     "llava_next": ModelFamily(("llava_next",), LlavaNextForConditionalGeneration, LlavaNextProcessorAdapter),
     "llava_onevision": ModelFamily(("llava_onevision",), LlavaOnevisionForConditionalGeneration,
                                    LlavaOnevisionProcessorAdapter),
+    "qwen2_vl": ModelFamily(("qwen2_vl",), Qwen2VLForConditionalGeneration, Qwen2VLProcessorAdapter),
+    "qwen2_5_vl": ModelFamily(("qwen2_5_vl",), Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessorAdapter),
 }
 
 

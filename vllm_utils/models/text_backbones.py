@@ -10,7 +10,9 @@ from vllm_utils.errors import UserError
 from vllm_utils.layers.activation import check_activation
 from vllm_utils.layers.rotary import SUPPORTED_ROPE_TYPES, rope_parameters
 
-SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2", "gemma", "phi3")
+SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2", "gemma", "phi3", "qwen2_vl_text", "qwen2_5_vl_text")
+_QWEN2_TYPES = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")  # biases on q, k and v only
+_MROPE_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")  # multimodal RoPE, on every config of these types
 # fields some related types carry that change the math, refused wherever they are set
 _UNSUPPORTED_FIELDS = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
                        "quantization_config", "use_qk_norm", "embedding_multiplier", "logits_scaling")
@@ -28,6 +30,7 @@ class DecoderSpec:
     embed_scale: float | None  # embeddings multiplied by this (Gemma: sqrt(hidden))
     sliding_windows: tuple[int | None, ...]  # per layer: keys within this many positions, or None (all)
     rope: dict
+    mrope_sections: tuple[int, ...] | None = None  # multimodal RoPE: frequencies per position row (time, h, w)
 
 
 def refuse(field: str, value: object, supported: str) -> UserError:
@@ -38,7 +41,7 @@ def refuse(field: str, value: object, supported: str) -> UserError:
 def _sliding_windows(text: PretrainedConfig) -> tuple[int | None, ...]:
     window = getattr(text, "sliding_window", None)
     layer_types = getattr(text, "layer_types", None)
-    if text.model_type == "qwen2" or layer_types is not None:
+    if text.model_type in _QWEN2_TYPES or layer_types is not None:
         layer_types = layer_types or ["full_attention"] * text.num_hidden_layers
         unknown = set(layer_types) - {"full_attention", "sliding_attention"}
         if unknown:
@@ -60,6 +63,12 @@ def decoder_spec(text: PretrainedConfig) -> DecoderSpec:
     if getattr(text, "use_bidirectional_attention", None):
         raise refuse("use_bidirectional_attention", True, "only causal attention")
     rope = rope_parameters(text)
+    sections = None
+    if kind in _MROPE_TYPES:  # transformers' Qwen2-VL rotates by these sections whatever the config says
+        sections = tuple(rope.pop("mrope_section", None) or (16, 24, 24))
+        rope.pop("type", None)
+        if rope.get("rope_type") == "mrope":
+            rope["rope_type"] = "default"
     if rope.get("rope_type", "default") not in SUPPORTED_ROPE_TYPES:
         raise refuse("rope_parameters.rope_type", rope.get("rope_type"), f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     partial = rope.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0))
@@ -71,11 +80,12 @@ def decoder_spec(text: PretrainedConfig) -> DecoderSpec:
         model_type=kind,
         hidden_act=text.hidden_act,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-        qkv_bias=kind == "qwen2" or attention_bias,
+        qkv_bias=kind in _QWEN2_TYPES or attention_bias,
         o_bias=attention_bias,
         mlp_bias=bool(getattr(text, "mlp_bias", False)),
         gemma_norm=kind == "gemma",
         embed_scale=text.hidden_size**0.5 if kind == "gemma" else None,
         sliding_windows=_sliding_windows(text),
         rope=rope,
+        mrope_sections=sections,
     )

@@ -4,6 +4,7 @@ prompt positions each item takes; where transformers cannot build a folder's pro
 adapter expands the placeholders itself from those counts, around HF's tokenizer and image processor."""
 import os
 
+import torch
 from PIL import Image
 from transformers import AutoProcessor, PretrainedConfig
 
@@ -20,7 +21,7 @@ class ProcessorAdapter:
     def __init__(self, folder: str, hf_config: PretrainedConfig, allow_missing: bool = False) -> None:
         self.folder = folder
         self.hf_config = hf_config
-        self.mm_token_id = hf_config.image_token_index
+        self.mm_token_id = self.config_image_token_id(hf_config)
         self.hf_processor = self.tokenizer = self.image_processor = None
         self.chat_template = None
         try:
@@ -48,6 +49,10 @@ class ProcessorAdapter:
         self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else getattr(text, "eos_token_id", 2)
 
     # ---- what a family defines -------------------------------------------------------------------
+    @staticmethod
+    def config_image_token_id(hf_config: PretrainedConfig) -> int:
+        return hf_config.image_token_index
+
     def item_positions(self, mm_inputs: MultiModalInputs) -> list[int]:
         """The prompt positions each item of `mm_inputs` takes, in order."""
         raise NotImplementedError
@@ -63,6 +68,14 @@ class ProcessorAdapter:
     def hf_model_inputs(self, mm_inputs: MultiModalInputs) -> MultiModalInputs:
         """One prompt's items as HF transformers' model takes them (for the HF reference backend)."""
         return mm_inputs
+
+    def hf_token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What else HF transformers' model takes about a batch's token ids [batch, tokens]."""
+        return {}
+
+    def placeholder_ids(self, positions: int) -> list[int]:
+        """One image's tokens in a synthetic prompt."""
+        return [self.mm_token_id] * positions
 
     def items(self, processed: MultiModalInputs) -> MultiModalInputs:
         """The HF processor's image tensors for the images of one prompt, as the model takes them (each item's
@@ -107,10 +120,14 @@ class ProcessorAdapter:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   chat_template=self.chat_template, add_generation_prompt=True)
 
-    def process(self, prompt: str, images: list[Image.Image]) -> tuple[list[int], MultiModalInputs | None]:
+    def process(self, prompt: str, images: list[Image.Image],
+                videos: list | None = None) -> tuple[list[int], MultiModalInputs | None]:
         """Token ids with each image placeholder expanded to the positions its image takes, and the images'
         tensors."""
         self._need_tokenizer()
+        if videos:
+            raise UserError(f"{self.hf_config.model_type} models take no video; give images, or use a video model "
+                            f"(qwen2_vl, qwen2_5_vl)")
         placeholders = prompt.count(self.image_token)
         if placeholders != len(images):
             raise UserError(f"the prompt has {placeholders} {self.image_token} placeholder(s) but "

@@ -122,9 +122,10 @@ def _kernel_for(module: Op):
         return lambda x: cpu.quick_gelu(x) if cpu.supports_activation(x) else native(x)
     if isinstance(module, RotaryEmbedding):
         def rope(positions, q, k):
-            if cpu.supports_rope(q, positions, module.cos) and cpu.supports_rope(k, positions, module.cos):
-                cpu.rope_(q, positions, module.cos, module.sin)
-                cpu.rope_(k, positions, module.cos, module.sin)
+            index, cos, sin = module.tables(positions)
+            if cpu.supports_rope(q, index, cos) and cpu.supports_rope(k, index, cos):
+                cpu.rope_(q, index, cos, sin)
+                cpu.rope_(k, index, cos, sin)
                 return q, k
             return native(positions, q, k)
         return rope
