@@ -81,8 +81,8 @@ class HFReference:
         ids, mm_inputs = self.adapter.process(prompt, images)
         inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
         if mm_inputs:
-            inputs.update(pixel_values=mm_inputs["pixel_values"], image_sizes=mm_inputs["image_sizes"],
-                          batch_num_images=torch.tensor([len(images)]))
+            inputs.update(self.adapter.hf_model_inputs(mm_inputs))
+        inputs.update(self.adapter.hf_token_inputs(inputs["input_ids"]))
         return inputs
 
     @torch.inference_mode()
@@ -100,6 +100,15 @@ class HFReference:
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         logits = self.model(**inputs).logits[0, n - 1 : -1].float()
         return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1).tolist()
+
+
+@pytest.fixture(scope="session", params=["qwen2_vl", "qwen2_5_vl"])
+def tiny_qwen(request, tmp_path_factory) -> str:
+    """Qwen2-VL in the hub's key layout, Qwen2.5-VL in transformers 4.52's (model.visual.*, model.language_model.*)."""
+    from vllm_utils.bench.tiny_qwen import build_tiny_qwen2_vl
+
+    layout = "hub" if request.param == "qwen2_vl" else "prefixed"
+    return build_tiny_qwen2_vl(str(tmp_path_factory.mktemp(request.param)), family=request.param, layout=layout)
 
 
 @pytest.fixture(scope="session")

@@ -54,14 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--acc", action="store_true",
                       help="score the replies to a dataset's questions as the dataset's evaluation does")
     p.add_argument("--model-type", default=None,
-                   help="model family: llava, llava_next or llava_onevision (default: the one the model folder's "
-                        "config.json names; a mismatch is refused)")
+                   help="model family: llava, llava_next, llava_onevision, qwen2_vl or qwen2_5_vl (default: the one "
+                        "the model folder's config.json names; a mismatch is refused)")
     p.add_argument("--model", default=None,
                    help="model folder (Hugging Face layout), or a bundled name with --load-format dummy "
                         "(default: a tiny random LLaVA, built and cached on first use)")
     p.add_argument("--device", default=None, help="cpu, cuda or gcu (default: cuda if present, else cpu)")
     p.add_argument("--input-image", action="append", default=[],
                    help="--demo: image file (repeatable); --perf: the image of every request (default: black)")
+    p.add_argument("--input-video", action="append", default=[],
+                   help="--demo: video file (repeatable; one request each, with every --prompt); --perf: the video of "
+                        "every request (instead of images). Video models only (qwen2_vl, qwen2_5_vl); needs PyAV")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="frames sampled evenly from each --input-video (default: 16); --perf without --input-video: "
+                        "requests carry a black video of this many frames of --input-vision-shape")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens computed per engine step; below --max-model-len, long prompts are prefilled in "
                         "chunks of it, with the running requests' decodes in the same steps (default: "
@@ -70,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per request: --demo groups each N consecutive --input-image into one prompt; "
                         "--perf gives every synthetic request N images")
     p.add_argument("--input-vision-shape", default=None,
-                   help="--perf: HEIGHT,WIDTH of the synthetic images, ';' between images (e.g. 672,672 or "
-                        "336,672;672,336; default: the processor's size)")
+                   help="--perf: HEIGHT,WIDTH of the synthetic images (or video frames), ';' between images (e.g. "
+                        "672,672 or 336,672;672,336; default: the processor's size)")
     p.add_argument("--prompt", action="append", default=[],
                    help=f"--demo: prompt text (repeatable; default: '{DEFAULT_PROMPT}'). The chat template places "
                         f"the image before it; a prompt holding one {'<image>'} places it there instead")

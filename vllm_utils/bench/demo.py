@@ -5,6 +5,7 @@ import sys
 from vllm_utils.errors import UserError
 
 DEFAULT_PROMPT = "Describe the picture."
+DEFAULT_VIDEO_PROMPT = "Describe the video."
 
 
 def pair_images_and_prompts(images: list[str], prompts: list[str],
@@ -53,10 +54,12 @@ def run_demo(args: argparse.Namespace, resolve_config, make_llm) -> None:
     from vllm_utils.multimodal.image import load_image
     from vllm_utils.sampling_params import SamplingParams
 
+    if args.input_video:
+        return run_video_demo(args, resolve_config, make_llm)
     if args.model is None:
         use_default_demo_model(args)
     if not args.input_image:
-        raise UserError("--demo needs --input-image IMAGE (repeatable)")
+        raise UserError("--demo needs --input-image IMAGE (repeatable) or --input-video VIDEO")
     pairs = pair_images_and_prompts(args.input_image, args.prompt, args.mm_per_prompt)
     check_prompt_placeholders([text for _, text in pairs], args.mm_per_prompt)
     images = {path: load_image(path) for paths, _ in pairs for path in paths}
@@ -69,6 +72,37 @@ def run_demo(args: argparse.Namespace, resolve_config, make_llm) -> None:
     outputs = generate_seeded(llm, requests, params, args.seed)
     for (paths, _), output in zip(pairs, outputs):
         print(f"Prompt: {output.prompt!r}, Generated text: {output.outputs[0].text!r}, Image: {', '.join(paths)!r}")
+    if args.reference:
+        from vllm_utils.bench.acc.demo import demo_agreement
+
+        demo_agreement(llm, args, requests, outputs, max_tokens)
+
+
+def run_video_demo(args: argparse.Namespace, resolve_config, make_llm) -> None:
+    """One request per video and prompt: the video before the prompt's text, as the chat template places it."""
+    from vllm_utils.bench.preflight import check_takes_video
+    from vllm_utils.multimodal.video import DEFAULT_NUM_FRAMES, load_video
+    from vllm_utils.sampling_params import SamplingParams
+
+    if args.model is None:
+        raise UserError("--input-video needs a video model: pass --model with a Qwen2-VL or Qwen2.5-VL folder")
+    config = resolve_config(args)
+    check_takes_video(args, config)
+    videos = {path: load_video(path, args.num_frames or DEFAULT_NUM_FRAMES) for path in args.input_video}
+    pairs = [(path, text) for path in args.input_video for text in (args.prompt or [DEFAULT_VIDEO_PROMPT])]
+    if args.batch_size is None:
+        from vllm_utils.config import DEFAULT_MAX_NUM_SEQS
+
+        args.batch_size = min(len(pairs), DEFAULT_MAX_NUM_SEQS)
+    llm = make_llm(args, config)
+    processor = llm.engine.processor
+    requests = [{"prompt": processor.chat_prompt(text, num_images=0, num_videos=1),
+                 "multi_modal_data": {"video": videos[path]}} for path, text in pairs]
+    max_tokens = 64 if args.output_len is None else args.output_len
+    params = SamplingParams(temperature=args.temperature, max_tokens=max_tokens)
+    outputs = generate_seeded(llm, requests, params, args.seed)
+    for (path, _), output in zip(pairs, outputs):
+        print(f"Prompt: {output.prompt!r}, Generated text: {output.outputs[0].text!r}, Video: {path!r}")
     if args.reference:
         from vllm_utils.bench.acc.demo import demo_agreement
 

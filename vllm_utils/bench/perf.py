@@ -9,7 +9,7 @@ from vllm_utils.bench.metrics import TimedRun, seed_perf_info, summarize
 from vllm_utils.bench.preflight import check_perf_lengths
 from vllm_utils.progress import phase
 from vllm_utils.bench.report import environment, flatten, write_csv, write_json
-from vllm_utils.bench.synthetic import SyntheticRequest, perf_images, synthetic_requests
+from vllm_utils.bench.synthetic import SyntheticRequest, perf_images, perf_video, synthetic_requests
 from vllm_utils.config import DEFAULT_MAX_NUM_SEQS
 from vllm_utils.errors import UserError
 from vllm_utils.sampling_params import SamplingParams
@@ -58,14 +58,16 @@ def run_perf(args: argparse.Namespace, resolve_config, make_llm) -> None:
     config = resolve_config(args)
     check_perf_lengths(args, config)  # before the weights load
     llm = make_llm(args, config)
-    images = perf_images(args, llm.engine.processor)
+    video = perf_video(args, llm.engine.processor)
+    images = [] if video is not None else perf_images(args, llm.engine.processor)
     engine = llm.engine
-    warm_up(llm, args, images)
+    warm_up(llm, args, images, video)
     engine.platform.reset_peak_memory(engine.device)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     runs = []
     for i in range(args.num_iters):
-        requests = synthetic_requests(engine.processor, args.input_len, args.num_prompts, images, seed=args.seed + i)
+        requests = synthetic_requests(engine.processor, args.input_len, args.num_prompts, images, seed=args.seed + i,
+                                      video=video)
         with phase(f"Timed run {i + 1}/{args.num_iters}: {args.num_prompts} request(s) of {args.input_len} prompt "
                    f"+ {args.output_len} output tokens", f"Timed run {i + 1}/{args.num_iters}"):
             runs.append(timed_run(llm, requests, params))
@@ -87,10 +89,10 @@ def run_perf(args: argparse.Namespace, resolve_config, make_llm) -> None:
                           "environment": environment(engine.device)})
 
 
-def warm_up(llm, args: argparse.Namespace, images: list) -> None:
+def warm_up(llm, args: argparse.Namespace, images: list, video=None) -> None:
     """One untimed request: first-use costs (kernel builds, allocator growth) stay out of the figures."""
     engine = llm.engine
-    requests = synthetic_requests(engine.processor, args.input_len, 1, images, seed=args.seed + 10_000)
+    requests = synthetic_requests(engine.processor, args.input_len, 1, images, seed=args.seed + 10_000, video=video)
     params = SamplingParams(temperature=0, max_tokens=min(args.output_len, 8), ignore_eos=True)
     with phase(f"Warm-up: 1 request of {args.input_len} + {params.max_tokens} tokens, not timed", "Warm-up"):
         llm.generate(_as_prompts(requests), params, use_tqdm=False)
@@ -121,6 +123,7 @@ def perf_settings(args: argparse.Namespace, engine) -> dict[str, object]:
         "enforce_eager": args.enforce_eager, "load_format": args.load_format, "num_iters": args.num_iters,
         "seed": args.seed, "input_image": ";".join(args.input_image) or "black",
         "mm_per_prompt": args.mm_per_prompt, "input_vision_shape": args.input_vision_shape or "",
+        "input_video": ";".join(args.input_video), "num_frames": args.num_frames or "",
         "backend": args.backend,
     }
 

@@ -27,6 +27,19 @@ def check_flags(args: argparse.Namespace) -> None:
         value = _value(args, flag)
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.num_frames is not None:
+        from vllm_utils.multimodal.video import check_num_frames
+
+        check_num_frames(args.num_frames)
+    if (args.input_video or args.num_frames is not None) and args.acc:
+        raise UserError("--input-video and --num-frames apply to --demo and --perf; drop them for --acc")
+    if args.input_video and args.input_image:
+        raise UserError("give --input-image or --input-video, not both: a request carries images or one video")
+    if len(args.input_video) > 1 and args.perf:
+        raise UserError("--perf takes one --input-video (every request carries it); drop the others")
+    for path in args.input_video:
+        if not os.path.isfile(path):
+            raise UserError(f"--input-video '{path}' is not a file; give the path of a video file")
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise UserError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
 
@@ -90,12 +103,24 @@ def check_prompt_placeholders(prompts: list[str], per_prompt: int = 1, placehold
 def check_perf_lengths(args: argparse.Namespace, config: "ResolvedConfig") -> None:
     """--perf lengths against the resolved configuration: an image's positions and the context length. Reads the
     processor files, not the weights."""
-    from vllm_utils.bench.synthetic import check_input_len, image_positions, perf_images
+    from vllm_utils.bench.synthetic import check_input_len, fixed_tokens, perf_images, perf_video
     from vllm_utils.models.registry import family
 
     processor = family(config.model_type).processor(config.folder, config.hf_config,
                                                     allow_missing=args.load_format == "dummy")
-    check_input_len(args.input_len, image_positions(processor, perf_images(args, processor))[1])
+    check_takes_video(args, config)
+    video = perf_video(args, processor)
+    images = [] if video is not None else perf_images(args, processor)
+    check_input_len(args.input_len, *fixed_tokens(processor, images, video), "video" if video else "images")
     if args.input_len + args.output_len > config.max_model_len:
         raise UserError(f"--input-len {args.input_len} + --output-len {args.output_len} exceeds the max model "
                         f"length {config.max_model_len}; raise --max-model-len or shorten the request")
+
+
+def check_takes_video(args: argparse.Namespace, config: "ResolvedConfig") -> None:
+    """Videos only for a family that takes them, refused before the weights load."""
+    from vllm_utils.models.registry import family
+
+    if (args.input_video or args.num_frames is not None) and family(config.model_type).processor.video_token is None:
+        raise UserError(f"--input-video/--num-frames: {config.model_type} models take no video; use a video model "
+                        f"(qwen2_vl, qwen2_5_vl) or give images")

@@ -1,4 +1,4 @@
-"""Synthetic perf requests: one image plus random text, exactly `input_len` tokens in all."""
+"""Synthetic perf requests: images (or a video) plus random text, exactly `input_len` tokens in all."""
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,15 +24,14 @@ class SyntheticRequest:
         return {"prompt_token_ids": self.prompt_token_ids, "mm_inputs": self.mm_inputs}
 
 
-def min_input_len(image_positions: int) -> int:
-    return image_positions + 2  # BOS + one text token + the images
-
-
-def check_input_len(input_len: int, image_positions: int) -> None:
-    """Needs only the processor (no weights): run it before the weights load."""
-    if input_len < min_input_len(image_positions):
-        raise UserError(f"--input-len {input_len} is shorter than the request's images ({image_positions} positions) "
-                        f"plus BOS and one text token; use --input-len >= {min_input_len(image_positions)}")
+def check_input_len(input_len: int, mm_positions: int, fixed: int, what: str = "images") -> None:
+    """`fixed`: the prompt tokens besides one text token that are not free text (BOS, the items' positions and
+    the tokens framing them). Needs only the processor (no weights): run it before the weights load."""
+    if input_len < fixed + 1:
+        extra = fixed - mm_positions
+        parts = (["BOS"] if extra == 1 else [f"{extra} framing/BOS tokens"] if extra > 1 else []) + ["one text token"]
+        raise UserError(f"--input-len {input_len} is shorter than the request's {what} ({mm_positions} positions) "
+                        f"plus {' and '.join(parts)}; use --input-len >= {fixed + 1}")
 
 
 def parse_vision_shapes(text: str | None) -> list[tuple[int, int]]:
@@ -65,29 +64,47 @@ def request_images(processor: ProcessorAdapter, files: list[Image.Image], shapes
     return [Image.new("RGB", sizes[i % len(sizes)]) for i in range(count)]
 
 
-def image_positions(processor: ProcessorAdapter, images: list[Image.Image]) -> tuple[MultiModalInputs, int]:
-    """The tensors of the images of one request, and the prompt positions they take in all."""
+def request_items(processor: ProcessorAdapter, images: list[Image.Image],
+                  video=None) -> tuple[MultiModalInputs, list[list[int]]]:
+    """The tensors of one request's images (or its video), and each item's prompt tokens."""
+    if video is not None:
+        mm_inputs = processor.video_inputs(video)
+        return mm_inputs, [processor.placeholder_ids(processor.item_positions(mm_inputs)[0], video=True)]
     mm_inputs = processor.image_inputs(images)
+    return mm_inputs, [processor.placeholder_ids(n) for n in processor.item_positions(mm_inputs)]
+
+
+def image_positions(processor: ProcessorAdapter, images: list[Image.Image], video=None) -> tuple[MultiModalInputs, int]:
+    """The tensors of the images (or video) of one request, and the prompt positions they take in all."""
+    mm_inputs = request_items(processor, images, video)[0]
     return mm_inputs, sum(processor.item_positions(mm_inputs))
 
 
+def fixed_tokens(processor: ProcessorAdapter, images: list[Image.Image], video=None) -> tuple[int, int]:
+    """(multimodal positions, prompt tokens that are not free text) of a synthetic request."""
+    mm_inputs, placeholders = request_items(processor, images, video)
+    bos = processor.bos_token_id is not None
+    return sum(processor.item_positions(mm_inputs)), bos + sum(len(p) for p in placeholders)
+
+
 def synthetic_requests(processor: ProcessorAdapter, input_len: int, count: int, images: list[Image.Image] | None,
-                       seed: int) -> list[SyntheticRequest]:
-    """BOS, one random token, each image's positions, then random tokens up to `input_len`. The random token
-    before the images makes every request's prefix differ, so no prefix could be shared. `images` None: one
-    black image of the processor's size."""
-    mm_inputs, n_image = image_positions(processor, images or request_images(processor, [], [], 1))
-    check_input_len(input_len, n_image)
-    positions = processor.item_positions(mm_inputs)
+                       seed: int, video=None) -> list[SyntheticRequest]:
+    """BOS (where the model has one), one random token, each item's tokens, then random tokens up to
+    `input_len`. The random token before the items makes every request's prefix differ, so no prefix could be
+    shared. `images` None: one black image of the processor's size; `video`: one video instead of images."""
+    images = images or ([] if video is not None else request_images(processor, [], [], 1))
+    mm_inputs, placeholders = request_items(processor, images, video)
+    n_mm, fixed = fixed_tokens(processor, images, video)
+    check_input_len(input_len, n_mm, fixed, "video" if video is not None else "images")
     vocab = np.array(processor.text_token_ids())
     rng = np.random.default_rng(seed)
     requests = []
     for _ in range(count):
-        text = rng.choice(vocab, input_len - 1 - n_image).tolist()
-        ids = [processor.bos_token_id, text[0]]
-        for n in positions:
-            ids += [processor.mm_token_id] * n
-        requests.append(SyntheticRequest(ids + text[1:], mm_inputs, n_image))
+        text = rng.choice(vocab, input_len - fixed).tolist()
+        ids = ([processor.bos_token_id] if processor.bos_token_id is not None else []) + [text[0]]
+        for tokens in placeholders:
+            ids += tokens
+        requests.append(SyntheticRequest(ids + text[1:], mm_inputs, n_mm))
     return requests
 
 
@@ -97,3 +114,19 @@ def perf_images(args, processor: ProcessorAdapter) -> list[Image.Image]:
 
     files = [load_image(path) for path in args.input_image]
     return request_images(processor, files, parse_vision_shapes(args.input_vision_shape), args.mm_per_prompt)
+
+
+def perf_video(args, processor: ProcessorAdapter):
+    """The video of every --perf request: --input-video's frames, or with --num-frames alone black frames of
+    --input-vision-shape (or the processor's size); None for image requests."""
+    from vllm_utils.multimodal.video import DEFAULT_NUM_FRAMES, black_video, load_video
+
+    if args.input_video:
+        return load_video(args.input_video[0], args.num_frames or DEFAULT_NUM_FRAMES)
+    if args.num_frames is None:
+        return None
+    shapes = parse_vision_shapes(args.input_vision_shape)
+    if len(shapes) > 1:
+        raise UserError(f"--input-vision-shape gives {len(shapes)} sizes but a video has one; give one HEIGHT,WIDTH")
+    height, width = shapes[0] if shapes else processor.image_size[::-1]
+    return black_video(args.num_frames, height, width)

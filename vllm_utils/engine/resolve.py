@@ -48,7 +48,7 @@ def check_tensor_parallel(config: ResolvedConfig) -> None:
         "the key/value heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
         "the MLP width": text.intermediate_size,
         "the vision attention heads": vision.num_attention_heads,
-        "the vision MLP width": vision.intermediate_size,
+        "the vision MLP width": getattr(vision, "intermediate_size", None) or int(vision.embed_dim * vision.mlp_ratio),
     }
     for what, count in checks.items():
         if count % size:

@@ -85,8 +85,8 @@ class MRotaryEmbedding(RotaryEmbedding):
         super().__init__(head_dim, max_positions, params)
         if sum(sections) != head_dim // 2:
             raise UserError(f"rope mrope_section {sections} must sum to head_dim / 2 ({head_dim // 2})")
-        rows = torch.repeat_interleave(torch.arange(len(sections)) % 3, torch.tensor(sections))
-        self.register_buffer("freq_rows", torch.cat([rows, rows]), persistent=False)
+        rows = [i % 3 for i, size in enumerate(sections) for _ in range(size)]
+        self.register_buffer("freq_rows", torch.tensor(rows + rows), persistent=False)
         self._last: tuple[torch.Tensor, tuple] | None = None  # every layer of a step rotates by the same positions
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

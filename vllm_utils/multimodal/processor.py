@@ -17,6 +17,7 @@ class ProcessorAdapter:
     config.json still works for pre-tokenized requests: the family builds an image processor from the config."""
 
     image_token = "<image>"
+    video_token: str | None = None  # families that take videos name their placeholder
 
     def __init__(self, folder: str, hf_config: PretrainedConfig, allow_missing: bool = False) -> None:
         self.folder = folder
@@ -73,8 +74,11 @@ class ProcessorAdapter:
         """What else HF transformers' model takes about a batch's token ids [batch, tokens]."""
         return {}
 
-    def placeholder_ids(self, positions: int) -> list[int]:
-        """One image's tokens in a synthetic prompt."""
+    def placeholder_ids(self, positions: int, video: bool = False) -> list[int]:
+        """One item's tokens in a synthetic prompt."""
+        if video:
+            raise UserError(f"{self.hf_config.model_type} models take no video; give images, or use a video model "
+                            f"(qwen2_vl, qwen2_5_vl)")
         return [self.mm_token_id] * positions
 
     def items(self, processed: MultiModalInputs) -> MultiModalInputs:
@@ -126,8 +130,7 @@ class ProcessorAdapter:
         tensors."""
         self._need_tokenizer()
         if videos:
-            raise UserError(f"{self.hf_config.model_type} models take no video; give images, or use a video model "
-                            f"(qwen2_vl, qwen2_5_vl)")
+            self.placeholder_ids(0, video=True)  # refuses
         placeholders = prompt.count(self.image_token)
         if placeholders != len(images):
             raise UserError(f"the prompt has {placeholders} {self.image_token} placeholder(s) but "

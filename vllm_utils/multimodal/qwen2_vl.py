@@ -36,6 +36,12 @@ class Qwen2VLProcessorAdapter(ProcessorAdapter):
         self.merge = hf_config.vision_config.spatial_merge_size
         self.video_settings = _video_settings(folder)
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of synthetic images: the processor keeps any size, so a square of 16 x 16 positions."""
+        side = 16 * self.merge * self.hf_config.vision_config.patch_size
+        return side, side
+
     @staticmethod
     def config_image_token_id(hf_config: PretrainedConfig) -> int:
         return hf_config.image_token_id
@@ -50,11 +56,24 @@ class Qwen2VLProcessorAdapter(ProcessorAdapter):
 
         vision = self.hf_config.vision_config
         return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=vision.patch_size,
-                                        temporal_patch_size=vision.temporal_patch_size, merge_size=self.merge)
+                                        temporal_patch_size=vision.temporal_patch_size,
+                                        merge_size=vision.spatial_merge_size)
 
     def fallback_chat_prompt(self, text: str, num_images: int) -> str:
         image = "<|vision_start|><|image_pad|><|vision_end|>"
         return f"<|im_start|>user\n{image * num_images}{text}<|im_end|>\n<|im_start|>assistant\n"
+
+    def image_inputs(self, images: list[Image.Image]) -> MultiModalInputs:
+        patch = self.hf_config.vision_config.patch_size
+        for image in images:
+            width, height = image.size
+            if min(width, height) < patch:
+                raise UserError(f"image of {width} x {height} pixels is smaller than one {patch}-pixel patch; give an "
+                                f"image at least {patch} pixels on each side")
+            if max(width, height) / min(width, height) > 200:
+                raise UserError(f"image of {width} x {height} pixels has an aspect ratio above 200, which Qwen2-VL's "
+                                f"processor refuses; crop or pad it")
+        return super().image_inputs(images)
 
     def items(self, processed: MultiModalInputs) -> MultiModalInputs:
         grids = processed["image_grid_thw"]
@@ -133,10 +152,12 @@ class Qwen2VLProcessorAdapter(ProcessorAdapter):
                 expanded.append(token)
         return expanded, {key: torch.cat([item[key] for item in ordered]) for key in ordered[0]}
 
-    def placeholder_ids(self, positions: int) -> list[int]:
-        """One image's tokens in a synthetic prompt, framed as the chat template frames it."""
-        frame = [self.vision_start_id] if self.vision_start_id is not None else []
-        return frame + [self.mm_token_id] * positions + ([self.vision_end_id] if frame else [])
+    def placeholder_ids(self, positions: int, video: bool = False) -> list[int]:
+        """One item's tokens in a synthetic prompt, framed as the chat template frames it."""
+        pad = [self.video_token_id if video else self.mm_token_id] * positions
+        if self.vision_start_id is None or self.vision_end_id is None:
+            return pad
+        return [self.vision_start_id] + pad + [self.vision_end_id]
 
 
 def _split_items(mm_inputs: MultiModalInputs) -> list[MultiModalInputs]:

@@ -23,6 +23,7 @@ from PIL import Image
 from vllm_utils.errors import UserError
 
 MAX_FRAMES = 768  # Qwen2-VL's max_frames
+DEFAULT_NUM_FRAMES = 16  # frames sampled from a video unless --num-frames says otherwise
 BLACK_VIDEO_FPS = 2.0  # the rate qwen-vl-utils samples videos at by default, so a synthetic clip looks like a sampled one
 RESCALE_FACTOR = 1 / 255  # Qwen2-VL's rescale_factor (0.00392156862745098)
 _FIX = "pass --input-video a video file PyAV/FFmpeg can decode (MP4, WebM, MKV, ...)"

@@ -44,7 +44,8 @@ class HFReference:
         """`request`: {"prompt_token_ids", "mm_inputs"} as our engine takes them (one request: no padding)."""
         view = self.view
         ids = torch.tensor([request["prompt_token_ids"]], device=view.device)
-        mm = request.get("mm_inputs") or {}
+        mm = request.get("mm_inputs")
+        mm = {**(view.processor.hf_model_inputs(mm) if mm else {}), **view.processor.hf_token_inputs(ids)}
         kwargs = {k: v.to(view.device, view.dtype) if v.is_floating_point() else v.to(view.device)
                   for k, v in mm.items()}
         eos = view.processor.eos_token_id

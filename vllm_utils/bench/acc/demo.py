@@ -3,6 +3,7 @@ import argparse
 import json
 
 from vllm_utils.bench.acc.agreement import HFReference, agreement, overall
+from vllm_utils.llm import multi_modal_items
 from vllm_utils.progress import phase
 
 
@@ -11,8 +12,8 @@ def demo_agreement(llm, args: argparse.Namespace, requests: list[dict], outputs:
     processor = llm.engine.processor
     with phase(f"Loading the HF reference ({args.reference_dtype} on {args.reference_device})", "Loading"):
         reference = HFReference(args.model, args.model_type, args.reference_dtype, args.reference_device)
-    processed = [dict(zip(("prompt_token_ids", "mm_inputs"),
-                          processor.process(r["prompt"], [r["multi_modal_data"]["image"]]))) for r in requests]
+    processed = [dict(zip(("prompt_token_ids", "mm_inputs"), processor.process(r["prompt"], *multi_modal_items(r))))
+                 for r in requests]
     results = agreement(llm, reference, processed, [o.outputs[0].token_ids for o in outputs], max_tokens)
     for i, a in enumerate(results):
         print(f"Reference agreement {i}: exact match {a.exact_match}, first divergence {a.first_divergence}, "
