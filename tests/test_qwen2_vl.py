@@ -104,6 +104,16 @@ def test_prompts_prefilled_in_chunks_give_hf_tokens(tiny_qwen, qwen_reference, i
         assert out.outputs[0].token_ids == qwen_reference.greedy(adapter, req)
 
 
+def test_preempted_requests_recompute_hf_tokens(tiny_qwen, qwen_reference, images, clip):
+    """Recomputed after a preemption, a prompt and its generated tokens take the same positions again."""
+    llm = engine(tiny_qwen, block_size=4, num_kv_blocks=96, max_num_seqs=4, max_model_len=384)
+    reqs = prompts(llm.engine.processor, images, clip)[:4]
+    outputs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for req, out in zip(reqs, outputs):
+        assert out.outputs[0].token_ids == qwen_reference.greedy(llm.engine.processor, req, 40)
+
+
 def test_padded_decode_steps_of_graph_mode_give_hf_tokens(tiny_qwen, qwen_reference, images, clip):
     """Graph mode's decode steps (static buffers, padded batches) take the one-row positions with their offset;
     prompts, whose positions have three rows, run eagerly."""
@@ -196,13 +206,22 @@ def video_file(tmp_path_factory, clip) -> str:
     return path
 
 
-def test_demo_of_a_video_agrees_with_hf(tiny_qwen, video_file, tmp_path):
-    run = cli("--demo", f"--model={tiny_qwen}", f"--input-video={video_file}", "--num-frames=4", "--dtype=float32",
-              "--device=cpu", "--output-len=12", "--reference=hf", cwd=str(tmp_path))
+@pytest.mark.parametrize("inputs", ["video", "images"])
+def test_demo_agrees_with_hf(tiny_qwen, video_file, tmp_path, images, inputs):
+    """--demo --reference hf: a video, or two images of different sizes in one prompt."""
+    if inputs == "video":
+        given, count = [f"--input-video={video_file}", "--num-frames=4"], 1
+    else:
+        images[0].save(tmp_path / "a.png")
+        images[1].resize((150, 100)).save(tmp_path / "b.png")
+        given, count = [f"--input-image={tmp_path / 'a.png'}", f"--input-image={tmp_path / 'b.png'}",
+                        "--mm-per-prompt=2"], 1
+    run = cli("--demo", f"--model={tiny_qwen}", *given, "--dtype=float32", "--device=cpu", "--output-len=12",
+              "--reference=hf", cwd=str(tmp_path))
     assert run.returncode == 0, run.stderr
-    assert "Video: " in run.stdout and "<|video_pad|>" in run.stdout
+    assert ("Video: " if inputs == "video" else "Image: ") in run.stdout
     agreement = json.loads(run.stdout.split("***Reference Agreement***")[1])
-    assert agreement["samples_compared"] == 1 and agreement["exact_match_rate"] == 1.0, agreement
+    assert agreement["samples_compared"] == count and agreement["exact_match_rate"] == 1.0, agreement
 
 
 def test_perf_with_a_synthetic_video(tiny_qwen, tmp_path):

@@ -46,13 +46,13 @@ def find_family(hf_config: PretrainedConfig, model_type: str | None, model_path:
     for name, family in MODEL_FAMILIES.items():
         if found in family.config_types and model_type in (None, name):
             return name
-    names = sorted(MODEL_FAMILIES)
+    names = list(MODEL_FAMILIES)
     wanted = model_type or ", ".join(names[:-1]) + " or " + names[-1]
     if any(found in f.config_types for f in MODEL_FAMILIES.values()):
         raise UserError(f"--model-type {model_type} does not match '{model_path}', which holds a '{found}' model "
                         f"({archs}); leave --model-type out (the folder's config decides) or pass --model-type {found}")
     raise UserError(f"'{model_path}' holds a '{found}' model ({archs}), not a {wanted} model; "
-                    f"point --model at a {wanted} checkpoint folder")
+                    f"point --model at a checkpoint folder of {'that family' if model_type else 'one of those'}")
 
 
 def family(name: str) -> ModelFamily:
