@@ -290,5 +290,5 @@ def test_an_image_smaller_than_a_patch_is_one_line(tiny_qwen, tmp_path):
     run = cli("--demo", f"--model={tiny_qwen}", "--device=cpu", f"--input-image={tmp_path / 'thin.png'}",
               cwd=str(tmp_path))
     assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert error_lines(run) == [f"error: image of 10 x 40 pixels is smaller than one 14-pixel patch; give an image at "
-                                f"least 14 pixels on each side"], run.stderr
+    assert error_lines(run) == ["error: image of 10 x 40 pixels is smaller than one 14-pixel patch; give an image at "
+                                "least 14 pixels on each side"], run.stderr

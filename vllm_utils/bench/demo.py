@@ -50,9 +50,7 @@ def demo_requests(processor, pairs: list[tuple[str, str]], images: dict) -> list
 def run_demo(args: argparse.Namespace, resolve_config, make_llm) -> None:
     """`resolve_config(args)` and `make_llm(args, config)` as for --perf."""
     from vllm_utils.bench.preflight import check_prompt_placeholders
-    from vllm_utils.config import DEFAULT_MAX_NUM_SEQS
     from vllm_utils.multimodal.image import load_image
-    from vllm_utils.sampling_params import SamplingParams
 
     if args.input_video:
         return run_video_demo(args, resolve_config, make_llm)
@@ -63,26 +61,16 @@ def run_demo(args: argparse.Namespace, resolve_config, make_llm) -> None:
     pairs = pair_images_and_prompts(args.input_image, args.prompt, args.mm_per_prompt)
     check_prompt_placeholders([text for _, text in pairs], args.mm_per_prompt)
     images = {path: load_image(path) for paths, _ in pairs for path in paths}
-    if args.batch_size is None:
-        args.batch_size = min(len(pairs), DEFAULT_MAX_NUM_SEQS)
+    set_batch_size(args, len(pairs))
     llm = make_llm(args, resolve_config(args))
     requests = demo_requests(llm.engine.processor, pairs, images)
-    max_tokens = 64 if args.output_len is None else args.output_len
-    params = SamplingParams(temperature=args.temperature, max_tokens=max_tokens)
-    outputs = generate_seeded(llm, requests, params, args.seed)
-    for (paths, _), output in zip(pairs, outputs):
-        print(f"Prompt: {output.prompt!r}, Generated text: {output.outputs[0].text!r}, Image: {', '.join(paths)!r}")
-    if args.reference:
-        from vllm_utils.bench.acc.demo import demo_agreement
-
-        demo_agreement(llm, args, requests, outputs, max_tokens)
+    generate_and_print(llm, args, requests, [f"Image: {', '.join(paths)!r}" for paths, _ in pairs])
 
 
 def run_video_demo(args: argparse.Namespace, resolve_config, make_llm) -> None:
     """One request per video and prompt: the video before the prompt's text, as the chat template places it."""
     from vllm_utils.bench.preflight import check_takes_video
     from vllm_utils.multimodal.video import DEFAULT_NUM_FRAMES, load_video
-    from vllm_utils.sampling_params import SamplingParams
 
     if args.model is None:
         raise UserError("--input-video needs a video model: pass --model with a Qwen2-VL or Qwen2.5-VL folder")
@@ -90,19 +78,30 @@ def run_video_demo(args: argparse.Namespace, resolve_config, make_llm) -> None:
     check_takes_video(args, config)
     videos = {path: load_video(path, args.num_frames or DEFAULT_NUM_FRAMES) for path in args.input_video}
     pairs = [(path, text) for path in args.input_video for text in (args.prompt or [DEFAULT_VIDEO_PROMPT])]
-    if args.batch_size is None:
-        from vllm_utils.config import DEFAULT_MAX_NUM_SEQS
-
-        args.batch_size = min(len(pairs), DEFAULT_MAX_NUM_SEQS)
+    set_batch_size(args, len(pairs))
     llm = make_llm(args, config)
     processor = llm.engine.processor
     requests = [{"prompt": processor.chat_prompt(text, num_images=0, num_videos=1),
                  "multi_modal_data": {"video": videos[path]}} for path, text in pairs]
+    generate_and_print(llm, args, requests, [f"Video: {path!r}" for path, _ in pairs])
+
+
+def set_batch_size(args: argparse.Namespace, requests: int) -> None:
+    from vllm_utils.config import DEFAULT_MAX_NUM_SEQS
+
+    if args.batch_size is None:
+        args.batch_size = min(requests, DEFAULT_MAX_NUM_SEQS)
+
+
+def generate_and_print(llm, args: argparse.Namespace, requests: list[dict], inputs: list[str]) -> None:
+    """Each request's prompt, text and inputs (`inputs`: what each one carried), then --reference's figures."""
+    from vllm_utils.sampling_params import SamplingParams
+
     max_tokens = 64 if args.output_len is None else args.output_len
     params = SamplingParams(temperature=args.temperature, max_tokens=max_tokens)
     outputs = generate_seeded(llm, requests, params, args.seed)
-    for (path, _), output in zip(pairs, outputs):
-        print(f"Prompt: {output.prompt!r}, Generated text: {output.outputs[0].text!r}, Video: {path!r}")
+    for given, output in zip(inputs, outputs):
+        print(f"Prompt: {output.prompt!r}, Generated text: {output.outputs[0].text!r}, {given}")
     if args.reference:
         from vllm_utils.bench.acc.demo import demo_agreement
 

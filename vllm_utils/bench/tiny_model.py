@@ -1,6 +1,7 @@
 """Tiny random LLaVA checkpoints built locally (no hub access): the demo's default model and the
 test fixtures. Tokenizer: the real Llama one when a folder holding it is given, else one trained here."""
 import os
+from typing import Callable
 
 import numpy as np
 import torch
@@ -159,17 +160,22 @@ _LAYOUTS = {
 
 
 def _rewrite_keys(folder: str, layout: str) -> None:
-    """Renames the saved tensors into one of the key layouts found on the hub."""
-    from safetensors.torch import load_file, save_file
-
     from vllm_utils.models.llava import canonical_key
+
+    rewrite_keys(folder, _LAYOUTS[layout], canonical_key)
+
+
+def rewrite_keys(folder: str, prefixes: dict[str, str], canonical: Callable[[str], str]) -> None:
+    """Renames the saved tensors into one of the key layouts found on the hub: each `canonical` name's prefix to
+    what `prefixes` maps it to."""
+    from safetensors.torch import load_file, save_file
 
     path = os.path.join(folder, "model.safetensors")
     renamed = {}
     for key, value in load_file(path).items():
-        key = canonical_key(key)
-        prefix = next(p for p in _LAYOUTS[layout] if key.startswith(p))
-        renamed[_LAYOUTS[layout][prefix] + key[len(prefix):]] = value.contiguous()
+        key = canonical(key)
+        prefix = next(p for p in prefixes if key.startswith(p))
+        renamed[prefixes[prefix] + key[len(prefix):]] = value.contiguous()
     save_file(renamed, path, metadata={"format": "pt"})
 
 

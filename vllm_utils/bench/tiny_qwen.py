@@ -148,16 +148,9 @@ def canonical_key(key: str) -> str:
 
 
 def _rewrite_keys(folder: str, layout: str) -> None:
-    """Renames the saved tensors into one of the key layouts found on the hub."""
-    from safetensors.torch import load_file, save_file
+    from vllm_utils.bench.tiny_model import rewrite_keys
 
-    path = os.path.join(folder, "model.safetensors")
-    renamed = {}
-    for key, value in load_file(path).items():
-        key = canonical_key(key)
-        prefix = next(p for p in _LAYOUTS[layout] if key.startswith(p))
-        renamed[_LAYOUTS[layout][prefix] + key[len(prefix):]] = value.contiguous()
-    save_file(renamed, path, metadata={"format": "pt"})
+    rewrite_keys(folder, _LAYOUTS[layout], canonical_key)
 
 
 def _save_processor(folder: str, family: str, tokenizer, min_pixels: int, max_pixels: int) -> None:

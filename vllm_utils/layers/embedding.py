@@ -40,3 +40,15 @@ class ParallelLMHead(VocabParallelEmbedding, LinearOp):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = all_gather_last_dim(self.run(hidden, None))
         return logits[..., : self.vocab_size]
+
+
+def embed_with_mm(embed_tokens: VocabParallelEmbedding, input_ids: torch.Tensor, mm_embeds: torch.Tensor | None,
+                  mm_mask: torch.Tensor | None) -> torch.Tensor:
+    """Token embeddings, with the prompt's multimodal positions (`mm_mask`) replaced by the rows of `mm_embeds` in
+    order (rows past the last such position are ignored). Generated tokens keep their own embedding, whatever
+    their id. A gather, not a masked write: no host synchronisation, so a CUDA graph can hold it."""
+    if mm_embeds is None:
+        return embed_tokens(input_ids)
+    embeds = embed_tokens(input_ids.masked_fill(mm_mask, 0))
+    source = (mm_mask.cumsum(0) - 1).clamp(min=0)  # the multimodal row each marked position takes
+    return torch.where(mm_mask[:, None], mm_embeds[source].to(embeds.dtype), embeds)

@@ -8,11 +8,21 @@ from transformers import PretrainedConfig
 from vllm_utils.attention.layer import PagedAttention
 from vllm_utils.attention.metadata import AttentionMetadata
 from vllm_utils.layers.activation import ActAndMul
-from vllm_utils.layers.embedding import VocabParallelEmbedding
+from vllm_utils.layers.embedding import ParallelLMHead, VocabParallelEmbedding, embed_with_mm
 from vllm_utils.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm_utils.layers.norm import GemmaRMSNorm, RMSNorm
 from vllm_utils.layers.rotary import MRotaryEmbedding, RotaryEmbedding
 from vllm_utils.models.text_backbones import DecoderSpec, decoder_spec
+
+
+# checkpoint projection name -> (our fused parameter, shard): what a model holding this decoder loads
+PACKED_MODULES = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
 
 
 def make_norm(config: PretrainedConfig, spec: DecoderSpec) -> nn.Module:
@@ -97,3 +107,21 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x, residual = layer(positions, x, residual, meta, keep if i == len(self.layers) - 1 else None)
         return self.norm(x, residual)
+
+
+class MultimodalDecoderLM(nn.Module):
+    """What every family shares around its decoder (`language_model`, `lm_head`): token embeddings with the
+    multimodal rows in place, the decoder, the logits."""
+
+    language_model: LlamaModel
+    lm_head: ParallelLMHead
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                mm_embeds: torch.Tensor | None = None, mm_mask: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states of every token, or of the rows `keep` only."""
+        embeds = embed_with_mm(self.language_model.embed_tokens, input_ids, mm_embeds, mm_mask)
+        return self.language_model(positions, embeds, meta, keep)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -6,13 +6,12 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from vllm_utils.attention.metadata import AttentionMetadata
 from vllm_utils.errors import UserError
 from vllm_utils.layers.activation import Activation, check_activation
 from vllm_utils.layers.embedding import ParallelLMHead
 from vllm_utils.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm_utils.models.clip import CLIPVisionTower
-from vllm_utils.models.llama import LlamaModel
+from vllm_utils.models.llama import PACKED_MODULES, LlamaModel, MultimodalDecoderLM
 from vllm_utils.models.siglip import SiglipVisionTower
 from vllm_utils.models.text_backbones import decoder_spec
 from vllm_utils.multimodal.inputs import MultiModalInputs
@@ -60,15 +59,8 @@ class LlavaProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaForConditionalGeneration(nn.Module):
-    # checkpoint projection name -> (our fused parameter, shard)
-    packed_modules = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+class LlavaForConditionalGeneration(MultimodalDecoderLM):
+    packed_modules = PACKED_MODULES
     position_rows = 1
 
     @staticmethod
@@ -128,27 +120,6 @@ class LlavaForConditionalGeneration(nn.Module):
         if self.strategy == "default":
             features = features[:, 1:]
         return self.multi_modal_projector(features)
-
-    def embed(self, input_ids: torch.Tensor, mm_embeds: torch.Tensor | None,
-              mm_mask: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings, with the prompt's image positions (`mm_mask`) replaced by `mm_embeds` in order
-        (rows of `mm_embeds` past the last image position are ignored). Generated tokens keep their own
-        embedding, whatever their id. A gather, not a masked write: no host synchronisation, so a CUDA graph
-        can hold it."""
-        if mm_embeds is None:
-            return self.language_model.embed_tokens(input_ids)
-        embeds = self.language_model.embed_tokens(input_ids.masked_fill(mm_mask, 0))
-        source = (mm_mask.cumsum(0) - 1).clamp(min=0)  # the image row each image position takes
-        return torch.where(mm_mask[:, None], mm_embeds[source].to(embeds.dtype), embeds)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                mm_embeds: torch.Tensor | None = None, mm_mask: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Final hidden states of every token, or of the rows `keep` only."""
-        return self.language_model(positions, self.embed(input_ids, mm_embeds, mm_mask), meta, keep)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
 
     def checkpoint_key(self, key: str) -> str | None:
         """Our name for a checkpoint tensor, or None for tensors LLaVA never uses."""

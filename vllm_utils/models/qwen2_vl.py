@@ -9,10 +9,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from vllm_utils.attention.metadata import AttentionMetadata
 from vllm_utils.errors import UserError
 from vllm_utils.layers.embedding import ParallelLMHead
-from vllm_utils.models.llama import LlamaModel
+from vllm_utils.models.llama import PACKED_MODULES, LlamaModel, MultimodalDecoderLM
 from vllm_utils.models.qwen2_vl_vision import Qwen2VisionTransformer, check_vision_config
 from vllm_utils.models.text_backbones import decoder_spec
 from vllm_utils.multimodal.inputs import MultiModalInputs
@@ -25,14 +24,8 @@ _KEY_RULES = [
 ]
 
 
-class Qwen2VLForConditionalGeneration(nn.Module):
-    packed_modules = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+class Qwen2VLForConditionalGeneration(MultimodalDecoderLM):
+    packed_modules = PACKED_MODULES
     position_rows = 3
 
     @staticmethod
@@ -93,24 +86,6 @@ class Qwen2VLForConditionalGeneration(nn.Module):
             item += 1
         positions = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
         return positions, int(positions.max()) + 1 - len(is_mm) if len(is_mm) else 0
-
-    def embed(self, input_ids: torch.Tensor, mm_embeds: torch.Tensor | None,
-              mm_mask: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings, with the multimodal positions (`mm_mask`) taking the rows of `mm_embeds` in order."""
-        if mm_embeds is None:
-            return self.language_model.embed_tokens(input_ids)
-        embeds = self.language_model.embed_tokens(input_ids.masked_fill(mm_mask, 0))
-        source = (mm_mask.cumsum(0) - 1).clamp(min=0)
-        return torch.where(mm_mask[:, None], mm_embeds[source].to(embeds.dtype), embeds)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                mm_embeds: torch.Tensor | None = None, mm_mask: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
-        """`positions`: [3, tokens] in a prefill, [tokens] in a decode (where the three rows agree)."""
-        return self.language_model(positions, self.embed(input_ids, mm_embeds, mm_mask), meta, keep)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
 
     def checkpoint_key(self, key: str) -> str | None:
         for pattern, replacement in _KEY_RULES:
