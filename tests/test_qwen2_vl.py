@@ -292,3 +292,17 @@ def test_an_image_smaller_than_a_patch_is_one_line(tiny_qwen, tmp_path):
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert error_lines(run) == ["error: image of 10 x 40 pixels is smaller than one 14-pixel patch; give an image at "
                                 "least 14 pixels on each side"], run.stderr
+
+
+def test_ready_token_ids_must_hold_their_items_positions(tiny_qwen, images):
+    from vllm_utils.errors import UserError
+
+    llm = engine(tiny_qwen)
+    adapter = llm.engine.processor
+    ids, mm = adapter.process(adapter.chat_prompt("describe", 1), images[:1])
+    params = SamplingParams(temperature=0, max_tokens=2)
+    assert llm.generate([{"prompt_token_ids": ids, "mm_inputs": mm}], params, use_tqdm=False)[0].outputs[0].token_ids
+    first = ids.index(adapter.mm_token_id)
+    short = ids[:first] + ids[first + 1 :]  # one image position fewer
+    with pytest.raises(UserError, match="hold .* multimodal placeholder positions but mm_inputs' items take"):
+        llm.generate([{"prompt_token_ids": short, "mm_inputs": mm}], params, use_tqdm=False)

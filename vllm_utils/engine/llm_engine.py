@@ -61,6 +61,8 @@ class LLMEngine:
         `prompt_logprobs`, their log-probs given all before them)."""
         if prompt_token_ids is None:
             prompt_token_ids, mm_inputs = self.processor.process(prompt, images, videos)
+        else:
+            self._check_mm_positions(prompt_token_ids, mm_inputs)
         text_from = len(prompt_token_ids)
         prompt_token_ids = list(prompt_token_ids) + list(continuation_token_ids or [])
         if len(prompt_token_ids) >= self.max_model_len:
@@ -70,6 +72,15 @@ class LLMEngine:
         seq = Sequence(prompt_token_ids, params, mm_inputs, prompt, text_from)
         self.scheduler.add(seq)
         return seq
+
+    def _check_mm_positions(self, token_ids: list[int], mm_inputs: MultiModalInputs | None) -> None:
+        """Ready token ids hold exactly the positions their items take."""
+        marked = sum(t in self.runner.model.mm_token_ids for t in token_ids)
+        needed = sum(self.processor.item_positions(mm_inputs)) if mm_inputs else 0
+        if marked != needed:
+            raise UserError(f"prompt_token_ids hold {marked} multimodal placeholder positions but mm_inputs' items "
+                            f"take {needed}; expand each item's placeholder to its positions (processor.process "
+                            f"does it)")
 
     def shutdown(self) -> None:
         """Stops the tensor-parallel workers, if any (otherwise done when this process exits)."""

@@ -42,6 +42,7 @@ class Qwen2VLForConditionalGeneration(MultimodalDecoderLM):
         vision, text = config.vision_config, config.text_config
         self.mm_token_ids = (config.image_token_id, config.video_token_id)
         self.merge = vision.spatial_merge_size
+        self.max_positions = text.max_position_embeddings  # the size of the RoPE tables
         self.tokens_per_second = getattr(vision, "tokens_per_second", None)  # Qwen2.5-VL: video time positions
         out_dim = vision.out_hidden_size if vision.model_type == "qwen2_5_vl_vision" else vision.hidden_size
         self.visual = Qwen2VisionTransformer(vision, out_dim)
@@ -85,6 +86,9 @@ class Qwen2VLForConditionalGeneration(MultimodalDecoderLM):
             i += grid.shape[1]
             item += 1
         positions = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
+        if positions.numel() and int(positions.max()) >= self.max_positions:
+            raise UserError(f"the prompt's positions reach {int(positions.max())}, beyond the model's "
+                            f"max_position_embeddings ({self.max_positions}); use fewer or shorter videos")
         return positions, int(positions.max()) + 1 - len(is_mm) if len(is_mm) else 0
 
     def checkpoint_key(self, key: str) -> str | None:
