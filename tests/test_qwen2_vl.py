@@ -131,6 +131,25 @@ def test_padded_decode_steps_of_graph_mode_give_hf_tokens(tiny_qwen, qwen_refere
         assert out.outputs[0].token_ids == qwen_reference.greedy(llm.engine.processor, req)
 
 
+@pytest.mark.parametrize("tiny_qwen", ["qwen2_5_vl"], indirect=True)  # the decoder paths are the same
+def test_the_cuda_code_path_gives_hf_tokens(tiny_qwen, qwen_reference, images, clip):
+    """The kernels the CUDA platform chooses (fused Triton RoPE of three position rows + K/V store, Triton paged
+    decode, fused norms) and graph mode's padded decode steps, through Triton's interpreter on CPU where there is
+    no GPU."""
+    pytest.importorskip("triton")
+    from vllm_utils.attention.triton_backend import TritonPagedAttention
+    from vllm_utils.platforms.cuda import CudaPlatform
+
+    llm = engine(tiny_qwen)
+    llm.engine.runner.choose_kernels(CudaPlatform())
+    assert isinstance(llm.engine.runner.backend, TritonPagedAttention)
+    uncaptured_graph_mode(llm)
+    reqs = [prompts(llm.engine.processor, images, clip)[i] for i in (0, 3)]
+    outputs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True), use_tqdm=False)
+    for req, out in zip(reqs, outputs):
+        assert out.outputs[0].token_ids == qwen_reference.greedy(llm.engine.processor, req)
+
+
 def test_positions_equal_transformers_get_rope_index(tiny_qwen, images, clip):
     """The three position rows of a prompt with two images and a video (Qwen2.5-VL: time in seconds of a clip
     sampled at 1.5 frames a second) and the offset of generated tokens, against transformers' own."""
@@ -272,6 +291,7 @@ def test_a_video_for_a_model_without_video_is_refused_before_loading(tiny_llava,
                                 "(qwen2_vl, qwen2_5_vl) or give images"]
 
 
+@pytest.mark.parametrize("tiny_qwen", ["qwen2_vl"], indirect=True)  # the checks are the same for both families
 @pytest.mark.parametrize("flags, message", [
     (["--num-frames=0"], "--num-frames must be between 1 and 768"),
     (["--input-video=missing.mp4"], "--input-video 'missing.mp4' is not a file"),
@@ -285,6 +305,7 @@ def test_bad_video_input_is_one_line(tiny_qwen, tmp_path, flags, message):
     assert not glob.glob(str(tmp_path / "*.csv"))
 
 
+@pytest.mark.parametrize("tiny_qwen", ["qwen2_vl"], indirect=True)  # the checks are the same for both families
 def test_an_image_smaller_than_a_patch_is_one_line(tiny_qwen, tmp_path):
     Image.new("RGB", (10, 40)).save(tmp_path / "thin.png")
     run = cli("--demo", f"--model={tiny_qwen}", "--device=cpu", f"--input-image={tmp_path / 'thin.png'}",
