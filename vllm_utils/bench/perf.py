@@ -5,6 +5,7 @@ import json
 import sys
 import time
 
+from vllm_utils import threads
 from vllm_utils.bench.metrics import TimedRun, seed_perf_info, summarize
 from vllm_utils.bench.preflight import check_perf_lengths
 from vllm_utils.progress import phase
@@ -78,9 +79,13 @@ def run_perf(args: argparse.Namespace, resolve_config, make_llm) -> None:
     summary["peak_memory_gib"] = engine.platform.peak_memory_bytes(engine.device) / 2**30
 
     info = seed_perf_info(summary)
+    if engine.device.type == "cpu":
+        info["cpu_threads"] = cpu_threads()
     print("***Perf Info***")
     print(json.dumps(info, indent=4))
     print_details(summary)
+    if "cpu_threads" in info:
+        print(f"CPU threads: {info['cpu_threads']} ({threads.describe(info['cpu_threads'])})")
     settings = perf_settings(args, engine)
     save_reports({**settings, **info, **flatten(summary)}, args.output_json,
                  lambda: {"settings": settings, "perf_info": info, "metrics": summary,
@@ -123,6 +128,12 @@ def perf_settings(args: argparse.Namespace, engine) -> dict[str, object]:
         "mm_per_prompt": args.mm_per_prompt, "input_vision_shape": args.input_vision_shape or "",
         "backend": args.backend,
     }
+
+
+def cpu_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def print_details(s: dict) -> None:

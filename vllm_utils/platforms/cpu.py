@@ -8,6 +8,7 @@ import sys
 import torch
 from torch import nn
 
+from vllm_utils import threads
 from vllm_utils.attention.backend import AttentionBackend
 from vllm_utils.attention.cpu_backend import CpuPagedAttention
 from vllm_utils.attention.encoder import EncoderAttention
@@ -30,6 +31,10 @@ class CpuPlatform(Platform):
 
     def __init__(self) -> None:
         super().__init__("cpu", module=None)
+        # torch imported before vllm_utils counts every core of the machine: no more than this process may use
+        chosen = threads.system_choice().threads
+        if torch.get_num_threads() > chosen:
+            torch.set_num_threads(chosen)
 
     def max_ranks(self) -> int | None:
         return None  # the ranks share the cores
@@ -38,7 +43,7 @@ class CpuPlatform(Platform):
         return device
 
     def configure_rank(self, device: torch.device, size: int) -> None:
-        torch.set_num_threads(max(1, (os.cpu_count() or size) // size))  # the ranks share the cores
+        torch.set_num_threads(max(1, threads.system_choice().threads // size))  # the ranks share the cores
 
     def device_name(self, device: torch.device) -> str:
         return cpu.cpu_model() or "cpu"
