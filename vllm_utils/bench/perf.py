@@ -80,12 +80,15 @@ def run_perf(args: argparse.Namespace, resolve_config, make_llm) -> None:
 
     info = seed_perf_info(summary)
     if engine.device.type == "cpu":
-        info["cpu_threads"] = cpu_threads()
+        info["cpu_threads"] = cpu_threads(engine.platform)
     print("***Perf Info***")
     print(json.dumps(info, indent=4))
     print_details(summary)
     if "cpu_threads" in info:
-        print(f"CPU threads: {info['cpu_threads']} ({threads.describe(info['cpu_threads'])})")
+        team = getattr(engine.platform, "team", None)
+        followed = team.summary() if team is not None else ""
+        print(f"CPU threads: {info['cpu_threads']} ({threads.describe(info['cpu_threads'])})"
+              + (f"; {followed}" if followed else ""))
     settings = perf_settings(args, engine)
     save_reports({**settings, **info, **flatten(summary)}, args.output_json,
                  lambda: {"settings": settings, "perf_info": info, "metrics": summary,
@@ -130,7 +133,11 @@ def perf_settings(args: argparse.Namespace, engine) -> dict[str, object]:
     }
 
 
-def cpu_threads() -> int:
+def cpu_threads(platform) -> int:
+    """The threads the CPU path runs: where the team follows the load, its full size."""
+    team = getattr(platform, "team", None)
+    if team is not None:
+        return team.full
     import torch
 
     return torch.get_num_threads()
