@@ -140,22 +140,22 @@ def test_the_team_shrinks_while_its_threads_wait_and_tries_again_later():
     machine = FakeMachine(cores=2)
     team = machine.follower(2)
     for _ in range(8):
-        machine.forward(team, WINDOW / 2)  # a quiet machine: the team keeps its size
+        machine.forward(team, 0.6 * WINDOW)  # a quiet machine: the team keeps its size
     assert machine.sizes == [] and team.size == 2
     machine.others = 1  # a neighbour takes a core
     for _ in range(3):
-        machine.forward(team, WINDOW)
+        machine.forward(team, 1.01 * WINDOW)
     assert machine.sizes == [1]
     while len(machine.sizes) < 3 and machine.now < 100:  # it tries two threads again, and returns to one
-        machine.forward(team, WINDOW)
+        machine.forward(team, 1.01 * WINDOW)
     assert machine.sizes == [1, 2, 1] and team.retry_after == 2 * RETRY_FIRST  # and waits longer to try again
     tried = machine.now
     while len(machine.sizes) < 5 and machine.now < 100:
-        machine.forward(team, WINDOW)
+        machine.forward(team, 1.01 * WINDOW)
     assert machine.sizes == [1, 2, 1, 2, 1] and machine.now - tried >= 2 * RETRY_FIRST
     machine.others = 0  # the neighbour has gone: the next try keeps the full team
-    for _ in range(int(4 * RETRY_FIRST / WINDOW) + 2):
-        machine.forward(team, WINDOW)
+    for _ in range(int(6 * RETRY_FIRST / WINDOW)):
+        machine.forward(team, 1.01 * WINDOW)
     assert machine.sizes == [1, 2, 1, 2, 1, 2] and team.retry_after == RETRY_FIRST
     assert "on fewer threads (down to 1)" in team.summary()
 
@@ -167,11 +167,11 @@ def test_the_team_shrinks_by_the_cores_it_lacks_and_never_below_one():
     team = machine.follower(16)
     machine.others = 3
     for _ in range(3):
-        machine.forward(team, WINDOW)
+        machine.forward(team, 1.01 * WINDOW)
     assert machine.sizes == [13]  # 16 threads beside 3: 2.5 cores' worth of waiting
     machine.others = 40
     for _ in range(3):
-        machine.forward(team, WINDOW)
+        machine.forward(team, 1.01 * WINDOW)
     assert machine.sizes[-1] == 1
 
 
@@ -181,4 +181,4 @@ def test_the_run_queue_counter_reads_this_process(tmp_path):
     assert run_queue_seconds() >= 0
     for tid, line in (("10", "500 2000000000 7\n"), ("11", "1 500000000 2\n"), ("12", "")):
         write(tmp_path / tid / "schedstat", line)
-    assert run_queue_seconds(tmp_path) == 2.5
+    assert run_queue_seconds(str(tmp_path)) == 2.5

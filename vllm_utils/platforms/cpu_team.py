@@ -7,19 +7,19 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
-WINDOW = 0.25  # seconds between two decisions
+WINDOW = 0.05  # seconds between two decisions (schedstat counts in nanoseconds: short windows read true)
 SHORT = 0.5  # cores' worth of run-queue waiting over a window that makes the team shrink
-RETRY_FIRST, RETRY_MAX = 2.0, 32.0  # seconds on a smaller team before trying the full one, doubling while taken
+RETRY_FIRST, RETRY_MAX = 1.0, 32.0  # seconds on a smaller team before trying the full one, doubling while taken
 
 
-def run_queue_seconds(tasks: Path = Path("/proc/self/task")) -> float:
+def run_queue_seconds(tasks: str = "/proc/self/task") -> float:
     """Seconds this process's threads have spent ready to run but waiting for a CPU (schedstat's second field)."""
     total = 0
     for tid in os.listdir(tasks):
         try:
-            total += int((tasks / tid / "schedstat").read_text().split()[1])
+            with open(f"{tasks}/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[1])
         except (OSError, IndexError, ValueError):
             pass  # a thread that has just ended, or a kernel without schedstat
     return total / 1e9
@@ -33,15 +33,17 @@ class TeamFollower:
                  waited: Callable[[], float] = run_queue_seconds) -> None:
         self.full = self.size = full
         self.set_threads, self.clock, self.waited = set_threads, clock, waited
-        self.window_start, self.waited_at_start = clock(), waited()
+        self.window_start: float | None = None  # the first window opens at the first forward
+        self.waited_at_start = 0.0
         self.retry_after, self.retry_at, self.trying = RETRY_FIRST, 0.0, False
         self.forwards: Counter[int] = Counter()  # team size -> forwards run at it
 
     def __call__(self, *hook_args) -> None:
         now = self.clock()
-        if now - self.window_start >= WINDOW:
+        if self.window_start is None or now - self.window_start >= WINDOW:
             waited = self.waited()
-            self._decide((waited - self.waited_at_start) / (now - self.window_start), now)
+            if self.window_start is not None:
+                self._decide((waited - self.waited_at_start) / (now - self.window_start), now)
             self.window_start, self.waited_at_start = now, waited
         self.forwards[self.size] += 1
 
