@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_utils.threads import (SPIN_COUNT, ThreadChoice, cgroup_cpu_limit, choose_threads, openmp_settings,
+from vllm_utils.threads import (ThreadChoice, cgroup_cpu_limit, choose_threads, openmp_settings,
                                 parse_cpu_max, parse_omp_num_threads, physical_cores)
 
 from test_cli import cli_env
@@ -82,10 +82,8 @@ def test_thread_count_choice(tmp_path):
 
 def test_openmp_settings_leave_the_users_alone():
     choice = ThreadChoice(3, "test")
-    assert openmp_settings({}, choice) == {"OMP_NUM_THREADS": "3", "GOMP_SPINCOUNT": SPIN_COUNT}
-    assert openmp_settings({"OMP_NUM_THREADS": "1"}, choice) == {"GOMP_SPINCOUNT": SPIN_COUNT}
-    assert openmp_settings({"OMP_WAIT_POLICY": "active"}, choice) == {"OMP_NUM_THREADS": "3"}
-    assert openmp_settings({"GOMP_SPINCOUNT": "5", "OMP_NUM_THREADS": "2"}, choice) == {}
+    assert openmp_settings({}, choice) == {"OMP_NUM_THREADS": "3"}
+    assert openmp_settings({"OMP_NUM_THREADS": "1"}, choice) == {}
 
 
 def run_python(script: str) -> list:
@@ -98,10 +96,9 @@ def run_python(script: str) -> list:
 ONE_CPU = "import json, os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
 
 
-def test_importing_the_package_first_sets_libgomps_spin_and_thread_count():
-    script = ONE_CPU + ("import vllm_utils, torch; "
-                        "print(json.dumps([torch.get_num_threads(), os.environ.get('GOMP_SPINCOUNT')]))")
-    assert run_python(script) == [1, SPIN_COUNT]
+def test_importing_the_package_first_sets_the_thread_count():
+    script = ONE_CPU + "import vllm_utils, torch; print(json.dumps([torch.get_num_threads(), os.environ['OMP_NUM_THREADS']]))"
+    assert run_python(script) == [1, "1"]
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to narrow to one")
@@ -109,10 +106,10 @@ def test_the_cpu_platform_lowers_torchs_count_to_the_usable_cpus():
     """torch imported first counts the cores it saw then; the platform lowers that to what the affinity allows."""
     script = ("import json, os, torch; torch.get_num_threads(); " + ONE_CPU.removeprefix("import json, os; ")
               + "from vllm_utils.platforms.cpu import CpuPlatform; before = torch.get_num_threads(); CpuPlatform(); "
-                "print(json.dumps([before, torch.get_num_threads(), os.environ.get('GOMP_SPINCOUNT')]))")
-    before, after, spin = run_python(script)
+                "print(json.dumps([before, torch.get_num_threads(), os.environ.get('OMP_NUM_THREADS')]))")
+    before, after, variable = run_python(script)
     assert before > 1 and after == 1
-    assert spin is None  # torch had loaded libgomp already: too late to set it
+    assert variable is None  # torch had loaded libgomp already: too late to set it
 
 
 class FakeMachine:

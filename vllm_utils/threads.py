@@ -1,21 +1,16 @@
-"""How many threads the CPU path runs, and how its idle OpenMP threads wait. Both are settings of libgomp (PyTorch's
-OpenMP runtime, which our C kernels share) that it reads once, when it loads with torch: `configure_openmp` sets
-them in the environment before that, unless the user has.
+"""How many threads the CPU path runs: a setting of libgomp (PyTorch's OpenMP runtime, which our C kernels share)
+that it reads once, when it loads with torch, so `configure_openmp` puts it in the environment before that, unless
+the user has.
 
 The count: the user's OMP_NUM_THREADS; else the physical cores among the CPUs this process may run on
 (sched_getaffinity), capped by its cgroup's CPU quota (cgroup v2 `cpu.max`, or v1 `cpu.cfs_quota_us`) rounded up.
-The wait: a short spin, then sleep (GOMP_SPINCOUNT), unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT. libgomp's
-default spins ~3 ms after every parallel region, so a thread that has nothing to do keeps a core that a neighbour,
-or a descheduled thread of ours that the others wait for, needs."""
+While the engine runs, the team may shrink below it when other processes hold cores (platforms/cpu_team.py)."""
 import math
 import os
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-SPIN_COUNT = "10000"  # libgomp's unit: ~100 spins a microsecond, so ~0.1 ms before a waiting thread sleeps
-
 
 @dataclass(frozen=True)
 class ThreadChoice:
@@ -112,12 +107,8 @@ def _choose_now() -> ThreadChoice:
 
 
 def openmp_settings(environ: Mapping[str, str], choice: ThreadChoice) -> dict[str, str]:
-    """The variables to add to `environ`: OMP_NUM_THREADS (the chosen count) and GOMP_SPINCOUNT (a short spin), each
-    only where the user has set neither it nor, for the spin, OMP_WAIT_POLICY."""
-    settings = {} if "OMP_NUM_THREADS" in environ else {"OMP_NUM_THREADS": str(choice.threads)}
-    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
-        settings["GOMP_SPINCOUNT"] = SPIN_COUNT
-    return settings
+    """The variables to add to `environ`: OMP_NUM_THREADS, the chosen count, unless the user has set it."""
+    return {} if "OMP_NUM_THREADS" in environ else {"OMP_NUM_THREADS": str(choice.threads)}
 
 
 def configure_openmp() -> None:
@@ -130,9 +121,9 @@ def configure_openmp() -> None:
 
 
 def describe(threads: int) -> str:
-    """Where a count of `threads` (what torch runs now) comes from, and how idle threads wait, for the report."""
+    """Where a count of `threads` (what torch runs) comes from, and how idle threads wait, for the report."""
     choice = system_choice()
-    source = choice.reason if threads == choice.threads else "set by torch.set_num_threads (or per tensor-parallel rank)"
+    source = choice.reason if threads == choice.threads else f"{choice.reason}; torch runs {threads}"
     policy, spin = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
     wait = f"OMP_WAIT_POLICY={policy}" if policy else f"GOMP_SPINCOUNT={spin}" if spin else "libgomp's default spin"
     return f"{source}; idle threads wait by {wait}"

@@ -3,16 +3,12 @@
  * with transformers' rounding points.
  *
  * Linear: y[M, N] = x[M, K] @ W[N, K]^T (+ bias). Decode reads every weight once per step, so the job is to
- * stream W at memory bandwidth. The weight stays in nn.Linear's row-major layout (prefill shares it); threads take
- * chunks of contiguous rows, each row read start to end as one stream (with software prefetch where that pays, see
- * `prefetch`). For one input row the products use 256-bit VDPBF16PS (the 512-bit form streams slower on Sapphire
- * Rapids); 2-4 input rows use the 512-bit form. Sums are fp32, rounded once to bf16 (RNE). Threads come from
- * OpenMP: loaded into a process that already has PyTorch's libgomp, this shares its pool. Requires N % 4 == 0 and
- * K % 32 == 0 (checked by the caller).
- *
- * Every kernel splits its work into many chunks that threads claim as they come free (schedule(dynamic), or an
- * atomic counter) instead of fixed per-thread shares: when the OS deschedules one thread to run another process,
- * the others take over the chunks it has not started, and a region waits for it only to finish the chunk it is in. */
+ * stream W at memory bandwidth. The weight stays in nn.Linear's row-major layout (prefill shares it); each
+ * thread walks a contiguous range of rows, each row start to end as one stream (with software prefetch where
+ * that pays, see `prefetch`). For one input row the products use 256-bit VDPBF16PS (the 512-bit form streams
+ * slower on Sapphire Rapids); 2-4 input rows use the 512-bit form. Sums are fp32, rounded once to bf16 (RNE).
+ * Threads come from OpenMP: loaded into a process that already has PyTorch's libgomp, this shares its pool.
+ * Requires N % 4 == 0 and K % 32 == 0 (checked by the caller). */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -20,7 +16,6 @@
 
 #define ROWS 4
 #define READ_AHEAD (1L << 20)
-#define CHUNK_BYTES (256L << 10) /* of weight per chunk of rows a thread claims */
 
 /* Software prefetch distance in bytes, 0 for none (set by the caller per CPU vendor: it speeds up the weight
  * stream on Sapphire Rapids and slows it on Zen 4, whose hardware prefetchers do better alone). */
@@ -122,19 +117,18 @@ static inline long read_bytes(const uint8_t* a, long n) {
     return _mm512_reduce_add_epi32(acc);
 }
 
-/* Threads claim chunks of rows (about CHUNK_BYTES of weight each) as they come free. Each thread, once no rows are
- * left, reads its part of the first READ_AHEAD bytes of the next linear's weight (next: next_rows x next_cols, or
- * NULL), the rows that the first chunks of that linear will take. Between two decode linears the memory sits idle
- * while Python runs, and a linear that starts after an idle gap streams slowly at first; starting it from cache
- * hides most of that. */
-#define ROWS_LOOP(call)                                                                                             \
-    _Pragma("omp parallel") {                                                                                       \
-        _Pragma("omp for schedule(dynamic, chunk) nowait") for (int n0 = 0; n0 < N; n0 += ROWS) call;               \
-        if (next) {                                                                                                 \
-            int t = omp_get_thread_num(), threads = omp_get_num_threads();                                          \
-            long size = (long)next_rows * next_cols * 2, ahead = (READ_AHEAD < size ? READ_AHEAD : size) / threads; \
-            sink[t % 256 * 16] += read_bytes((const uint8_t*)next + ahead * t, ahead / 256 * 256);                  \
-        }                                                                                                           \
+/* Each thread, once its rows are done, reads the start of the rows it will take in the next linear (next: that
+ * weight, next_rows x next_cols, or NULL). Between two decode linears the memory sits idle while Python runs,
+ * and a linear that starts after an idle gap streams slowly at first; starting it from cache hides most of that. */
+#define ROWS_LOOP(call)                                                                                    \
+    _Pragma("omp parallel") {                                                                              \
+        _Pragma("omp for schedule(static) nowait") for (int n0 = 0; n0 < N; n0 += ROWS) call;              \
+        if (next) {                                                                                        \
+            int t = omp_get_thread_num(), threads = omp_get_num_threads();                                 \
+            long share = (long)next_rows * next_cols * 2 / threads, ahead = READ_AHEAD / threads;          \
+            sink[t % 256 * 16] +=                                                                          \
+                read_bytes((const uint8_t*)next + share * t, (ahead < share ? ahead : share) / 256 * 256); \
+        }                                                                                                  \
     }
 
 static long sink[16 * 256]; /* per-thread slots, a cache line apart */
@@ -142,8 +136,6 @@ static long sink[16 * 256]; /* per-thread slots, a cache line apart */
 /* x: M rows of K (row stride x_stride), W: N rows of K, bias: N or NULL, y: M rows of N (row stride y_stride). */
 void vllm_utils_gemv_bf16(const uint16_t* w, const uint16_t* x, long x_stride, const uint16_t* bias, uint16_t* y,
                           long y_stride, int M, int N, int K, const uint16_t* next, int next_rows, int next_cols) {
-    int chunk = (int)(CHUNK_BYTES / (ROWS * 2L * K)); /* in blocks of ROWS rows */
-    if (chunk < 1) chunk = 1;
     switch (M) {
         case 1:
             if (K % 128 == 0)
@@ -165,7 +157,7 @@ void vllm_utils_gemv_bf16(const uint16_t* w, const uint16_t* x, long x_stride, c
  * rstd = 1 / sqrt(mean(h^2) + eps) in fp32. */
 void vllm_utils_rmsnorm_bf16(const uint16_t* x, uint16_t* residual, const uint16_t* weight, uint16_t* out, int rows,
                              int n, float eps) {
-#pragma omp parallel for schedule(dynamic, 8) if (rows > 8)
+#pragma omp parallel for schedule(static) if (rows > 8)
     for (int row = 0; row < rows; row++) {
         const uint16_t* xr = x + (long)row * n;
         uint16_t* h = residual ? residual + (long)row * n : (uint16_t*)xr;
@@ -199,7 +191,7 @@ void vllm_utils_rmsnorm_bf16(const uint16_t* x, uint16_t* residual, const uint16
 void vllm_utils_rope_bf16(uint16_t* x, const long* positions, const float* cos, const float* sin, int tokens, int heads,
                           int head_dim, long token_stride) {
     int half = head_dim / 2;
-#pragma omp parallel for schedule(dynamic, 8) if (tokens > 8)
+#pragma omp parallel for schedule(static) if (tokens > 8)
     for (int t = 0; t < tokens; t++) {
         const float *c = cos + positions[t] * head_dim, *s = sin + positions[t] * head_dim;
         for (int h = 0; h < heads; h++) {
@@ -292,7 +284,9 @@ static void merge_chunks(const float* partials, long part, int chunks, int num_h
  * g = h / (num_heads / num_kv_heads). K and V hold `length` token rows of num_kv_heads * head_dim values,
  * row_stride elements apart (a run of the paged cache read in place). The tokens are split into chunks of `chunk`
  * tokens that threads claim as they come free; each chunk keeps its own running max, sum and weighted sum of V, and
- * the thread that finishes the last chunk merges them. All fp32; the output is rounded to bf16 once.
+ * the thread that finishes the last chunk merges them, as in flash-decoding. The split does not depend on the number
+ * of threads, so neither does the result (the engine resizes its thread team while it runs), and no thread owns a
+ * fixed share that the others would wait for. All fp32; the output is rounded to bf16 once.
  * scratch: num_heads * (length + chunks * (head_dim + 2)) floats, chunks = ceil(length / chunk).
  * head_dim % 32 == 0. */
 void vllm_utils_decode_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
@@ -329,7 +323,7 @@ static inline __m512 exp16(__m512 x) {
 /* out[r] = bf16(bf16(silu(gate)) * up) with gate, up the two halves of row r of x (n values each, rows x_stride
  * apart): PyTorch's F.silu(gate) * up in bf16, with its rounding points. n % 16 == 0. */
 void vllm_utils_silu_mul_bf16(const uint16_t* x, uint16_t* out, int rows, int n, long x_stride) {
-#pragma omp parallel for schedule(dynamic, 256) collapse(2) if ((long)rows * n > 16384)
+#pragma omp parallel for schedule(static) collapse(2) if ((long)rows * n > 16384)
     for (int r = 0; r < rows; r++)
         for (int i = 0; i < n; i += 16) {
             __m512 gate = load16(x + r * x_stride + i), up = load16(x + r * x_stride + n + i);
@@ -341,7 +335,7 @@ void vllm_utils_silu_mul_bf16(const uint16_t* x, uint16_t* out, int rows, int n,
 
 /* CLIP's quick_gelu, x * sigmoid(1.702 x), with PyTorch's bf16 rounding after each of its three ops. n % 16 == 0. */
 void vllm_utils_quick_gelu_bf16(const uint16_t* x, uint16_t* out, long n) {
-#pragma omp parallel for schedule(dynamic, 256) if (n > 16384)
+#pragma omp parallel for schedule(static) if (n > 16384)
     for (long i = 0; i < n; i += 16) {
         __m512 v = load16(x + i), t = round_bf16(_mm512_mul_ps(v, _mm512_set1_ps(1.702f)));
         __m512 sigmoid = _mm512_div_ps(
@@ -368,7 +362,7 @@ void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, con
     long padded = (tokens + KB - 1) / KB * KB, head_size = padded * head_dim;
 #pragma omp parallel
     {
-#pragma omp for schedule(dynamic, 4) collapse(2)
+#pragma omp for schedule(static) collapse(2)
         for (int g = 0; g < num_kv_heads; g++) /* K: 16 tokens' (d, d+1) pairs per gather */
             for (long t0 = 0; t0 < padded; t0 += 16) {
                 __mmask16 real = t0 + 16 <= tokens ? 0xffff : t0 >= tokens ? 0 : (__mmask16)((1u << (tokens - t0)) - 1);
@@ -381,7 +375,7 @@ void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, con
                     _mm512_storeu_si512(kp + p * padded,
                                         _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, offsets, kt + p, 4));
             }
-#pragma omp for schedule(dynamic, 64) collapse(2)
+#pragma omp for schedule(static) collapse(2)
         for (int g = 0; g < num_kv_heads; g++) /* V: rows 2j and 2j + 1 interleaved */
             for (long j = 0; j < padded / 2; j++) {
                 const __m512i low =
