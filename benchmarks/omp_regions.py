@@ -80,7 +80,7 @@ def worker(workload: str, tokens: int) -> None:
     decode = decode if len(decode) else np.zeros(1)
     print(json.dumps({
         "step_ms": (times[-1] - times[0]) / tokens * 1e3, "regions": (count - prefill_regions) / tokens,
-        "region_ms": decode.sum() / tokens * 1e3, "p50_us": float(np.median(decode)) * 1e6,
+        "region_ms": float(decode.sum()) / tokens * 1e3, "p50_us": float(np.median(decode)) * 1e6,
         "p90_us": float(np.percentile(decode, 90)) * 1e6, "p99_us": float(np.percentile(decode, 99)) * 1e6,
         "cores": (after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime) / wall}))
 
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--code", default=str(HERE.parent), help="the package checkout to run")
     parser.add_argument("--workload", choices=["tiny", "1.26B"], default="1.26B")
     parser.add_argument("--tokens", type=int, default=None, help="decode steps (default: 200 tiny, 24 1.26B)")
+    parser.add_argument("--loads", nargs="+", choices=LOADS, default=list(LOADS))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     tokens = args.tokens or (200 if args.workload == "tiny" else 24)
@@ -100,7 +101,7 @@ def main() -> None:
     print("| load | case | decode ms/step | regions/step | in regions, ms/step | region p50 / p90 / p99, µs | "
           "cores used |")
     print("|---|---|---|---|---|---|---|")
-    for load in LOADS:
+    for load in args.loads:
         neighbour = start_neighbour(load)
         try:
             for case, env in CASES.items():
