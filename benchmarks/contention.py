@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,13 +91,23 @@ def start_neighbour(load: str) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--code", action="append", default=[], help="NAME=DIR: the package checkout to run")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat every case; the table gives the best")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every case; the table gives the median")
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--loads", nargs="+", choices=LOADS, default=list(LOADS))
+    parser.add_argument("--table", metavar="FILE", help="print the table of the JSON lines an earlier run printed")
     parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
+    if args.table:
+        results, codes = {}, {}
+        for line in Path(args.table).read_text().splitlines():
+            if line.startswith("{"):
+                case = json.loads(line)
+                key = tuple(case.pop(k) for k in ("workload", "engine", "code", "load"))
+                results.setdefault(key, []).append(case)
+                codes[key[2]] = None
+        return print_table(results, codes)
     codes = dict(c.split("=", 1) for c in args.code) or {"this": str(HERE.parent)}
     codes = {name: Path(folder).resolve() for name, folder in codes.items()}
     results: dict[tuple, list[dict]] = {}
@@ -118,11 +129,12 @@ def main() -> None:
 
 
 def print_table(results: dict, codes: dict) -> None:
-    """Best of the rounds per case; the last two columns: the slowest load against one thread alone (the target:
-    at most 1.5) and against one thread beside the same load (at most 1: never slower than one thread)."""
-    best = {key: {k: min(f[k] for f in runs) for k in runs[0]} for key, runs in results.items()}
+    """The median of the rounds per case; the last two columns: the slowest load against one thread alone (the
+    target: at most 1.5) and against one thread beside the same load (at most 1: never slower than one thread)."""
+    best = {key: {k: statistics.median(f[k] for f in runs) for k in runs[0]} for key, runs in results.items()}
     loads = [load for load in LOADS if any(key[3] == load for key in best)]
-    print(f"\nCPU: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; best of {len(next(iter(results.values())))}\n")
+    rounds = len(next(iter(results.values())))
+    print(f"\nCPU: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; median of {rounds} rounds\n")
     print("| figure | engine | code | " + " | ".join(loads) + " | worst / 1 thread alone | worst / 1 thread, same "
           "load |")
     print("|---|---|---|" + "---|" * (len(loads) + 2))
