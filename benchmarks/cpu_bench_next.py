@@ -11,9 +11,9 @@ import subprocess
 import sys
 import time
 
-import torch
+from vllm_utils import LLM, SamplingParams  # before torch: the package sets libgomp's threads and wait before it loads
 
-from vllm_utils import LLM, SamplingParams
+import torch
 from vllm_utils.bench.hf_backend import HFGenerate
 from vllm_utils.bench.synthetic import request_images, synthetic_requests
 

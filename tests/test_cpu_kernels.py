@@ -98,7 +98,8 @@ def test_the_environment_switch_is_the_config_default_and_turns_the_kernels_off(
 
 
 @needs_kernel
-@pytest.mark.parametrize("heads,kv_heads,dim,length", [(16, 16, 128, 600), (4, 2, 64, 37), (8, 1, 32, 1), (6, 3, 256, 5)])
+@pytest.mark.parametrize("heads,kv_heads,dim,length", [(16, 16, 128, 600), (4, 2, 64, 37), (8, 1, 32, 1), (6, 3, 256, 5),
+                                                       (4, 2, 64, 2100)])
 def test_decode_attention_matches_float64_sdpa(heads, kv_heads, dim, length):
     gen = torch.Generator().manual_seed(length)
     q = torch.randn(heads, dim, generator=gen).to(torch.bfloat16)
@@ -200,7 +201,7 @@ def test_decode_attention_gives_the_same_result_on_one_thread():
         one = cpu_kernels.decode_attention(q, k, v, 0.125)
     finally:
         torch.set_num_threads(threads)
-    assert torch.allclose(one.float(), both.float(), rtol=2**-7, atol=1e-3)  # merged halves vs one pass
+    assert torch.equal(one, both)  # the chunks, and so the sums, do not depend on which thread takes them
 
 
 @needs_kernel

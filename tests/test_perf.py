@@ -39,10 +39,12 @@ def value(text: str) -> float:
 
 
 def test_perf_report_csv_and_json(tiny_llava, tmp_path):
-    run = cli(*perf_args(tiny_llava, "--output-json", str(tmp_path / "all.json")), cwd=str(tmp_path))
+    run = cli(*perf_args(tiny_llava, "--output-json", str(tmp_path / "all.json")), cwd=str(tmp_path),
+              env={"OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr
     info = perf_info(run.stdout)
-    assert set(info) == set(SEED_KEYS)
+    assert set(info) == set(SEED_KEYS) | {"cpu_threads"}  # the seed's six, and on CPU the threads it ran
+    assert info["cpu_threads"] == 1 and "CPU threads: 1 (OMP_NUM_THREADS=1; " in run.stdout
     for key, unit in SEED_KEYS.items():
         assert info[key].split()[1] == unit and value(info[key]) > 0
     total_ms = value(info["latency_num_prompts"])
@@ -58,7 +60,8 @@ def test_perf_report_csv_and_json(tiny_llava, tmp_path):
     environment = document["environment"]
     assert environment["torch"] == torch.__version__ and environment["packages"]["torch"] == metadata.version("torch")
     assert {"torch", "transformers", "vllm_utils", "python"} <= set(environment["packages"])
-    assert environment["cpu_cores"] == os.cpu_count() and environment["cpu_threads"] >= 1
+    assert environment["cpu_cores"] == os.cpu_count() and environment["cpu_threads"] == 1
+    assert environment["cpu_threads_source"].startswith("OMP_NUM_THREADS=1; ")
     model_names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")] \
         if os.path.isfile("/proc/cpuinfo") else []
     if model_names:
@@ -74,7 +77,7 @@ def test_perf_report_csv_and_json(tiny_llava, tmp_path):
                               "block_size": "16", "max_model_len": "256", "dtype": "float32",
                               "tensor_parallel_size": "1", "device": "cpu", "model": tiny_llava}.items():
         assert table[setting] == expected
-    assert all(table[k] == v for k, v in info.items())
+    assert all(table[k] == str(v) for k, v in info.items())
 
 
 def test_output_len_one_reports_time_to_first_token(tiny_llava, tmp_path):

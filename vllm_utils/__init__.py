@@ -1,8 +1,12 @@
 """vllm_utils: validate and benchmark vision-language models on any PyTorch device."""
 from typing import TYPE_CHECKING
 
+from vllm_utils.threads import configure_openmp
+
 __all__ = ["LLM", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"
+
+configure_openmp()  # before torch loads libgomp, which reads its settings once
 
 if TYPE_CHECKING:
     from vllm_utils.llm import LLM, RequestOutput

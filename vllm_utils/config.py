@@ -43,6 +43,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto": the device's best; "torch": the pure-PyTorch reference
     max_graph_batch: int = 256  # decode batches up to this size replay CUDA graphs
     cpu_kernels: bool = field(default_factory=envs.cpu_kernels)  # our C kernels for bf16 on CPUs
+    # CPU: fewer threads while other processes hold cores (platforms/cpu_team.py)
+    cpu_follow_load: bool = field(default_factory=envs.cpu_follow_load)
     triton_gemv: bool = field(default_factory=envs.triton_gemv)  # single-row linears on CUDA in Triton
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ import json
 import sys
 import time
 
+from vllm_utils import threads
 from vllm_utils.bench.metrics import TimedRun, seed_perf_info, summarize
 from vllm_utils.bench.preflight import check_perf_lengths
 from vllm_utils.progress import phase
@@ -80,9 +81,16 @@ def run_perf(args: argparse.Namespace, resolve_config, make_llm) -> None:
     summary["peak_memory_gib"] = engine.platform.peak_memory_bytes(engine.device) / 2**30
 
     info = seed_perf_info(summary)
+    if engine.device.type == "cpu":
+        info["cpu_threads"] = cpu_threads(engine.platform)
     print("***Perf Info***")
     print(json.dumps(info, indent=4))
     print_details(summary)
+    if "cpu_threads" in info:
+        team = getattr(engine.platform, "team", None)
+        followed = team.summary() if team is not None else ""
+        print(f"CPU threads: {info['cpu_threads']} ({threads.describe(info['cpu_threads'])})"
+              + (f"; {followed}" if followed else ""))
     settings = perf_settings(args, engine)
     save_reports({**settings, **info, **flatten(summary)}, args.output_json,
                  lambda: {"settings": settings, "perf_info": info, "metrics": summary,
@@ -126,6 +134,16 @@ def perf_settings(args: argparse.Namespace, engine) -> dict[str, object]:
         "input_video": ";".join(args.input_video), "num_frames": args.num_frames or "",
         "backend": args.backend,
     }
+
+
+def cpu_threads(platform) -> int:
+    """The threads the CPU path runs: where the team follows the load, its full size."""
+    team = getattr(platform, "team", None)
+    if team is not None:
+        return team.full
+    import torch
+
+    return torch.get_num_threads()
 
 
 def print_details(s: dict) -> None:

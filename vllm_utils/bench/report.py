@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 
+from vllm_utils import threads
 from vllm_utils.errors import UserError
 
 
@@ -158,6 +159,8 @@ def environment(device) -> dict[str, object]:
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_threads": torch.get_num_threads(), "device": str(device), "packages": packages,
     }
+    if device.type == "cpu":
+        env["cpu_threads_source"] = threads.describe(torch.get_num_threads())
     if device.type == "cuda":
         env.update(gpu_name=torch.cuda.get_device_name(device), gpu_driver=gpu_driver(),
                    cuda_runtime=torch.version.cuda, gpu_count=torch.cuda.device_count())

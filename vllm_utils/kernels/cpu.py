@@ -20,6 +20,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 4  # inputs with more rows go to F.linear (oneDNN), which is faster there
+ATTENTION_CHUNK, ATTENTION_MAX_CHUNKS = 64, 32  # one-token attention: tokens per chunk, at most that many chunks
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 
 
@@ -108,7 +109,7 @@ def _load() -> tuple[object | None, str]:
     lib.vllm_utils_gemv_bf16.argtypes = [ptr, ptr, long, ptr, ptr, long, i32, i32, i32, ptr, i32, i32]
     lib.vllm_utils_gemv_bf16.restype = None
     lib.vllm_utils_decode_attention_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, long, ctypes.c_float, i32,
-                                                     ptr]
+                                                     i32, ptr]
     lib.vllm_utils_decode_attention_bf16.restype = None
     lib.vllm_utils_rmsnorm_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, ctypes.c_float]
     lib.vllm_utils_rmsnorm_bf16.restype = None
@@ -170,12 +171,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """softmax(scale * q k^T) v for one query token per head: q [heads, dim], k and v as in `supports_attention`.
     Returns [heads, dim]."""
     heads, dim = q.shape
+    length = k.shape[0]
     q = q.contiguous()
     out = torch.empty_like(q)
     threads = torch.get_num_threads()  # PyTorch's OpenMP pool, which the kernel shares
-    scratch = torch.empty(heads * k.shape[0] + threads * heads * (dim + 2), dtype=torch.float32)
+    # chunks of tokens the threads claim: enough for a late thread's share to be taken over, few enough to merge fast
+    chunk = max(ATTENTION_CHUNK, -(-length // ATTENTION_MAX_CHUNKS))
+    scratch = torch.empty(heads * (length + -(-length // chunk) * (dim + 2)), dtype=torch.float32)
     _load()[0].vllm_utils_decode_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), heads,
-                                                k.shape[1], dim, k.shape[0], k.stride(0), scale, threads,
+                                                k.shape[1], dim, length, k.stride(0), scale, threads, chunk,
                                                 scratch.data_ptr())
     return out
 

@@ -219,74 +219,90 @@ static inline void prefetch_row(const uint16_t* row, long bytes) {
         for (long i = 0; i < bytes; i += 64) _mm_prefetch((const char*)row + i, _MM_HINT_T0);
 }
 
+/* One chunk of one-token attention: tokens t0..t1-1, every head (so it streams whole rows). Writes the chunk's
+ * scores into scores[h * length + t], and into part its max and sum of exp(score - max) per head, then its
+ * weighted sum of V per head (num_heads * (head_dim + 2) floats). */
+static void attend_chunk(const uint16_t* q, const uint16_t* k, const uint16_t* v, int num_heads, int group,
+                         int head_dim, int length, long row_stride, float scale, int t0, int t1, float* scores,
+                         float* part) {
+    long row_bytes = (long)num_heads / group * head_dim * 2;
+    float *max = part, *sum = part + num_heads, *acc = part + 2 * num_heads;
+    for (int h = 0; h < num_heads; h++) max[h] = -INFINITY, sum[h] = 0.0f;
+    for (int i = 0; i < num_heads * head_dim; i++) acc[i] = 0.0f;
+    for (int t = t0; t < t1; t++) {
+        const uint16_t* kt = k + t * row_stride;
+        prefetch_row(kt + 2 * row_stride, row_bytes);
+        for (int h = 0; h < num_heads; h++) {
+            const uint16_t *qh = q + (long)h * head_dim, *kh = kt + (long)(h / group) * head_dim;
+            __m512 dot = _mm512_setzero_ps();
+            for (int d = 0; d < head_dim; d += 32)
+                dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(qh + d), (__m512bh)_mm512_loadu_si512(kh + d));
+            float score = _mm512_reduce_add_ps(dot) * scale;
+            scores[(long)h * length + t] = score;
+            if (score > max[h]) max[h] = score;
+        }
+    }
+    for (int h = 0; h < num_heads; h++)
+        for (int t = t0; t < t1; t++) {
+            float* p = scores + (long)h * length + t;
+            *p = expf(*p - max[h]);
+            sum[h] += *p;
+        }
+    for (int t = t0; t < t1; t++) {
+        const uint16_t* vt = v + t * row_stride;
+        prefetch_row(vt + 2 * row_stride, row_bytes);
+        for (int h = 0; h < num_heads; h++) {
+            const uint16_t* vh = vt + (long)(h / group) * head_dim;
+            __m512 weight = _mm512_set1_ps(scores[(long)h * length + t]);
+            float* a = acc + (long)h * head_dim;
+            for (int d = 0; d < head_dim; d += 16)
+                _mm512_storeu_ps(a + d, _mm512_fmadd_ps(weight, load16(vh + d), _mm512_loadu_ps(a + d)));
+        }
+    }
+}
+
+/* The chunks' partial results for head h merged, as in flash-decoding, into out rounded to bf16 once. */
+static void merge_head(const float* partials, long part, int chunks, int num_heads, int head_dim, int h,
+                       uint16_t* out) {
+    float top = -INFINITY, total = 0.0f, weights[chunks];
+    for (int c = 0; c < chunks; c++) top = fmaxf(top, partials[part * c + h]);
+    for (int c = 0; c < chunks; c++) {
+        weights[c] = partials[part * c + h] == -INFINITY ? 0.0f : expf(partials[part * c + h] - top);
+        total += weights[c] * partials[part * c + num_heads + h];
+    }
+    for (int d = 0; d < head_dim; d += 16) {
+        __m512 x = _mm512_setzero_ps();
+        for (int c = 0; c < chunks; c++)
+            x = _mm512_fmadd_ps(_mm512_set1_ps(weights[c]),
+                                _mm512_loadu_ps(partials + part * c + 2 * num_heads + (long)h * head_dim + d), x);
+        store16(out + (long)h * head_dim + d, _mm512_div_ps(x, _mm512_set1_ps(total)));
+    }
+}
+
 /* Attention of one query token: out[h] = softmax(scale * q[h] . K[t, g]) . V[t, g] over t < length, where
  * g = h / (num_heads / num_kv_heads). K and V hold `length` token rows of num_kv_heads * head_dim values,
- * row_stride elements apart (a run of the paged cache read in place). Each thread takes a contiguous range of
- * tokens, all heads (so it streams whole rows), and keeps its own running max, sum and weighted sum of V; the
- * ranges are merged at the end, as in flash-decoding. All fp32; the output is rounded to bf16 once.
- * scratch: (num_heads * length + threads * num_heads * (head_dim + 2)) floats. head_dim % 32 == 0. */
+ * row_stride elements apart (a run of the paged cache read in place). The tokens are split into chunks of `chunk`
+ * tokens that threads claim as they come free; each chunk keeps its own running max, sum and weighted sum of V, and
+ * the heads are merged in parallel once every chunk is done, as in flash-decoding. The split does not depend on the
+ * number of threads, so neither does the result (the engine resizes its thread team while it runs), and no thread owns
+ * a fixed share that the others would wait for. All fp32; the output is rounded to bf16 once.
+ * scratch: num_heads * (length + chunks * (head_dim + 2)) floats, chunks = ceil(length / chunk). head_dim % 32 == 0. */
 void vllm_utils_decode_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
                                       int num_heads, int num_kv_heads, int head_dim, int length, long row_stride,
-                                      float scale, int threads, float* scratch) {
-    int group = num_heads / num_kv_heads;
-    long row_bytes = (long)num_kv_heads * head_dim * 2;
-    long part = (long)num_heads * (head_dim + 2); /* per thread: max and sum for each head, then its weighted V */
+                                      float scale, int threads, int chunk, float* scratch) {
+    int group = num_heads / num_kv_heads, chunks = (length + chunk - 1) / chunk;
+    long part = (long)num_heads * (head_dim + 2);
     float* partials = scratch + (long)num_heads * length;
 #pragma omp parallel num_threads(threads)
     {
-        int id = omp_get_thread_num(), n = omp_get_num_threads();
-        int t0 = (int)((long)length * id / n), t1 = (int)((long)length * (id + 1) / n);
-        float *max = partials + part * id, *sum = max + num_heads, *acc = sum + num_heads;
-        for (int h = 0; h < num_heads; h++) max[h] = -INFINITY, sum[h] = 0.0f;
-        for (int i = 0; i < num_heads * head_dim; i++) acc[i] = 0.0f;
-        for (int t = t0; t < t1; t++) {
-            const uint16_t* kt = k + t * row_stride;
-            prefetch_row(kt + 2 * row_stride, row_bytes);
-            for (int h = 0; h < num_heads; h++) {
-                const uint16_t *qh = q + (long)h * head_dim, *kh = kt + (long)(h / group) * head_dim;
-                __m512 dot = _mm512_setzero_ps();
-                for (int d = 0; d < head_dim; d += 32)
-                    dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(qh + d),
-                                           (__m512bh)_mm512_loadu_si512(kh + d));
-                float score = _mm512_reduce_add_ps(dot) * scale;
-                scratch[(long)h * length + t] = score;
-                if (score > max[h]) max[h] = score;
-            }
+#pragma omp for schedule(dynamic, 1)
+        for (int c = 0; c < chunks; c++) {
+            int t1 = (c + 1) * chunk < length ? (c + 1) * chunk : length;
+            attend_chunk(q, k, v, num_heads, group, head_dim, length, row_stride, scale, c * chunk, t1, scratch,
+                         partials + part * c);
         }
-        for (int h = 0; h < num_heads; h++)
-            for (int t = t0; t < t1; t++) {
-                float* p = scratch + (long)h * length + t;
-                *p = expf(*p - max[h]);
-                sum[h] += *p;
-            }
-        for (int t = t0; t < t1; t++) {
-            const uint16_t* vt = v + t * row_stride;
-            prefetch_row(vt + 2 * row_stride, row_bytes);
-            for (int h = 0; h < num_heads; h++) {
-                const uint16_t* vh = vt + (long)(h / group) * head_dim;
-                __m512 weight = _mm512_set1_ps(scratch[(long)h * length + t]);
-                float* a = acc + (long)h * head_dim;
-                for (int d = 0; d < head_dim; d += 16)
-                    _mm512_storeu_ps(a + d, _mm512_fmadd_ps(weight, load16(vh + d), _mm512_loadu_ps(a + d)));
-            }
-        }
-#pragma omp barrier
 #pragma omp for schedule(static)
-        for (int h = 0; h < num_heads; h++) {
-            float top = -INFINITY, total = 0.0f;
-            for (int i = 0; i < n; i++) top = fmaxf(top, partials[part * i + h]);
-            float weights[n];
-            for (int i = 0; i < n; i++) {
-                weights[i] = partials[part * i + h] == -INFINITY ? 0.0f : expf(partials[part * i + h] - top);
-                total += weights[i] * partials[part * i + num_heads + h];
-            }
-            for (int d = 0; d < head_dim; d++) {
-                float x = 0.0f;
-                for (int i = 0; i < n; i++)
-                    x += weights[i] * partials[part * i + 2 * num_heads + (long)h * head_dim + d];
-                out[(long)h * head_dim + d] = to_bf16(x / total);
-            }
-        }
+        for (int h = 0; h < num_heads; h++) merge_head(partials, part, chunks, num_heads, head_dim, h, out);
     }
 }
 

@@ -8,6 +8,7 @@ import sys
 import torch
 from torch import nn
 
+from vllm_utils import threads
 from vllm_utils.attention.backend import AttentionBackend
 from vllm_utils.attention.cpu_backend import CpuPagedAttention
 from vllm_utils.attention.encoder import EncoderAttention
@@ -21,6 +22,7 @@ from vllm_utils.layers.norm import RMSNorm
 from vllm_utils.layers.op import Op
 from vllm_utils.layers.rotary import RotaryEmbedding
 from vllm_utils.notes import note_once
+from vllm_utils.platforms.cpu_team import TeamFollower
 from vllm_utils.platforms.interface import GiB, Platform
 
 
@@ -30,6 +32,11 @@ class CpuPlatform(Platform):
 
     def __init__(self) -> None:
         super().__init__("cpu", module=None)
+        self.team: TeamFollower | None = None  # set by choose_kernels where the team follows the load
+        # torch imported before vllm_utils counts every core of the machine: no more than this process may use
+        chosen = threads.system_choice().threads
+        if torch.get_num_threads() > chosen:
+            torch.set_num_threads(chosen)
 
     def max_ranks(self) -> int | None:
         return None  # the ranks share the cores
@@ -38,7 +45,7 @@ class CpuPlatform(Platform):
         return device
 
     def configure_rank(self, device: torch.device, size: int) -> None:
-        torch.set_num_threads(max(1, (os.cpu_count() or size) // size))  # the ranks share the cores
+        torch.set_num_threads(max(1, threads.system_choice().threads // size))  # the ranks share the cores
 
     def device_name(self, device: torch.device) -> str:
         return cpu.cpu_model() or "cpu"
@@ -78,7 +85,11 @@ class CpuPlatform(Platform):
     def choose_kernels(self, model: nn.Module, config: EngineConfig, prompt_only: list[tuple[nn.Module, int]]) -> None:
         """bf16 only (fp32 runs the native ops): linears of prompt-only modules on oneDNN's packed weights; the
         other linears on our decode kernel (chained so each reads ahead into the next) where it takes their
-        weight, else on oneDNN; norms, RoPE, activations and encoder attention on our kernels."""
+        weight, else on oneDNN; norms, RoPE, activations and encoder attention on our kernels. Any dtype: the
+        thread team follows the load (before each forward), unless configured off or ranks share the cores."""
+        if config.cpu_follow_load and config.tensor_parallel_size == 1:
+            self.team = TeamFollower(torch.get_num_threads(), torch.set_num_threads)
+            model.register_forward_pre_hook(self.team)
         params = [p for p in model.parameters() if p.numel()]
         if not params or params[0].dtype != torch.bfloat16:
             return

@@ -1,0 +1,74 @@
+"""The CPU thread team, resized while the engine runs. When other processes hold cores, our threads queue for them,
+and every parallel region then waits for the thread the OS has set aside: a team that leaves those cores to the
+others runs at the speed of the cores it has instead. So before a forward (at most every WINDOW seconds) the team
+shrinks by the cores' worth its threads spent waiting in the run queue; after a while it tries its full size again,
+and keeps it if its threads no longer wait (waiting longer before the next try while the cores stay taken)."""
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+
+WINDOW = 0.02  # seconds between two decisions (schedstat counts in nanoseconds: short windows read true)
+SHORT = 0.5  # cores' worth of run-queue waiting over a window that makes the team shrink
+RETRY_FIRST, RETRY_MAX = 1.0, 32.0  # seconds on a smaller team before trying the full one, doubling while taken
+
+
+def run_queue_seconds(tasks: str = "/proc/self/task") -> float:
+    """Seconds this process's threads have spent ready to run but waiting for a CPU (schedstat's second field)."""
+    total = 0
+    for tid in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass  # a thread that has just ended, or a kernel without schedstat
+    return total / 1e9
+
+
+class TeamFollower:
+    """A forward pre-hook (`module.register_forward_pre_hook(follower)`) that sets the thread count through
+    `set_threads`, between 1 and `full`."""
+
+    def __init__(self, full: int, set_threads: Callable[[int], None], clock: Callable[[], float] = time.monotonic,
+                 waited: Callable[[], float] = run_queue_seconds) -> None:
+        self.full = self.size = full
+        self.set_threads, self.clock, self.waited = set_threads, clock, waited
+        self.window_start: float | None = None  # the first window opens at the first forward
+        self.waited_at_start = 0.0
+        self.retry_after, self.retry_at, self.trying = RETRY_FIRST, 0.0, False
+        self.forwards: Counter[int] = Counter()  # team size -> forwards run at it
+
+    def __call__(self, *hook_args) -> None:
+        now = self.clock()
+        if self.window_start is None or now - self.window_start >= WINDOW:
+            waited = self.waited()
+            if self.window_start is not None:
+                self._decide((waited - self.waited_at_start) / (now - self.window_start), now)
+            self.window_start, self.waited_at_start = now, waited
+        self.forwards[self.size] += 1
+
+    def _decide(self, short: float, now: float) -> None:
+        if short >= SHORT:  # other processes hold cores our threads want
+            if self.trying:
+                self.retry_after = min(2 * self.retry_after, RETRY_MAX)
+            self.trying, self.retry_at = False, now + self.retry_after
+            self._resize(max(1, self.size - round(short)))
+        elif self.trying:  # the full team ran without waiting: the cores are free again
+            self.trying, self.retry_after = False, RETRY_FIRST
+        elif self.size < self.full and now >= self.retry_at:
+            self.trying = True
+            self._resize(self.full)
+
+    def _resize(self, size: int) -> None:
+        if size != self.size:
+            self.size = size
+            self.set_threads(size)
+
+    def summary(self) -> str:
+        """How much of the run the team spent below its full size, for the report; empty when none."""
+        total = sum(self.forwards.values())
+        smaller = total - self.forwards[self.full]
+        if not smaller:
+            return ""
+        return (f"{smaller / total:.0%} of forwards on fewer threads (down to {min(self.forwards)}) while other "
+                f"processes held cores")
