@@ -261,21 +261,22 @@ static void attend_chunk(const uint16_t* q, const uint16_t* k, const uint16_t* v
     }
 }
 
-/* The chunks' partial results for head h merged, as in flash-decoding, into out rounded to bf16 once. */
-static void merge_head(const float* partials, long part, int chunks, int num_heads, int head_dim, int h,
-                       uint16_t* out) {
-    float top = -INFINITY, total = 0.0f, weights[chunks];
-    for (int c = 0; c < chunks; c++) top = fmaxf(top, partials[part * c + h]);
-    for (int c = 0; c < chunks; c++) {
-        weights[c] = partials[part * c + h] == -INFINITY ? 0.0f : expf(partials[part * c + h] - top);
-        total += weights[c] * partials[part * c + num_heads + h];
-    }
-    for (int d = 0; d < head_dim; d += 16) {
-        __m512 x = _mm512_setzero_ps();
-        for (int c = 0; c < chunks; c++)
-            x = _mm512_fmadd_ps(_mm512_set1_ps(weights[c]),
-                                _mm512_loadu_ps(partials + part * c + 2 * num_heads + (long)h * head_dim + d), x);
-        store16(out + (long)h * head_dim + d, _mm512_div_ps(x, _mm512_set1_ps(total)));
+/* The chunks' partial results merged per head, as in flash-decoding, into out rounded to bf16 once. */
+static void merge_chunks(const float* partials, long part, int chunks, int num_heads, int head_dim, uint16_t* out) {
+    for (int h = 0; h < num_heads; h++) {
+        float top = -INFINITY, total = 0.0f, weights[chunks];
+        for (int c = 0; c < chunks; c++) top = fmaxf(top, partials[part * c + h]);
+        for (int c = 0; c < chunks; c++) {
+            weights[c] = partials[part * c + h] == -INFINITY ? 0.0f : expf(partials[part * c + h] - top);
+            total += weights[c] * partials[part * c + num_heads + h];
+        }
+        for (int d = 0; d < head_dim; d += 16) {
+            __m512 x = _mm512_setzero_ps();
+            for (int c = 0; c < chunks; c++)
+                x = _mm512_fmadd_ps(_mm512_set1_ps(weights[c]),
+                                    _mm512_loadu_ps(partials + part * c + 2 * num_heads + (long)h * head_dim + d), x);
+            store16(out + (long)h * head_dim + d, _mm512_div_ps(x, _mm512_set1_ps(total)));
+        }
     }
 }
 
@@ -283,26 +284,24 @@ static void merge_head(const float* partials, long part, int chunks, int num_hea
  * g = h / (num_heads / num_kv_heads). K and V hold `length` token rows of num_kv_heads * head_dim values,
  * row_stride elements apart (a run of the paged cache read in place). The tokens are split into chunks of `chunk`
  * tokens that threads claim as they come free; each chunk keeps its own running max, sum and weighted sum of V, and
- * the heads are merged in parallel once every chunk is done, as in flash-decoding. The split does not depend on the
- * number of threads, so neither does the result (the engine resizes its thread team while it runs), and no thread owns
- * a fixed share that the others would wait for. All fp32; the output is rounded to bf16 once.
- * scratch: num_heads * (length + chunks * (head_dim + 2)) floats, chunks = ceil(length / chunk). head_dim % 32 == 0. */
+ * the thread that finishes the last chunk merges them, as in flash-decoding. The split does not depend on the number
+ * of threads, so neither does the result (the engine resizes its thread team while it runs), and no thread owns a
+ * fixed share that the others would wait for. All fp32; the output is rounded to bf16 once.
+ * scratch: num_heads * (length + chunks * (head_dim + 2)) floats, chunks = ceil(length / chunk).
+ * head_dim % 32 == 0. */
 void vllm_utils_decode_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
                                       int num_heads, int num_kv_heads, int head_dim, int length, long row_stride,
                                       float scale, int threads, int chunk, float* scratch) {
-    int group = num_heads / num_kv_heads, chunks = (length + chunk - 1) / chunk;
+    int group = num_heads / num_kv_heads, chunks = (length + chunk - 1) / chunk, finished = 0;
     long part = (long)num_heads * (head_dim + 2);
     float* partials = scratch + (long)num_heads * length;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(dynamic, 1)
-        for (int c = 0; c < chunks; c++) {
-            int t1 = (c + 1) * chunk < length ? (c + 1) * chunk : length;
-            attend_chunk(q, k, v, num_heads, group, head_dim, length, row_stride, scale, c * chunk, t1, scratch,
-                         partials + part * c);
-        }
-#pragma omp for schedule(static)
-        for (int h = 0; h < num_heads; h++) merge_head(partials, part, chunks, num_heads, head_dim, h, out);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int c = 0; c < chunks; c++) {
+        int t1 = (c + 1) * chunk < length ? (c + 1) * chunk : length;
+        attend_chunk(q, k, v, num_heads, group, head_dim, length, row_stride, scale, c * chunk, t1, scratch,
+                     partials + part * c);
+        if (__atomic_add_fetch(&finished, 1, __ATOMIC_ACQ_REL) == chunks) /* the others' partials are visible */
+            merge_chunks(partials, part, chunks, num_heads, head_dim, out);
     }
 }
 

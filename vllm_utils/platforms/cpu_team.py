@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-WINDOW = 0.02  # seconds between two decisions (schedstat counts in nanoseconds: short windows read true)
+WINDOW = 0.05  # seconds between two decisions (schedstat counts in nanoseconds: short windows read true)
 SHORT = 0.5  # cores' worth of run-queue waiting over a window that makes the team shrink
 RETRY_FIRST, RETRY_MAX = 1.0, 32.0  # seconds on a smaller team before trying the full one, doubling while taken
 
