@@ -1,5 +1,8 @@
 """Engine behaviour beyond HF equality: sampling options, and batches that fail as a whole."""
+import time
+
 import pytest
+import torch
 
 from vllm_utils import LLM, SamplingParams
 from vllm_utils.errors import UserError
@@ -23,6 +26,18 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(llm, images):
     assert a == b and a != c
     assert tokens(temperature=1.0, top_k=1, seed=3) == tokens(temperature=0)
     assert tokens(temperature=1.0, top_p=1e-6, seed=4) == tokens(temperature=0)
+
+
+def test_the_cpu_thread_team_is_whole_again_when_the_requests_are_done(llm, images):
+    """Torch work after ours in the same process (an HF reference) runs on every core, even if a neighbour had
+    made our team shrink."""
+    team = llm.engine.platform.team
+    if team is None or team.full < 2:
+        pytest.skip("the team follows the load only on CPU with two threads or more")
+    team._resize(1)  # as a busy neighbour would, staying for the whole run
+    team.retry_at = time.monotonic() + 3600
+    llm.generate([_request(llm, images[0])], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert torch.get_num_threads() == team.full
 
 
 def test_a_bad_prompt_fails_the_whole_batch_and_leaves_nothing_queued(llm, images):

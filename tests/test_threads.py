@@ -179,3 +179,18 @@ def test_the_run_queue_counter_reads_this_process(tmp_path):
     for tid, line in (("10", "500 2000000000 7\n"), ("11", "1 500000000 2\n"), ("12", "")):
         write(tmp_path / tid / "schedstat", line)
     assert run_queue_seconds(str(tmp_path)) == 2.5
+
+
+def test_the_team_is_whole_again_at_rest_and_shrinks_again_beside_the_same_neighbour():
+    from vllm_utils.platforms.cpu_team import WINDOW
+
+    machine = FakeMachine(cores=2)
+    team = machine.follower(2)
+    machine.others = 1
+    for _ in range(3):
+        machine.forward(team, 1.01 * WINDOW)
+    team.rest()
+    assert machine.sizes == [1, 2] and team.size == 2
+    for _ in range(3):
+        machine.forward(team, 1.01 * WINDOW)
+    assert machine.sizes == [1, 2, 1]

@@ -82,6 +82,10 @@ class CpuPlatform(Platform):
             return TorchPagedAttention(reads_runs=True)
         return CpuPagedAttention()
 
+    def idle(self) -> None:
+        if self.team is not None:
+            self.team.rest()
+
     def choose_kernels(self, model: nn.Module, config: EngineConfig, prompt_only: list[tuple[nn.Module, int]]) -> None:
         """bf16 only (fp32 runs the native ops): linears of prompt-only modules on oneDNN's packed weights; the
         other linears on our decode kernel (chained so each reads ahead into the next) where it takes their

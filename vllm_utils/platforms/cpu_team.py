@@ -47,6 +47,13 @@ class TeamFollower:
             self.window_start, self.waited_at_start = now, waited
         self.forwards[self.size] += 1
 
+    def rest(self) -> None:
+        """The engine has nothing left to run: the process gets its full team back (torch work after ours, such as
+        an HF reference in the same process, runs on every core it may use), and the next forward opens a new
+        window. The backoff is kept: the neighbour that made the team shrink is likely still there."""
+        self._resize(self.full)
+        self.window_start, self.trying = None, False
+
     def _decide(self, short: float, now: float) -> None:
         if short >= SHORT:  # other processes hold cores our threads want
             if self.trying:

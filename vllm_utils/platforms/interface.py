@@ -90,6 +90,9 @@ class Platform:
                             f"{', '.join(self.attention_backends)}")
         return TorchPagedAttention()
 
+    def idle(self) -> None:
+        """The engine has finished its requests; a platform that adapted to the load while it ran resets here."""
+
     def choose_kernels(self, model: nn.Module, config: EngineConfig, prompt_only: list[tuple[nn.Module, int]]) -> None:
         """Gives the model's ops their device implementations (`Op.impl`), once, after loading. `prompt_only`:
         modules that never run in a decode step, each with the typical row count of its products."""

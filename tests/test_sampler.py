@@ -1,0 +1,83 @@
+"""The sampler against HF's logits warpers (temperature, then top-k, then top-p): the same distribution, drawn
+with the right frequencies, reproducible per seed."""
+import pytest
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from vllm_utils.layers.sampler import CANDIDATES, _allowed, sample
+from vllm_utils.sampling_params import SamplingParams
+
+
+def hf_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    rows = []
+    for row, p in zip(logits.float(), params):
+        scores = TemperatureLogitsWarper(p.temperature)(None, row[None])
+        if p.top_k > 0:
+            scores = TopKLogitsWarper(p.top_k)(None, scores)
+        if p.top_p < 1:
+            scores = TopPLogitsWarper(p.top_p)(None, scores)
+        rows.append(scores.softmax(dim=-1)[0])
+    return torch.stack(rows)
+
+
+def our_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
+    top_p = torch.tensor([p.top_p for p in params])
+    temps = torch.tensor([p.temperature for p in params])
+    probs, ids = _allowed(logits.float() / temps[:, None], top_k, top_p)
+    if ids is not None:
+        probs = torch.zeros(len(params), vocab, dtype=probs.dtype).scatter_(-1, ids, probs)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+MIXES = {
+    "temperature only": [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3)],
+    "top-k": [SamplingParams(top_k=5), SamplingParams(temperature=0.5, top_k=40)],
+    "top-p": [SamplingParams(top_p=0.9), SamplingParams(temperature=2.0, top_p=0.5)],
+    "top-k then top-p": [SamplingParams(top_k=30, top_p=0.6), SamplingParams(temperature=0.8, top_k=3, top_p=0.95)],
+    "rows with and without limits": [SamplingParams(), SamplingParams(top_k=7), SamplingParams(top_p=0.8)],
+    "top-k beyond the candidates": [SamplingParams(top_k=CANDIDATES + 500, top_p=0.9), SamplingParams(top_p=0.7)],
+}
+
+
+@pytest.mark.parametrize("spread", [8.0, 0.1], ids=["peaked", "flat"])  # top-p within the candidates, and beyond
+@pytest.mark.parametrize("mix", MIXES.keys())
+def test_the_distribution_is_hfs(mix, spread):
+    params = MIXES[mix]
+    logits = torch.randn(len(params), 4 * CANDIDATES, generator=torch.Generator().manual_seed(0)) * spread
+    torch.testing.assert_close(our_probs(logits, params), hf_probs(logits, params), atol=1e-6, rtol=1e-4)
+
+
+def test_draws_follow_the_distribution():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
+    params = [SamplingParams(temperature=0.7, top_k=4, top_p=0.7)] * len(logits)
+    tokens, _ = sample(logits, params, [None] * len(logits), want_logprobs=False)
+    counts = torch.bincount(torch.tensor(tokens), minlength=logits.shape[-1]).double() / len(tokens)
+    expected = hf_probs(logits[:1], params[:1])[0].double()
+    assert counts[expected == 0].sum() == 0  # no token the warpers drop is ever drawn
+    torch.testing.assert_close(counts, expected, atol=0.015, rtol=0)
+
+
+def test_seeded_rows_reproduce_whatever_shares_their_batch():
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(temperature=1.0, seed=s) for s in (1, 2, 3)]
+
+    def draws(rows: list[int], steps: int = 20) -> list[list[int]]:
+        generators = [torch.Generator().manual_seed(params[r].seed) for r in rows]
+        return [sample(logits[rows], [params[r] for r in rows], generators, False)[0] for _ in range(steps)]
+
+    together = draws([0, 1, 2])
+    assert together == draws([0, 1, 2])
+    assert [t[0] for t in together] == [t[0] for t in draws([0])]  # row 0 alone draws what it drew in the batch
+    assert len({t[0] for t in together}) > 1  # it does sample
+
+
+def test_logprobs_are_the_unmodified_distributions():
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(2)).bfloat16()
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.5, top_k=3), SamplingParams(top_p=0.5)]
+    tokens, logprobs = sample(logits, params, [None] * 3, want_logprobs=True)
+    expected = logits.float().log_softmax(dim=-1)[torch.arange(3), tokens]
+    torch.testing.assert_close(torch.tensor(logprobs), expected)
+    assert tokens[0] == int(logits[0].argmax())
