@@ -243,6 +243,15 @@ def test_demo_agrees_with_hf(tiny_qwen, video_file, tmp_path, images, inputs):
     assert agreement["samples_compared"] == count and agreement["exact_match_rate"] == 1.0, agreement
 
 
+@pytest.mark.parametrize("tiny_qwen", ["qwen2_vl"], indirect=True)
+def test_demo_counts_the_familys_own_placeholder_before_loading(tiny_qwen, tmp_path, images):
+    images[0].save(tmp_path / "a.png")
+    run = cli("--demo", f"--model={tiny_qwen}", f"--input-image={tmp_path / 'a.png'}", "--device=cpu",
+              "--prompt", "<|image_pad|> and <|image_pad|>: what differs?", cwd=str(tmp_path))
+    assert run.returncode == 1 and "Loading the model" not in run.stderr
+    assert len(error_lines(run)) == 1 and "holds 2 <|image_pad|> placeholder(s) for its 1" in error_lines(run)[0]
+
+
 def test_perf_with_a_synthetic_video(tiny_qwen, tmp_path):
     run = cli("--perf", f"--model={tiny_qwen}", "--device=cpu", "--dtype=float32", "--num-frames=4",
               "--input-vision-shape=100,150", "--input-len=200", "--output-len=4", cwd=str(tmp_path))

@@ -50,6 +50,7 @@ def demo_requests(processor, pairs: list[tuple[str, str]], images: dict) -> list
 def run_demo(args: argparse.Namespace, resolve_config, make_llm) -> None:
     """`resolve_config(args)` and `make_llm(args, config)` as for --perf."""
     from vllm_utils.bench.preflight import check_prompt_placeholders
+    from vllm_utils.models.registry import family
     from vllm_utils.multimodal.image import load_image
 
     if args.input_video:
@@ -59,10 +60,12 @@ def run_demo(args: argparse.Namespace, resolve_config, make_llm) -> None:
     if not args.input_image:
         raise UserError("--demo needs --input-image IMAGE (repeatable) or --input-video VIDEO")
     pairs = pair_images_and_prompts(args.input_image, args.prompt, args.mm_per_prompt)
-    check_prompt_placeholders([text for _, text in pairs], args.mm_per_prompt)
+    config = resolve_config(args)
+    placeholder = family(config.model_type).processor.image_token  # the family's, e.g. Qwen2-VL's <|image_pad|>
+    check_prompt_placeholders([text for _, text in pairs], args.mm_per_prompt, placeholder)
     images = {path: load_image(path) for paths, _ in pairs for path in paths}
     set_batch_size(args, len(pairs))
-    llm = make_llm(args, resolve_config(args))
+    llm = make_llm(args, config)
     requests = demo_requests(llm.engine.processor, pairs, images)
     generate_and_print(llm, args, requests, [f"Image: {', '.join(paths)!r}" for paths, _ in pairs])
 
