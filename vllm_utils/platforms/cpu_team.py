@@ -36,9 +36,13 @@ class TeamFollower:
         self.window_start: float | None = None  # the first window opens at the first forward
         self.waited_at_start = 0.0
         self.retry_after, self.retry_at, self.trying = RETRY_FIRST, 0.0, False
+        self.lent = False  # resting: torch runs the full team until our next forward
         self.forwards: Counter[int] = Counter()  # team size -> forwards run at it
 
     def __call__(self, *hook_args) -> None:
+        if self.lent:
+            self.set_threads(self.size)
+            self.lent = False
         now = self.clock()
         if self.window_start is None or now - self.window_start >= WINDOW:
             waited = self.waited()
@@ -48,11 +52,13 @@ class TeamFollower:
         self.forwards[self.size] += 1
 
     def rest(self) -> None:
-        """The engine has nothing left to run: the process gets its full team back (torch work after ours, such as
-        an HF reference in the same process, runs on every core it may use), and the next forward opens a new
-        window. The backoff is kept: the neighbour that made the team shrink is likely still there."""
-        self._resize(self.full)
-        self.window_start, self.trying = None, False
+        """The engine has nothing left to run: torch gets the full team back until our next forward (torch work
+        between our runs, such as an HF reference in the same process, runs on every core it may use). The next
+        forward takes up the size we had, with its backoff, and opens a new window: the idle time is no evidence."""
+        if self.size != self.full:
+            self.set_threads(self.full)
+            self.lent = True
+        self.window_start = None
 
     def _decide(self, short: float, now: float) -> None:
         if short >= SHORT:  # other processes hold cores our threads want
