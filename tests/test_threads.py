@@ -191,6 +191,6 @@ def test_the_team_is_lent_whole_at_rest_and_taken_up_again_at_its_size():
         machine.forward(team, 1.01 * WINDOW)
     team.rest()
     assert machine.sizes == [1, 2]  # torch work between our runs gets every core
-    machine.now += 10 * RETRY_FIRST  # idle: no decision comes of it
+    machine.now += 0.5 * RETRY_FIRST  # a pause between two runs, shorter than the backoff
     machine.forward(team, 1.01 * WINDOW)
     assert machine.sizes == [1, 2, 1] and team.size == 1  # the next run starts where the last one ended

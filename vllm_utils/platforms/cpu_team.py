@@ -54,11 +54,11 @@ class TeamFollower:
     def rest(self) -> None:
         """The engine has nothing left to run: torch gets the full team back until our next forward (torch work
         between our runs, such as an HF reference in the same process, runs on every core it may use). The next
-        forward takes up the size we had, with its backoff, and opens a new window: the idle time is no evidence."""
+        forward takes up the size we had; the window stays open, so runs that follow each other closely (a
+        warm-up, then timed runs) are decided on as one."""
         if self.size != self.full:
             self.set_threads(self.full)
             self.lent = True
-        self.window_start = None
 
     def _decide(self, short: float, now: float) -> None:
         if short >= SHORT:  # other processes hold cores our threads want
