@@ -36,8 +36,12 @@ def test_the_cpu_thread_team_is_whole_again_when_the_requests_are_done(llm, imag
         pytest.skip("the team follows the load only on CPU with two threads or more")
     team._resize(1)  # as a busy neighbour would, staying for the whole run
     team.retry_at = time.monotonic() + 3600
-    llm.generate([_request(llm, images[0])], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
-    assert torch.get_num_threads() == team.full
+    try:
+        llm.generate([_request(llm, images[0])], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        assert torch.get_num_threads() == team.full
+    finally:
+        team.retry_at = 0.0
+        team._resize(team.full)
 
 
 def test_a_bad_prompt_fails_the_whole_batch_and_leaves_nothing_queued(llm, images):

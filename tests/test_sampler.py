@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from vllm_utils.layers.sampler import CANDIDATES, _allowed, sample
+from vllm_utils.layers.sampler import CANDIDATES, distribution, sample
 from vllm_utils.sampling_params import SamplingParams
 
 
@@ -21,14 +21,8 @@ def hf_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor
 
 
 def our_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    vocab = logits.shape[-1]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
-    top_p = torch.tensor([p.top_p for p in params])
-    temps = torch.tensor([p.temperature for p in params])
-    probs, ids = _allowed(logits.float() / temps[:, None], top_k, top_p)
-    if ids is not None:
-        probs = torch.zeros(len(params), vocab, dtype=probs.dtype).scatter_(-1, ids, probs)
-    return probs / probs.sum(dim=-1, keepdim=True)
+    weights = distribution(logits, params)
+    return weights / weights.sum(dim=-1, keepdim=True)
 
 
 MIXES = {
@@ -38,6 +32,7 @@ MIXES = {
     "top-k then top-p": [SamplingParams(top_k=30, top_p=0.6), SamplingParams(temperature=0.8, top_k=3, top_p=0.95)],
     "rows with and without limits": [SamplingParams(), SamplingParams(top_k=7), SamplingParams(top_p=0.8)],
     "top-k beyond the candidates": [SamplingParams(top_k=CANDIDATES + 500, top_p=0.9), SamplingParams(top_p=0.7)],
+    "top-k beyond the vocabulary": [SamplingParams(top_k=10**6), SamplingParams(top_k=10**6, top_p=0.9)],
 }
 
 
@@ -47,6 +42,18 @@ def test_the_distribution_is_hfs(mix, spread):
     params = MIXES[mix]
     logits = torch.randn(len(params), 4 * CANDIDATES, generator=torch.Generator().manual_seed(0)) * spread
     torch.testing.assert_close(our_probs(logits, params), hf_probs(logits, params), atol=1e-6, rtol=1e-4)
+
+
+def test_ties_stay_together():
+    """Top-k keeps the tokens tied with the k-th, as HF does. Top-p keeps every token tied with the least likely
+    it needs, where HF keeps those its sort happened to put first."""
+    params = MIXES["rows with and without limits"]  # all, top-k 7, top-p 0.8
+    logits = (torch.randn(len(params), 500, generator=torch.Generator().manual_seed(3)) * 2).round()  # many ties
+    ours, hf = our_probs(logits, params), hf_probs(logits, params)
+    torch.testing.assert_close(ours[:2], hf[:2], atol=1e-6, rtol=1e-4)
+    kept, hf_kept = ours[2] > 0, hf[2] > 0
+    assert bool((kept >= hf_kept).all())
+    assert set(logits[2][kept & ~hf_kept].tolist()) <= {logits[2][hf_kept].min().item()}
 
 
 def test_draws_follow_the_distribution():
@@ -62,10 +69,10 @@ def test_draws_follow_the_distribution():
 
 def test_seeded_rows_reproduce_whatever_shares_their_batch():
     logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(1))
-    params = [SamplingParams(temperature=1.0, seed=s) for s in (1, 2, 3)]
+    params = [SamplingParams(temperature=1.0, seed=1), SamplingParams(top_k=20, seed=2), SamplingParams(temperature=0)]
 
     def draws(rows: list[int], steps: int = 20) -> list[list[int]]:
-        generators = [torch.Generator().manual_seed(params[r].seed) for r in rows]
+        generators = [None if params[r].seed is None else torch.Generator().manual_seed(params[r].seed) for r in rows]
         return [sample(logits[rows], [params[r] for r in rows], generators, False)[0] for _ in range(steps)]
 
     together = draws([0, 1, 2])

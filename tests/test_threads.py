@@ -120,7 +120,7 @@ class FakeMachine:
         self.cores, self.others, self.now, self.waited, self.sizes = cores, 0, 0.0, 0.0, []
 
     def forward(self, follower, seconds: float) -> None:
-        follower(None, ())
+        follower.before_step()
         runnable = follower.size + self.others
         self.now += seconds
         self.waited += seconds * follower.size * max(0, runnable - self.cores) / runnable

@@ -70,9 +70,12 @@ class LLM:
         except Exception:
             self.engine.abort(seqs)  # all or nothing: no half-added batch left in the queue
             raise
-        with GenerationProgress(seqs, disable=not use_tqdm) as progress:  # generated tokens, tokens/s, prompts
-            while self.engine.has_unfinished():
-                progress.step(self.engine.step())
+        try:
+            with GenerationProgress(seqs, disable=not use_tqdm) as progress:  # generated tokens, tokens/s, prompts
+                while self.engine.has_unfinished():
+                    progress.step(self.engine.step())
+        finally:
+            self.engine.platform.idle()  # e.g. the CPU's whole thread team back for the code that follows
         return [self._output(s) for s in seqs]
 
     def _add(self, prompt: PromptInput, params: SamplingParams) -> Sequence:

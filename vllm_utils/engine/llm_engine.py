@@ -121,6 +121,4 @@ class LLMEngine:
         finished = self.scheduler.postprocess(step, token_ids, logprobs)
         for seq in finished:
             seq.mm_inputs = None
-        if not self.scheduler.has_unfinished():
-            self.platform.idle()
         return finished

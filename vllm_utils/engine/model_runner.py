@@ -259,6 +259,7 @@ class ModelRunner:
 
     def run(self, step: ScheduledStep) -> tuple[list[int], list[float] | None]:
         """The next token of each sequence that samples this step (see ScheduledStep.samples), in order."""
+        self.platform.before_step()
         inputs = self.prepare(step)
         if self.workers is None:
             logits, greedy = self.execute(inputs)

@@ -4,53 +4,66 @@ import torch
 
 from vllm_utils.sampling_params import SamplingParams
 
-# top-p looks first among this many most likely tokens; it sorts the whole vocabulary only for rows whose
-# top_p these do not reach
+# top-p looks for its cut among this many most likely tokens first, and sorts the whole vocabulary only for rows
+# whose top_p these do not reach
 CANDIDATES = 1024
 
 
-def _top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                 n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Among each row's n most likely tokens: (probabilities after top-k and top-p, 0 where dropped; their token
-    ids; whether the row's kept tokens all lie among the n). Without a top-k the probabilities are normalized
-    over the whole row, with one over its top-k."""
-    if n < scaled.shape[-1]:
-        values, ids = scaled.topk(n)
-    else:
-        values, ids = scaled.sort(dim=-1, descending=True)
-    ranks = torch.arange(n, device=scaled.device)
-    values = values.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
-    has_top_k = top_k < scaled.shape[-1]
-    norm = torch.where(has_top_k, values.logsumexp(dim=-1), scaled.logsumexp(dim=-1))
-    probs = (values - norm[:, None]).exp()
-    mass = probs.cumsum(dim=-1)
-    probs = probs.masked_fill(mass - probs >= top_p[:, None], 0.0)  # keep the smallest set reaching top_p
-    fits = (top_k <= n) | (~has_top_k & (top_p < 1) & (mass[:, -1] >= top_p))
-    return probs, ids, fits
-
-
-def _allowed(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each row's probabilities to sample from ([rows, n], unnormalized) and the token id of each column (None:
-    the column is the token id)."""
+def _top_k(scaled: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """Drops the tokens below each row's k-th largest logit (ties with it stay, as in HF's warper)."""
     vocab = scaled.shape[-1]
-    if bool((top_k >= vocab).all() and (top_p >= 1).all()):
-        return scaled.softmax(dim=-1), None  # temperature only: no order needed
-    n = int(top_k.max())
-    if n > CANDIDATES and bool((top_p < 1).any()):
-        probs, ids, fits = _top_k_top_p(scaled, top_k, top_p, CANDIDATES)
-        if bool(fits.all()):
-            return probs, ids
-    probs, ids, _ = _top_k_top_p(scaled, top_k, top_p, n)
-    return probs, ids
+    widest = max(k for k in top_k if k < vocab)
+    k = torch.tensor([min(k, widest) for k in top_k], device=scaled.device)
+    kth = scaled.topk(widest).values.gather(-1, (k - 1)[:, None])
+    unlimited = torch.tensor([k >= vocab for k in top_k], device=scaled.device)
+    kth = kth.masked_fill(unlimited[:, None], float("-inf"))  # rows without a top-k keep everything
+    return scaled.masked_fill(scaled < kth, float("-inf"))
+
+
+def _top_p_cut(probs: torch.Tensor, top_p: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Among each row's n likeliest tokens: the probability of the last token of the smallest set reaching top_p,
+    and whether the set ends among the n."""
+    values = probs.topk(n).values if n < probs.shape[-1] else probs.sort(dim=-1, descending=True).values
+    before = values.cumsum(dim=-1) - values  # the mass of the likelier tokens
+    last = (before < top_p[:, None]).sum(dim=-1) - 1
+    return values.gather(-1, last[:, None]), before[:, -1] + values[:, -1] >= top_p
+
+
+def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zeroes the tokens outside each row's smallest set of likeliest tokens reaching top_p (ties with its least
+    likely token stay); rows with top_p 1 keep everything."""
+    cut, fits = _top_p_cut(probs, top_p, min(CANDIDATES, probs.shape[-1]))
+    fits |= top_p >= 1
+    if not bool(fits.all()):
+        cut = torch.where(fits[:, None], cut, _top_p_cut(probs, top_p, probs.shape[-1])[0])
+    cut = cut.masked_fill((top_p >= 1)[:, None], 0.0)
+    return probs.masked_fill(probs < cut, 0.0)
 
 
 def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """A column of each row with chance proportional to its entry: one uniform number per row, from the row's own
-    generator when it has one, looked up in the row's cumulative sum."""
+    """A token of each row with chance proportional to its weight: one uniform number per row, from the row's own
+    generator when it has one, looked up in the row's cumulative sum (in token order: a row's draw depends on its
+    weights alone, not on the rows beside it)."""
     cdf = probs.double().cumsum(dim=-1)
-    # float32 numbers below 1, widened: u * total stays below total, so a column of weight 0 is never drawn
+    # float32 numbers below 1, widened: u * total stays below total, so a token of weight 0 is never drawn
     u = torch.stack([torch.rand((), generator=g) for g in generators]).double().to(probs.device)
-    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return picked.clamp_(max=probs.shape[-1] - 1)  # NaN logits: a valid id, not an index past the vocabulary
+
+
+def distribution(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Each row's weights to draw from ([rows, vocab], fp32; proportional to the probabilities): its logits over
+    its temperature, then its top-k, then its top-p."""
+    temps = torch.tensor([p.temperature for p in params], device=logits.device)
+    scaled = logits.float() / temps[:, None]
+    vocab = logits.shape[-1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if min(top_k) < vocab:
+        scaled = _top_k(scaled, top_k)
+    probs = scaled.softmax(dim=-1)
+    if any(p.top_p < 1 for p in params):
+        probs = _top_p(probs, torch.tensor([p.top_p for p in params], device=logits.device))
+    return probs
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
@@ -60,16 +73,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     tokens = greedy_tokens if greedy_tokens is not None else logits.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
-        tokens = tokens.clone()
         rows = torch.tensor(random_rows, device=logits.device)
-        chosen = [params[i] for i in random_rows]
-        vocab = logits.shape[-1]
-        temps = torch.tensor([p.temperature for p in chosen], device=logits.device)
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in chosen], device=logits.device)
-        top_p = torch.tensor([p.top_p for p in chosen], device=logits.device)
-        probs, ids = _allowed(logits[rows].float() / temps[:, None], top_k, top_p)
-        picked = _draw(probs, [generators[i] for i in random_rows])
-        tokens[rows] = picked if ids is None else ids.gather(-1, picked[:, None]).squeeze(-1)
+        weights = distribution(logits[rows], [params[i] for i in random_rows])
+        tokens = tokens.clone()
+        tokens[rows] = _draw(weights, [generators[i] for i in random_rows])
     token_list = tokens.tolist()
     if not want_logprobs:
         return token_list, None

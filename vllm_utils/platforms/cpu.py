@@ -82,6 +82,10 @@ class CpuPlatform(Platform):
             return TorchPagedAttention(reads_runs=True)
         return CpuPagedAttention()
 
+    def before_step(self) -> None:
+        if self.team is not None:
+            self.team.before_step()
+
     def idle(self) -> None:
         if self.team is not None:
             self.team.rest()
@@ -90,10 +94,9 @@ class CpuPlatform(Platform):
         """bf16 only (fp32 runs the native ops): linears of prompt-only modules on oneDNN's packed weights; the
         other linears on our decode kernel (chained so each reads ahead into the next) where it takes their
         weight, else on oneDNN; norms, RoPE, activations and encoder attention on our kernels. Any dtype: the
-        thread team follows the load (before each forward), unless configured off or ranks share the cores."""
+        thread team follows the load (before each step), unless configured off or ranks share the cores."""
         if config.cpu_follow_load and config.tensor_parallel_size == 1:
             self.team = TeamFollower(torch.get_num_threads(), torch.set_num_threads)
-            model.register_forward_pre_hook(self.team)
         params = [p for p in model.parameters() if p.numel()]
         if not params or params[0].dtype != torch.bfloat16:
             return

@@ -1,6 +1,6 @@
 """The CPU thread team, resized while the engine runs. When other processes hold cores, our threads queue for them,
 and every parallel region then waits for the thread the OS has set aside: a team that leaves those cores to the
-others runs at the speed of the cores it has instead. So before a forward (at most every WINDOW seconds) the team
+others runs at the speed of the cores it has instead. So before a step (at most every WINDOW seconds) the team
 shrinks by the cores' worth its threads spent waiting in the run queue; after a while it tries its full size again,
 and keeps it if its threads no longer wait (waiting longer before the next try while the cores stay taken)."""
 import os
@@ -26,36 +26,36 @@ def run_queue_seconds(tasks: str = "/proc/self/task") -> float:
 
 
 class TeamFollower:
-    """A forward pre-hook (`module.register_forward_pre_hook(follower)`) that sets the thread count through
-    `set_threads`, between 1 and `full`."""
+    """Sets the thread count through `set_threads`, between 1 and `full`, before each engine step (the vision
+    encoder's included)."""
 
     def __init__(self, full: int, set_threads: Callable[[int], None], clock: Callable[[], float] = time.monotonic,
                  waited: Callable[[], float] = run_queue_seconds) -> None:
         self.full = self.size = full
         self.set_threads, self.clock, self.waited = set_threads, clock, waited
-        self.window_start: float | None = None  # the first window opens at the first forward
+        self.window_start: float | None = None  # the first window opens at the first step
         self.waited_at_start = 0.0
         self.retry_after, self.retry_at, self.trying = RETRY_FIRST, 0.0, False
-        self.lent = False  # resting: torch runs the full team until our next forward
-        self.forwards: Counter[int] = Counter()  # team size -> forwards run at it
+        self.lent = False  # resting: torch runs the full team until our next step
+        self.steps: Counter[int] = Counter()  # team size -> steps run at it
 
-    def __call__(self, *hook_args) -> None:
-        if self.lent:
+    def before_step(self) -> None:
+        if self.lent:  # back from rest on a smaller team: the time torch ran the full one is not ours to judge
             self.set_threads(self.size)
-            self.lent = False
+            self.lent, self.window_start = False, None
         now = self.clock()
         if self.window_start is None or now - self.window_start >= WINDOW:
             waited = self.waited()
             if self.window_start is not None:
                 self._decide((waited - self.waited_at_start) / (now - self.window_start), now)
             self.window_start, self.waited_at_start = now, waited
-        self.forwards[self.size] += 1
+        self.steps[self.size] += 1
 
     def rest(self) -> None:
-        """The engine has nothing left to run: torch gets the full team back until our next forward (torch work
+        """The engine has nothing left to run: torch gets the full team back until our next step (torch work
         between our runs, such as an HF reference in the same process, runs on every core it may use). The next
-        forward takes up the size we had; the window stays open, so runs that follow each other closely (a
-        warm-up, then timed runs) are decided on as one."""
+        step takes up the size we had. On the full team the window stays open, so runs that follow each other
+        closely (a warm-up, then timed runs) are decided on as one."""
         if self.size != self.full:
             self.set_threads(self.full)
             self.lent = True
@@ -79,9 +79,9 @@ class TeamFollower:
 
     def summary(self) -> str:
         """How much of the run the team spent below its full size, for the report; empty when none."""
-        total = sum(self.forwards.values())
-        smaller = total - self.forwards[self.full]
+        total = sum(self.steps.values())
+        smaller = total - self.steps[self.full]
         if not smaller:
             return ""
-        return (f"{smaller / total:.0%} of forwards on fewer threads (down to {min(self.forwards)}) while other "
+        return (f"{smaller / total:.0%} of steps on fewer threads (down to {min(self.steps)}) while other "
                 f"processes held cores")

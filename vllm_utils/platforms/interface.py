@@ -90,8 +90,11 @@ class Platform:
                             f"{', '.join(self.attention_backends)}")
         return TorchPagedAttention()
 
+    def before_step(self) -> None:
+        """Called before each engine step; a platform that adapts to the machine's load decides here."""
+
     def idle(self) -> None:
-        """The engine has finished its requests; a platform that adapted to the load while it ran resets here."""
+        """The engine has no requests left; a platform that adapted to the load while they ran resets here."""
 
     def choose_kernels(self, model: nn.Module, config: EngineConfig, prompt_only: list[tuple[nn.Module, int]]) -> None:
         """Gives the model's ops their device implementations (`Op.impl`), once, after loading. `prompt_only`:
