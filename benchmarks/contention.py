@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="repeat every case; the table gives the median")
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--loads", nargs="+", choices=LOADS, default=list(LOADS))
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--table", metavar="FILE", help="print the table of the JSON lines an earlier run printed")
     parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -116,7 +117,7 @@ def main() -> None:
             neighbour = start_neighbour(load)
             try:
                 for workload in args.workloads:
-                    for engine in ENGINES:
+                    for engine in args.engines:
                         for name, code in codes.items():
                             figures = run_case(workload, engine, code, neighbour)
                             results.setdefault((workload, engine, name, load), []).append(figures)
@@ -143,7 +144,7 @@ def print_table(results: dict, codes: dict) -> None:
     for workload, key, title in figures:
         if not any(k[0] == workload for k in best):
             continue
-        for engine in ENGINES:
+        for engine in [e for e in ENGINES if any(k[1] == e for k in best)]:
             for name in codes:
                 row = [best[(workload, engine, name, load)][key] for load in loads]
                 one = [best[(workload, "ours, 1 thread", name, load)][key] for load in loads]

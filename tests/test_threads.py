@@ -194,3 +194,12 @@ def test_the_team_is_lent_whole_at_rest_and_taken_up_again_at_its_size():
     machine.now += 0.5 * RETRY_FIRST  # a pause between two runs, shorter than the backoff
     machine.forward(team, 1.01 * WINDOW)
     assert machine.sizes == [1, 2, 1] and team.size == 1  # the next run starts where the last one ended
+
+
+def test_the_first_decision_comes_soon_enough_for_a_short_run():
+    machine = FakeMachine(cores=2)
+    team = machine.follower(2)
+    machine.others = 1  # busy from the start
+    for _ in range(3):
+        machine.forward(team, 0.012)  # a short run's steps (a small model's prefill and decodes)
+    assert machine.sizes == [1]

@@ -9,6 +9,8 @@ from collections import Counter
 from collections.abc import Callable
 
 WINDOW = 0.05  # seconds between two decisions (schedstat counts in nanoseconds: short windows read true)
+# the first decision comes sooner: a short run (a small model's whole benchmark) is otherwise over before it
+FIRST_WINDOW = 0.01
 SHORT = 0.5  # cores' worth of run-queue waiting over a window that makes the team shrink
 RETRY_FIRST, RETRY_MAX = 1.0, 32.0  # seconds on a smaller team before trying the full one, doubling while taken
 
@@ -37,6 +39,7 @@ class TeamFollower:
         self.waited_at_start = 0.0
         self.retry_after, self.retry_at, self.trying = RETRY_FIRST, 0.0, False
         self.lent = False  # resting: torch runs the full team until our next step
+        self.decided = False
         self.steps: Counter[int] = Counter()  # team size -> steps run at it
 
     def before_step(self) -> None:
@@ -44,10 +47,11 @@ class TeamFollower:
             self.set_threads(self.size)
             self.lent, self.window_start = False, None
         now = self.clock()
-        if self.window_start is None or now - self.window_start >= WINDOW:
+        if self.window_start is None or now - self.window_start >= (WINDOW if self.decided else FIRST_WINDOW):
             waited = self.waited()
             if self.window_start is not None:
                 self._decide((waited - self.waited_at_start) / (now - self.window_start), now)
+                self.decided = True
             self.window_start, self.waited_at_start = now, waited
         self.steps[self.size] += 1
 
