@@ -125,6 +125,10 @@ class FakeMachine:
         self.now += seconds
         self.waited += seconds * follower.size * max(0, runnable - self.cores) / runnable
 
+    def run(self, follower, steps: int, seconds: float) -> None:
+        for _ in range(steps):
+            self.forward(follower, seconds)
+
     def follower(self, full: int):
         from vllm_utils.platforms.cpu_team import TeamFollower
 
@@ -140,8 +144,7 @@ def test_the_team_shrinks_while_its_threads_wait_and_tries_again_later():
         machine.forward(team, 0.6 * WINDOW)  # a quiet machine: the team keeps its size
     assert machine.sizes == [] and team.size == 2
     machine.others = 1  # a neighbour takes a core
-    for _ in range(3):
-        machine.forward(team, 1.01 * WINDOW)
+    machine.run(team, 3, 1.01 * WINDOW)
     assert machine.sizes == [1]
     while len(machine.sizes) < 3 and machine.now < 100:  # it tries two threads again, and returns to one
         machine.forward(team, 1.01 * WINDOW)
@@ -163,12 +166,10 @@ def test_the_team_shrinks_by_the_cores_it_lacks_and_never_below_one():
     machine = FakeMachine(cores=16)
     team = machine.follower(16)
     machine.others = 3
-    for _ in range(3):
-        machine.forward(team, 1.01 * WINDOW)
+    machine.run(team, 3, 1.01 * WINDOW)
     assert machine.sizes == [13]  # 16 threads beside 3: 2.5 cores' worth of waiting
     machine.others = 40
-    for _ in range(3):
-        machine.forward(team, 1.01 * WINDOW)
+    machine.run(team, 3, 1.01 * WINDOW)
     assert machine.sizes[-1] == 1
 
 
@@ -187,8 +188,7 @@ def test_the_team_is_lent_whole_at_rest_and_taken_up_again_at_its_size():
     machine = FakeMachine(cores=2)
     team = machine.follower(2)
     machine.others = 1
-    for _ in range(3):
-        machine.forward(team, 1.01 * WINDOW)
+    machine.run(team, 3, 1.01 * WINDOW)
     team.rest()
     assert machine.sizes == [1, 2]  # torch work between our runs gets every core
     machine.now += 0.5 * RETRY_FIRST  # a pause between two runs, shorter than the backoff
@@ -200,6 +200,5 @@ def test_the_first_decision_comes_soon_enough_for_a_short_run():
     machine = FakeMachine(cores=2)
     team = machine.follower(2)
     machine.others = 1  # busy from the start
-    for _ in range(3):
-        machine.forward(team, 0.012)  # a short run's steps (a small model's prefill and decodes)
+    machine.run(team, 3, 0.012)  # a short run's steps (a small model's prefill and decodes)
     assert machine.sizes == [1]
