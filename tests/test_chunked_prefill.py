@@ -2,8 +2,10 @@
 queries attending to the cache of the earlier chunks), running requests' decodes share those steps, and every
 token equals HF's."""
 import pytest
+import torch
 
 from vllm_utils import LLM, SamplingParams
+from vllm_utils.threads import system_choice
 
 from test_matches_hf import BATCH, request
 
@@ -91,3 +93,4 @@ def test_chunked_prefill_at_tensor_parallel_2_gives_the_tokens_of_1(tiny_llava, 
         outputs[size] = [o.outputs[0].token_ids for o in llm.generate(reqs, PARAMS, use_tqdm=False)]
         llm.engine.shutdown()
     assert outputs[2] == outputs[1] and all(len(t) == PARAMS.max_tokens for t in outputs[2])
+    assert torch.get_num_threads() == system_choice().threads  # the ranks' share of the cores is given back

@@ -87,6 +87,7 @@ class LLMEngine:
         if self.runner.workers is not None:
             self.runner.workers.close()
             self.runner.workers = None
+            self.platform.configure_rank(self.device, 1)  # alone again: e.g. on CPUs, every thread the ranks shared
 
     def reset_stats(self) -> None:
         self.stats = EngineStats()
