@@ -56,3 +56,12 @@ def test_the_engine_sizes_its_cache_from_the_platform_it_runs_on(tiny_llava, mon
 def test_unknown_device_kinds_are_refused_by_name():
     with pytest.raises(UserError, match="unknown device 'tpu9'"):
         resolve_device("tpu9")
+
+
+def test_the_cpu_budget_counts_the_page_cache_the_kernel_gives_back(tmp_path):
+    from vllm_utils.platforms.cpu import available_ram
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         2000000 kB\nMemAvailable:   20000000 kB\n")
+    assert available_ram(str(meminfo)) == 20000000 * 1024  # not MemFree: a busy page cache is not used memory
+    assert available_ram(str(tmp_path / "missing")) > 0  # elsewhere: the free pages

@@ -131,8 +131,8 @@ class ModelRunner:
             have = num * self.kv_bytes_per_block / GiB
             raise UserError(
                 f"the KV cache ({num} blocks, {have:.2f} GiB) cannot hold one sequence of --max-model-len "
-                f"{max_len} ({blocks_per_seq} blocks of {self.block_size}); lower --max-model-len or "
-                f"give the engine more memory"
+                f"{max_len} ({blocks_per_seq} blocks of {self.block_size}); lower --max-model-len, free "
+                f"memory, or give the cache exactly one sequence's room with --num-kv-blocks {blocks_per_seq}"
             )
         return num
 

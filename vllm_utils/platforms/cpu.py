@@ -26,6 +26,19 @@ from vllm_utils.platforms.cpu_team import TeamFollower
 from vllm_utils.platforms.interface import GiB, Platform
 
 
+def available_ram(meminfo: str = "/proc/meminfo") -> int:
+    """Bytes of RAM new allocations can take: the kernel's MemAvailable (free pages and the page cache it can
+    reclaim), else the free pages alone."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 class CpuPlatform(Platform):
     dist_backend = "gloo"
     attention_backends = ("torch", "cpu")
@@ -52,9 +65,8 @@ class CpuPlatform(Platform):
 
     def kv_cache_budget(self, device: torch.device, config: EngineConfig, one_sequence_bytes: int) -> int:
         """4 GiB (as vLLM's CPU default), or one full-length sequence if that is more, and never more than half
-        the free RAM."""
-        half_free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-        return min(half_free, max(4 * GiB, one_sequence_bytes))
+        the RAM available (free, or given back by the page cache when asked)."""
+        return min(available_ram() // 2, max(4 * GiB, one_sequence_bytes))
 
     def peak_memory_bytes(self, device: torch.device) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak RSS
