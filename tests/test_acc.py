@@ -319,6 +319,17 @@ def test_acc_failed_sample_is_recorded_and_the_run_goes_on(tiny_llava, tmp_path)
     assert '"num_failed": 1' in run.stdout and "sample bad (row 1) failed" in run.stderr
 
 
+def test_acc_where_every_sample_fails_exits_non_zero(tiny_llava, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    rows = [{"id": f"bad{i}", "image": "broken.png", "question": "Colour?", "answers": ["red"], "metric": "anls"}
+            for i in range(2)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = cli("--acc", f"--model={tiny_llava}", "--device=cpu", f"--dataset={tmp_path / 'd.jsonl'}",
+              "--output-len=4", cwd=str(tmp_path))
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert error_lines(run) == ["error: every sample failed (2 of 2; the reasons are above), so nothing was scored"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--dataset-format=coco"], "unknown --dataset-format 'coco'"),
     (["--dataset=/nonexistent/data"], "does not exist"),

@@ -173,6 +173,16 @@ def test_bundled_hub_name_needs_dummy_weights(tmp_path):
     assert len(error_lines(run)[0]) < 260
 
 
+@pytest.mark.parametrize("mode", ["--demo", "--acc"])
+def test_a_bundled_config_without_a_tokenizer_is_refused_before_loading_for_text(mode, photo, tmp_path):
+    run = cli(mode, "--model", "Qwen/Qwen2-VL-2B-Instruct", "--load-format=dummy", "--device=cpu",
+              f"--input-image={photo}", cwd=str(tmp_path))
+    assert run.returncode == 1 and "Loading the model" not in run.stderr and os.listdir(tmp_path) == []
+    assert error_lines(run) == [f"error: --model Qwen/Qwen2-VL-2B-Instruct has no tokenizer files, and {mode} "
+                                f"tokenizes text: point --model at the complete model folder (only --perf runs "
+                                f"without them, with --load-format dummy)"]
+
+
 def test_7b_input_len_is_checked_from_its_config_alone(tmp_path):
     run = cli("--perf", "--model", "llava-hf/llava-1.5-7b-hf", "--load-format=dummy", "--device=cpu",
               "--input-len=500", cwd=str(tmp_path))

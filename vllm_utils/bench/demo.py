@@ -49,7 +49,7 @@ def demo_requests(processor, pairs: list[tuple[str, str]], images: dict) -> list
 
 def run_demo(args: argparse.Namespace, resolve_config, make_llm) -> None:
     """`resolve_config(args)` and `make_llm(args, config)` as for --perf."""
-    from vllm_utils.bench.preflight import check_prompt_placeholders
+    from vllm_utils.bench.preflight import check_prompt_placeholders, check_reads_text
     from vllm_utils.models.registry import family
     from vllm_utils.multimodal.image import load_image
 
@@ -61,6 +61,7 @@ def run_demo(args: argparse.Namespace, resolve_config, make_llm) -> None:
         raise UserError("--demo needs --input-image IMAGE (repeatable) or --input-video VIDEO")
     pairs = pair_images_and_prompts(args.input_image, args.prompt, args.mm_per_prompt)
     config = resolve_config(args)
+    check_reads_text(args, config, "--demo")
     placeholder = family(config.model_type).processor.image_token  # the family's, e.g. Qwen2-VL's <|image_pad|>
     check_prompt_placeholders([text for _, text in pairs], args.mm_per_prompt, placeholder)
     images = {path: load_image(path) for paths, _ in pairs for path in paths}
@@ -72,13 +73,14 @@ def run_demo(args: argparse.Namespace, resolve_config, make_llm) -> None:
 
 def run_video_demo(args: argparse.Namespace, resolve_config, make_llm) -> None:
     """One request per video and prompt: the video before the prompt's text, as the chat template places it."""
-    from vllm_utils.bench.preflight import check_takes_video
+    from vllm_utils.bench.preflight import check_reads_text, check_takes_video
     from vllm_utils.multimodal.video import DEFAULT_NUM_FRAMES, load_video
 
     if args.model is None:
         raise UserError("--input-video needs a video model: pass --model with a Qwen2-VL or Qwen2.5-VL folder")
     config = resolve_config(args)
     check_takes_video(args, config)
+    check_reads_text(args, config, "--demo")
     videos = {path: load_video(path, args.num_frames or DEFAULT_NUM_FRAMES) for path in args.input_video}
     pairs = [(path, text) for path in args.input_video for text in (args.prompt or [DEFAULT_VIDEO_PROMPT])]
     set_batch_size(args, len(pairs))

@@ -80,6 +80,17 @@ def check_reference(args: argparse.Namespace) -> None:
                         "--load-format dummy")
 
 
+def check_reads_text(args: argparse.Namespace, config: "ResolvedConfig", mode: str) -> None:
+    """--demo and --acc tokenize text: the model folder must hold a tokenizer. Reads the processor files, not the
+    weights."""
+    from vllm_utils.models.registry import family
+
+    processor = family(config.model_type).processor(config.folder, config.hf_config, allow_missing=True)
+    if processor.tokenizer is None:
+        raise UserError(f"--model {args.model} has no tokenizer files, and {mode} tokenizes text: point --model at "
+                        f"the complete model folder (only --perf runs without them, with --load-format dummy)")
+
+
 def check_model_name(model: str | None, load_format: str) -> None:
     """A Hub name whose config the package carries runs with random weights only: nothing is downloaded."""
     from vllm_utils.bundled import bundled_config_dir

@@ -88,12 +88,14 @@ def _why(error: Exception) -> str:
 
 
 def run_acc(args: argparse.Namespace, resolve_config, make_llm, save_reports, environment) -> None:
+    from vllm_utils.bench.preflight import check_reads_text
     from vllm_utils.config import DEFAULT_MAX_NUM_SEQS
 
     samples = read_samples(args)  # bad input is reported before the model loads
     args.output_len = args.output_len or max(DEFAULT_OUTPUT_LEN[s.metric] for s in samples)
     args.batch_size = args.batch_size or min(len(samples), DEFAULT_MAX_NUM_SEQS)
     config = resolve_config(args)
+    check_reads_text(args, config, "--acc")
     llm = make_llm(args, config)
     save_file = open(args.save_output, "w", encoding="utf-8") if args.save_output else None
     try:
@@ -118,6 +120,9 @@ def run_acc(args: argparse.Namespace, resolve_config, make_llm, save_reports, en
     save_reports({**settings, **flatten(info)}, args.output_json,
                  lambda: {"settings": settings, "acc_info": info, "samples": [r.record() for r in results],
                           "agreement": agreement, "environment": environment(llm.engine.device)})
+    if results and all(r.error for r in results):  # a run that scored nothing is no result, whatever it wrote down
+        raise UserError(f"every sample failed ({len(results)} of {len(results)}; the reasons are above), so "
+                        f"nothing was scored")
 
 
 def reference_figures(llm, args: argparse.Namespace, results: list[Result]) -> dict:
