@@ -75,7 +75,8 @@ def test_perf_report_csv_and_json(tiny_llava, tmp_path):
     table = dict(rows[1:])
     for setting, expected in {"input_len": "100", "output_len": "12", "num_prompts": "3", "batch_size": "2",
                               "block_size": "16", "max_model_len": "256", "dtype": "float32",
-                              "tensor_parallel_size": "1", "device": "cpu", "model": tiny_llava}.items():
+                              "tensor_parallel_size": "1", "device": "cpu", "model": tiny_llava,
+                              "num_kv_blocks": "auto", "max_num_batched_tokens": "8192"}.items():
         assert table[setting] == expected
     assert all(table[k] == str(v) for k, v in info.items())
 

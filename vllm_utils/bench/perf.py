@@ -132,7 +132,8 @@ def perf_settings(args: argparse.Namespace, engine) -> dict[str, object]:
         "seed": args.seed, "input_image": ";".join(args.input_image) or "black",
         "mm_per_prompt": args.mm_per_prompt, "input_vision_shape": args.input_vision_shape or "",
         "input_video": ";".join(args.input_video), "num_frames": args.num_frames or "",
-        "backend": args.backend,
+        "backend": args.backend, "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+        "num_kv_blocks": args.num_kv_blocks if args.num_kv_blocks is not None else "auto",
     }
 
 
