@@ -94,7 +94,7 @@ def test_killed_run_leaves_no_csv(tiny_llava, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", MODULE, *args], cwd=str(tmp_path), stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True, env=cli_env({"VLLM_UTILS_PROGRESS_INTERVAL": "0"}))
     deadline = time.time() + 120
-    while time.time() < deadline and "Processed prompts" not in proc.stderr.read(64):
+    while time.time() < deadline and "Generated tokens" not in proc.stderr.read(64):
         pass
     assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGKILL)
@@ -214,7 +214,7 @@ def test_progress_to_a_file_is_whole_lines(tiny_llava, tmp_path):
     lines = text.splitlines()
     for phase in ("Loading the model", "Loading weights", "Warm-up", "Timed run 1/1"):
         assert any(line.startswith(phase) for line in lines), phase
-    bars = [line for line in lines if line.startswith("Processed prompts")]
+    bars = [line for line in lines if line.startswith("Generated tokens")]
     assert len(bars) > 3 and len(set(bars)) == len(bars), "one line per update, each printed once"
     assert "tok/s" in bars[-1] and "120/120" in bars[-1] and "prompts 3/3" in bars[-1]
 

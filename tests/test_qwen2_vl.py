@@ -258,7 +258,10 @@ def test_perf_with_a_synthetic_video(tiny_qwen, tmp_path):
     assert run.returncode == 0, run.stderr
     assert set(perf_info(run.stdout)) == set(SEED_KEYS) | {"cpu_threads"}  # on CPU
     # 4 frames -> 2 temporal patches; 100 x 150 -> 112 x 140 pixels -> 8 x 10 patches -> 2 * 4 * 5 positions
-    assert "tokens per request: 40 image + 160 text" in run.stdout
+    assert "tokens per request: 40 video + 160 text" in run.stdout
+    [csv_path] = glob.glob(str(tmp_path / "*.csv"))
+    table = dict(line.rstrip("\n").split(",", 1) for line in open(csv_path))
+    assert table["input_video"] == "black" and table["input_image"] == "" and table["num_frames"] == "4"
 
 
 @pytest.mark.parametrize("shape", ["448,448", "1080,1920", "60,700"])

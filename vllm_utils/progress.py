@@ -53,7 +53,7 @@ class GenerationProgress:
     stops early takes its unused budget off the total), so the rate shown is output tokens/s, with the
     finished prompts alongside."""
 
-    def __init__(self, seqs: list, desc: str = "Processed prompts", disable: bool = False) -> None:
+    def __init__(self, seqs: list, desc: str = "Generated tokens", disable: bool = False) -> None:
         self.seqs = seqs
         self.finished = 0
         self.bar = progress_bar(disable=disable, total=sum(s.params.max_tokens for s in seqs), desc=desc,

@@ -85,13 +85,13 @@ def run_perf(args: argparse.Namespace, resolve_config, make_llm) -> None:
         info["cpu_threads"] = cpu_threads(engine.platform)
     print("***Perf Info***")
     print(json.dumps(info, indent=4))
-    print_details(summary)
+    print_details(summary, "video" if video is not None else "image")
     if "cpu_threads" in info:
         team = getattr(engine.platform, "team", None)
         followed = team.summary() if team is not None else ""
         print(f"CPU threads: {info['cpu_threads']} ({threads.describe(info['cpu_threads'])})"
               + (f"; {followed}" if followed else ""))
-    settings = perf_settings(args, engine)
+    settings = perf_settings(args, engine, synthetic_video=video is not None and not args.input_video)
     save_reports({**settings, **info, **flatten(summary)}, args.output_json,
                  lambda: {"settings": settings, "perf_info": info, "metrics": summary,
                           "environment": environment(engine.device)})
@@ -122,16 +122,17 @@ def save_reports(rows: dict[str, object], json_path: str | None, document) -> No
         raise UserError(f"could not write {' or '.join(failed)}; the figures printed above are complete")
 
 
-def perf_settings(args: argparse.Namespace, engine) -> dict[str, object]:
+def perf_settings(args: argparse.Namespace, engine, synthetic_video: bool = False) -> dict[str, object]:
     return {
         "model": args.model, "model_type": engine.config.model_type, "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."), "tensor_parallel_size": args.tensor_parallel_size,
         "max_model_len": engine.max_model_len, "input_len": args.input_len, "output_len": args.output_len,
         "num_prompts": args.num_prompts, "batch_size": engine.config.max_num_seqs, "block_size": args.block_size,
         "enforce_eager": args.enforce_eager, "load_format": args.load_format, "num_iters": args.num_iters,
-        "seed": args.seed, "input_image": ";".join(args.input_image) or "black",
+        "seed": args.seed, "input_image": ";".join(args.input_image) or ("" if synthetic_video else "black"),
         "mm_per_prompt": args.mm_per_prompt, "input_vision_shape": args.input_vision_shape or "",
-        "input_video": ";".join(args.input_video), "num_frames": args.num_frames or "",
+        "input_video": ";".join(args.input_video) or ("black" if synthetic_video else ""),
+        "num_frames": args.num_frames or "",
         "backend": args.backend, "max_num_batched_tokens": engine.config.max_num_batched_tokens,
         "num_kv_blocks": args.num_kv_blocks if args.num_kv_blocks is not None else "auto",
     }
@@ -147,7 +148,8 @@ def cpu_threads(platform) -> int:
     return torch.get_num_threads()
 
 
-def print_details(s: dict) -> None:
+def print_details(s: dict, vision: str = "image") -> None:
+    """`vision`: what the requests' multimodal positions hold (image or video)."""
     rows = [("TTFT (ms)", s["ttft_ms"]), ("TPOT (ms)", s["tpot_ms"]), ("inter-token latency (ms)", s["itl_ms"])]
     print(f"{'':26}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}")
     for name, d in rows:
@@ -155,6 +157,6 @@ def print_details(s: dict) -> None:
     print(f"prefill throughput: {s['prefill_tokens_per_second']:.1f} prompt tokens/s; "
           f"decode throughput (whole batch): {s['decode_tokens_per_second']:.1f} tokens/s")
     blocks = "n/a" if s["kv_blocks_total"] is None else f"{s['peak_kv_blocks_used']} of {s['kv_blocks_total']}"
-    print(f"tokens per request: {s['image_tokens_per_request']} image + {s['text_tokens_per_request']} text; "
+    print(f"tokens per request: {s['image_tokens_per_request']} {vision} + {s['text_tokens_per_request']} text; "
           f"KV-cache blocks used at peak: {blocks}; "
           f"peak memory: {s['peak_memory_gib']:.2f} GiB; preemptions: {s['preemptions']}")
