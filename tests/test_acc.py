@@ -332,6 +332,7 @@ def test_acc_where_every_sample_fails_exits_non_zero(tiny_llava, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--dataset-format=coco"], "unknown --dataset-format 'coco'"),
+    (["--dataset-format=mmmu"], "JSONL: leave --dataset-format out, or pass a mmmu dataset (e.g. --dataset sample-mmmu"),
     (["--dataset=/nonexistent/data"], "does not exist"),
     (["--reference=hf", "--temperature=0.5"], "greedy"),
 ])

@@ -27,6 +27,9 @@ def read_dataset(path: str, fmt: str | None = None, split: str | None = None, li
         raise UserError(f"unknown --dataset-format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if not os.path.exists(path):
         raise UserError(f"--dataset '{path}' does not exist; pass a dataset folder, a parquet/arrow file or a JSONL")
+    if fmt not in (None, "jsonl") and path.endswith(".jsonl"):
+        raise UserError(f"--dataset-format {fmt} reads parquet/arrow files or a dataset folder, and '{path}' is a "
+                        f"JSONL: leave --dataset-format out, or pass a {fmt} dataset (e.g. --dataset sample-{fmt})")
     if fmt == "jsonl" or (fmt is None and path.endswith(".jsonl")):
         samples = read_jsonl(path, limit)
     else:
