@@ -1,6 +1,7 @@
 """The command line, run as users run it: output text and the one-line errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -181,6 +182,17 @@ def test_a_bundled_config_without_a_tokenizer_is_refused_before_loading_for_text
     assert error_lines(run) == [f"error: --model Qwen/Qwen2-VL-2B-Instruct has no tokenizer files, and {mode} "
                                 f"tokenizes text: point --model at the complete model folder (only --perf runs "
                                 f"without them, with --load-format dummy)"]
+
+
+def test_a_folder_with_a_config_alone_points_at_dummy_weights(tiny_llava, tmp_path):
+    folder = tmp_path / "config_only"
+    folder.mkdir()
+    shutil.copy(os.path.join(tiny_llava, "config.json"), folder)
+    run = cli("--perf", f"--model={folder}", "--device=cpu", cwd=str(tmp_path))
+    assert run.returncode == 1 and "Loading the model" not in run.stderr
+    assert error_lines(run) == [f"error: '{folder}' lacks usable tokenizer/processor files (no tokenizer_config.json "
+                                f"or preprocessor_config.json); use the complete Hugging Face model folder, or "
+                                f"--load-format dummy for --perf on its config alone"]
 
 
 def test_7b_input_len_is_checked_from_its_config_alone(tmp_path):

@@ -29,9 +29,13 @@ class ProcessorAdapter:
             self.hf_processor, self.tokenizer, self.image_processor = _load_hf_parts(folder)
         except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError) as e:
             if not allow_missing:
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UserError(f"'{folder}' lacks usable tokenizer/processor files ({reason}); "
-                                f"use the complete Hugging Face model folder") from None
+                missing = [f for f in ("tokenizer_config.json", "preprocessor_config.json")
+                           if not os.path.isfile(os.path.join(folder, f))]
+                reason = f"no {' or '.join(missing)}" if missing else \
+                    str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"'{folder}' lacks usable tokenizer/processor files ({reason}); use the complete "
+                                f"Hugging Face model folder, or --load-format dummy for --perf on its config "
+                                f"alone") from None
         if self.tokenizer is None or self.image_processor is None:
             if not allow_missing:
                 raise UserError(f"'{folder}' has no image processor/tokenizer pair; use the complete Hugging Face "
