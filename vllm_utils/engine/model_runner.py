@@ -68,7 +68,7 @@ class ModelRunner:
         if not config.engine.enforce_eager:
             if self.platform.supports_graphs:
                 self.build_graphs()
-            else:
+            elif device.type != "cpu":  # on CPUs eager is what everyone expects: no note
                 note_once(f"graph mode needs CUDA graphs; running eagerly on {device.type}")
         self.workers = None  # rank 0 of a tensor-parallel group: the channel to the other ranks
         self.mm_cache: dict[int, torch.Tensor] = {}  # sequence id -> its multimodal embeddings, mid-prefill
