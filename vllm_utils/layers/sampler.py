@@ -12,10 +12,10 @@ CANDIDATES = 1024
 def _top_k(scaled: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     """Drops the tokens below each row's k-th largest logit (ties with it stay, as in HF's warper)."""
     vocab = scaled.shape[-1]
-    widest = max(k for k in top_k if k < vocab)
-    k = torch.tensor([min(k, widest) for k in top_k], device=scaled.device)
+    widest = max(limit for limit in top_k if limit < vocab)
+    k = torch.tensor([min(limit, widest) for limit in top_k], device=scaled.device)
     kth = scaled.topk(widest).values.gather(-1, (k - 1)[:, None])
-    unlimited = torch.tensor([k >= vocab for k in top_k], device=scaled.device)
+    unlimited = torch.tensor([limit >= vocab for limit in top_k], device=scaled.device)
     kth = kth.masked_fill(unlimited[:, None], float("-inf"))  # rows without a top-k keep everything
     return scaled.masked_fill(scaled < kth, float("-inf"))
 
