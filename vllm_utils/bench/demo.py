@@ -50,7 +50,6 @@ def demo_requests(processor, pairs: list[tuple[str, str]], images: dict) -> list
 def run_demo(args: argparse.Namespace, resolve_config, make_llm) -> None:
     """`resolve_config(args)` and `make_llm(args, config)` as for --perf."""
     from vllm_utils.bench.preflight import check_prompt_placeholders, check_reads_text
-    from vllm_utils.models.registry import family
     from vllm_utils.multimodal.image import load_image
 
     if args.input_video:
@@ -61,8 +60,7 @@ def run_demo(args: argparse.Namespace, resolve_config, make_llm) -> None:
         raise UserError("--demo needs --input-image IMAGE (repeatable) or --input-video VIDEO")
     pairs = pair_images_and_prompts(args.input_image, args.prompt, args.mm_per_prompt)
     config = resolve_config(args)
-    check_reads_text(args, config, "--demo")
-    placeholder = family(config.model_type).processor.image_token  # the family's, e.g. Qwen2-VL's <|image_pad|>
+    placeholder = check_reads_text(args, config, "--demo").image_token  # the folder's, e.g. Qwen2-VL's <|image_pad|>
     check_prompt_placeholders([text for _, text in pairs], args.mm_per_prompt, placeholder)
     images = {path: load_image(path) for paths, _ in pairs for path in paths}
     set_batch_size(args, len(pairs))

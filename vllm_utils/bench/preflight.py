@@ -9,6 +9,7 @@ from vllm_utils.errors import UserError
 
 if TYPE_CHECKING:
     from vllm_utils.config import ResolvedConfig
+    from vllm_utils.multimodal.processor import ProcessorAdapter
 
 IMAGE_PLACEHOLDER = "<image>"  # LLaVA's; requests are checked again against the processor's own token
 
@@ -80,15 +81,16 @@ def check_reference(args: argparse.Namespace) -> None:
                         "--load-format dummy")
 
 
-def check_reads_text(args: argparse.Namespace, config: "ResolvedConfig", mode: str) -> None:
+def check_reads_text(args: argparse.Namespace, config: "ResolvedConfig", mode: str) -> "ProcessorAdapter":
     """--demo and --acc tokenize text: the model folder must hold a tokenizer. Reads the processor files, not the
-    weights."""
+    weights; returns the processor."""
     from vllm_utils.models.registry import family
 
     processor = family(config.model_type).processor(config.folder, config.hf_config, allow_missing=True)
     if processor.tokenizer is None:
         raise UserError(f"--model {args.model} has no tokenizer files, and {mode} tokenizes text: point --model at "
                         f"the complete model folder (only --perf runs without them, with --load-format dummy)")
+    return processor
 
 
 def check_model_name(model: str | None, load_format: str) -> None:
