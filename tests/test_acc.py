@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vllm_utils.bench.acc.agreement import HFReference, agreement, overall
+from vllm_utils.bench.acc.agreement import agreement, overall
 from vllm_utils.bench.acc.bundled import ACC_SAMPLES
 from vllm_utils.bench.acc.readers import read_dataset
 from vllm_utils.bench.acc.scorers import anls, parse_choice, rouge_l, vqa_accuracy
 from vllm_utils.bench.acc.vqa_normalize import normalize_answer
 from vllm_utils.errors import UserError
+from vllm_utils.hf_reference import HFReference
 
 from test_cli import cli, error_lines
 
@@ -214,7 +215,7 @@ def test_teacher_forced_logprobs_match_hf(llm_fp32, hf_reference, images):
     prompt = hf_reference.chat_prompt("Describe the picture.")
     vocab = llm_fp32.engine.processor.text_token_ids()
     continuation = [vocab[7], vocab[40], vocab[3], vocab[99]]
-    expected = hf_reference.token_logprobs(prompt, images[:1], continuation)
+    expected = hf_reference.token_logprobs({"prompt": prompt, "multi_modal_data": {"image": images[0]}}, continuation)
     ids, mm = llm_fp32.engine.processor.process(prompt, images[:1])
     requests = [{"prompt_token_ids": ids, "mm_inputs": mm, "continuation_token_ids": continuation},
                 {"prompt": prompt, "multi_modal_data": {"image": images[1]}}]  # a plain one in the same prefill
@@ -225,7 +226,8 @@ def test_teacher_forced_logprobs_match_hf(llm_fp32, hf_reference, images):
     alone = llm_fp32.generate([requests[1]], SamplingParams(temperature=0, max_tokens=3))[0]
     assert plain.outputs[0].token_ids == alone.outputs[0].token_ids  # its last row still samples as before
     first = forced.prompt_logprobs[len(ids)]  # predicted from the prompt's last row: HF's first greedy token
-    assert max(first, key=first.get) == hf_reference.greedy(prompt, images[:1], 1)[0]
+    assert max(first, key=first.get) == hf_reference.greedy({"prompt": prompt, "multi_modal_data": {"image": images[0]}},
+                                                            1)[0]
 
 
 def test_prompt_logprobs_in_chunks_equal_one_log_softmax(monkeypatch):
@@ -260,7 +262,7 @@ def test_a_perturbed_engine_is_caught(tiny_llava, images):
     from vllm_utils import LLM, SamplingParams
 
     llm = LLM(tiny_llava, device="cpu", dtype="float32", max_model_len=1024, block_size=16)
-    reference = HFReference(tiny_llava, None, "float32", "cpu")
+    reference = HFReference(tiny_llava)
     processor = llm.engine.processor
     requests = [dict(zip(("prompt_token_ids", "mm_inputs"), processor.process(processor.chat_prompt(q), [image])))
                 for q, image in (("Describe the picture.", images[0]), ("What is this?", images[1]))]

@@ -7,7 +7,7 @@ from PIL import Image
 from vllm_utils import LLM, SamplingParams
 from vllm_utils.bundled import BUNDLED
 
-from conftest import HFReference, real_tokenizer_dir
+from conftest import HFReference, assert_bf16_close, real_tokenizer_dir
 from test_cli import cli
 
 # name -> (the hub checkpoint it is shaped like, build_tiny_llava arguments)
@@ -43,28 +43,27 @@ def backbone(request, tmp_path_factory) -> tuple[str, HFReference]:
 def _generate(llm: LLM, image: Image.Image, logprobs: bool = True):
     request = {"prompt": llm.engine.processor.chat_prompt(PROMPT), "multi_modal_data": {"image": image}}
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=logprobs)
-    return request["prompt"], llm.generate([request], params, use_tqdm=False)[0]
+    return request, llm.generate([request], params, use_tqdm=False)[0]
 
 
 def test_fp32_tokens_and_logprobs_equal_hf(backbone, images):
     folder, hf = backbone
     llm = LLM(folder, device="cpu", dtype="float32", max_model_len=512, block_size=4)
-    prompt, out = _generate(llm, images[0])
+    request, out = _generate(llm, images[0])
     tokens = out.outputs[0].token_ids
-    expected = hf.model.generate(**hf.inputs(prompt, images[0:1]), max_new_tokens=NEW_TOKENS,
-                                 min_new_tokens=NEW_TOKENS, do_sample=False)[0, len(out.prompt_token_ids):].tolist()
+    expected = hf.greedy(request, NEW_TOKENS, ignore_eos=True)
     assert len(set(expected)) > 3, "the reference repeats itself: it would prove nothing"
     assert tokens == expected
-    reference = hf.token_logprobs(prompt, images[0:1], tokens)
+    reference = hf.token_logprobs(request, tokens)
     assert max(abs(a - b) for a, b in zip(out.outputs[0].logprobs, reference)) < 1e-4
 
 
 def test_bf16_logprobs_close_to_hf_fp32(backbone, images):
+    """The request whose fp32 tokens the test above checks for variety."""
     folder, hf = backbone
     llm = LLM(folder, device="cpu", dtype="bfloat16", max_model_len=512)
-    prompt, out = _generate(llm, images[1])
-    reference = hf.token_logprobs(prompt, images[1:2], out.outputs[0].token_ids)
-    assert max(abs(a - b) for a, b in zip(out.outputs[0].logprobs, reference)) < 0.05
+    request, out = _generate(llm, images[0])
+    assert_bf16_close(out.outputs[0].logprobs, folder, request, out.outputs[0].token_ids, hf)
 
 
 def test_cli_demo_prints_what_hf_generates(backbone, tmp_path):
@@ -74,10 +73,9 @@ def test_cli_demo_prints_what_hf_generates(backbone, tmp_path):
     run = cli("--demo", f"--model={folder}", "--device=cpu", f"--input-image={path}", f"--prompt={PROMPT}",
               "--dtype=float32", f"--output-len={NEW_TOKENS}")
     assert run.returncode == 0, run.stderr
-    prompt = hf.chat_prompt(PROMPT)
-    with torch.inference_mode():
-        tokens = hf.greedy(prompt, [Image.open(path).convert("RGB")], NEW_TOKENS)
-    text = hf.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+    tokens = hf.greedy({"prompt": hf.chat_prompt(PROMPT), "multi_modal_data": {"image": Image.open(path).convert("RGB")}},
+                       NEW_TOKENS)
+    text = hf.decode(tokens)
     assert f"Generated text: {text!r}," in run.stdout, run.stdout
 
 

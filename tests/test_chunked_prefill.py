@@ -12,11 +12,6 @@ from test_matches_hf import BATCH, request
 PARAMS = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 
-def _hf_tokens(hf, req: dict, images: list, n: int) -> list[int]:
-    out = hf.model.generate(**hf.inputs(req["prompt"], images), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, hf.inputs(req["prompt"], images)["input_ids"].shape[1]:].tolist()
-
-
 def _record_steps(llm: LLM) -> list[list[tuple[int, int]]]:
     """Each step's (tokens still to compute, tokens computed this step) per sequence, as scheduled."""
     steps, schedule = [], llm.engine.scheduler.schedule
@@ -37,7 +32,7 @@ def test_chunks_and_mixed_decodes_give_hf_tokens(tiny_llava, hf_reference, image
     reqs = [request(llm, text, [images[i] for i in idx]) for text, idx in BATCH]
     outputs = llm.generate(reqs, PARAMS, use_tqdm=False)
     for req, out, (_, idx) in zip(reqs, outputs, BATCH):
-        assert out.outputs[0].token_ids == _hf_tokens(hf_reference, req, [images[i] for i in idx], 16)
+        assert out.outputs[0].token_ids == hf_reference.greedy(req, 16, ignore_eos=True)
     assert all(sum(n for _, n in step) <= budget for step in steps)
     assert any(n < remaining for step in steps for remaining, n in step)  # a prompt was cut into chunks
     assert any(remaining == 1 for step in steps for remaining, n in step if len(step) > 1
@@ -53,7 +48,7 @@ def test_chunks_under_preemption_give_hf_tokens(tiny_llava, hf_reference, images
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.block_manager.num_free == 48 and not llm.engine.runner.mm_cache
     for req, out, (_, idx) in zip(reqs, outputs, BATCH):
-        assert out.outputs[0].token_ids == _hf_tokens(hf_reference, req, [images[i] for i in idx], 40)
+        assert out.outputs[0].token_ids == hf_reference.greedy(req, 40, ignore_eos=True)
 
 
 def test_a_sliding_window_across_chunks_gives_hf_tokens(tmp_path, images):
@@ -67,7 +62,7 @@ def test_a_sliding_window_across_chunks_gives_hf_tokens(tmp_path, images):
     llm = LLM(folder, device="cpu", dtype="float32", max_model_len=512, max_num_batched_tokens=10)
     req = request(llm, "Describe the picture in detail please.", images[:1])
     out = llm.generate([req], PARAMS, use_tqdm=False)[0]
-    assert out.outputs[0].token_ids == _hf_tokens(hf, req, images[:1], 16)
+    assert out.outputs[0].token_ids == hf.greedy(req, 16, ignore_eos=True)
 
 
 def test_prompt_logprobs_of_a_chunked_prompt_equal_the_whole_prompts(tiny_llava, images):

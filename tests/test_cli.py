@@ -45,8 +45,7 @@ def test_demo_prints_what_hf_generates(tiny_llava, photo):
     assert run.returncode == 0, run.stderr
     hf = HFReference(tiny_llava)
     prompt = hf.chat_prompt("Describe the picture.")
-    tokens = hf.greedy(prompt, [Image.open(photo).convert("RGB")], 20)
-    text = hf.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+    text = hf.decode(hf.greedy({"prompt": prompt, "multi_modal_data": {"image": Image.open(photo).convert("RGB")}}, 20))
     assert f"Prompt: {prompt!r}, Generated text: {text!r}, Image: {photo!r}" in run.stdout.splitlines()
 
 

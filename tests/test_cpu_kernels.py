@@ -1,5 +1,7 @@
 """The bf16 CPU kernels (vllm_utils/kernels/cpu_kernels.c) against float64 references and PyTorch, and the CPU
 platform's choice of them."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,7 @@ from torch import nn
 from vllm_utils.attention.torch_backend import window_mask
 from vllm_utils.config import EngineConfig
 from vllm_utils.kernels import cpu as cpu_kernels
-from vllm_utils.kernels.cpu_linear import DecodeLinear, OneDnnLinear, PackedOneDnnLinear
+from vllm_utils.kernels.cpu_linear import DecodeLinear, OneDnnLinear, PackedOneDnnLinear, can_pack_for_onednn
 from vllm_utils.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm_utils.platforms.cpu import CpuPlatform, _kernel_for as kernel_for
 
@@ -274,7 +276,7 @@ def test_activation_kernels_are_bit_identical_to_pytorch():
     assert not cpu_kernels.supports_activation(torch.randn(4, 48, dtype=torch.bfloat16))  # halves of 24
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
+@pytest.mark.skipif(not can_pack_for_onednn(), reason="oneDNN has no bf16 path on this CPU (or this PyTorch)")
 def test_linears_packed_for_onednn_give_the_same_products():
     """The vision tower's linears trade their plain weight for oneDNN's packed one (no second copy)."""
     gen = torch.Generator().manual_seed(0)
@@ -291,3 +293,23 @@ def test_linears_packed_for_onednn_give_the_same_products():
     fp32 = ColumnParallelLinear(256, 512, bias=False)
     choose_cpu_kernels(fp32, prompt_only=[(fp32, 577)])
     assert fp32.impl is None  # fp32 layers keep the native product
+
+
+def test_a_cpu_without_onednn_bf16_keeps_plain_weights():
+    """On a CPU where oneDNN has no bf16 path (AVX2 only; here oneDNN is held to AVX2 before torch loads), the
+    vision tower's linears keep their plain weight, where packing it would raise."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from vllm_utils.config import EngineConfig\n"
+            "from vllm_utils.kernels.cpu_linear import OneDnnLinear\n"
+            "from vllm_utils.layers.linear import ColumnParallelLinear\n"
+            "from vllm_utils.platforms.cpu import CpuPlatform\n"
+            "layer = ColumnParallelLinear(64, 32).to(torch.bfloat16)\n"
+            "CpuPlatform().choose_kernels(layer, EngineConfig(model='unused', cpu_kernels=False), [(layer, 8)])\n"
+            "assert isinstance(layer.impl, OneDnnLinear), layer.impl\n"
+            "print(tuple(layer(torch.randn(8, 64).to(torch.bfloat16)).shape))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert run.returncode == 0 and run.stdout.strip() == "(8, 32)", run.stderr

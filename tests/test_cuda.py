@@ -15,8 +15,8 @@ def test_cuda_matches_hf_fp32(tiny_llava, hf_reference, images, enforce_eager):
     reqs = [{"prompt": llm.engine.processor.chat_prompt(t), "multi_modal_data": {"image": images[i % 2]}}
             for i, t in enumerate(texts)]
     outputs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
-    for i, (req, out) in enumerate(zip(reqs, outputs)):
-        assert out.outputs[0].token_ids == hf_reference.greedy(req["prompt"], [images[i % 2]], 24)
+    for req, out in zip(reqs, outputs):
+        assert out.outputs[0].token_ids == hf_reference.greedy(req, 24)
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False])

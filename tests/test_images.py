@@ -149,8 +149,8 @@ def hf(tiny_llava) -> HFReference:
 @pytest.mark.parametrize("name", sorted(PICTURES))
 def test_cli_prints_what_hf_generates_for_the_file(cli_lines, hf, pictures, name):
     prompt = hf.chat_prompt(PROMPT)
-    tokens = hf.greedy(prompt, [hf_load_image(pictures[name])], OUTPUT_LEN)
-    text = hf.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+    tokens = hf.greedy({"prompt": prompt, "multi_modal_data": {"image": hf_load_image(pictures[name])}}, OUTPUT_LEN)
+    text = hf.decode(tokens)
     assert cli_lines[name] == f"Prompt: {prompt!r}, Generated text: {text!r}, Image: {str(pictures[name])!r}"
 
 

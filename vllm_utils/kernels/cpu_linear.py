@@ -7,7 +7,10 @@ from vllm_utils.kernels import cpu
 
 
 def can_pack_for_onednn() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """oneDNN packs bf16 weights only on CPUs with its bf16 paths (AVX-512 BW/VL/DQ, or AVX-NE-CONVERT)."""
+    mkldnn = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+            and hasattr(mkldnn, "_is_mkldnn_bf16_supported") and bool(mkldnn._is_mkldnn_bf16_supported()))
 
 
 class OneDnnLinear:

@@ -11,8 +11,7 @@ Greedy texts can part on near-ties in 16-bit arithmetic while the model is right
 still show a device that computes another model."""
 from dataclasses import asdict, dataclass
 
-import torch
-
+from vllm_utils.hf_reference import HFReference
 from vllm_utils.progress import progress_bar
 from vllm_utils.sampling_params import SamplingParams
 
@@ -28,35 +27,6 @@ class Agreement:
     mean_abs_dlogprob: float | None = None
     max_abs_dlogprob: float | None = None
     error: str | None = None
-
-
-class HFReference:
-    """Greedy tokens and the log-probs of each under HF transformers' model of the same folder."""
-
-    def __init__(self, model: str, model_type: str | None, dtype: str, device: str) -> None:
-        from vllm_utils.bench.hf_backend import HFEngineView
-        from vllm_utils.config import EngineConfig
-
-        self.view = HFEngineView(EngineConfig(model=model, device=device, dtype=dtype, max_num_seqs=1), model_type)
-
-    @torch.inference_mode()
-    def greedy(self, request: dict, max_tokens: int) -> tuple[list[int], list[float]]:
-        """`request`: {"prompt_token_ids", "mm_inputs"} as our engine takes them (one request: no padding)."""
-        view = self.view
-        ids = torch.tensor([request["prompt_token_ids"]], device=view.device)
-        mm = request.get("mm_inputs")
-        mm = {**(view.processor.hf_model_inputs(mm) if mm else {}), **view.processor.hf_token_inputs(ids)}
-        kwargs = {k: v.to(view.device, view.dtype) if v.is_floating_point() else v.to(view.device)
-                  for k, v in mm.items()}
-        eos = view.processor.eos_token_id
-        out = view.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                  do_sample=False, eos_token_id=eos, pad_token_id=eos, output_logits=True,
-                                  return_dict_in_generate=True, **kwargs)
-        tokens = out.sequences[0, ids.shape[1]:].tolist()
-        if eos in tokens:
-            tokens = tokens[: tokens.index(eos) + 1]
-        logprobs = [float(step[0].float().log_softmax(-1)[t]) for step, t in zip(out.logits, tokens)]
-        return tokens, logprobs
 
 
 def first_divergence(ours: list[int], ref: list[int]) -> int | None:
@@ -100,7 +70,7 @@ def agreement(llm, reference: HFReference, requests: list, ours: list[list[int] 
 
 def _one(llm, reference: HFReference, request: dict, our_tokens: list[int], max_tokens: int) -> Agreement:
     try:
-        ref_tokens, ref_logprobs = reference.greedy(request, max_tokens)
+        ref_tokens, ref_logprobs = reference.greedy_with_logprobs(request, max_tokens)
         forced = teacher_forced(llm, request, ref_tokens)
     except Exception as e:  # one sample's failure is reported, and the others still compared
         return Agreement(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")

@@ -2,7 +2,8 @@
 import argparse
 import json
 
-from vllm_utils.bench.acc.agreement import HFReference, agreement, overall
+from vllm_utils.bench.acc.agreement import agreement, overall
+from vllm_utils.hf_reference import HFReference
 from vllm_utils.llm import multi_modal_items
 from vllm_utils.progress import phase
 
@@ -11,7 +12,8 @@ def demo_agreement(llm, args: argparse.Namespace, requests: list[dict], outputs:
     """--demo --reference hf: the agreement figures of each request, then overall, as --acc prints them."""
     processor = llm.engine.processor
     with phase(f"Loading the HF reference ({args.reference_dtype} on {args.reference_device})", "Loading"):
-        reference = HFReference(args.model, args.model_type, args.reference_dtype, args.reference_device)
+        reference = HFReference(args.model, args.reference_dtype, args.reference_device, args.model_type,
+                                hf_processor=False)
     processed = [dict(zip(("prompt_token_ids", "mm_inputs"), processor.process(r["prompt"], *multi_modal_items(r))))
                  for r in requests]
     results = agreement(llm, reference, processed, [o.outputs[0].token_ids for o in outputs], max_tokens)

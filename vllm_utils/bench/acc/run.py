@@ -126,11 +126,13 @@ def run_acc(args: argparse.Namespace, resolve_config, make_llm, save_reports, en
 
 
 def reference_figures(llm, args: argparse.Namespace, results: list[Result]) -> dict:
-    from vllm_utils.bench.acc.agreement import HFReference, agreement, as_record, overall
+    from vllm_utils.bench.acc.agreement import agreement, as_record, overall
+    from vllm_utils.hf_reference import HFReference
     from vllm_utils.progress import phase
 
     with phase(f"Loading the HF reference ({args.reference_dtype} on {args.reference_device})", "Loading"):
-        reference = HFReference(args.model, args.model_type, args.reference_dtype, args.reference_device)
+        reference = HFReference(args.model, args.reference_dtype, args.reference_device, args.model_type,
+                                hf_processor=False)
     processor, max_len = llm.engine.processor, llm.engine.max_model_len
     makers = [lambda s=r.sample: prepare(s, processor, max_len)[1] for r in results]
     ours = [r.token_ids if r.error is None else None for r in results]
