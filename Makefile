@@ -13,13 +13,22 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 ARGS ?=
 PYTEST_ARGS ?=
+# Exact versions of everything beside torch (what CI installs); LOCK= installs the newest releases instead.
+LOCK ?= requirements/test-lock.txt
+LATEST_VENV ?= .venv-latest
 
-.PHONY: demo test install install-torch torch-info clean
+.PHONY: demo test test-latest lock install install-torch torch-info clean
 
-$(BIN)/.installed: pyproject.toml Makefile
+$(BIN)/.installed: pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(MAKE) --no-print-directory install-torch
+ifeq ($(LOCK),)
 	$(PIP) install -q -e ".[test]"
+else
+	@# with an NVIDIA GPU, torch's CUDA build pins its own triton
+	grep -v $(if $(HAS_NVIDIA_GPU),'^triton==','^$$') $(LOCK) > $(VENV)/constraints.txt
+	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[test]"
+endif
 	@$(MAKE) --no-print-directory torch-info
 	touch $@
 
@@ -49,5 +58,21 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The suite against the newest release of every dependency but torch (kept at the venv's), in a venv of its own:
+# what the next `make lock` would take, and what users who `pip install` the package get.
+test-latest:
+	@$(MAKE) --no-print-directory install VENV=$(LATEST_VENV) LOCK=
+	$(LATEST_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(LATEST_VENV)/torch-pin.txt
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST_VENV)/torch-pin.txt \
+	  -e ".[test]"
+	@$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -iE '^(transformers|tokenizers|numpy|pillow|triton)==' \
+	  | tr '\n' ' '; echo
+	$(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# Writes the lock from the newest releases, once `make test-latest` has passed on them.
+lock: test-latest
+	{ sed -n '/^#/p' $(LOCK); $(LATEST_VENV)/bin/python -m pip freeze --exclude-editable --exclude torch; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) *.egg-info .pytest_cache
