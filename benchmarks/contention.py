@@ -69,9 +69,9 @@ def worker(engine: str) -> None:
     folder = cpu_bench.build_checkpoint()
     common = dict(device="cpu", dtype="bfloat16", max_model_len=1024, max_num_seqs=1)
     if engine == "hf":
-        from vllm_utils.bench.hf_backend import HFGenerate
+        from vllm_utils.modes.backends import HFBackend
 
-        llm = HFGenerate(folder, **common)
+        llm = HFBackend.from_folder(folder, **common)
     else:
         llm = vllm_utils.LLM(folder, **common)
     cpu_bench.measure(llm, 1, 2)

@@ -15,8 +15,8 @@ import time
 from vllm_utils import LLM, SamplingParams  # before torch: the package sets libgomp's threads and wait before it loads
 
 import torch
-from vllm_utils.bench.hf_backend import HFGenerate
-from vllm_utils.bench.synthetic import synthetic_requests
+from vllm_utils.modes.backends import HFBackend
+from vllm_utils.modes.synthetic import synthetic_requests
 from vllm_utils.kernels import cpu as cpu_kernels
 from vllm_utils.kernels.cpu_linear import PackedOneDnnLinear
 
@@ -31,7 +31,7 @@ def build_checkpoint() -> str:
         return CACHE
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from vllm_utils.bench.tiny_model import LLAVA_CHAT_TEMPLATE, train_tiny_tokenizer
+    from vllm_utils.testing.tiny_llava import LLAVA_CHAT_TEMPLATE, train_tiny_tokenizer
 
     tokenizer = train_tiny_tokenizer()
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
@@ -118,7 +118,8 @@ def memory_bandwidth() -> tuple[float, float, float]:
 
 
 def measure(llm, batch: int, output_len: int) -> dict:
-    reqs = synthetic_requests(llm.engine.processor, INPUT_LEN, batch, None, seed=batch + output_len)
+    processor = llm.processor if isinstance(llm, HFBackend) else llm.engine.processor
+    reqs = synthetic_requests(processor, INPUT_LEN, batch, None, seed=batch + output_len)
     prompts = [r.as_prompt() for r in reqs]
     start = time.perf_counter()
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True), use_tqdm=False)
@@ -157,7 +158,7 @@ def main() -> None:
     flops = prefill_flops(ours_llm.engine.runner.model, INPUT_LEN)
     ours = run_all(ours_llm, batches)
     del ours_llm
-    hf = run_all(HFGenerate(folder, **common), batches)
+    hf = run_all(HFBackend.from_folder(folder, **common), batches)
     copy_bandwidth, sum_bandwidth, stream_bandwidth = memory_bandwidth()
     read_bandwidth = ours["read_bandwidth"]
     floor = weight_bytes / read_bandwidth

@@ -14,8 +14,8 @@ import time
 from vllm_utils import LLM, SamplingParams  # before torch: the package sets libgomp's threads and wait before it loads
 
 import torch
-from vllm_utils.bench.hf_backend import HFGenerate
-from vllm_utils.bench.synthetic import request_images, synthetic_requests
+from vllm_utils.modes.backends import HFBackend
+from vllm_utils.modes.synthetic import request_images, synthetic_requests
 
 from cpu_bench import build_checkpoint
 
@@ -38,7 +38,7 @@ def next_twin(folder: str) -> str:
 
 
 def measure(llm, output_len: int) -> dict:
-    processor = llm.engine.processor
+    processor = llm.processor if isinstance(llm, HFBackend) else llm.engine.processor
     images = request_images(processor, [], [IMAGE], 1)
     prompts = [r.as_prompt() for r in synthetic_requests(processor, INPUT_LEN, 1, images, seed=output_len)]
     start = time.perf_counter()
@@ -79,7 +79,7 @@ def main() -> None:
         ours_llm.engine.processor.image_inputs(request_images(ours_llm.engine.processor, [], [IMAGE], 1))))
     ours = run_all(ours_llm)
     del ours_llm
-    hf = run_all(HFGenerate(folder, **common))
+    hf = run_all(HFBackend.from_folder(folder, **common))
     whole, chunked = peak_rss_gib(folder, None), peak_rss_gib(folder, 512)
     print(f"\nLLaVA-NeXT-shaped 1.26B (random weights, bf16), torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads); one {IMAGE[0]}x{IMAGE[1]} image = {positions} positions, {INPUT_LEN}-token prompt\n")

@@ -12,8 +12,8 @@ import platform
 import torch
 
 from vllm_utils import LLM, SamplingParams
-from vllm_utils.bench.hf_backend import HFGenerate
-from vllm_utils.bench.synthetic import request_images, synthetic_requests
+from vllm_utils.modes.backends import HFBackend
+from vllm_utils.modes.synthetic import request_images, synthetic_requests
 from vllm_utils.kernels import cpu as cpu_kernels
 
 import probes
@@ -24,7 +24,7 @@ INPUT_LEN, DECODE_TOKENS, IMAGE = 600, 16, (448, 448)
 
 
 def measure(llm, output_len: int) -> dict:
-    processor = llm.engine.processor
+    processor = llm.processor if isinstance(llm, HFBackend) else llm.engine.processor
     images = request_images(processor, [], [IMAGE], 1)
     prompts = [r.as_prompt() for r in synthetic_requests(processor, INPUT_LEN, 1, images, seed=output_len)]
     out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True),
@@ -74,7 +74,7 @@ def main() -> None:
     flops = prefill_flops(model, side * side, min(side, 8) ** 2, INPUT_LEN)
     ours = run_all(ours_llm)
     del ours_llm, model
-    hf = run_all(HFGenerate(MODEL, **common))
+    hf = run_all(HFBackend.from_folder(MODEL, **common))
     peak = probes.peak_bf16_flops() if not cpu_kernels.unavailable_reason() else 0.0
     read = ours["read_bandwidth"]
     floor, ttft_floor = weight_bytes / read, flops / peak if peak else 0.0

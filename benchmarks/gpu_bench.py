@@ -9,7 +9,7 @@ import time
 import torch
 
 from vllm_utils import LLM, SamplingParams
-from vllm_utils.bench.synthetic import synthetic_requests
+from vllm_utils.modes.synthetic import synthetic_requests
 
 MODEL = "llava-hf/llava-1.5-7b-hf"
 

@@ -9,7 +9,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from vllm_utils import LLM, SamplingParams
-from vllm_utils.bench.synthetic import synthetic_requests
+from vllm_utils.modes.synthetic import synthetic_requests
 
 llm = LLM("llava-hf/llava-1.5-7b-hf", load_format="dummy", device="cuda", dtype="bfloat16", max_model_len=4096,
           max_num_seqs=1, enforce_eager=True)

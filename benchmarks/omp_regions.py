@@ -46,14 +46,14 @@ def probe_library() -> Path:
 def worker(workload: str, tokens: int) -> None:
     """In the probed process: warm up, then one request; the regions of its decode steps."""
     from vllm_utils import LLM, SamplingParams
-    from vllm_utils.bench.synthetic import synthetic_requests
+    from vllm_utils.modes.synthetic import synthetic_requests
 
     import numpy as np
 
     if workload == "tiny":
-        from vllm_utils.bench.tiny_model import default_demo_assets
+        from vllm_utils.testing.default_model import default_model
 
-        llm, input_len = LLM(default_demo_assets()[0], device="cpu", max_model_len=1024), 100
+        llm, input_len = LLM(default_model().folder, device="cpu", max_model_len=1024), 100
     else:
         import cpu_bench
 

@@ -11,7 +11,8 @@ if not torch.cuda.is_available():
     # run everywhere; this must be set before any module defines a kernel.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vllm_utils.bench.tiny_model import build_tiny_llava, make_demo_image
+from vllm_utils.testing.images import make_demo_image
+from vllm_utils.testing.tiny_llava import build_tiny_llava
 from vllm_utils.hf_reference import HFReference
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
@@ -36,6 +37,14 @@ def tiny_llava(tmp_path_factory) -> str:
 def tiny_llava_any_layout(request, tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp(f"tiny_{request.param}")
     return build_tiny_llava(str(folder), real_tokenizer_dir(), layout=request.param, seed=1)
+
+
+@pytest.fixture(scope="session")
+def photo(tmp_path_factory) -> str:
+    """An image file: a real photo when ../shared is there, a generated picture otherwise."""
+    if SHARED_IMAGES.is_dir():
+        return str(SHARED_IMAGES / "chelsea.png")
+    return make_demo_image(str(tmp_path_factory.mktemp("img") / "photo.png"))
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +85,7 @@ def assert_bf16_close(ours: list[float], folder: str, request: dict, tokens: lis
 @pytest.fixture(scope="session", params=["qwen2_vl", "qwen2_5_vl"])
 def tiny_qwen(request, tmp_path_factory) -> str:
     """Qwen2-VL in the hub's key layout, Qwen2.5-VL in transformers 4.52's (model.visual.*, model.language_model.*)."""
-    from vllm_utils.bench.tiny_qwen import build_tiny_qwen2_vl
+    from vllm_utils.testing.tiny_qwen import build_tiny_qwen2_vl
 
     layout = "hub" if request.param == "qwen2_vl" else "prefixed"
     return build_tiny_qwen2_vl(str(tmp_path_factory.mktemp(request.param)), family=request.param, layout=layout)

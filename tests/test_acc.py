@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vllm_utils.bench.acc.agreement import agreement, overall
-from vllm_utils.bench.acc.bundled import ACC_SAMPLES
-from vllm_utils.bench.acc.readers import read_dataset
-from vllm_utils.bench.acc.scorers import anls, parse_choice, rouge_l, vqa_accuracy
-from vllm_utils.bench.acc.vqa_normalize import normalize_answer
+from vllm_utils.modes.acc.agreement import agreement, overall
+from vllm_utils.modes.acc.bundled import ACC_SAMPLES
+from vllm_utils.modes.acc.readers import read_dataset
+from vllm_utils.modes.acc.scorers import anls, parse_choice, rouge_l, vqa_accuracy
+from vllm_utils.modes.acc.vqa_normalize import normalize_answer
 from vllm_utils.errors import UserError
 from vllm_utils.hf_reference import HFReference
 
@@ -189,8 +189,9 @@ def test_bad_datasets_are_named_in_one_line(tmp_path):
     with pytest.raises(UserError, match="holds no rows"):
         read_dataset(str(tmp_path / "empty.jsonl"))
     (tmp_path / "missing.jsonl").write_text(json.dumps({"image": "gone.png", "question": "q", "answer": "a"}) + "\n")
-    with pytest.raises(UserError, match=r"line 1 \(id 1\): image 'gone.png' does not exist"):
-        read_dataset(str(tmp_path / "missing.jsonl"))
+    [sample] = read_dataset(str(tmp_path / "missing.jsonl"))  # a picture that is missing fails its sample alone
+    with pytest.raises(UserError, match=r"image '.*gone.png' does not exist; fix the row's image in the --dataset"):
+        sample.load_images()
 
 
 @pytest.mark.parametrize("name", sorted(ACC_SAMPLES))
@@ -310,15 +311,18 @@ def test_acc_failed_sample_is_recorded_and_the_run_goes_on(tiny_llava, tmp_path)
     (tmp_path / "broken.png").write_bytes(b"not a picture")
     rows = [{"id": "ok", "image": "ok.png", "question": "Colour?", "answers": ["red"], "metric": "anls"},
             {"id": "bad", "image": "broken.png", "question": "Colour?", "answers": ["red"], "metric": "anls"},
-            {"id": "ok2", "image": "ok.png", "question": "Shape?", "answers": ["square"], "metric": "anls"}]
+            {"id": "ok2", "image": "ok.png", "question": "Shape?", "answers": ["square"], "metric": "anls"},
+            {"id": "gone", "image": "gone.png", "question": "Shape?", "answers": ["square"], "metric": "anls"}]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = cli("--acc", f"--model={tiny_llava}", "--device=cpu", f"--dataset={tmp_path / 'd.jsonl'}",
               "--output-len=4", "--batch-size=3", f"--save-output={tmp_path / 'out.jsonl'}", cwd=str(tmp_path))
     assert run.returncode == 0, run.stderr
     records = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
     assert records["bad"]["error"] and records["bad"]["score"] is None
+    assert "--input-image" not in records["bad"]["error"] and "--dataset" in records["bad"]["error"]
+    assert "does not exist" in records["gone"]["error"] and records["gone"]["score"] is None
     assert records["ok"]["score"] is not None and records["ok2"]["score"] is not None
-    assert '"num_failed": 1' in run.stdout and "sample bad (row 1) failed" in run.stderr
+    assert '"num_failed": 2' in run.stdout and "sample bad (row 1) failed" in run.stderr
 
 
 def test_acc_where_every_sample_fails_exits_non_zero(tiny_llava, tmp_path):
@@ -336,7 +340,7 @@ def test_acc_where_every_sample_fails_exits_non_zero(tiny_llava, tmp_path):
     (["--dataset-format=coco"], "unknown --dataset-format 'coco'"),
     (["--dataset-format=mmmu"], "JSONL: leave --dataset-format out, or pass a mmmu dataset (e.g. --dataset sample-mmmu"),
     (["--dataset=/nonexistent/data"], "does not exist"),
-    (["--reference=hf", "--temperature=0.5"], "greedy"),
+    (["--reference=hf", "--temperature=0.5"], "--temperature applies to --demo only; drop it for --acc"),
 ])
 def test_acc_bad_input_is_one_line(tiny_llava, tmp_path, args, message):
     run = cli("--acc", f"--model={tiny_llava}", "--device=cpu", *args, cwd=str(tmp_path))
@@ -345,7 +349,7 @@ def test_acc_bad_input_is_one_line(tiny_llava, tmp_path, args, message):
 
 
 def test_demo_reference_agreement(tiny_llava, tmp_path):
-    from vllm_utils.bench.tiny_model import make_demo_image
+    from vllm_utils.testing.images import make_demo_image
 
     image = make_demo_image(str(tmp_path / "p.png"))
     run = cli("--demo", f"--model={tiny_llava}", "--device=cpu", "--dtype=float32", f"--input-image={image}",

@@ -34,7 +34,7 @@ NEW_TOKENS = 20
 def backbone(request, tmp_path_factory) -> tuple[str, HFReference]:
     folder = str(tmp_path_factory.mktemp(request.param))
     kwargs = {"seed": 5, **BACKBONES[request.param][1]}
-    from vllm_utils.bench.tiny_model import build_tiny_llava
+    from vllm_utils.testing.tiny_llava import build_tiny_llava
 
     build_tiny_llava(folder, real_tokenizer_dir(), **kwargs)
     return folder, HFReference(folder)

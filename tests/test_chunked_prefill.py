@@ -52,7 +52,7 @@ def test_chunks_under_preemption_give_hf_tokens(tiny_llava, hf_reference, images
 
 
 def test_a_sliding_window_across_chunks_gives_hf_tokens(tmp_path, images):
-    from vllm_utils.bench.tiny_model import build_tiny_llava
+    from vllm_utils.testing.tiny_llava import build_tiny_llava
 
     from conftest import HFReference, real_tokenizer_dir
 

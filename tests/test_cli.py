@@ -1,15 +1,19 @@
 """The command line, run as users run it: output text and the one-line errors."""
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 
 import pytest
 
-from vllm_utils.bench.tiny_model import make_demo_image
+from vllm_utils.testing.images import make_demo_image
 
-from conftest import HFReference, SHARED_IMAGES
+from conftest import HFReference
 
 MODULE = "vllm_utils.benchmark_vision_language"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,20 +25,45 @@ def cli_env(env: dict | None = None) -> dict:
     return {**os.environ, "PYTHONPATH": path, **(env or {})}
 
 
-def cli(*args: str, cwd: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", MODULE, *args], capture_output=True, text=True, cwd=cwd,
-                          env=cli_env(env), timeout=300)
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def error_lines(run: subprocess.CompletedProcess) -> list[str]:
+def cli(*args: str, cwd: str | None = None, env: dict | None = None) -> Run:
+    """The command line as `python3 -m vllm_utils.benchmark_vision_language ARGS` runs it, in this process (its
+    `main`, with the output captured and argparse's exits turned into the status): what a new process would print,
+    less its seconds of imports. In `cwd`, else a new empty folder (no run leaves a file in the checkout)."""
+    from vllm_utils.benchmark_vision_language import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here, environ = os.getcwd(), dict(os.environ)
+    os.environ.update(env or {})
+    os.chdir(cwd or tempfile.mkdtemp(prefix="cli-"))
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse: --help, --version, flag errors
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(environ)
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+def cli_process(*args: str, cwd: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command line in a process of its own: for what only a new process shows (settings read when the
+    package loads, such as OMP_NUM_THREADS)."""
+    return subprocess.run([sys.executable, "-m", MODULE, *args], capture_output=True, text=True,
+                          cwd=cwd or tempfile.mkdtemp(prefix="cli-"), env=cli_env(env), timeout=300)
+
+
+def error_lines(run: Run | subprocess.CompletedProcess) -> list[str]:
     return [line for line in run.stderr.splitlines() if line.startswith("error:")]
-
-
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory) -> str:
-    if SHARED_IMAGES.is_dir():
-        return str(SHARED_IMAGES / "chelsea.png")
-    return make_demo_image(str(tmp_path_factory.mktemp("img") / "photo.png"))
 
 
 def test_demo_prints_what_hf_generates(tiny_llava, photo):
@@ -157,8 +186,8 @@ EARLY_ERRORS = {
 @pytest.mark.parametrize("case", sorted(EARLY_ERRORS))
 def test_bad_input_is_refused_before_the_model_loads(case, tiny_llava, photo, tmp_path):
     make_args, expected = EARLY_ERRORS[case]
-    run = cli(f"--model={tiny_llava}", "--device=cpu", f"--input-image={photo}", "--input-len=100",
-              *make_args(tmp_path), cwd=str(tmp_path))
+    run = cli(f"--model={tiny_llava}", "--device=cpu", f"--input-image={photo}", *make_args(tmp_path),
+              cwd=str(tmp_path))
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert len(error_lines(run)) == 1 and expected in error_lines(run)[0], run.stderr
     assert "Loading the model" not in run.stderr
@@ -175,8 +204,9 @@ def test_bundled_hub_name_needs_dummy_weights(tmp_path):
 
 @pytest.mark.parametrize("mode", ["--demo", "--acc"])
 def test_a_bundled_config_without_a_tokenizer_is_refused_before_loading_for_text(mode, photo, tmp_path):
-    run = cli(mode, "--model", "Qwen/Qwen2-VL-2B-Instruct", "--load-format=dummy", "--device=cpu",
-              f"--input-image={photo}", cwd=str(tmp_path))
+    image = [f"--input-image={photo}"] if mode == "--demo" else []
+    run = cli(mode, "--model", "Qwen/Qwen2-VL-2B-Instruct", "--load-format=dummy", "--device=cpu", *image,
+              cwd=str(tmp_path))
     assert run.returncode == 1 and "Loading the model" not in run.stderr and os.listdir(tmp_path) == []
     assert error_lines(run) == [f"error: --model Qwen/Qwen2-VL-2B-Instruct has no tokenizer files, and {mode} "
                                 f"tokenizes text: point --model at the complete model folder (only --perf runs "

@@ -1,7 +1,5 @@
 """Image files as HF transformers' `load_image` reads them: the same pixels, and through the CLI the same text
 HF generates; a folder or an oversized picture told in one line."""
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,8 +10,8 @@ from vllm_utils.errors import UserError
 from vllm_utils.multimodal.image import load_image
 
 from conftest import HFReference
+from test_cli import cli
 
-MODULE = "vllm_utils.benchmark_vision_language"
 PROMPT = "Describe the picture."
 OUTPUT_LEN = 12
 W, H = 96, 64  # not square, so a missed EXIF rotation changes the shape
@@ -124,16 +122,11 @@ def test_transparent_pixels_keep_their_stored_colour(pictures):
 
 # ---- through the CLI: the text HF generates for the image transformers loads ------------------------------
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", MODULE, *args], capture_output=True, text=True,
-                          timeout=300)
-
-
 @pytest.fixture(scope="module")
 def cli_lines(tiny_llava, pictures) -> dict[str, str]:
     """One CLI run over every picture (one request each): the output line per picture name."""
     names = sorted(PICTURES)
-    run = _cli("--demo", f"--model={tiny_llava}", "--device=cpu", "--dtype=float32", f"--output-len={OUTPUT_LEN}",
+    run = cli("--demo", f"--model={tiny_llava}", "--device=cpu", "--dtype=float32", f"--output-len={OUTPUT_LEN}",
                f"--prompt={PROMPT}", *(f"--input-image={pictures[name]}" for name in names))
     assert run.returncode == 0, run.stderr
     lines = [line for line in run.stdout.splitlines() if line.startswith("Prompt: ")]
@@ -155,7 +148,7 @@ def test_cli_prints_what_hf_generates_for_the_file(cli_lines, hf, pictures, name
 
 
 def test_cli_says_a_folder_is_a_folder(tiny_llava, tmp_path):
-    run = _cli("--demo", f"--model={tiny_llava}", "--device=cpu", f"--input-image={tmp_path}")
+    run = cli("--demo", f"--model={tiny_llava}", "--device=cpu", f"--input-image={tmp_path}")
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == [run.stderr.strip()] and run.stderr.startswith("error: ")
     assert f"'{tmp_path}' is a folder" in run.stderr

@@ -28,7 +28,7 @@ def picture(size: tuple[int, int], seed: int) -> Image.Image:
 
 @pytest.fixture(scope="session", params=list(FAMILIES))
 def anyres(request, tmp_path_factory) -> tuple[str, HFReference]:
-    from vllm_utils.bench.tiny_model import build_tiny_llava
+    from vllm_utils.testing.tiny_llava import build_tiny_llava
 
     folder = str(tmp_path_factory.mktemp(request.param))
     build_tiny_llava(folder, real_tokenizer_dir(), **{"seed": 11, **FAMILIES[request.param]})
@@ -108,7 +108,8 @@ def test_the_bundled_next_7b_takes_the_positions_hf_gives(shape, tiny_llava):
     LLaVA-NeXT processor expands it to (with the processor our adapter builds from the bundled config)."""
     from transformers import AutoTokenizer, LlavaNextProcessor
 
-    from vllm_utils.bench.synthetic import image_positions, parse_vision_shapes, request_images
+    from vllm_utils.modes.spec import parse_vision_shapes
+    from vllm_utils.modes.synthetic import image_positions, request_images
     from vllm_utils.config import EngineConfig
     from vllm_utils.engine.resolve import resolve
     from vllm_utils.models.registry import family
@@ -122,7 +123,7 @@ def test_the_bundled_next_7b_takes_the_positions_hf_gives(shape, tiny_llava):
 
 
 def test_perf_with_two_images_of_given_shapes_per_request(tmp_path):
-    from vllm_utils.bench.tiny_model import build_tiny_llava
+    from vllm_utils.testing.tiny_llava import build_tiny_llava
 
     from test_perf import perf_info, SEED_KEYS
 

@@ -82,7 +82,7 @@ def test_bf16_with_wide_heads_matches_hf_through_the_cpu_prefill_attention(tmp_p
     """Head widths of LLaVA-1.5 (64 in CLIP, 128 in Llama, here with grouped KV heads) take the C prefill
     attention on CPUs that have it; log-probs stay close to HF's fp32."""
     from conftest import real_tokenizer_dir
-    from vllm_utils.bench.tiny_model import build_tiny_llava
+    from vllm_utils.testing.tiny_llava import build_tiny_llava
     from vllm_utils.kernels import cpu as cpu_kernels
 
     if cpu_kernels.unavailable_reason():
@@ -115,7 +115,7 @@ def test_tensor_parallel_2_on_cpu_gives_the_same_tokens(tiny_llava, images):
 def test_full_strategy_layer_list_and_llama3_rope_match_hf(tmp_path, images):
     """The other LLaVA variants the config allows: CLS kept, features from two layers, llama3 RoPE."""
     from conftest import real_tokenizer_dir
-    from vllm_utils.bench.tiny_model import build_tiny_llava
+    from vllm_utils.testing.tiny_llava import build_tiny_llava
 
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}

@@ -5,7 +5,7 @@ import torch
 from vllm_utils.attention.metadata import AttentionMetadata
 from vllm_utils.attention.torch_backend import TorchPagedAttention
 from vllm_utils.engine.block_manager import BlockManager
-from vllm_utils.engine.model_runner import _run_start
+from vllm_utils.engine.step_inputs import _run_start
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.sampling_params import SamplingParams
 

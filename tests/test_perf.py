@@ -17,7 +17,7 @@ from vllm_utils.engine.model_runner import build_model
 from vllm_utils.models.llava import LlavaForConditionalGeneration
 
 from conftest import REAL_LLAVA
-from test_cli import MODULE, cli, cli_env
+from test_cli import MODULE, cli, cli_env, cli_process
 
 SEED_KEYS = {"latency_num_prompts": "ms", "latency_per_token": "ms", "request_per_second": "requests/s",
              "token_per_second": "tokens/s", "prefill_latency_per_token": "ms", "decode_latency_per_token": "ms"}
@@ -39,8 +39,8 @@ def value(text: str) -> float:
 
 
 def test_perf_report_csv_and_json(tiny_llava, tmp_path):
-    run = cli(*perf_args(tiny_llava, "--output-json", str(tmp_path / "all.json")), cwd=str(tmp_path),
-              env={"OMP_NUM_THREADS": "1"})
+    run = cli_process(*perf_args(tiny_llava, "--output-json", str(tmp_path / "all.json")), cwd=str(tmp_path),
+                      env={"OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr
     info = perf_info(run.stdout)
     assert set(info) == set(SEED_KEYS) | {"cpu_threads"}  # the seed's six, and on CPU the threads it ran
@@ -78,7 +78,8 @@ def test_perf_report_csv_and_json(tiny_llava, tmp_path):
                               "tensor_parallel_size": "1", "device": "cpu", "model": tiny_llava,
                               "num_kv_blocks": "auto", "max_num_batched_tokens": "8192"}.items():
         assert table[setting] == expected
-    assert all(table[k] == str(v) for k, v in info.items())
+    # the seed's keys hold the numbers ***Perf Info*** prints, without their units
+    assert all(float(table[k]) == value(str(v)) for k, v in info.items())
 
 
 def test_output_len_one_reports_time_to_first_token(tiny_llava, tmp_path):
@@ -174,28 +175,32 @@ def test_a_second_run_in_the_same_second_writes_a_second_csv(tiny_llava, tmp_pat
 def test_concurrent_csv_writers_never_share_a_name(tmp_path, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    from vllm_utils.bench import report
+    from vllm_utils.modes import files
 
-    monkeypatch.setattr(report.time, "strftime", lambda fmt: "20260101000000")
+    monkeypatch.setattr(files.time, "strftime", lambda fmt: "20260101000000")
     with ThreadPoolExecutor(8) as pool:
-        paths = list(pool.map(lambda i: report.write_csv({"run": i}, str(tmp_path)), range(8)))
+        paths = list(pool.map(lambda i: files.write_csv({"run": i}, str(tmp_path)), range(8)))
     assert len(set(paths)) == 8 and _csvs(tmp_path) == sorted(os.path.basename(p) for p in paths)
     assert sorted(dict(csv.reader(open(p)))["run"] for p in paths) == [str(i) for i in range(8)]
     assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
 
 
 def test_a_report_that_cannot_be_written_loses_no_other(tmp_path, monkeypatch):
-    from vllm_utils.bench.perf import save_reports
+    from vllm_utils.modes.report import save_reports
+    from vllm_utils.modes.spec import ReportSpec
+
+    def where(json_path: str) -> ReportSpec:
+        return ReportSpec(save_result=True, result_dir=".", result_filename=None, output_json=json_path)
     from vllm_utils.errors import UserError
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=r"could not write --output-json .*figures printed above are complete"):
-        save_reports({"a": 1}, str(tmp_path / "removed_meanwhile" / "perf.json"), lambda: {"a": 1})
+        save_reports(where(str(tmp_path / "removed_meanwhile" / "perf.json")), {"a": 1}, lambda: {"a": 1})
     [csv_name] = _csvs(tmp_path)  # the CSV was still written
     os.chmod(tmp_path, 0o555) if os.geteuid() else monkeypatch.chdir("/proc")
     try:
         with pytest.raises(UserError, match=r"could not write the result CSV"):
-            save_reports({"a": 1}, str(tmp_path.parent / f"{tmp_path.name}.json"), lambda: {"a": 1})
+            save_reports(where(str(tmp_path.parent / f"{tmp_path.name}.json")), {"a": 1}, lambda: {"a": 1})
     finally:
         os.chmod(tmp_path, 0o755)
     assert json.loads((tmp_path.parent / f"{tmp_path.name}.json").read_text()) == {"a": 1}

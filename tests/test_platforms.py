@@ -45,12 +45,15 @@ class StandInPlatform(Platform):
 
 
 def test_the_engine_sizes_its_cache_from_the_platform_it_runs_on(tiny_llava, monkeypatch):
+    from vllm_utils.engine.kv_cache import bytes_per_block
+
     free = 3 * GiB // 2
     monkeypatch.setattr(model_runner, "platform_for", lambda device: StandInPlatform(free))
     llm = LLM(tiny_llava, device="cpu", dtype="float32", max_model_len=256, max_num_seqs=100_000)
     runner = llm.engine.runner
     budget = StandInPlatform(free).kv_cache_budget(runner.device, llm.engine.config.engine, 0)
-    assert runner.num_blocks == budget // runner.kv_bytes_per_block - 1  # one block is the graphs' scratch
+    per_block = bytes_per_block(runner.attention_layers, runner.block_size, runner.dtype)
+    assert runner.num_blocks == budget // per_block - 1  # one block is the graphs' scratch
 
 
 def test_unknown_device_kinds_are_refused_by_name():

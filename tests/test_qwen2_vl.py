@@ -240,7 +240,8 @@ def test_the_bundled_qwen25_7b_takes_the_positions_hf_gives(shape):
     as transformers' Qwen2-VL image processor (with the hub's pixel limits) counts for it."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from vllm_utils.bench.synthetic import image_positions, parse_vision_shapes, request_images
+    from vllm_utils.modes.spec import parse_vision_shapes
+    from vllm_utils.modes.synthetic import image_positions, request_images
     from vllm_utils.config import EngineConfig
     from vllm_utils.engine.resolve import resolve
     from vllm_utils.models.registry import family

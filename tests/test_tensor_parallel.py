@@ -118,3 +118,16 @@ def test_a_stopped_worker_s_error_is_what_rank_0_reports(tmp_path):
         with channel.watch():
             raise RuntimeError("rank 0's own")
     channel.processes = []  # nothing for its exit handler to stop
+
+
+def test_a_worker_that_dies_before_joining_ends_the_wait():
+    """Rank 0 would wait in the group's rendezvous for half an hour for a worker that crashed at start."""
+    import threading
+
+    from vllm_utils.engine.tensor_parallel import _join_while_alive
+
+    class DeadWorker:
+        exitcode = 1
+
+    with pytest.raises(RuntimeError, match=r"worker 1 exited \(code 1\) before joining the group"):
+        _join_while_alive([DeadWorker()], threading.Event().wait)

@@ -7,6 +7,7 @@ from vllm_utils.config import EngineConfig, ResolvedConfig
 from vllm_utils.engine.llm_engine import LLMEngine
 from vllm_utils.engine.sequence import Sequence, SequenceTimes
 from vllm_utils.errors import UserError
+from vllm_utils.multimodal.processor import ProcessorAdapter
 from vllm_utils.progress import GenerationProgress
 from vllm_utils.sampling_params import SamplingParams
 
@@ -47,11 +48,12 @@ def multi_modal_items(prompt: dict) -> tuple[list[Image.Image], list]:
 
 
 class LLM:
-    def __init__(self, model: str | ResolvedConfig, model_type: str | None = None, **engine_args) -> None:
+    def __init__(self, model: str | ResolvedConfig, model_type: str | None = None,
+                 processor: ProcessorAdapter | None = None, **engine_args) -> None:
         """`model`: a model folder (with EngineConfig's fields as keywords), or a configuration already
-        resolved."""
+        resolved (and, optionally, the family's processor adapter already built for it)."""
         config = model if isinstance(model, ResolvedConfig) else EngineConfig(model=model, **engine_args)
-        self.engine = LLMEngine(config, model_type)
+        self.engine = LLMEngine(config, model_type, processor)
 
     def generate(self, prompts: PromptInput | list[PromptInput], sampling_params: SamplingParams | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from vllm_utils.attention.metadata import AttentionMetadata
 from vllm_utils.engine.step_inputs import DecodeInputs, PrefillInputs
-from vllm_utils.layers.parallel import tp_rank
+from vllm_utils.distributed import tp_rank
 from vllm_utils.multimodal.inputs import MultiModalInputs
 from vllm_utils.platforms.interface import Platform
 

@@ -15,6 +15,7 @@ from vllm_utils.engine.tensor_parallel import rank_device, start_workers
 from vllm_utils.errors import UserError
 from vllm_utils.models.registry import family
 from vllm_utils.multimodal.inputs import MultiModalInputs
+from vllm_utils.multimodal.processor import ProcessorAdapter
 from vllm_utils.sampling_params import SamplingParams
 
 
@@ -32,13 +33,15 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | ResolvedConfig, model_type: str | None = None) -> None:
+    def __init__(self, config: EngineConfig | ResolvedConfig, model_type: str | None = None,
+                 processor: ProcessorAdapter | None = None) -> None:
+        """`processor`: the family's adapter of this folder, where the caller has built it already."""
         self.config = config if isinstance(config, ResolvedConfig) else resolve(config, model_type)
         config = self.config.engine
         self.device, self.dtype, self.max_model_len = self.config.device, self.config.dtype, self.config.max_model_len
         # before the (slow) weights, so that a folder without tokenizer files fails at once
-        self.processor = family(self.config.model_type).processor(self.config.folder, self.config.hf_config,
-                                                                  allow_missing=config.load_format == "dummy")
+        self.processor = processor or family(self.config.model_type).processor(
+            self.config.folder, self.config.hf_config, allow_missing=config.load_format == "dummy")
         torch.manual_seed(config.seed)
         if config.tensor_parallel_size > 1:
             workers = start_workers(self.config)

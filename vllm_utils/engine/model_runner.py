@@ -1,5 +1,5 @@
-"""Builds the model on its device, owns the paged KV cache, turns scheduled sequences into step inputs, runs the
-model and samples."""
+"""Builds the model on its device with its kernels, its KV cache (engine/kv_cache.py) and graphs, and runs each
+scheduled step: the step's inputs (engine/step_inputs.py), the multimodal encoder, the model, the sampler."""
 import time
 
 import torch
@@ -12,15 +12,15 @@ from vllm_utils.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, VisionGra
 from vllm_utils.engine.prompt_logprobs import kept_rows, prompt_logprobs
 from vllm_utils.engine.scheduler import ScheduledStep
 from vllm_utils.engine.sequence import Sequence
-from vllm_utils.engine.step_inputs import DecodeInputs, PrefillInputs, StepInputs
-from vllm_utils.errors import UserError
+from vllm_utils.engine.kv_cache import allocate_kv_cache, plan_kv_blocks
+from vllm_utils.engine.step_inputs import PrefillInputs, StepInputs, prepare_step
 from vllm_utils.layers.op import Op
-from vllm_utils.layers.parallel import tp_rank
+from vllm_utils.distributed import tp_rank
 from vllm_utils.layers.sampler import sample
 from vllm_utils.loader import init_dummy_weights, load_weights
 from vllm_utils.models.interface import VisionLanguageModel
 from vllm_utils.models.registry import family
-from vllm_utils.multimodal.inputs import MultiModalInputs, concat_mm_inputs
+from vllm_utils.multimodal.inputs import MultiModalInputs
 from vllm_utils.notes import note_once
 from vllm_utils.platforms import platform_for
 from vllm_utils.platforms.interface import GiB, Platform
@@ -39,12 +39,6 @@ def build_model(hf_config: PretrainedConfig, cls: type[VisionLanguageModel], dev
         torch.set_default_dtype(default)
 
 
-def _run_start(blocks: list[int]) -> int:
-    """The first block if `blocks` is one ascending run, else -1."""
-    first = blocks[0]
-    return first if blocks[-1] - first == len(blocks) - 1 and blocks == list(range(first, first + len(blocks))) else -1
-
-
 class ModelRunner:
     def __init__(self, config: ResolvedConfig, device: torch.device,
                  control_group: "torch.distributed.ProcessGroup | None" = None) -> None:
@@ -60,8 +54,8 @@ class ModelRunner:
             load_weights(self.model, config.folder, show_progress=tp_rank() == 0)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.choose_kernels(self.platform)
-        self.num_blocks = self._plan_kv_blocks()
-        self._allocate_kv_cache()
+        self.num_blocks = plan_kv_blocks(config, self.platform, device, self.attention_layers, control_group)
+        self.kv_cache = allocate_kv_cache(self.attention_layers, self.num_blocks, self.block_size, self.dtype, device)
         self.graphs: DecodeGraphs | None = None
         self.vision_graphs: VisionGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
@@ -106,106 +100,11 @@ class ModelRunner:
             note_once(f"CUDA graphs captured in {time.perf_counter() - start:.1f} s, using {used:.2f} GiB "
                       f"(--enforce-eager skips them)")
 
-    # ---- KV cache -------------------------------------------------------------------------------
-    @property
-    def kv_bytes_per_block(self) -> int:
-        layer = self.attention_layers[0]
-        per_token = 2 * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
-        return per_token * self.block_size * len(self.attention_layers)
-
-    def _plan_kv_blocks(self) -> int:
-        max_len = self.config.max_model_len
-        blocks_per_seq = -(-max_len // self.block_size)
-        if self.config.engine.num_kv_blocks is not None:
-            num = self.config.engine.num_kv_blocks
-        else:
-            wanted = blocks_per_seq * self.config.max_num_seqs
-            one_sequence = (blocks_per_seq + 1) * self.kv_bytes_per_block
-            budget = self.platform.kv_cache_budget(self.device, self.config.engine, one_sequence)
-            num = min(wanted, budget // self.kv_bytes_per_block - 1)  # -1: the scratch block
-            if self.control_group is not None:  # every rank must hold the same blocks: take the smallest
-                count = torch.tensor([num])
-                torch.distributed.all_reduce(count, torch.distributed.ReduceOp.MIN, group=self.control_group)
-                num = int(count)
-        if num < blocks_per_seq:
-            have = num * self.kv_bytes_per_block / GiB
-            raise UserError(
-                f"the KV cache ({num} blocks, {have:.2f} GiB) cannot hold one sequence of --max-model-len "
-                f"{max_len} ({blocks_per_seq} blocks of {self.block_size}); lower --max-model-len, free "
-                f"memory, or give the cache exactly one sequence's room with --num-kv-blocks {blocks_per_seq}"
-            )
-        return num
-
-    def _allocate_kv_cache(self) -> None:
-        layer = self.attention_layers[0]
-        # one block more than the block manager hands out: scratch space for padded graph rows
-        shape = (2, len(self.attention_layers), self.num_blocks + 1, self.block_size, layer.num_kv_heads, layer.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        for i, attn in enumerate(self.attention_layers):
-            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-
     # ---- one step ---------------------------------------------------------------------------------
     # A step is prepared on the host from the scheduled sequences (rank 0), then executed by every
     # tensor-parallel rank from those host tensors alone.
-    def _slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
-
     def prepare(self, step: ScheduledStep) -> StepInputs:
-        return self._prepare_prefill(step) if step.is_prefill else self._prepare_decode(step.seqs)
-
-    def _prepare_prefill(self, step: ScheduledStep) -> PrefillInputs:
-        ids, positions, slots, mm_mask, mm_offsets, mm_new, starting = [], [], [], [], [], [], []
-        mm_tokens = set(self.model.mm_token_ids)
-        for seq, n in zip(step.seqs, step.num_tokens):
-            start, end = seq.num_computed, seq.num_computed + n
-            ids.extend(seq.token_ids[start:end])
-            slots.extend(self._slot(seq, p) for p in range(start, end))
-            # multimodal positions are the prompt's placeholders; generated tokens never are, whatever their id
-            # (and a continuation given after the prompt, as in teacher forcing, is text whatever its ids)
-            is_mm = [t in mm_tokens for t in seq.token_ids[: seq.text_from]]
-            is_mm += [False] * (len(seq) - seq.text_from)
-            positions.append(self._positions(seq, is_mm, start, end))
-            mm_mask.extend(is_mm[start:end])
-            mm_offsets.append(sum(is_mm[:start]))
-            if start == 0 and seq.mm_inputs:  # its items are encoded now, for this and its later chunks
-                mm_new.append((seq.seq_id, sum(is_mm)))
-                starting.append(seq.mm_inputs)
-        cached = [s.num_computed for s in step.seqs]
-        tables = None
-        if any(cached):
-            width = max(len(s.block_table) for s in step.seqs)
-            tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in step.seqs],
-                                  dtype=torch.int32)
-        # prompt log-probs: the rows of a prompt that asked, unless a first pass (before a preemption) gave them
-        all_rows = [s.params.prompt_logprobs is not None and s.num_computed < s.num_prompt_tokens
-                    and len(s.prompt_logprobs or [None]) < s.num_prompt_tokens for s in step.seqs]
-        return PrefillInputs(torch.tensor(ids), torch.cat(positions, dim=-1), torch.tensor(slots), list(step.num_tokens),
-                             torch.tensor(mm_mask), concat_mm_inputs(starting), [s.seq_id for s in step.seqs],
-                             cached, step.samples(), mm_offsets, mm_new, tables, all_rows if any(all_rows) else [])
-
-    def _positions(self, seq: Sequence, is_mm: list[bool], start: int, end: int) -> torch.Tensor:
-        """Positions of tokens start..end of `seq`: their indices, or with multimodal RoPE [3, tokens], the
-        prompt's rows from the model (worked out once per sequence) and index + offset after the prompt."""
-        if self.model.position_rows == 1:
-            return torch.arange(start, end)
-        if seq.rope_positions is None:
-            prompt = seq.num_prompt_tokens
-            seq.rope_positions, seq.rope_offset = self.model.rope_positions(is_mm[:prompt], seq.mm_inputs)
-        prompt = seq.rope_positions.shape[1]
-        rows = (torch.arange(start, end) + seq.rope_offset).expand(3, -1).clone()
-        if start < prompt:
-            rows[:, : min(end, prompt) - start] = seq.rope_positions[:, start : min(end, prompt)]
-        return rows
-
-    def _prepare_decode(self, seqs: list[Sequence]) -> DecodeInputs:
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
-        slots = [self._slot(s, len(s) - 1) for s in seqs]
-        return DecodeInputs(  # with multimodal RoPE the three rows agree: one row, offset
-            token_ids=torch.tensor([s.last_token for s in seqs]),
-            positions=torch.tensor([len(s) - 1 + s.rope_offset for s in seqs]), slots=torch.tensor(slots),
-            context_lens=torch.tensor([len(s) for s in seqs]), block_tables=tables,
-            run_starts=[_run_start(s.block_table) for s in seqs] if self.backend.reads_runs else None)
+        return prepare_step(step, self.model, self.block_size, self.backend.reads_runs)
 
     def _encode_mm(self, mm_inputs: MultiModalInputs) -> torch.Tensor:
         on_device = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)

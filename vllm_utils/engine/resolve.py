@@ -42,15 +42,7 @@ def check_tensor_parallel(config: ResolvedConfig) -> None:
     platform = platform_for(config.device)
     if platform.dist_backend is None:
         raise UserError(f"--tensor-parallel-size > 1 is not supported on {config.device.type}; use 1")
-    text, vision = config.hf_config.text_config, config.hf_config.vision_config
-    checks = {
-        "the attention heads": text.num_attention_heads,
-        "the key/value heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-        "the MLP width": text.intermediate_size,
-        "the vision attention heads": vision.num_attention_heads,
-        "the vision MLP width": getattr(vision, "intermediate_size", None) or int(vision.embed_dim * vision.mlp_ratio),
-    }
-    for what, count in checks.items():
+    for what, count in model_family(config.model_type).model.tensor_parallel_widths(config.hf_config).items():
         if count % size:
             raise UserError(f"--tensor-parallel-size {size} does not divide {what} ({count}); pick a divisor of {count}")
     if platform.max_ranks() is not None and platform.max_ranks() < size:

@@ -1,9 +1,13 @@
-"""What one step hands the model runner's `execute` (and the other tensor-parallel ranks): host tensors, by name."""
+"""What one step hands the model runner's `execute` (and the other tensor-parallel ranks): host tensors, by name,
+built from the scheduled sequences (their tokens, positions, cache slots, multimodal items)."""
 from dataclasses import dataclass, field
 
 import torch
 
-from vllm_utils.multimodal.inputs import MultiModalInputs
+from vllm_utils.engine.scheduler import ScheduledStep
+from vllm_utils.engine.sequence import Sequence
+from vllm_utils.models.interface import VisionLanguageModel
+from vllm_utils.multimodal.inputs import MultiModalInputs, concat_mm_inputs
 
 
 @dataclass
@@ -38,3 +42,77 @@ class DecodeInputs:
 
 
 StepInputs = PrefillInputs | DecodeInputs
+
+
+def prepare_step(step: ScheduledStep, model: VisionLanguageModel, block_size: int, reads_runs: bool) -> StepInputs:
+    """`reads_runs`: the attention backend reads a sequence's blocks as one run where they are (decode)."""
+    if step.is_prefill:
+        return prepare_prefill(step, model, block_size)
+    return prepare_decode(step.seqs, block_size, reads_runs)
+
+
+def _slot(seq: Sequence, position: int, block_size: int) -> int:
+    return seq.block_table[position // block_size] * block_size + position % block_size
+
+
+def _run_start(blocks: list[int]) -> int:
+    """The first block if `blocks` is one ascending run, else -1."""
+    first = blocks[0]
+    return first if blocks[-1] - first == len(blocks) - 1 and blocks == list(range(first, first + len(blocks))) else -1
+
+
+def prepare_prefill(step: ScheduledStep, model: VisionLanguageModel, block_size: int) -> PrefillInputs:
+    ids, positions, slots, mm_mask, mm_offsets, mm_new, starting = [], [], [], [], [], [], []
+    mm_tokens = set(model.mm_token_ids)
+    for seq, n in zip(step.seqs, step.num_tokens):
+        start, end = seq.num_computed, seq.num_computed + n
+        ids.extend(seq.token_ids[start:end])
+        slots.extend(_slot(seq, p, block_size) for p in range(start, end))
+        # multimodal positions are the prompt's placeholders; generated tokens never are, whatever their id
+        # (and a continuation given after the prompt, as in teacher forcing, is text whatever its ids)
+        is_mm = [t in mm_tokens for t in seq.token_ids[: seq.text_from]]
+        is_mm += [False] * (len(seq) - seq.text_from)
+        positions.append(_positions(model, seq, is_mm, start, end))
+        mm_mask.extend(is_mm[start:end])
+        mm_offsets.append(sum(is_mm[:start]))
+        if start == 0 and seq.mm_inputs:  # its items are encoded now, for this and its later chunks
+            mm_new.append((seq.seq_id, sum(is_mm)))
+            starting.append(seq.mm_inputs)
+    cached = [s.num_computed for s in step.seqs]
+    tables = None
+    if any(cached):
+        width = max(len(s.block_table) for s in step.seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in step.seqs],
+                              dtype=torch.int32)
+    # prompt log-probs: the rows of a prompt that asked, unless a first pass (before a preemption) gave them
+    all_rows = [s.params.prompt_logprobs is not None and s.num_computed < s.num_prompt_tokens
+                and len(s.prompt_logprobs or [None]) < s.num_prompt_tokens for s in step.seqs]
+    return PrefillInputs(torch.tensor(ids), torch.cat(positions, dim=-1), torch.tensor(slots), list(step.num_tokens),
+                         torch.tensor(mm_mask), concat_mm_inputs(starting), [s.seq_id for s in step.seqs],
+                         cached, step.samples(), mm_offsets, mm_new, tables, all_rows if any(all_rows) else [])
+
+
+def _positions(model: VisionLanguageModel, seq: Sequence, is_mm: list[bool], start: int, end: int) -> torch.Tensor:
+    """Positions of tokens start..end of `seq`: their indices, or with multimodal RoPE [3, tokens], the prompt's
+    rows from the model (worked out once per sequence) and index + offset after the prompt."""
+    if model.position_rows == 1:
+        return torch.arange(start, end)
+    if seq.rope_positions is None:
+        prompt = seq.num_prompt_tokens
+        seq.rope_positions, seq.rope_offset = model.rope_positions(is_mm[:prompt], seq.mm_inputs)
+    prompt = seq.rope_positions.shape[1]
+    rows = (torch.arange(start, end) + seq.rope_offset).expand(3, -1).clone()
+    if start < prompt:
+        rows[:, : min(end, prompt) - start] = seq.rope_positions[:, start : min(end, prompt)]
+    return rows
+
+
+def prepare_decode(seqs: list[Sequence], block_size: int, reads_runs: bool) -> DecodeInputs:
+    width = max(len(s.block_table) for s in seqs)
+    tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
+    slots = [_slot(s, len(s) - 1, block_size) for s in seqs]
+    return DecodeInputs(  # with multimodal RoPE the three rows agree: one row, offset
+        token_ids=torch.tensor([s.last_token for s in seqs]),
+        positions=torch.tensor([len(s) - 1 + s.rope_offset for s in seqs]), slots=torch.tensor(slots),
+        context_lens=torch.tensor([len(s) for s in seqs]), block_tables=tables,
+        run_starts=[_run_start(s.block_table) for s in seqs] if reads_runs else None)

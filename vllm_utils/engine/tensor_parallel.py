@@ -110,11 +110,35 @@ def start_workers(config: ResolvedConfig) -> WorkerChannel:
     finally:
         signal.signal(signal.SIGINT, handler)
     try:
-        group = init_group(0, size, store_path, rank_device(config, 0))
+        group = _join_while_alive(processes, lambda: init_group(0, size, store_path, rank_device(config, 0)))
     except BaseException:
         shutil.rmtree(store_dir, ignore_errors=True)
         raise
     return WorkerChannel(group, processes, store_dir)
+
+
+def _join_while_alive(processes: list, join) -> dist.ProcessGroup:
+    """Rank 0 joins the group while its workers start; a worker that dies before joining (a crash at import, a
+    kill) ends the wait at once, where the group's rendezvous would wait for it for half an hour."""
+    outcome: dict = {}
+
+    def joining() -> None:
+        try:
+            outcome["group"] = join()
+        except BaseException as error:  # handed to the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=joining, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+        dead = [p for p in processes if p.exitcode is not None]
+        if dead and thread.is_alive():
+            raise RuntimeError(f"tensor-parallel worker {processes.index(dead[0]) + 1} exited (code "
+                               f"{dead[0].exitcode}) before joining the group; its error is printed above")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["group"]
 
 
 def rank_device(config: ResolvedConfig, rank: int) -> torch.device:

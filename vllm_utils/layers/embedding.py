@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_utils.layers.linear import LinearOp
-from vllm_utils.layers.parallel import all_gather_last_dim, all_reduce, tp_rank, tp_size
+from vllm_utils.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -7,7 +7,7 @@ from torch import nn
 
 from vllm_utils.errors import UserError
 from vllm_utils.layers.op import Op
-from vllm_utils.layers.parallel import all_reduce, tp_rank, tp_size
+from vllm_utils.distributed import all_reduce, tp_rank, tp_size
 
 
 def divide(a: int, b: int, what: str) -> int:

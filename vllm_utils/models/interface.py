@@ -25,6 +25,10 @@ class VisionLanguageModel(Protocol):
         """Refuses (UserError), by name, every configuration value the model does not implement: called before
         anything is loaded."""
 
+    @classmethod
+    def tensor_parallel_widths(cls, config: PretrainedConfig) -> dict[str, int]:
+        """What --tensor-parallel-size must divide, by name (the heads and MLP widths the ranks split)."""
+
     def checkpoint_key(self, key: str) -> str | None:
         """Our parameter name for a checkpoint tensor's name (any key layout the family has on the hub), or
         None for tensors we never use."""

@@ -116,6 +116,14 @@ class MultimodalDecoderLM(nn.Module):
     language_model: LlamaModel
     lm_head: ParallelLMHead
 
+    @classmethod
+    def tensor_parallel_widths(cls, config: PretrainedConfig) -> dict[str, int]:
+        """The decoder's widths that --tensor-parallel-size must divide (a family adds its tower's)."""
+        text = config.text_config
+        return {"the attention heads": text.num_attention_heads,
+                "the key/value heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+                "the MLP width": text.intermediate_size}
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 mm_embeds: torch.Tensor | None = None, mm_mask: torch.Tensor | None = None,
                 keep: torch.Tensor | None = None) -> torch.Tensor:

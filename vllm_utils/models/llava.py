@@ -80,6 +80,12 @@ class LlavaForConditionalGeneration(MultimodalDecoderLM):
                             "unquantized model")
         decoder_spec(config.text_config)
 
+    @classmethod
+    def tensor_parallel_widths(cls, config: PretrainedConfig) -> dict[str, int]:
+        vision = config.vision_config
+        return {**super().tensor_parallel_widths(config), "the vision attention heads": vision.num_attention_heads,
+                "the vision MLP width": vision.intermediate_size}
+
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
         self.check_config(config)

@@ -36,6 +36,14 @@ class Qwen2VLForConditionalGeneration(MultimodalDecoderLM):
         check_vision_config(config.vision_config)
         decoder_spec(config.text_config)
 
+    @classmethod
+    def tensor_parallel_widths(cls, config: PretrainedConfig) -> dict[str, int]:
+        vision = config.vision_config
+        gated = vision.model_type == "qwen2_5_vl_vision"  # Qwen2.5-VL's tower: a gated MLP of intermediate_size
+        mlp = vision.intermediate_size if gated else int(vision.embed_dim * vision.mlp_ratio)
+        return {**super().tensor_parallel_widths(config), "the vision attention heads": vision.num_heads,
+                "the vision MLP width": mlp}
+
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
         self.check_config(config)

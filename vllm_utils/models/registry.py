@@ -1,5 +1,7 @@
-"""Model families: the --model-type name, the HF config model_types it accepts, its model class and its processor
-adapter. A new family is one model file, one processor adapter and one line here."""
+"""Model families: the --model-type name, the HF config model_types it accepts, its model class (with the family's
+hooks: config checks, tensor-parallel widths, ...), its processor adapter (tokens, tensors, HF's model inputs), and
+the builder of its tiny random checkpoint (the demo's default model of the family). A new family is one model file,
+one processor adapter, a tiny builder and one entry here."""
 from dataclasses import dataclass
 
 from transformers import PretrainedConfig
@@ -20,15 +22,21 @@ class ModelFamily:
     config_types: tuple[str, ...]
     model: type[VisionLanguageModel]
     processor: type[ProcessorAdapter]
+    # "module:function" writing a tiny random checkpoint of the family to a folder (imported only when called)
+    tiny_builder: str
 
 
+_LLAVA, _QWEN = "vllm_utils.testing.tiny_llava", "vllm_utils.testing.tiny_qwen"
 MODEL_FAMILIES: dict[str, ModelFamily] = {
-    "llava": ModelFamily(("llava",), LlavaForConditionalGeneration, LlavaProcessorAdapter),
-    "llava_next": ModelFamily(("llava_next",), LlavaNextForConditionalGeneration, LlavaNextProcessorAdapter),
+    "llava": ModelFamily(("llava",), LlavaForConditionalGeneration, LlavaProcessorAdapter, f"{_LLAVA}:demo_llava"),
+    "llava_next": ModelFamily(("llava_next",), LlavaNextForConditionalGeneration, LlavaNextProcessorAdapter,
+                              f"{_LLAVA}:demo_llava_next"),
     "llava_onevision": ModelFamily(("llava_onevision",), LlavaOnevisionForConditionalGeneration,
-                                   LlavaOnevisionProcessorAdapter),
-    "qwen2_vl": ModelFamily(("qwen2_vl",), Qwen2VLForConditionalGeneration, Qwen2VLProcessorAdapter),
-    "qwen2_5_vl": ModelFamily(("qwen2_5_vl",), Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessorAdapter),
+                                   LlavaOnevisionProcessorAdapter, f"{_LLAVA}:demo_llava_onevision"),
+    "qwen2_vl": ModelFamily(("qwen2_vl",), Qwen2VLForConditionalGeneration, Qwen2VLProcessorAdapter,
+                            f"{_QWEN}:demo_qwen2_vl"),
+    "qwen2_5_vl": ModelFamily(("qwen2_5_vl",), Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessorAdapter,
+                              f"{_QWEN}:demo_qwen2_5_vl"),
 }
 
 

@@ -12,27 +12,30 @@ from vllm_utils.errors import UserError
 from vllm_utils.notes import note_once
 
 _FIX = "pass --input-image a PNG/JPEG/... image file"
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # what HF refuses too
 
 
-def load_image(path: str) -> Image.Image:
-    """The upright RGB picture in the image file `path`; a UserError names what is wrong with the file."""
-    _check_is_file(path)
+def load_image(path: str, fix: str = _FIX) -> Image.Image:
+    """The upright RGB picture in the image file `path`; a UserError names what is wrong with the file, and `fix`
+    what to do about it."""
+    _check_is_file(path, fix)
     try:
         return _read(path)
     except Image.DecompressionBombError:
-        raise UserError(f"image '{path}' has more than {2 * Image.MAX_IMAGE_PIXELS} pixels (twice PIL's "
+        raise UserError(f"image '{path}' has more than {MAX_PIXELS} pixels (twice PIL's "
                         f"decompression-bomb limit); shrink it first (the model resizes it far smaller)") from None
     except PermissionError:
         raise UserError(f"image '{path}' is not readable (permission denied); fix its permissions") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"cannot read image '{path}' ({type(e).__name__}); {_FIX}") from None
+        raise UserError(f"cannot read image '{path}' ({type(e).__name__}); {fix}") from None
 
 
-def _check_is_file(path: str) -> None:
+def _check_is_file(path: str, fix: str) -> None:
     if os.path.isdir(path):
-        raise UserError(f"image '{path}' is a folder, not a file; pass the image files in it, one per --input-image")
+        hint = "pass the image files in it, one per --input-image" if fix == _FIX else fix
+        raise UserError(f"image '{path}' is a folder, not a file; {hint}")
     if not os.path.isfile(path):
-        raise UserError(f"image '{path}' does not exist; {_FIX}")
+        raise UserError(f"image '{path}' does not exist; {fix}")
 
 
 def _read(path: str) -> Image.Image:

@@ -60,6 +60,16 @@ class CpuPlatform(Platform):
     def configure_rank(self, device: torch.device, size: int) -> None:
         torch.set_num_threads(max(1, threads.system_choice().threads // size))  # the ranks share the cores
 
+    def compute_threads(self) -> int:
+        """Where the team follows the load, its full size."""
+        return self.team.full if self.team is not None else torch.get_num_threads()
+
+    def threads_line(self) -> str:
+        """The threads, where their count comes from and how the team followed the load, for a report."""
+        n = self.compute_threads()
+        followed = self.team.summary() if self.team is not None else ""
+        return f"CPU threads: {n} ({threads.describe(n)})" + (f"; {followed}" if followed else "")
+
     def device_name(self, device: torch.device) -> str:
         return cpu.cpu_model() or "cpu"
 

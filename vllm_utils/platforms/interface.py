@@ -38,6 +38,10 @@ class Platform:
         if hasattr(self.module, "set_device"):
             self.module.set_device(device)
 
+    def compute_threads(self) -> int | None:
+        """The host threads the model computes on, where the host computes it (the CPU); None elsewhere."""
+        return None
+
     def device_name(self, device: torch.device) -> str:
         getter = getattr(self.module, "get_device_name", None)
         return getter(device) if getter else device.type

@@ -1,6 +1,5 @@
 """The `--acc` figures: the score overall, per subject and per metric, the failed samples, and the reference
 agreement; printed as `***Acc Info***` and a JSON block, like `--perf`'s `***Perf Info***`."""
-import argparse
 import json
 
 METRIC_NAMES = {"rouge": "rougeL_f", "choice": "accuracy", "vqa": "vqa_accuracy", "anls": "anls",
@@ -11,12 +10,12 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def acc_info(args: argparse.Namespace, results: list, agreement: dict | None) -> dict:
+def acc_info(dataset: str, results: list, agreement: dict | None) -> dict:
     """`score`: the mean over the samples that ran (failed ones are counted in `num_failed`, not as 0)."""
     scored = [r for r in results if r.score is not None]
     metrics = sorted({r.sample.metric for r in results})
     info: dict[str, object] = {
-        "dataset": args.dataset, "metric": METRIC_NAMES[metrics[0]] if len(metrics) == 1 else "mixed",
+        "dataset": dataset, "metric": METRIC_NAMES[metrics[0]] if len(metrics) == 1 else "mixed",
         "score": _mean([r.score for r in scored]), "num_samples": len(results), "num_scored": len(scored),
         "num_failed": len(results) - len(scored),
     }

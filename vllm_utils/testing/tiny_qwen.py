@@ -114,6 +114,15 @@ def build_tiny_qwen2_vl(folder: str, family: str = "qwen2_vl", layout: str = "hu
     return folder
 
 
+def demo_qwen2_vl(folder: str) -> str:
+    """The demo's default Qwen2-VL (testing/default_model.py)."""
+    return build_tiny_qwen2_vl(folder, family="qwen2_vl")
+
+
+def demo_qwen2_5_vl(folder: str) -> str:
+    return build_tiny_qwen2_vl(folder, family="qwen2_5_vl")
+
+
 def _scale_weights(model: torch.nn.Module, tied: bool) -> None:
     """transformers' init is tiny. Token embeddings get unit entries (so that the token, not the layers' output,
     leads the residual stream and greedy tokens vary), other matrices unit-variance outputs (logits far from ties),
@@ -148,7 +157,7 @@ def canonical_key(key: str) -> str:
 
 
 def _rewrite_keys(folder: str, layout: str) -> None:
-    from vllm_utils.bench.tiny_model import rewrite_keys
+    from vllm_utils.testing.checkpoint import rewrite_keys
 
     rewrite_keys(folder, _LAYOUTS[layout], canonical_key)
 

@@ -34,32 +34,12 @@ def check_input_len(input_len: int, mm_positions: int, fixed: int, what: str = "
                         f"plus {' and '.join(parts)}; use --input-len >= {fixed + 1}")
 
 
-def parse_vision_shapes(text: str | None) -> list[tuple[int, int]]:
-    """--input-vision-shape "H,W" or "H,W;H,W;..." -> [(height, width), ...]."""
-    if not text:
-        return []
-    shapes = []
-    for part in text.split(";"):
-        try:
-            height, width = (int(v) for v in part.split(","))
-        except ValueError:
-            raise UserError(f"--input-vision-shape '{text}': give HEIGHT,WIDTH in pixels, ';' between images "
-                            f"(e.g. 672,672 or 336,672;672,336)") from None
-        if height < 1 or width < 1:
-            raise UserError(f"--input-vision-shape '{text}': sizes must be >= 1 pixel")
-        shapes.append((height, width))
-    return shapes
-
-
 def request_images(processor: ProcessorAdapter, files: list[Image.Image], shapes: list[tuple[int, int]],
                    count: int) -> list[Image.Image]:
     """The `count` images of every synthetic request: the given pictures (repeated in turn), else black ones of
     `shapes` (one per image; one shape serves all), else of the processor's own size."""
     if files:
         return [files[i % len(files)] for i in range(count)]
-    if shapes and len(shapes) not in (1, count):
-        raise UserError(f"--input-vision-shape gives {len(shapes)} sizes for --mm-per-prompt {count} images; give "
-                        f"one size, or one per image")
     sizes = [(w, h) for h, w in shapes] or [processor.image_size]
     return [Image.new("RGB", sizes[i % len(sizes)]) for i in range(count)]
 
@@ -106,27 +86,3 @@ def synthetic_requests(processor: ProcessorAdapter, input_len: int, count: int, 
             ids += tokens
         requests.append(SyntheticRequest(ids + text[1:], mm_inputs, n_mm))
     return requests
-
-
-def perf_images(args, processor: ProcessorAdapter) -> list[Image.Image]:
-    """The images of every --perf request, from the flags."""
-    from vllm_utils.multimodal.image import load_image
-
-    files = [load_image(path) for path in args.input_image]
-    return request_images(processor, files, parse_vision_shapes(args.input_vision_shape), args.mm_per_prompt)
-
-
-def perf_video(args, processor: ProcessorAdapter):
-    """The video of every --perf request: --input-video's frames, or with --num-frames alone black frames of
-    --input-vision-shape (or the processor's size); None for image requests."""
-    from vllm_utils.multimodal.video import DEFAULT_NUM_FRAMES, black_video, load_video
-
-    if args.input_video:
-        return load_video(args.input_video[0], args.num_frames or DEFAULT_NUM_FRAMES)
-    if args.num_frames is None:
-        return None
-    shapes = parse_vision_shapes(args.input_vision_shape)
-    if len(shapes) > 1:
-        raise UserError(f"--input-vision-shape gives {len(shapes)} sizes but a video has one; give one HEIGHT,WIDTH")
-    height, width = shapes[0] if shapes else processor.image_size[::-1]
-    return black_video(args.num_frames, height, width)

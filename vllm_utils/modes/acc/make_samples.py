@@ -1,13 +1,13 @@
 """Builds the bundled samples in `samples/`: synthetic pictures (shapes, and digits in PIL's default font for the
 document sample) with questions and answers written for them, one folder per format in its published layout.
-Run `python -m vllm_utils.bench.acc.make_samples` to rebuild them."""
+Run `python -m vllm_utils.modes.acc.make_samples` to rebuild them."""
 import io
 import json
 import os
 
 from PIL import Image, ImageDraw
 
-from vllm_utils.bench.acc.bundled import SAMPLES_DIR
+from vllm_utils.modes.acc.bundled import SAMPLES_DIR
 
 
 def shape(kind: str, colour: str, background: str = "white", size: int = 64) -> Image.Image:

@@ -2,7 +2,7 @@
 import random
 from dataclasses import dataclass
 
-from vllm_utils.bench.acc.vqa_normalize import normalize_answer
+from vllm_utils.modes.acc.vqa_normalize import normalize_answer
 
 ANLS_THRESHOLD = 0.5
 

@@ -7,8 +7,8 @@ import json
 import os
 import re
 
-from vllm_utils.bench.acc.sample import SHORT_ANSWER, Sample, has_image
-from vllm_utils.bench.acc.scorers import choice_letters, render_choices
+from vllm_utils.modes.acc.sample import SHORT_ANSWER, Sample, has_image
+from vllm_utils.modes.acc.scorers import choice_letters, render_choices
 from vllm_utils.errors import UserError
 
 FORMATS = ("jsonl", "llava-bench", "mmmu", "textvqa", "docvqa")
@@ -192,9 +192,6 @@ def _jsonl_row(line: str, number: int, i: int, base: str) -> Sample:
     images = row.get("images", [row["image"]] if "image" in row else None)
     if not images or not all(has_image(x) for x in images):
         raise UserError(f"{where} has no image: give 'image' (a path relative to the file) or 'images'")
-    for path in images:
-        if not os.path.isfile(os.path.join(base, path)):
-            raise UserError(f"{where}: image '{path}' does not exist (paths are relative to the JSONL file)")
     if "question" not in row:
         raise UserError(f"{where} has no 'question'")
     answers = row.get("answers", [row["answer"]] if "answer" in row else None)

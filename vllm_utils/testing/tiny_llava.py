@@ -1,11 +1,11 @@
-"""Tiny random LLaVA checkpoints built locally (no hub access): the demo's default model and the
-test fixtures. Tokenizer: the real Llama one when a folder holding it is given, else one trained here."""
+"""Tiny random LLaVA, LLaVA-NeXT and LLaVA-OneVision checkpoints built locally (no hub access), shaped like the
+hub's: the test fixtures and the demo's default models. Tokenizer: the real Llama one when a folder holding it is
+given, else one trained here."""
 import os
-from typing import Callable
 
-import numpy as np
 import torch
-from PIL import Image
+
+from vllm_utils.testing.checkpoint import rewrite_keys
 
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
@@ -165,47 +165,15 @@ def _rewrite_keys(folder: str, layout: str) -> None:
     rewrite_keys(folder, _LAYOUTS[layout], canonical_key)
 
 
-def rewrite_keys(folder: str, prefixes: dict[str, str], canonical: Callable[[str], str]) -> None:
-    """Renames the saved tensors into one of the key layouts found on the hub: each `canonical` name's prefix to
-    what `prefixes` maps it to."""
-    from safetensors.torch import load_file, save_file
-
-    path = os.path.join(folder, "model.safetensors")
-    renamed = {}
-    for key, value in load_file(path).items():
-        key = canonical(key)
-        prefix = next(p for p in prefixes if key.startswith(p))
-        renamed[prefixes[prefix] + key[len(prefix):]] = value.contiguous()
-    save_file(renamed, path, metadata={"format": "pt"})
+# The demo's default models (testing/default_model.py): the shapes the tests use, with the trained tokenizer.
+def demo_llava(folder: str) -> str:
+    return build_tiny_llava(folder)
 
 
-def make_demo_image(path: str, size: tuple[int, int] = (320, 240), seed: int = 0) -> str:
-    """A colourful synthetic picture (gradient plus a few discs)."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w]
-    image = np.stack([x * 255 // w, y * 255 // h, np.full_like(x, 128)], axis=-1).astype(np.float32)
-    for _ in range(4):
-        cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(15, 60)
-        image[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
-    Image.fromarray(image.astype(np.uint8)).save(path)
-    return path
+def demo_llava_next(folder: str) -> str:
+    return build_tiny_llava(folder, family="llava_next", seed=11)
 
 
-def default_demo_assets(cache_dir: str | None = None) -> tuple[str, str, bool]:
-    """(model folder, image path, whether they were just built) for `--demo` without `--model`."""
-    cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                                          "vllm_utils", "tiny-llava-demo-v1")
-    model_dir, image = os.path.join(cache_dir, "model"), os.path.join(cache_dir, "demo.png")
-    if os.path.isfile(os.path.join(model_dir, "model.safetensors")) and os.path.isfile(image):
-        return model_dir, image, False
-    tmp = cache_dir + f".tmp{os.getpid()}"
-    build_tiny_llava(os.path.join(tmp, "model"))
-    make_demo_image(os.path.join(tmp, "demo.png"))
-    os.makedirs(os.path.dirname(cache_dir), exist_ok=True)
-    if os.path.isdir(cache_dir):
-        import shutil
-
-        shutil.rmtree(cache_dir)
-    os.replace(tmp, cache_dir)
-    return model_dir, image, True
+def demo_llava_onevision(folder: str) -> str:
+    return build_tiny_llava(folder, family="llava_onevision", vision_type="siglip_vision_model", select_strategy="full",
+                            vision_feature_layer=-1, text_type="qwen2", seed=12)

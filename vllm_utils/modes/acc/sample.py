@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageOps
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # lmms-eval's / MMMU's short-answer line
-METRICS = ("rouge", "choice", "vqa", "anls", "open")  # open: MMMU's open questions (answer found in the reply)
+METRICS = ("rouge", "choice", "vqa", "anls", "open")
+# a sample whose image cannot be read fails alone (the run goes on); its record says what to do
+IMAGE_FIX = "fix the row's image in the --dataset (a JSONL's paths are relative to the file)"  # open: MMMU's open questions (answer found in the reply)
 
 
 @dataclass
@@ -36,7 +38,7 @@ def _open(value, base_dir: str) -> Image.Image:
         path = value.get("path") if isinstance(value, dict) else value
         from vllm_utils.multimodal.image import load_image
 
-        return load_image(os.path.join(base_dir, path))
+        return load_image(os.path.join(base_dir, path), fix=IMAGE_FIX)
     return ImageOps.exif_transpose(image).convert("RGB")
 
 

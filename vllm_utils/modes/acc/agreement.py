@@ -53,17 +53,14 @@ def teacher_forced(llm, request: dict, ref_tokens: list[int]) -> list[dict[int, 
     return out.prompt_logprobs[len(request["prompt_token_ids"]):]
 
 
-def agreement(llm, reference: HFReference, requests: list, ours: list[list[int] | None],
-              max_tokens: int) -> list[Agreement]:
-    """Per request (None: it did not run here either, so it is skipped), the figures above. `requests` may be
-    lazy (an iterable of callables giving the request), so that only one sample's tensors live at a time."""
+def agreement(llm, reference: HFReference, requests: list[dict], ours: list[list[int]], max_tokens: int,
+              use_tqdm: bool = True) -> list[Agreement]:
+    """The figures above for each request (processed: token ids and tensors) and our greedy tokens for it. `llm`:
+    anything with `LLM.generate`'s signature that runs our engine."""
     results = []
-    with progress_bar(total=len(ours), desc="HF reference", unit="sample") as bar:
-        for make, our_tokens in zip(requests, ours):
-            if our_tokens is None:
-                results.append(Agreement(error="the sample failed on this engine"))
-            else:
-                results.append(_one(llm, reference, make() if callable(make) else make, our_tokens, max_tokens))
+    with progress_bar(total=len(ours), desc="HF reference", unit="sample", disable=not use_tqdm) as bar:
+        for request, our_tokens in zip(requests, ours):
+            results.append(_one(llm, reference, request, our_tokens, max_tokens))
             bar.update(1)
     return results
 

@@ -1,0 +1,49 @@
+"""The paged KV cache: how many blocks the platform's memory budget allows, and the one tensor that holds them."""
+import torch
+
+from vllm_utils.attention.layer import PagedAttention
+from vllm_utils.config import ResolvedConfig
+from vllm_utils.errors import UserError
+from vllm_utils.platforms.interface import GiB, Platform
+
+
+def bytes_per_block(layers: list[PagedAttention], block_size: int, dtype: torch.dtype) -> int:
+    per_token = 2 * layers[0].num_kv_heads * layers[0].head_dim * dtype.itemsize
+    return per_token * block_size * len(layers)
+
+
+def plan_kv_blocks(config: ResolvedConfig, platform: Platform, device: torch.device, layers: list[PagedAttention],
+                   control_group: "torch.distributed.ProcessGroup | None" = None) -> int:
+    """--num-kv-blocks, else as many as the batch can fill within the platform's budget (at tensor parallelism the
+    smallest of every rank's); at least one whole sequence's, or a one-line error."""
+    block_size, max_len = config.engine.block_size, config.max_model_len
+    per_block = bytes_per_block(layers, block_size, config.dtype)
+    blocks_per_seq = -(-max_len // block_size)
+    if config.engine.num_kv_blocks is not None:
+        num = config.engine.num_kv_blocks
+    else:
+        wanted = blocks_per_seq * config.max_num_seqs
+        budget = platform.kv_cache_budget(device, config.engine, (blocks_per_seq + 1) * per_block)
+        num = min(wanted, budget // per_block - 1)  # -1: the scratch block
+        if control_group is not None:  # every rank must hold the same blocks: take the smallest
+            count = torch.tensor([num])
+            torch.distributed.all_reduce(count, torch.distributed.ReduceOp.MIN, group=control_group)
+            num = int(count)
+    if num < blocks_per_seq:
+        raise UserError(
+            f"the KV cache ({num} blocks, {num * per_block / GiB:.2f} GiB) cannot hold one sequence of "
+            f"--max-model-len {max_len} ({blocks_per_seq} blocks of {block_size}); lower --max-model-len, free "
+            f"memory, or give the cache exactly one sequence's room with --num-kv-blocks {blocks_per_seq}")
+    return num
+
+
+def allocate_kv_cache(layers: list[PagedAttention], num_blocks: int, block_size: int, dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+    """One tensor [K/V, layer, block, slot, head, dim], each layer given its views. One block more than the block
+    manager hands out: scratch space for padded graph rows."""
+    layer = layers[0]
+    shape = (2, len(layers), num_blocks + 1, block_size, layer.num_kv_heads, layer.head_dim)
+    cache = torch.zeros(shape, dtype=dtype, device=device)
+    for i, attn in enumerate(layers):
+        attn.k_cache, attn.v_cache = cache[0, i], cache[1, i]
+    return cache

@@ -1,0 +1,189 @@
+"""What runs a mode's requests, behind one small interface: our engine, or HF transformers' `generate` on the same
+workload (`--backend hf`: static batches of the batch size, no paged cache). Both give `generate` (outputs as
+`LLM.generate` returns them, with per-token times), the step statistics the reports read, and the KV blocks where
+there is a paged cache. Device facts come from the plan's platform, not from here."""
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator, Protocol
+
+import torch
+from transformers import StoppingCriteria
+
+from vllm_utils.config import EngineConfig, ResolvedConfig
+from vllm_utils.engine.llm_engine import EngineStats
+from vllm_utils.engine.resolve import resolve
+from vllm_utils.engine.sequence import SequenceTimes
+from vllm_utils.hf_reference import HFReference
+from vllm_utils.llm import LLM, CompletionOutput, RequestOutput
+from vllm_utils.modes.plan import Plan
+from vllm_utils.multimodal.processor import ProcessorAdapter
+from vllm_utils.platforms import Platform, platform_for
+from vllm_utils.progress import phase, progress_bar
+from vllm_utils.sampling_params import SamplingParams
+
+
+class Backend(Protocol):
+    name: str
+    stats: EngineStats
+
+    def generate(self, requests: list[dict], params: SamplingParams, use_tqdm: bool = True) -> list[RequestOutput]:
+        ...
+
+    def reset_stats(self) -> None: ...
+
+    def kv_blocks(self) -> int | None:
+        """The paged KV cache's blocks; None without one."""
+
+    def close(self) -> None: ...
+
+
+class EngineBackend:
+    name = "engine"
+
+    def __init__(self, config: ResolvedConfig, processor: ProcessorAdapter) -> None:
+        self.llm = LLM(config, processor=processor)
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.llm.engine.stats
+
+    def generate(self, requests: list[dict], params: SamplingParams, use_tqdm: bool = True) -> list[RequestOutput]:
+        return self.llm.generate(requests, params, use_tqdm)
+
+    def reset_stats(self) -> None:
+        self.llm.engine.reset_stats()
+
+    def kv_blocks(self) -> int:
+        return self.llm.engine.block_manager.num_blocks
+
+    def close(self) -> None:
+        self.llm.engine.shutdown()
+
+
+class _StepClock(StoppingCriteria):
+    """Called by `generate` after each new token: records when it came, and counts the batch's tokens on `bar`."""
+
+    def __init__(self, platform: Platform, device: torch.device, bar) -> None:
+        self.platform, self.device, self.bar, self.times = platform, device, bar, []
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        self.platform.synchronize(self.device)
+        self.times.append(time.perf_counter())
+        self.bar.update(input_ids.shape[0])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class HFBackend:
+    """HF transformers' model of the same checkpoint, in the run's dtype on its device (dummy weights: HF's own
+    random ones), `max_num_seqs` requests to a static batch, left-padded."""
+
+    name = "hf"
+
+    def __init__(self, config: ResolvedConfig, processor: ProcessorAdapter | None = None) -> None:
+        self.config = config
+        self.reference = HFReference(config, config.dtype, config.device, processor=processor, hf_processor=False)
+        self.processor = self.reference.processor
+        self.platform = platform_for(config.device)
+        self.stats = EngineStats()
+
+    @classmethod
+    def from_folder(cls, model: str, model_type: str | None = None, **engine_args) -> "HFBackend":
+        return cls(resolve(EngineConfig(model=model, **engine_args), model_type))
+
+    def reset_stats(self) -> None:
+        self.stats = EngineStats()
+
+    def kv_blocks(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def generate(self, requests: list[dict], params: SamplingParams, use_tqdm: bool = True) -> list[RequestOutput]:
+        processed = [self._processed(r) for r in requests]
+        arrival = time.perf_counter()
+        outputs = []
+        batch_size = self.config.max_num_seqs
+        with progress_bar(total=len(processed) * params.max_tokens, desc="Generating (HF)", unit="tok",
+                          disable=not use_tqdm) as bar:  # the batch's positions, EOS or not
+            for start in range(0, len(processed), batch_size):
+                outputs.extend(self._generate_batch(processed[start : start + batch_size], params, arrival, bar))
+        return outputs
+
+    def _processed(self, request: dict) -> tuple[str | None, list[int], dict | None]:
+        if "prompt_token_ids" in request:
+            return request.get("prompt"), request["prompt_token_ids"], request.get("mm_inputs")
+        from vllm_utils.llm import multi_modal_items
+
+        ids, mm_inputs = self.processor.process(request["prompt"], *multi_modal_items(request))
+        return request["prompt"], ids, mm_inputs
+
+    @torch.inference_mode()
+    def _generate_batch(self, chunk: list, params: SamplingParams, arrival: float, bar) -> list[RequestOutput]:
+        hf_config, device = self.config.hf_config, self.config.device
+        pad = getattr(hf_config, "pad_token_id", None)
+        pad = pad if pad is not None else (getattr(hf_config.text_config, "pad_token_id", None) or 0)
+        width = max(len(ids) for _, ids, _ in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids, _ in chunk])
+        inputs = self.reference.model_inputs(input_ids, [mm for _, _, mm in chunk if mm])
+        inputs["attention_mask"] = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids, _ in chunk],
+                                                device=device)
+        eos = self.processor.eos_token_id
+        kwargs = {} if params.ignore_eos or eos is None else {"eos_token_id": eos}
+        if not params.greedy:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                          top_k=params.top_k if params.top_k > 0 else None)
+        clock = _StepClock(self.platform, device, bar)
+        scheduled = time.perf_counter()
+        out = self.reference.model.generate(**inputs, max_new_tokens=params.max_tokens, do_sample=not params.greedy,
+                                            stopping_criteria=[clock], pad_token_id=pad, **kwargs)
+        self._count(clock, scheduled, int(inputs["attention_mask"].sum()), len(chunk))
+        results = []
+        for row, (prompt, ids, _) in enumerate(chunk):
+            tokens = out[row, width:].tolist()
+            if not params.ignore_eos and eos in tokens:
+                tokens = tokens[: tokens.index(eos) + 1]
+            reason = "stop" if tokens and tokens[-1] == eos and not params.ignore_eos else "length"
+            times = SequenceTimes(arrival=arrival, first_scheduled=scheduled, token_times=clock.times[: len(tokens)])
+            completion = CompletionOutput(self.processor.decode(tokens), tokens, None, reason)
+            results.append(RequestOutput(prompt, ids, [completion], times, 0))
+        return results
+
+    def _count(self, clock: _StepClock, scheduled: float, prompt_tokens: int, rows: int) -> None:
+        stats = self.stats
+        stats.prefill_steps += 1
+        stats.prefill_tokens += prompt_tokens
+        stats.prefill_seconds += clock.times[0] - scheduled
+        stats.decode_steps += len(clock.times) - 1
+        stats.decode_tokens += (len(clock.times) - 1) * rows
+        stats.decode_seconds += clock.times[-1] - clock.times[0]
+
+
+@contextmanager
+def open_backend(plan: Plan) -> Iterator[Backend]:
+    """The plan's backend, loaded as a phase, and closed (tensor-parallel workers stopped) when the mode is done."""
+    engine = plan.spec.engine
+    weights = " with random weights" if engine.load_format == "dummy" else ""
+    what = f"Loading the model {plan.model}{weights} on {plan.config.device}"
+    if engine.backend == "hf":
+        if engine.ignored_by_hf:
+            print(f"note: --backend hf ignores the engine-only flags {', '.join(engine.ignored_by_hf)}",
+                  file=sys.stderr)
+        with phase(what + " through HF transformers", "Loading"):
+            backend = HFBackend(plan.config, plan.processor)
+    else:
+        with phase(what, "Loading"):
+            backend = EngineBackend(plan.config, plan.processor)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+def open_reference(plan: Plan) -> HFReference:
+    """--reference hf: HF transformers' model of the same checkpoint, fed the requests our engine was."""
+    reference = plan.spec.reference
+    with phase(f"Loading the HF reference ({reference.dtype} on {reference.device})", "Loading"):
+        return HFReference(plan.config, reference.dtype, reference.device, processor=plan.processor,
+                           hf_processor=False)

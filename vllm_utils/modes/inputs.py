@@ -1,0 +1,167 @@
+"""Each mode's requests, built once by the plan before the weights load: --demo's pictures or videos with their
+prompts (rendered and processed), --perf's synthetic requests (the warm-up's and every timed run's), --acc's
+samples (their pictures are read per batch, so that a bad one fails that sample only)."""
+import sys
+from dataclasses import dataclass
+
+from vllm_utils.config import ResolvedConfig
+from vllm_utils.errors import UserError
+from vllm_utils.modes.acc.bundled import dataset_path
+from vllm_utils.modes.acc.readers import read_dataset
+from vllm_utils.modes.acc.sample import Sample
+from vllm_utils.modes.spec import ACC_OUTPUT_LEN, AccSpec, DemoSpec, PerfSpec
+from vllm_utils.modes.synthetic import SyntheticRequest, check_input_len, fixed_tokens, request_images, \
+    synthetic_requests
+from vllm_utils.multimodal.processor import ProcessorAdapter
+
+
+@dataclass(frozen=True)
+class DemoInputs:
+    requests: list[dict]  # the prompt's text, token ids and tensors, as LLM.generate takes them
+    labels: list[str]  # what each request carried, as its output line names it
+
+
+@dataclass(frozen=True)
+class PerfInputs:
+    warm_up: list[SyntheticRequest]
+    runs: list[list[SyntheticRequest]]  # one list of --num-prompts requests per timed run
+    vision: str  # what the multimodal positions hold: "image" or "video"
+    synthetic_video: bool  # a black video of --num-frames frames
+
+
+@dataclass(frozen=True)
+class AccInputs:
+    samples: list[Sample]
+    output_len: int
+
+
+# ---- --demo -------------------------------------------------------------------------------------------------
+def demo_pairs(spec: DemoSpec, default_image: str | None) -> list[tuple[tuple[str, ...], str]]:
+    """Requests as (inputs, prompt): each video with every prompt; else each `mm_per_prompt` consecutive images
+    with one prompt (one prompt for every group, one group for every prompt, or as many of each)."""
+    if spec.videos:
+        return [((video,), text) for video in spec.videos for text in spec.prompts]
+    images = list(spec.images) or ([default_image] if default_image else [])
+    if not images:
+        raise UserError("--demo needs --input-image IMAGE (repeatable) or --input-video VIDEO")
+    per_prompt = spec.mm_per_prompt
+    if len(images) % per_prompt:
+        raise UserError(f"{len(images)} --input-image do not split into groups of --mm-per-prompt {per_prompt}; "
+                        f"pass a multiple of {per_prompt} images")
+    groups = [tuple(images[i : i + per_prompt]) for i in range(0, len(images), per_prompt)]
+    prompts = list(spec.prompts)
+    if len(prompts) == 1:
+        prompts = prompts * len(groups)
+    elif len(groups) == 1:
+        groups = groups * len(prompts)
+    if len(groups) != len(prompts):
+        raise UserError(f"{len(groups)} image group(s) of --mm-per-prompt {per_prompt} and {len(prompts)} --prompt "
+                        f"given; pass one prompt, one group, or as many of each")
+    return list(zip(groups, prompts))
+
+
+def demo_inputs(spec: DemoSpec, config: ResolvedConfig, processor: ProcessorAdapter,
+                default_image: str | None) -> DemoInputs:
+    """A prompt holding the image placeholder is rendered as given; otherwise the chat template places the
+    pictures (or the video) before it."""
+    pairs = demo_pairs(spec, default_image)
+    if spec.videos:
+        check_takes_video(processor, config)
+        from vllm_utils.multimodal.video import load_video
+
+        videos = {path: load_video(path, spec.num_frames) for path in spec.videos}
+        requests = [_processed(processor, processor.chat_prompt(text, num_images=0, num_videos=1), [], [videos[v]])
+                    for (v,), text in pairs]
+        return DemoInputs(_within(requests, config), [f"Video: {v!r}" for (v,), _ in pairs])
+    from vllm_utils.multimodal.image import load_image
+
+    if not spec.images:
+        print(f"No --input-image given: using the generated picture {default_image}.", file=sys.stderr)
+    placeholder = processor.image_token  # the folder's, e.g. Qwen2-VL's <|image_pad|>
+    check_prompt_placeholders([text for _, text in pairs], spec.mm_per_prompt, placeholder)
+    images = {path: load_image(path) for paths, _ in pairs for path in paths}
+    requests = []
+    for paths, text in pairs:
+        prompt = processor.chat_prompt(text, num_images=0 if placeholder in text else len(paths))
+        requests.append(_processed(processor, prompt, [images[p] for p in paths]))
+    return DemoInputs(_within(requests, config), [f"Image: {', '.join(paths)!r}" for paths, _ in pairs])
+
+
+def _processed(processor: ProcessorAdapter, prompt: str, images: list, videos: list | None = None) -> dict:
+    ids, mm_inputs = processor.process(prompt, images, videos)
+    return {"prompt": prompt, "prompt_token_ids": ids, "mm_inputs": mm_inputs}
+
+
+def _within(requests: list[dict], config: ResolvedConfig) -> list[dict]:
+    for request in requests:
+        length = len(request["prompt_token_ids"])
+        if length >= config.max_model_len:
+            raise UserError(f"the prompt is {length} tokens (image positions included), which leaves no room to "
+                            f"generate within --max-model-len {config.max_model_len}; shorten the prompt or raise "
+                            f"--max-model-len")
+    return requests
+
+
+def check_prompt_placeholders(prompts: list[str], per_prompt: int, placeholder: str) -> None:
+    """Each prompt has `per_prompt` images; its text holds a placeholder for each, or none."""
+    for prompt in prompts:
+        count = prompt.count(placeholder)
+        if count not in (0, per_prompt):
+            raise UserError(f"--prompt {prompt!r} holds {count} {placeholder} placeholder(s) for its {per_prompt} "
+                            f"image(s); leave them out (the images are placed before the text) or put exactly "
+                            f"{per_prompt}, where the images belong")
+
+
+def check_takes_video(processor: ProcessorAdapter, config: ResolvedConfig) -> None:
+    if processor.video_token is None:
+        raise UserError(f"--input-video/--num-frames: {config.model_type} models take no video; use a video model "
+                        f"(qwen2_vl, qwen2_5_vl) or give images")
+
+
+# ---- --perf -------------------------------------------------------------------------------------------------
+def perf_inputs(spec: PerfSpec, config: ResolvedConfig, processor: ProcessorAdapter) -> PerfInputs:
+    """Every request of the run, each exactly --input-len tokens: the one warm-up request and --num-iters runs of
+    --num-prompts (each run its own random text)."""
+    video = perf_video(spec, config, processor)
+    if video is None:
+        from vllm_utils.multimodal.image import load_image
+
+        files = [load_image(path) for path in spec.images]
+        images = request_images(processor, files, list(spec.vision_shapes), spec.mm_per_prompt)
+    else:
+        images = []
+    vision = "video" if video is not None else "images"
+    check_input_len(spec.input_len, *fixed_tokens(processor, images, video), vision)
+    if spec.input_len + spec.output_len > config.max_model_len:
+        raise UserError(f"--input-len {spec.input_len} + --output-len {spec.output_len} exceeds the max model "
+                        f"length {config.max_model_len}; raise --max-model-len or shorten the request")
+    seed = spec.engine.seed
+    warm_up = synthetic_requests(processor, spec.input_len, 1, images, seed=seed + 10_000, video=video)
+    runs = [synthetic_requests(processor, spec.input_len, spec.num_prompts, images, seed=seed + i, video=video)
+            for i in range(spec.num_iters)]
+    return PerfInputs(warm_up, runs, "video" if video is not None else "image",
+                      synthetic_video=video is not None and spec.video is None)
+
+
+def perf_video(spec: PerfSpec, config: ResolvedConfig, processor: ProcessorAdapter):
+    """The video of every request: the file's frames, or with --num-frames alone black frames of
+    --input-vision-shape (or the processor's size); None for image requests."""
+    if spec.video is None and spec.num_frames is None:
+        return None
+    check_takes_video(processor, config)
+    from vllm_utils.multimodal.video import black_video, load_video
+
+    if spec.video is not None:
+        return load_video(spec.video, spec.num_frames)
+    height, width = spec.vision_shapes[0] if spec.vision_shapes else processor.image_size[::-1]
+    return black_video(spec.num_frames, height, width)
+
+
+# ---- --acc --------------------------------------------------------------------------------------------------
+def read_samples(spec: AccSpec) -> list[Sample]:
+    return read_dataset(dataset_path(spec.dataset), spec.dataset_format, spec.dataset_split, spec.limit)
+
+
+def acc_inputs(spec: AccSpec, samples: list[Sample]) -> AccInputs:
+    """New tokens per reply: --output-len, else the most any of the samples' metrics allows."""
+    return AccInputs(samples, spec.output_len or max(ACC_OUTPUT_LEN[s.metric] for s in samples))
