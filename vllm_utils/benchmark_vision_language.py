@@ -171,7 +171,8 @@ def run(args: argparse.Namespace, given: set[str]) -> None:
     from vllm_utils.modes.report import report
     from vllm_utils.modes.spec import spec_from_args
 
-    plan = make_plan(spec_from_args(args, given))
+    spec = spec_from_args(args, given)
+    plan = make_plan(spec)
     with open_backend(plan) as backend:
         result = {"demo": demo.run, "perf": perf.run, "acc": acc.run}[plan.mode](plan, backend)
     report(plan, result)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_utils.llm import RequestOutput
-from vllm_utils.modes.acc.agreement import Agreement, agreement
+from vllm_utils.modes.acc.agreement import Agreement, agreement, overall
 from vllm_utils.modes.backends import Backend, open_reference
 from vllm_utils.modes.plan import Plan
 from vllm_utils.sampling_params import SamplingParams
@@ -16,6 +16,7 @@ class DemoResult:
     outputs: list[RequestOutput]
     labels: list[str]  # what each request carried
     agreement: list[Agreement] | None  # --reference hf: per request
+    agreement_overall: dict | None
 
 
 def run(plan: Plan, backend: Backend) -> DemoResult:
@@ -26,8 +27,8 @@ def run(plan: Plan, backend: Backend) -> DemoResult:
                             max_tokens=spec.output_len)
     torch.manual_seed(spec.engine.seed)
     outputs = backend.generate(requests, params)
-    figures = None
-    if spec.reference is not None:
-        reference = open_reference(plan)
-        figures = agreement(backend, reference, requests, [o.outputs[0].token_ids for o in outputs], spec.output_len)
-    return DemoResult(outputs, plan.inputs.labels, figures)
+    if spec.reference is None:
+        return DemoResult(outputs, plan.inputs.labels, None, None)
+    reference = open_reference(plan)
+    figures = agreement(backend, reference, requests, [o.outputs[0].token_ids for o in outputs], spec.output_len)
+    return DemoResult(outputs, plan.inputs.labels, figures, overall(figures))

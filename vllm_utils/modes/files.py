@@ -111,14 +111,3 @@ def check_new_file(path: str, flag: str, example: str) -> None:
     if os.path.exists(path):
         raise UserError(f"{flag} '{path}' exists and is never overwritten; remove it or choose another path")
     probe_folder(os.path.dirname(os.path.abspath(path)), flag)
-
-
-def flatten(summary: dict, prefix: str = "") -> dict[str, object]:
-    """Nested figures as the CSV's Key,Value rows: keys joined by "_", floats to 4 places, None as "n/a"."""
-    flat = {}
-    for key, value in summary.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}_"))
-        else:
-            flat[prefix + key] = "n/a" if value is None else round(value, 4) if isinstance(value, float) else value
-    return flat

@@ -33,7 +33,6 @@ class Plan:
 
 def make_plan(spec: Spec) -> Plan:
     engine = spec.engine
-    check_model_name(engine.model, engine.load_format)
     if engine.model_type is not None:
         from vllm_utils.models.registry import check_model_type
 
@@ -61,16 +60,6 @@ def make_plan(spec: Spec) -> Plan:
     else:
         mode_inputs = inputs.acc_inputs(spec, samples)
     return Plan(spec, model, config, processor, platform_for(config.device), mode_inputs)
-
-
-def check_model_name(model: str | None, load_format: str) -> None:
-    """A Hub name whose config the package carries runs with random weights only: nothing is downloaded."""
-    from vllm_utils.bundled import bundled_config_dir
-
-    if model is not None and load_format != "dummy" and bundled_config_dir(model):
-        raise UserError(f"'{model}' is a Hugging Face Hub name and nothing is downloaded here: add --load-format "
-                        f"dummy to run it with random weights, or download it (e.g. `hf download {model} "
-                        f"--local-dir DIR`) and pass --model DIR")
 
 
 def check_report_files(report: ReportSpec) -> None:

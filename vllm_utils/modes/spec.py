@@ -186,7 +186,18 @@ def check_modes(mode: str, args: argparse.Namespace, given: set[str]) -> None:
         raise UserError("--result-filename names the result CSV and --no-save-result writes none; drop one")
 
 
+def check_model_name(model: str | None, load_format: str) -> None:
+    """A Hub name whose config the package carries runs with random weights only: nothing is downloaded."""
+    from vllm_utils.bundled import bundled_config_dir
+
+    if model is not None and load_format != "dummy" and bundled_config_dir(model):
+        raise UserError(f"'{model}' is a Hugging Face Hub name and nothing is downloaded here: add --load-format "
+                        f"dummy to run it with random weights, or download it (e.g. `hf download {model} "
+                        f"--local-dir DIR`) and pass --model DIR")
+
+
 def engine_spec(args: argparse.Namespace, given: set[str]) -> EngineSpec:
+    check_model_name(args.model, args.load_format)
     ignored = tuple(flag(d) for d in ENGINE_ONLY if d in given) if args.backend == "hf" else ()
     if args.backend == "hf" and args.tensor_parallel_size != 1:
         raise UserError("--backend hf runs on one device: use --tensor-parallel-size 1")

@@ -10,6 +10,7 @@ from vllm_utils.errors import UserError
 from vllm_utils.modes.acc.agreement import Agreement, agreement, as_record, overall
 from vllm_utils.modes.acc.sample import Sample
 from vllm_utils.modes.acc.scorers import score
+from vllm_utils.modes.acc.summary import acc_info
 from vllm_utils.modes.backends import Backend, open_reference
 from vllm_utils.modes.plan import Plan
 from vllm_utils.progress import progress_bar
@@ -36,7 +37,9 @@ class Result:
 
 @dataclass(frozen=True)
 class AccResult:
-    results: list[Result]
+    info: dict  # the figures of ***Acc Info***
+    records: list[dict]  # per sample, as --save-output writes them
+    failures: list[str]  # per failed sample, why
     agreement: dict | None  # --reference hf: {"overall": ..., "per_sample": [...]}
 
 
@@ -66,7 +69,8 @@ def run(plan: Plan, backend: Backend) -> AccResult:
         per_sample = [r.agreement for r in results]
         figures = {"overall": overall(per_sample),
                    "per_sample": [{"id": r.sample.id, **as_record(r.agreement)} for r in results]}
-    return AccResult(results, figures)
+    failures = [f"sample {r.sample.id} (row {r.sample.row}) failed: {r.error}" for r in results if r.error]
+    return AccResult(acc_info(spec.dataset, results, figures), [r.record() for r in results], failures, figures)
 
 
 def _run_samples(plan: Plan, backend: Backend, reference, samples: list[Sample], save_file) -> list[Result]:

@@ -1,6 +1,5 @@
 """The `--acc` figures: the score overall, per subject and per metric, the failed samples, and the reference
-agreement; printed as `***Acc Info***` and a JSON block, like `--perf`'s `***Perf Info***`."""
-import json
+agreement, as `***Acc Info***` holds them (like `--perf`'s `***Perf Info***`)."""
 
 METRIC_NAMES = {"rouge": "rougeL_f", "choice": "accuracy", "vqa": "vqa_accuracy", "anls": "anls",
                 "open": "open_match"}
@@ -28,17 +27,3 @@ def acc_info(dataset: str, results: list, agreement: dict | None) -> dict:
     if agreement is not None:
         info["reference"] = agreement["overall"]
     return info
-
-
-def print_summary(info: dict, agreement: dict | None) -> None:
-    print("***Acc Info***")
-    print(json.dumps(info, indent=4))
-    if agreement is None:
-        return
-    print("reference agreement per sample (exact match, first divergence, top-1 agreement, mean/max |Δ log-prob|):")
-    for row in agreement["per_sample"]:
-        if row["error"]:
-            print(f"  {row['id']}: not compared ({row['error']})")
-        else:
-            print(f"  {row['id']}: {'yes' if row['exact_match'] else 'no'}, {row['first_divergence']}, "
-                  f"{row['top1_agreement']:.4f}, {row['mean_abs_dlogprob']:.2e}/{row['max_abs_dlogprob']:.2e}")
