@@ -2,7 +2,6 @@
 need no weights, result files, the processor and platform built once per run, each family's default model."""
 import csv
 import glob
-import json
 import os
 
 import pytest
@@ -51,6 +50,8 @@ BAD_VALUES = {
     "result-filename exists": (["--perf", "--result-filename=exists.csv"], "exists and is never overwritten"),
     "save-output exists": (["--acc", "--save-output={tmp}/exists.jsonl"], "exists and is never overwritten"),
     "no result with a name": (["--perf", "--no-save-result", "--result-filename=r.csv"], "drop one"),
+    "two results to one file": (["--acc", "--save-output={tmp}/out.json", "--output-json={tmp}/out.json"],
+                                "--output-json and --save-output name the same file"),
 }
 
 
@@ -164,3 +165,30 @@ def test_version_and_help_by_mode():
     for group in ("model and engine (every mode):", "--demo:", "--perf:", "--acc:", "results (--perf, --acc):"):
         assert group in text, group
     assert "--top-p" in text and "--top-k" in text and "--result-dir" in text
+
+
+def test_a_failed_tensor_parallel_start_leaves_no_worker_and_no_group(tiny_llava, tmp_path):
+    """A start that fails after the workers joined (here: a cache too small for one sequence) ends them all, so the
+    next engine in this process can start its own group."""
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    args = ["--perf", f"--model={tiny_llava}", "--device=cpu", "--input-len=100", "--output-len=4",
+            "--tensor-parallel-size=2", "--num-kv-blocks=2", "--max-model-len=256"]
+    for _ in range(2):
+        run = cli(*args, cwd=str(tmp_path))
+        assert run.returncode == 1 and len(error_lines(run)) == 1 and "cannot hold one sequence" in run.stderr
+        assert not dist.is_initialized() and not multiprocessing.active_children()
+
+
+def test_an_engine_run_hands_its_thread_team_back(tiny_llava, tmp_path):
+    """The platform outlives the engine; the team that followed the load does not (a later run starts afresh)."""
+    import torch
+
+    from vllm_utils.platforms import platform_for
+
+    run = cli("--perf", f"--model={tiny_llava}", "--device=cpu", "--input-len=100", "--output-len=4",
+              "--no-save-result", cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert platform_for(torch.device("cpu")).team is None

@@ -129,5 +129,7 @@ def test_a_worker_that_dies_before_joining_ends_the_wait():
     class DeadWorker:
         exitcode = 1
 
-    with pytest.raises(RuntimeError, match=r"worker 1 exited \(code 1\) before joining the group"):
+    from vllm_utils.errors import UserError
+
+    with pytest.raises(UserError, match=r"worker 1 exited \(code 1\) before joining the group"):
         _join_while_alive([DeadWorker()], threading.Event().wait)

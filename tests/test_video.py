@@ -11,8 +11,9 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.video_utils import VideoMetadata, default_sample_indices_fn
 
 from vllm_utils.errors import UserError
+from vllm_utils.multimodal.qwen2_vl_video import qwen_video_patches
 from vllm_utils.multimodal.video import (BLACK_VIDEO_FPS, MAX_FRAMES, VideoClip, black_video, check_num_frames,
-                                         load_video, qwen_video_patches, sample_indices)
+                                         load_video, sample_indices)
 
 W, H, FRAMES, FPS = 64, 48, 12, 12
 STEP = 16  # brightness added per frame: far more than codec loss, so a decoded frame's mean names its index

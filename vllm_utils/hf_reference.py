@@ -14,6 +14,10 @@ from vllm_utils.models.registry import family
 from vllm_utils.multimodal.processor import ProcessorAdapter
 
 
+# inputs of HF's models with one entry per token, and what a text token appended to the prompt has there (None: its id)
+_PER_TOKEN = {"input_ids": None, "attention_mask": 1, "token_type_ids": 0, "mm_token_type_ids": 0}
+
+
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype]
 
@@ -25,7 +29,7 @@ class HFReference:
     def __init__(self, model: str | ResolvedConfig, dtype: str | torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", model_type: str | None = None,
                  processor: ProcessorAdapter | None = None, hf_processor: bool = True) -> None:
-        from transformers import AutoModelForImageTextToText
+        from transformers import AutoModelForImageTextToText, GenerationConfig
 
         self.config = model if isinstance(model, ResolvedConfig) else resolve(EngineConfig(model), model_type)
         self.dtype, self.device = _dtype(dtype), torch.device(device)
@@ -34,16 +38,17 @@ class HFReference:
             self.config.folder, self.config.hf_config, allow_missing=dummy)
         self.hf_processor = self.processor.hf_processor if hf_processor else None
         if dummy:
+            torch.manual_seed(self.config.engine.seed)  # --seed seeds random weights here too
             with torch.device(self.device):
                 self.model = AutoModelForImageTextToText.from_config(self.config.hf_config, dtype=self.dtype)
         else:
             self.model = AutoModelForImageTextToText.from_pretrained(self.config.folder, dtype=self.dtype)
             self.model.to(self.device)
         self.model.eval()
-        # EOS ends a greedy run only where the caller asks (`ignore_eos` runs past it, as our SamplingParams do)
+        # plain decoding, as our engine does: none of the checkpoint's generation defaults (a repetition penalty, a
+        # temperature); EOS ends a run only where the caller asks (`ignore_eos` runs past it, as SamplingParams do)
         eos = self.processor.eos_token_id
-        self.model.generation_config.eos_token_id = None
-        self.model.generation_config.pad_token_id = eos if eos is not None else 0
+        self.model.generation_config = GenerationConfig(eos_token_id=None, pad_token_id=eos if eos is not None else 0)
 
     # ---- text ------------------------------------------------------------------------------------
     def chat_prompt(self, text: str, num_images: int = 1) -> str:
@@ -112,15 +117,13 @@ class HFReference:
     @torch.inference_mode()
     def token_logprobs(self, request: dict, tokens: list[int]) -> list[float]:
         """The log-probability HF gives each of `tokens` when they follow the prompt (teacher forcing, one pass)."""
+        if not tokens:
+            return []
         inputs = self.inputs(request)
-        ids = inputs["input_ids"]
-        n = ids.shape[1]
-        more = torch.tensor([tokens], device=ids.device)
-        for key, value in list(inputs.items()):
-            if key == "input_ids":
-                inputs[key] = torch.cat([value, more], dim=1)
-            elif value.dim() == 2 and value.shape == ids.shape:  # per-token inputs: mask, token types
-                fill = 1 if key == "attention_mask" else 0
-                inputs[key] = torch.cat([value, torch.full_like(more, fill, dtype=value.dtype)], dim=1)
-        logits = self.model(**inputs).logits[0, n - 1 : -1].float()
+        more = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        for key, fill in _PER_TOKEN.items():  # the continuation is text: no image, no token type
+            if key in inputs:
+                extra = more if fill is None else torch.full_like(more, fill, dtype=inputs[key].dtype)
+                inputs[key] = torch.cat([inputs[key], extra], dim=1)
+        logits = self.model(**inputs, logits_to_keep=len(tokens) + 1).logits[0, :-1].float()
         return logits.log_softmax(-1).gather(-1, more[0, :, None]).squeeze(-1).tolist()

@@ -1,6 +1,7 @@
 """Hub names whose configuration the package carries (each in the folder of that name here, with where its values
 came from: SOURCES.md), so that `--load-format dummy` benchmarks an architecture without any download. No torch import: the
 CLI's --help lists them."""
+import json
 import os
 
 HERE = os.path.dirname(__file__)
@@ -20,6 +21,16 @@ BUNDLED = {
     "Qwen/Qwen2.5-VL-3B-Instruct": "Qwen2.5-VL-3B-Instruct",
     "Qwen/Qwen2.5-VL-7B-Instruct": "Qwen2.5-VL-7B-Instruct",
 }
+
+
+def bundled_names(model_type: str) -> list[str]:
+    """The hub names carried here whose config.json is of `model_type`."""
+    names = []
+    for name, folder in BUNDLED.items():
+        with open(os.path.join(HERE, folder, "config.json")) as f:
+            if json.load(f).get("model_type") == model_type:
+                names.append(name)
+    return names
 
 
 def bundled_config_dir(model: str) -> str | None:

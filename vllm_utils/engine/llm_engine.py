@@ -16,6 +16,7 @@ from vllm_utils.errors import UserError
 from vllm_utils.models.registry import family
 from vllm_utils.multimodal.inputs import MultiModalInputs
 from vllm_utils.multimodal.processor import ProcessorAdapter
+from vllm_utils.platforms import platform_for
 from vllm_utils.sampling_params import SamplingParams
 
 
@@ -45,8 +46,13 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         if config.tensor_parallel_size > 1:
             workers = start_workers(self.config)
-            with workers.watch():
-                self.runner = ModelRunner(self.config, rank_device(self.config, 0), control_group=workers.group)
+            try:
+                with workers.watch():
+                    self.runner = ModelRunner(self.config, rank_device(self.config, 0), control_group=workers.group)
+            except BaseException:  # no worker or group outlives a failed start
+                workers.close()
+                platform_for(self.device).configure_rank(self.device, 1)
+                raise
             self.runner.workers = workers
         else:
             self.runner = ModelRunner(self.config, self.device)
@@ -86,11 +92,13 @@ class LLMEngine:
                             f"does it)")
 
     def shutdown(self) -> None:
-        """Stops the tensor-parallel workers, if any (otherwise done when this process exits)."""
+        """Stops the tensor-parallel workers, if any (otherwise done when this process exits), and hands back what
+        the engine took of the platform (on CPUs, every thread: the team that followed the load is gone)."""
         if self.runner.workers is not None:
             self.runner.workers.close()
             self.runner.workers = None
             self.platform.configure_rank(self.device, 1)  # alone again: e.g. on CPUs, every thread the ranks shared
+        self.platform.release()
 
     def reset_stats(self) -> None:
         self.stats = EngineStats()

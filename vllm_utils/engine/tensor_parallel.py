@@ -83,13 +83,18 @@ class WorkerChannel:
             self.send(None)
             for p in self.processes:
                 p.join(timeout=30)
-            dist.destroy_process_group()
-        for p in self.processes:
-            if p.exitcode is None:
-                p.terminate()
-                p.join(timeout=5)
+        _end(self.processes)
         self.processes = []
+        if dist.is_initialized():  # so that this process can start another group
+            dist.destroy_process_group()
         shutil.rmtree(self.store_dir, ignore_errors=True)
+
+
+def _end(processes: list) -> None:
+    for p in processes:
+        if p.exitcode is None:
+            p.terminate()
+            p.join(timeout=5)
 
 
 def start_workers(config: ResolvedConfig) -> WorkerChannel:
@@ -112,6 +117,7 @@ def start_workers(config: ResolvedConfig) -> WorkerChannel:
     try:
         group = _join_while_alive(processes, lambda: init_group(0, size, store_path, rank_device(config, 0)))
     except BaseException:
+        _end(processes)
         shutil.rmtree(store_dir, ignore_errors=True)
         raise
     return WorkerChannel(group, processes, store_dir)
@@ -134,8 +140,8 @@ def _join_while_alive(processes: list, join) -> dist.ProcessGroup:
         thread.join(0.1)
         dead = [p for p in processes if p.exitcode is not None]
         if dead and thread.is_alive():
-            raise RuntimeError(f"tensor-parallel worker {processes.index(dead[0]) + 1} exited (code "
-                               f"{dead[0].exitcode}) before joining the group; its error is printed above")
+            raise UserError(f"tensor-parallel worker {processes.index(dead[0]) + 1} exited (code "
+                            f"{dead[0].exitcode}) before joining the group; its error is printed above")
     if "error" in outcome:
         raise outcome["error"]
     return outcome["group"]

@@ -24,7 +24,6 @@ from vllm_utils.sampling_params import SamplingParams
 
 
 class Backend(Protocol):
-    name: str
     stats: EngineStats
 
     def generate(self, requests: list[dict], params: SamplingParams, use_tqdm: bool = True) -> list[RequestOutput]:
@@ -39,8 +38,6 @@ class Backend(Protocol):
 
 
 class EngineBackend:
-    name = "engine"
-
     def __init__(self, config: ResolvedConfig, processor: ProcessorAdapter) -> None:
         self.llm = LLM(config, processor=processor)
 
@@ -77,8 +74,6 @@ class _StepClock(StoppingCriteria):
 class HFBackend:
     """HF transformers' model of the same checkpoint, in the run's dtype on its device (dummy weights: HF's own
     random ones), `max_num_seqs` requests to a static batch, left-padded."""
-
-    name = "hf"
 
     def __init__(self, config: ResolvedConfig, processor: ProcessorAdapter | None = None) -> None:
         self.config = config

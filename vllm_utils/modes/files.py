@@ -1,6 +1,6 @@
-"""Result files: the seed's CSV (Key,Value rows) under a name no other run can take, and a full JSON, both
-written atomically; and the checks, run before any model loads, that their places are writable and that no file
-would be overwritten."""
+"""Result files: the seed's CSV (Key,Value rows) under a name no other run can take, and a full JSON, each written
+whole or not at all and never over an existing file; and the checks, run before any model loads, that their
+places are writable and that no file would be overwritten."""
 import csv
 import io
 import json
@@ -22,16 +22,6 @@ def probe_folder(folder: str, what: str, fix: str = "choose a writable folder") 
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write {what} in '{folder}' ({e.strerror}); {fix}") from None
-
-
-def atomic_write(path: str, text: str) -> None:
-    """Temp file in the same folder + rename: readers see the old file or the whole new one, never half."""
-    tmp = _write_temp(os.path.dirname(os.path.abspath(path)), os.path.basename(path), text)
-    try:
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _write_temp(folder: str, name: str, text: str) -> str:
@@ -98,9 +88,30 @@ def _claim(tmp: str, path: str, text: str) -> None:
             f.write(text)
 
 
-def write_json(path: str, document: dict) -> str:
-    atomic_write(path, json.dumps(document, indent=2) + "\n")
+def write_json(path: str, document: dict, flag: str = "--output-json") -> str:
+    """The whole file or none, under a name no file has (claimed as the CSV's is)."""
+    text = json.dumps(document, indent=2) + "\n"
+    tmp = _write_temp(os.path.dirname(os.path.abspath(path)), os.path.basename(path), text)
+    try:
+        _claim(tmp, path, text)
+    except FileExistsError:
+        raise UserError(f"{flag} '{path}' was written meanwhile by another run; it is never overwritten") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
+
+
+def check_distinct(paths: dict[str, str | None]) -> None:
+    """No two results of a run go to the same file."""
+    seen: dict[str, str] = {}
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        key = os.path.realpath(path)
+        if key in seen:
+            raise UserError(f"{seen[key]} and {flag} name the same file '{path}'; give each its own")
+        seen[key] = flag
 
 
 def check_new_file(path: str, flag: str, example: str) -> None:

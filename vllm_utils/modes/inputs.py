@@ -10,7 +10,7 @@ from vllm_utils.modes.acc.bundled import dataset_path
 from vllm_utils.modes.acc.readers import read_dataset
 from vllm_utils.modes.acc.sample import Sample
 from vllm_utils.modes.spec import ACC_OUTPUT_LEN, AccSpec, DemoSpec, PerfSpec
-from vllm_utils.modes.synthetic import SyntheticRequest, check_input_len, fixed_tokens, request_images, \
+from vllm_utils.modes.synthetic import SyntheticRequest, check_input_len, request_images, request_items, \
     synthetic_requests
 from vllm_utils.multimodal.processor import ProcessorAdapter
 
@@ -130,14 +130,14 @@ def perf_inputs(spec: PerfSpec, config: ResolvedConfig, processor: ProcessorAdap
         images = request_images(processor, files, list(spec.vision_shapes), spec.mm_per_prompt)
     else:
         images = []
-    vision = "video" if video is not None else "images"
-    check_input_len(spec.input_len, *fixed_tokens(processor, images, video), vision)
+    items = request_items(processor, images, video)  # processed once, shared by every request
+    check_input_len(spec.input_len, items.positions, items.fixed, "video" if video is not None else "images")
     if spec.input_len + spec.output_len > config.max_model_len:
         raise UserError(f"--input-len {spec.input_len} + --output-len {spec.output_len} exceeds the max model "
                         f"length {config.max_model_len}; raise --max-model-len or shorten the request")
-    seed = spec.engine.seed
-    warm_up = synthetic_requests(processor, spec.input_len, 1, images, seed=seed + 10_000, video=video)
-    runs = [synthetic_requests(processor, spec.input_len, spec.num_prompts, images, seed=seed + i, video=video)
+    seed, length = spec.engine.seed, spec.input_len
+    warm_up = synthetic_requests(processor, length, 1, images, seed=seed + 10_000, video=video, items=items)
+    runs = [synthetic_requests(processor, length, spec.num_prompts, images, seed=seed + i, video=video, items=items)
             for i in range(spec.num_iters)]
     return PerfInputs(warm_up, runs, "video" if video is not None else "image",
                       synthetic_video=video is not None and spec.video is None)

@@ -15,7 +15,6 @@ from vllm_utils.sampling_params import SamplingParams
 class PerfResult:
     summary: dict  # raw figures (seconds, counts, distributions)
     cpu_threads: int | None  # the host threads the model ran on, where the host computed it
-    kv_blocks_total: int | None  # None: no paged cache (--backend hf)
 
 
 def run(plan: Plan, backend: Backend) -> PerfResult:
@@ -38,7 +37,7 @@ def run(plan: Plan, backend: Backend) -> PerfResult:
     if blocks is None:  # no paged cache: its block figures are "n/a", not 0
         summary["peak_kv_blocks_used"] = None
     summary["peak_memory_gib"] = platform.peak_memory_bytes(device) / 2**30
-    return PerfResult(summary, platform.compute_threads(), blocks)
+    return PerfResult(summary, platform.compute_threads())
 
 
 def _as_prompts(requests: list[SyntheticRequest]) -> list[dict]:

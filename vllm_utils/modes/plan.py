@@ -11,7 +11,7 @@ from vllm_utils.config import DEFAULT_MAX_NUM_SEQS, EngineConfig, ResolvedConfig
 from vllm_utils.engine.resolve import resolve
 from vllm_utils.errors import UserError
 from vllm_utils.modes import inputs
-from vllm_utils.modes.files import check_new_file, probe_folder
+from vllm_utils.modes.files import check_distinct, check_new_file, probe_folder
 from vllm_utils.modes.spec import AccSpec, DemoSpec, PerfSpec, ReportSpec, Spec
 from vllm_utils.multimodal.processor import ProcessorAdapter
 from vllm_utils.platforms import Platform, default_device, platform_for, resolve_device
@@ -38,9 +38,7 @@ def make_plan(spec: Spec) -> Plan:
 
         check_model_type(engine.model_type)
     if isinstance(spec, (PerfSpec, AccSpec)):
-        check_report_files(spec.report)
-    if isinstance(spec, AccSpec) and spec.save_output:
-        check_new_file(spec.save_output, "--save-output", "samples.jsonl")
+        check_report_files(spec.report, getattr(spec, "save_output", None))
     model, default_image = default_model(spec)
     if isinstance(spec, AccSpec) and not spec.dataset_given:
         print(f"No --dataset given: scoring the bundled {spec.dataset}.", file=sys.stderr)
@@ -62,8 +60,13 @@ def make_plan(spec: Spec) -> Plan:
     return Plan(spec, model, config, processor, platform_for(config.device), mode_inputs)
 
 
-def check_report_files(report: ReportSpec) -> None:
+def check_report_files(report: ReportSpec, save_output: str | None) -> None:
     """Every file a run will write, checked before it starts, so that no result is lost at its end."""
+    csv = os.path.join(report.result_dir, report.result_filename) if report.save_result and \
+        report.result_filename else None
+    check_distinct({"--result-filename": csv, "--output-json": report.output_json, "--save-output": save_output})
+    if save_output:
+        check_new_file(save_output, "--save-output", "samples.jsonl")
     if report.save_result:
         if report.result_filename:
             check_new_file(os.path.join(report.result_dir, report.result_filename), "--result-filename", "result.csv")
@@ -85,8 +88,11 @@ def default_model(spec: Spec) -> tuple[str, str | None]:
     built = build(family)
     name = {"llava": "LLaVA"}.get(family, family)
     if isinstance(spec, PerfSpec):
-        print(f"No --model given: benchmarking the tiny random {name} at {built.folder}; pass --model PATH "
-              f"(or --model llava-hf/llava-1.5-7b-hf --load-format dummy).", file=sys.stderr)
+        from vllm_utils.bundled import bundled_names
+
+        hub = next(iter(bundled_names(family)), None)
+        print(f"No --model given: benchmarking the tiny random {name} at {built.folder}; pass --model PATH"
+              + (f" (or --model {hub} --load-format dummy)." if hub else "."), file=sys.stderr)
     else:
         print(f"No --model given: {'built' if built.built else 'using'} a tiny {name} with RANDOM weights at "
               f"{built.folder} (its text is gibberish by design); pass --model PATH for a real checkpoint.",
@@ -135,9 +141,8 @@ def check_reads_text(spec: Spec, model: str, processor: ProcessorAdapter) -> Non
                         f"the complete model folder (only --perf runs without them, with --load-format dummy)")
 
 
-# optional packages: (the module, what needs it, the extra that installs it)
+# optional packages: (the module, what needs it, the extra that installs it); the readers name `datasets`
 _VIDEO = ("av", "decoding --input-video", "video")
-_DATASETS = ("datasets", "reading Hugging Face dataset files", "acc")
 _ROUGE = ("rouge_score", "scoring ROUGE-L", "acc")
 
 

@@ -161,5 +161,7 @@ def save_reports(report: ReportSpec, rows: dict[str, object], document) -> None:
             print(f"Saved to {write()}", file=sys.stderr)
         except OSError as e:
             failed.append(f"{what} ({e.strerror or e})")
+        except UserError as e:  # its name was taken meanwhile
+            failed.append(f"{what} ({e})")
     if failed:
         raise UserError(f"could not write {' or '.join(failed)}; the figures printed above are complete")

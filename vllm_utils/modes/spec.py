@@ -34,6 +34,8 @@ ENGINE_ONLY = ("block_size", "num_kv_blocks", "enforce_eager")  # what --backend
 
 
 def flag(dest: str) -> str:
+    if dest == "save_result":
+        return "--save-result/--no-save-result"
     return "--" + dest.replace("_", "-")
 
 
@@ -129,8 +131,8 @@ Spec = DemoSpec | PerfSpec | AccSpec
 def spec_from_args(args: argparse.Namespace, given: set[str]) -> Spec:
     """`given`: the destinations of the flags on the command line (whatever their value)."""
     mode = "demo" if args.demo else "perf" if args.perf else "acc"
-    check_values(args)
     check_modes(mode, args, given)
+    check_values(args)
     engine = engine_spec(args, given)
     if mode == "demo":
         return demo_spec(args, engine)

@@ -44,45 +44,51 @@ def request_images(processor: ProcessorAdapter, files: list[Image.Image], shapes
     return [Image.new("RGB", sizes[i % len(sizes)]) for i in range(count)]
 
 
-def request_items(processor: ProcessorAdapter, images: list[Image.Image],
-                  video=None) -> tuple[MultiModalInputs, list[list[int]]]:
-    """The tensors of one request's images (or its video), and each item's prompt tokens."""
+@dataclass(frozen=True)
+class RequestItems:
+    """One request's pictures (or video), processed once for every request that carries them."""
+
+    mm_inputs: MultiModalInputs
+    placeholders: list[list[int]]  # each item's prompt tokens
+    positions: int  # the multimodal positions, in all
+    fixed: int  # the prompt tokens that are not free text: BOS (where there is one) and every item's tokens
+
+
+def request_items(processor: ProcessorAdapter, images: list[Image.Image], video=None) -> RequestItems:
     if video is not None:
         mm_inputs = processor.video_inputs(video)
-        return mm_inputs, [processor.placeholder_ids(processor.item_positions(mm_inputs)[0], video=True)]
-    mm_inputs = processor.image_inputs(images)
-    return mm_inputs, [processor.placeholder_ids(n) for n in processor.item_positions(mm_inputs)]
+        placeholders = [processor.placeholder_ids(processor.item_positions(mm_inputs)[0], video=True)]
+    else:
+        mm_inputs = processor.image_inputs(images)
+        placeholders = [processor.placeholder_ids(n) for n in processor.item_positions(mm_inputs)]
+    bos = processor.bos_token_id is not None
+    return RequestItems(mm_inputs, placeholders, sum(processor.item_positions(mm_inputs)),
+                        bos + sum(len(p) for p in placeholders))
 
 
 def image_positions(processor: ProcessorAdapter, images: list[Image.Image], video=None) -> tuple[MultiModalInputs, int]:
     """The tensors of the images (or video) of one request, and the prompt positions they take in all."""
-    mm_inputs = request_items(processor, images, video)[0]
-    return mm_inputs, sum(processor.item_positions(mm_inputs))
-
-
-def fixed_tokens(processor: ProcessorAdapter, images: list[Image.Image], video=None) -> tuple[int, int]:
-    """(multimodal positions, prompt tokens that are not free text) of a synthetic request."""
-    mm_inputs, placeholders = request_items(processor, images, video)
-    bos = processor.bos_token_id is not None
-    return sum(processor.item_positions(mm_inputs)), bos + sum(len(p) for p in placeholders)
+    items = request_items(processor, images, video)
+    return items.mm_inputs, items.positions
 
 
 def synthetic_requests(processor: ProcessorAdapter, input_len: int, count: int, images: list[Image.Image] | None,
-                       seed: int, video=None) -> list[SyntheticRequest]:
+                       seed: int, video=None, items: RequestItems | None = None) -> list[SyntheticRequest]:
     """BOS (where the model has one), one random token, each item's tokens, then random tokens up to
     `input_len`. The random token before the items makes every request's prefix differ, so no prefix could be
-    shared. `images` None: one black image of the processor's size; `video`: one video instead of images."""
-    images = images or ([] if video is not None else request_images(processor, [], [], 1))
-    mm_inputs, placeholders = request_items(processor, images, video)
-    n_mm, fixed = fixed_tokens(processor, images, video)
-    check_input_len(input_len, n_mm, fixed, "video" if video is not None else "images")
+    shared. `images` None: one black image of the processor's size; `video`: one video instead of images;
+    `items`: those already processed."""
+    if items is None:
+        images = images or ([] if video is not None else request_images(processor, [], [], 1))
+        items = request_items(processor, images, video)
+    check_input_len(input_len, items.positions, items.fixed, "video" if video is not None else "images")
     vocab = np.array(processor.text_token_ids())
     rng = np.random.default_rng(seed)
     requests = []
     for _ in range(count):
-        text = rng.choice(vocab, input_len - fixed).tolist()
+        text = rng.choice(vocab, input_len - items.fixed).tolist()
         ids = ([processor.bos_token_id] if processor.bos_token_id is not None else []) + [text[0]]
-        for tokens in placeholders:
+        for tokens in items.placeholders:
             ids += tokens
-        requests.append(SyntheticRequest(ids + text[1:], mm_inputs, n_mm))
+        requests.append(SyntheticRequest(ids + text[1:], items.mm_inputs, items.positions))
     return requests

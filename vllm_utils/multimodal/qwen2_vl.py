@@ -15,7 +15,8 @@ from transformers import PretrainedConfig
 from vllm_utils.errors import UserError
 from vllm_utils.multimodal.inputs import MultiModalInputs
 from vllm_utils.multimodal.processor import ProcessorAdapter
-from vllm_utils.multimodal.video import VideoClip, qwen_video_patches
+from vllm_utils.multimodal.qwen2_vl_video import qwen_video_patches
+from vllm_utils.multimodal.video import VideoClip
 
 # transformers' defaults where a folder's processor files say nothing
 _IMAGE_PIXELS = (56 * 56, 28 * 28 * 1280)

@@ -112,11 +112,16 @@ class CpuPlatform(Platform):
         if self.team is not None:
             self.team.rest()
 
+    def release(self) -> None:
+        self.idle()
+        self.team = None
+
     def choose_kernels(self, model: nn.Module, config: EngineConfig, prompt_only: list[tuple[nn.Module, int]]) -> None:
         """bf16 only (fp32 runs the native ops): linears of prompt-only modules on oneDNN's packed weights; the
         other linears on our decode kernel (chained so each reads ahead into the next) where it takes their
         weight, else on oneDNN; norms, RoPE, activations and encoder attention on our kernels. Any dtype: the
         thread team follows the load (before each step), unless configured off or ranks share the cores."""
+        self.release()  # an earlier engine's team, if any
         if config.cpu_follow_load and config.tensor_parallel_size == 1:
             self.team = TeamFollower(torch.get_num_threads(), torch.set_num_threads)
         params = [p for p in model.parameters() if p.numel()]

@@ -100,6 +100,9 @@ class Platform:
     def idle(self) -> None:
         """The engine has no requests left; a platform that adapted to the load while they ran resets here."""
 
+    def release(self) -> None:
+        """The engine is done: what it set up on this platform (which outlives it) goes."""
+
     def choose_kernels(self, model: nn.Module, config: EngineConfig, prompt_only: list[tuple[nn.Module, int]]) -> None:
         """Gives the model's ops their device implementations (`Op.impl`), once, after loading. `prompt_only`:
         modules that never run in a decode step, each with the typical row count of its products."""

@@ -54,11 +54,15 @@ def prepare(sample: Sample, processor, max_model_len: int) -> tuple[str, dict]:
 
 
 def run(plan: Plan, backend: Backend) -> AccResult:
-    """Generates and scores the batch size of samples at a time; each record goes to --save-output as soon as it is
-    scored."""
+    """Generates and scores the batch size of samples at a time; each record goes to --save-output as soon as its
+    batch is scored (and, with --reference hf, compared)."""
     spec, samples = plan.spec, plan.inputs.samples
     reference = open_reference(plan) if spec.reference is not None else None
-    save_file = open(spec.save_output, "x", encoding="utf-8") if spec.save_output else None
+    try:
+        save_file = open(spec.save_output, "x", encoding="utf-8") if spec.save_output else None
+    except FileExistsError:
+        raise UserError(f"--save-output '{spec.save_output}' was written meanwhile by another run; it is never "
+                        f"overwritten") from None
     try:
         results = _run_samples(plan, backend, reference, samples, save_file)
     finally:
