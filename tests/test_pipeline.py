@@ -41,11 +41,21 @@ BAD_VALUES = {
     "block larger than any sequence": (["--perf", "--block-size=100000", "--max-model-len=512", "--input-len=100",
                                         "--output-len=4"], "--block-size 100000 is larger than the longest sequence"),
     "two images for one per request": (["--perf", "--input-image={photo}", "--input-image={photo}"],
-                                       "pass one --input-image (used for each) or 1, not 2"),
+                                       "pass one --input-image (or raise --mm-per-prompt), not 2"),
+    "three images for two per request": (["--perf", "--mm-per-prompt=2"] + ["--input-image={photo}"] * 3,
+                                         "pass one --input-image (used for each) or 2, not 3"),
+    "video with two images per request": (["--perf", "--num-frames=4", "--mm-per-prompt=2"],
+                                          "a video request carries one video"),
+    "demo frames without a video": (["--demo", "--num-frames=4"], "give --input-video or drop --num-frames"),
+    "top-p while greedy": (["--demo", "--top-p=0.5"], "--top-p shapes sampling, and --temperature 0 is greedy"),
+    "result-filename a path": (["--perf", "--result-filename=/tmp/x.csv"], "must be a file name, inside --result-dir"),
+    "result-filename empty": (["--perf", "--result-filename="], "must be a file name"),
+    "unknown dtype": (["--demo", "--dtype=fp16"], "unknown --dtype 'fp16'"),
+    "model is a file": (["--demo", "--model={photo}"], "is a file; give the model's folder"),
     "vision shape beside images": (["--perf", "--input-image={photo}", "--input-vision-shape=60,60"],
                                    "--input-vision-shape sizes synthetic images, and --input-image gives real ones"),
-    "top-p": (["--demo", "--top-p=0"], "--top-p must be in (0, 1], got 0.0"),
-    "top-k": (["--demo", "--top-k=0"], "--top-k must be -1 (all tokens) or >= 1, got 0"),
+    "top-p": (["--demo", "--temperature=1", "--top-p=0"], "--top-p must be in (0, 1], got 0.0"),
+    "top-k": (["--demo", "--temperature=1", "--top-k=0"], "--top-k must be -1 (all tokens) or >= 1, got 0"),
     "output-json exists": (["--perf", "--output-json={tmp}/exists.json"], "exists and is never overwritten"),
     "result-filename exists": (["--perf", "--result-filename=exists.csv"], "exists and is never overwritten"),
     "save-output exists": (["--acc", "--save-output={tmp}/exists.jsonl"], "exists and is never overwritten"),
@@ -192,3 +202,28 @@ def test_an_engine_run_hands_its_thread_team_back(tiny_llava, tmp_path):
               "--no-save-result", cwd=str(tmp_path))
     assert run.returncode == 0, run.stderr
     assert platform_for(torch.device("cpu")).team is None
+
+
+@pytest.mark.parametrize("args", [["--demo", "--device=tpu9"], ["--demo", "--max-model-len=20"],
+                                  ["--demo", "--mm-per-prompt=2"], ["--perf", "--input-len=5"]])
+def test_an_error_is_the_only_line_even_with_the_default_model(args, tmp_path):
+    """The notes of a run (which default model, which picture) are said once it is checked: not before an error."""
+    run = cli(*args, env={"XDG_CACHE_HOME": str(tmp_path)}, cwd=str(tmp_path))
+    assert run.returncode == 1 and run.stderr.splitlines() == error_lines(run), run.stderr
+
+
+def test_acc_replies_are_as_long_as_their_metric_allows(tiny_llava):
+    """A dataset mixing metrics: each sample gets its own metric's budget (ROUGE 1024, choices 32, ANLS 32), not the
+    largest one for all."""
+    import argparse
+
+    from vllm_utils.benchmark_vision_language import build_parser, given_flags
+    from vllm_utils.modes.plan import make_plan
+    from vllm_utils.modes.spec import ACC_OUTPUT_LEN, spec_from_args
+
+    argv = ["--acc", f"--model={tiny_llava}", "--device=cpu", "--dataset=sample-jsonl", "--no-save-result"]
+    args: argparse.Namespace = build_parser().parse_args(argv)
+    plan = make_plan(spec_from_args(args, given_flags(argv)))
+    metrics = [s.metric for s in plan.inputs.samples]
+    assert len(set(metrics)) > 1
+    assert plan.inputs.output_lens == [ACC_OUTPUT_LEN[m] for m in metrics] and plan.inputs.output_len == "per metric"

@@ -93,6 +93,12 @@ def _one_line_error(*args) -> str:
     return message
 
 
+def test_a_shorter_clip_gives_every_frame_when_no_count_was_asked(mp4):
+    """--num-frames left out: up to 16 frames, and every frame of a shorter clip (12 here), rather than an error."""
+    clip = load_video(mp4, FRAMES + 4, at_most=True)
+    assert clip.frames.shape[0] == FRAMES and _indices_by_brightness(clip) == list(range(FRAMES))
+
+
 def test_bad_video_input_is_one_line(mp4, tmp_path):
     pytest.importorskip("av")
     assert "does not exist" in _one_line_error(str(tmp_path / "missing.mp4"), 4)

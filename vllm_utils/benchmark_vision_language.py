@@ -46,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Validate (--demo), benchmark (--perf) and score (--acc) a vision-language "
-                                       "model.", formatter_class=_HelpFormatter, epilog=EPILOG)
+                                       "model.", formatter_class=_HelpFormatter, epilog=EPILOG, allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"vllm_utils {__version__}")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--demo", action="store_true", help="generate text for images (or videos) and prompts")
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="HEIGHT,WIDTH of the synthetic images (or video frames), ';' between images (e.g. 672,672 "
                            "or 336,672;672,336; default: the processor's size)")
     perf.add_argument("--num-prompts", type=int, default=1,
-                      help="requests in each timed run; --acc: the first N rows (default there: all)")
+                      help="requests in each timed run (default: 1); --acc: the first N rows (default there: all)")
     perf.add_argument("--num-iters", type=int, default=1, help="timed repetitions")
     acc = p.add_argument_group("--acc")
     acc.add_argument("--dataset", default=None,
@@ -128,7 +128,8 @@ def _model_flags(g: argparse._ArgumentGroup) -> None:
                    help="KV-cache blocks (engine only; default: sized from memory)")
     g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs (engine only)")
     g.add_argument("--seed", type=int, default=0,
-                   help="seed of random weights, synthetic requests and sampling (one generator for all requests)")
+                   help="seed of random weights, synthetic requests and sampling (one generator for all requests), "
+                        "0 to 4294967295")
     g.add_argument("--backend", default="engine", choices=["engine", "hf"],
                    help="engine: ours; hf: the same workload through HF transformers' generate, for comparison")
 
@@ -164,14 +165,16 @@ def quiet_libraries() -> None:
 
 
 def run(args: argparse.Namespace, given: set[str]) -> None:
+    from vllm_utils.modes.spec import spec_from_args
+
+    spec = spec_from_args(args, given)  # before the heavy imports: a bad flag value is told at once
+    quiet_libraries()
     from vllm_utils.modes import demo, perf
     from vllm_utils.modes.acc import run as acc
     from vllm_utils.modes.backends import open_backend
     from vllm_utils.modes.plan import make_plan
     from vllm_utils.modes.report import report
-    from vllm_utils.modes.spec import spec_from_args
 
-    spec = spec_from_args(args, given)
     plan = make_plan(spec)
     with open_backend(plan) as backend:
         result = {"demo": demo.run, "perf": perf.run, "acc": acc.run}[plan.mode](plan, backend)
@@ -181,16 +184,16 @@ def run(args: argparse.Namespace, given: set[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     given = given_flags(argv)
-    quiet_libraries()
-    import torch
-
     from vllm_utils.notes import forget_notes
 
     forget_notes()
     try:
         run(args, given)
-    except (UserError, torch.OutOfMemoryError, MemoryError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+    except Exception as e:
+        why = one_line(e)  # bad input or out of memory; anything else is a bug, whose traceback is needed
+        if why is None:
+            raise
+        print(f"error: {why}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

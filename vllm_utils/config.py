@@ -81,6 +81,8 @@ class ResolvedConfig:
 def load_hf_config(model: str) -> PretrainedConfig:
     """The model folder's config.json, read through transformers so that defaults are filled in."""
     folder = bundled_config_dir(model) or model
+    if os.path.isfile(folder):
+        raise UserError(f"--model '{model}' is a file; give the model's folder (the one holding config.json)")
     if not os.path.isdir(folder):
         hub = " (nothing is downloaded: fetch a Hub model first, e.g. `hf download NAME --local-dir DIR`)"
         raise UserError(f"model folder '{model}' does not exist; give a local folder holding config.json"

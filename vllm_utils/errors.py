@@ -10,10 +10,10 @@ _LESS_MEMORY = "lower --max-model-len, --batch-size or --num-kv-blocks, or use a
 
 def one_line(error: BaseException) -> str | None:
     """What a user is told of `error` if it is theirs to fix; None for a bug, whose traceback they need."""
-    import torch
-
     if isinstance(error, UserError):
         return str(error)
+    import torch
+
     if isinstance(error, torch.OutOfMemoryError):
         return f"out of device memory; {_LESS_MEMORY}"
     if isinstance(error, MemoryError):

@@ -47,6 +47,14 @@ def multi_modal_items(prompt: dict) -> tuple[list[Image.Image], list]:
     return images, [videos] if single else videos
 
 
+def per_prompt(params: SamplingParams | list[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    if isinstance(params, list):
+        if len(params) != count:
+            raise UserError(f"{len(params)} SamplingParams for {count} prompts: give one for all, or one per prompt")
+        return params
+    return [params or SamplingParams()] * count
+
+
 class LLM:
     def __init__(self, model: str | ResolvedConfig, model_type: str | None = None,
                  processor: ProcessorAdapter | None = None, **engine_args) -> None:
@@ -55,20 +63,21 @@ class LLM:
         config = model if isinstance(model, ResolvedConfig) else EngineConfig(model=model, **engine_args)
         self.engine = LLMEngine(config, model_type, processor)
 
-    def generate(self, prompts: PromptInput | list[PromptInput], sampling_params: SamplingParams | None = None,
+    def generate(self, prompts: PromptInput | list[PromptInput],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Each prompt is a string, or {"prompt": str, "multi_modal_data": {"image": PIL image or list, "video": a
         video or list (see `multi_modal_items`)}},
         or {"prompt_token_ids": [...], "mm_inputs": {"pixel_values": tensor, ...}} (already processed: each
         image placeholder expanded to its positions). A dict may also hold "continuation_token_ids": tokens
-        appended to the prompt as text (teacher forcing; see `LLMEngine.add_request`). Outputs come back in
-        input order."""
+        appended to the prompt as text (teacher forcing; see `LLMEngine.add_request`). `sampling_params`: one for
+        every prompt, or one per prompt (as vLLM takes them). Outputs come back in input order."""
         prompts = prompts if isinstance(prompts, list) else [prompts]
-        params = sampling_params or SamplingParams()
+        params = per_prompt(sampling_params, len(prompts))
         seqs = []
         try:
-            for p in prompts:
-                seqs.append(self._add(p, params))
+            for p, ps in zip(prompts, params):
+                seqs.append(self._add(p, ps))
         except Exception:
             self.engine.abort(seqs)  # all or nothing: no half-added batch left in the queue
             raise

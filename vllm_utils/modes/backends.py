@@ -5,6 +5,7 @@ there is a paged cache. Device facts come from the plan's platform, not from her
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Iterator, Protocol
 
 import torch
@@ -15,7 +16,8 @@ from vllm_utils.engine.llm_engine import EngineStats
 from vllm_utils.engine.resolve import resolve
 from vllm_utils.engine.sequence import SequenceTimes
 from vllm_utils.hf_reference import HFReference
-from vllm_utils.llm import LLM, CompletionOutput, RequestOutput
+from vllm_utils.errors import UserError
+from vllm_utils.llm import LLM, CompletionOutput, RequestOutput, per_prompt
 from vllm_utils.modes.plan import Plan
 from vllm_utils.multimodal.processor import ProcessorAdapter
 from vllm_utils.platforms import Platform, platform_for
@@ -26,7 +28,8 @@ from vllm_utils.sampling_params import SamplingParams
 class Backend(Protocol):
     stats: EngineStats
 
-    def generate(self, requests: list[dict], params: SamplingParams, use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(self, requests: list[dict], params: SamplingParams | list[SamplingParams],
+                 use_tqdm: bool = True) -> list[RequestOutput]:
         ...
 
     def reset_stats(self) -> None: ...
@@ -45,7 +48,8 @@ class EngineBackend:
     def stats(self) -> EngineStats:
         return self.llm.engine.stats
 
-    def generate(self, requests: list[dict], params: SamplingParams, use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(self, requests: list[dict], params: SamplingParams | list[SamplingParams],
+                 use_tqdm: bool = True) -> list[RequestOutput]:
         return self.llm.generate(requests, params, use_tqdm)
 
     def reset_stats(self) -> None:
@@ -95,15 +99,22 @@ class HFBackend:
     def close(self) -> None:
         pass
 
-    def generate(self, requests: list[dict], params: SamplingParams, use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(self, requests: list[dict], params: SamplingParams | list[SamplingParams],
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Per-prompt params may differ in `max_tokens` only: a batch runs to its longest, each row cut to its own
+        (greedy or seeded alike, the same tokens as a run that stopped there)."""
+        each = per_prompt(params, len(requests))
+        if any(replace(p, max_tokens=1) != replace(each[0], max_tokens=1) for p in each):
+            raise UserError("--backend hf runs a batch with one set of sampling parameters (max_tokens aside)")
         processed = [self._processed(r) for r in requests]
         arrival = time.perf_counter()
         outputs = []
         batch_size = self.config.max_num_seqs
-        with progress_bar(total=len(processed) * params.max_tokens, desc="Generating (HF)", unit="tok",
+        with progress_bar(total=sum(p.max_tokens for p in each), desc="Generating (HF)", unit="tok",
                           disable=not use_tqdm) as bar:  # the batch's positions, EOS or not
             for start in range(0, len(processed), batch_size):
-                outputs.extend(self._generate_batch(processed[start : start + batch_size], params, arrival, bar))
+                chunk = slice(start, start + batch_size)
+                outputs.extend(self._generate_batch(processed[chunk], each[chunk], arrival, bar))
         return outputs
 
     def _processed(self, request: dict) -> tuple[str | None, list[int], dict | None]:
@@ -115,7 +126,9 @@ class HFBackend:
         return request["prompt"], ids, mm_inputs
 
     @torch.inference_mode()
-    def _generate_batch(self, chunk: list, params: SamplingParams, arrival: float, bar) -> list[RequestOutput]:
+    def _generate_batch(self, chunk: list, each: list[SamplingParams], arrival: float,
+                        bar) -> list[RequestOutput]:
+        params = replace(each[0], max_tokens=max(p.max_tokens for p in each))
         hf_config, device = self.config.hf_config, self.config.device
         pad = getattr(hf_config, "pad_token_id", None)
         pad = pad if pad is not None else (getattr(hf_config.text_config, "pad_token_id", None) or 0)
@@ -135,8 +148,8 @@ class HFBackend:
                                             stopping_criteria=[clock], pad_token_id=pad, **kwargs)
         self._count(clock, scheduled, int(inputs["attention_mask"].sum()), len(chunk))
         results = []
-        for row, (prompt, ids, _) in enumerate(chunk):
-            tokens = out[row, width:].tolist()
+        for row, ((prompt, ids, _), own) in enumerate(zip(chunk, each)):
+            tokens = out[row, width : width + own.max_tokens].tolist()
             if not params.ignore_eos and eos in tokens:
                 tokens = tokens[: tokens.index(eos) + 1]
             reason = "stop" if tokens and tokens[-1] == eos and not params.ignore_eos else "length"

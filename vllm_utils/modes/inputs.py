@@ -1,7 +1,6 @@
 """Each mode's requests, built once by the plan before the weights load: --demo's pictures or videos with their
 prompts (rendered and processed), --perf's synthetic requests (the warm-up's and every timed run's), --acc's
 samples (their pictures are read per batch, so that a bad one fails that sample only)."""
-import sys
 from dataclasses import dataclass
 
 from vllm_utils.config import ResolvedConfig
@@ -32,7 +31,8 @@ class PerfInputs:
 @dataclass(frozen=True)
 class AccInputs:
     samples: list[Sample]
-    output_len: int
+    output_lens: list[int]  # new tokens of each sample's reply
+    output_len: int | str  # as the settings record it: --output-len, or "per metric"
 
 
 # ---- --demo -------------------------------------------------------------------------------------------------
@@ -45,6 +45,9 @@ def demo_pairs(spec: DemoSpec, default_image: str | None) -> list[tuple[tuple[st
     if not images:
         raise UserError("--demo needs --input-image IMAGE (repeatable) or --input-video VIDEO")
     per_prompt = spec.mm_per_prompt
+    if not spec.images and per_prompt > 1:
+        raise UserError(f"--mm-per-prompt {per_prompt} puts {per_prompt} images in each prompt, and no --input-image "
+                        f"was given (the default picture is one): give --input-image {per_prompt} times")
     if len(images) % per_prompt:
         raise UserError(f"{len(images)} --input-image do not split into groups of --mm-per-prompt {per_prompt}; "
                         f"pass a multiple of {per_prompt} images")
@@ -60,8 +63,8 @@ def demo_pairs(spec: DemoSpec, default_image: str | None) -> list[tuple[tuple[st
     return list(zip(groups, prompts))
 
 
-def demo_inputs(spec: DemoSpec, config: ResolvedConfig, processor: ProcessorAdapter,
-                default_image: str | None) -> DemoInputs:
+def demo_inputs(spec: DemoSpec, config: ResolvedConfig, processor: ProcessorAdapter, default_image: str | None,
+                notes: list[str]) -> DemoInputs:
     """A prompt holding the image placeholder is rendered as given; otherwise the chat template places the
     pictures (or the video) before it."""
     pairs = demo_pairs(spec, default_image)
@@ -69,14 +72,14 @@ def demo_inputs(spec: DemoSpec, config: ResolvedConfig, processor: ProcessorAdap
         check_takes_video(processor, config)
         from vllm_utils.multimodal.video import load_video
 
-        videos = {path: load_video(path, spec.num_frames) for path in spec.videos}
+        videos = {path: load_video(path, spec.num_frames, at_most=spec.fewer_frames) for path in spec.videos}
         requests = [_processed(processor, processor.chat_prompt(text, num_images=0, num_videos=1), [], [videos[v]])
                     for (v,), text in pairs]
         return DemoInputs(_within(requests, config), [f"Video: {v!r}" for (v,), _ in pairs])
     from vllm_utils.multimodal.image import load_image
 
     if not spec.images:
-        print(f"No --input-image given: using the generated picture {default_image}.", file=sys.stderr)
+        notes.append(f"No --input-image given: using the generated picture {default_image}.")
     placeholder = processor.image_token  # the folder's, e.g. Qwen2-VL's <|image_pad|>
     check_prompt_placeholders([text for _, text in pairs], spec.mm_per_prompt, placeholder)
     images = {path: load_image(path) for paths, _ in pairs for path in paths}
@@ -146,13 +149,13 @@ def perf_inputs(spec: PerfSpec, config: ResolvedConfig, processor: ProcessorAdap
 def perf_video(spec: PerfSpec, config: ResolvedConfig, processor: ProcessorAdapter):
     """The video of every request: the file's frames, or with --num-frames alone black frames of
     --input-vision-shape (or the processor's size); None for image requests."""
-    if spec.video is None and spec.num_frames is None:
+    if spec.num_frames is None:
         return None
     check_takes_video(processor, config)
     from vllm_utils.multimodal.video import black_video, load_video
 
     if spec.video is not None:
-        return load_video(spec.video, spec.num_frames)
+        return load_video(spec.video, spec.num_frames, at_most=spec.fewer_frames)
     height, width = spec.vision_shapes[0] if spec.vision_shapes else processor.image_size[::-1]
     return black_video(spec.num_frames, height, width)
 
@@ -162,6 +165,9 @@ def read_samples(spec: AccSpec) -> list[Sample]:
     return read_dataset(dataset_path(spec.dataset), spec.dataset_format, spec.dataset_split, spec.limit)
 
 
-def acc_inputs(spec: AccSpec, samples: list[Sample]) -> AccInputs:
-    """New tokens per reply: --output-len, else the most any of the samples' metrics allows."""
-    return AccInputs(samples, spec.output_len or max(ACC_OUTPUT_LEN[s.metric] for s in samples))
+def acc_inputs(spec: AccSpec, samples: list[Sample], notes: list[str]) -> AccInputs:
+    """New tokens per reply: --output-len, else what the sample's metric allows."""
+    if not spec.dataset_given:
+        notes.append(f"No --dataset given: scoring the bundled {spec.dataset}.")
+    lens = [spec.output_len or ACC_OUTPUT_LEN[s.metric] for s in samples]
+    return AccInputs(samples, lens, spec.output_len or "per metric")

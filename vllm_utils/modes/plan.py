@@ -5,7 +5,7 @@ after it builds a processor or a platform, or applies a default."""
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vllm_utils.config import DEFAULT_MAX_NUM_SEQS, EngineConfig, ResolvedConfig
 from vllm_utils.engine.resolve import resolve
@@ -39,24 +39,25 @@ def make_plan(spec: Spec) -> Plan:
         check_model_type(engine.model_type)
     if isinstance(spec, (PerfSpec, AccSpec)):
         check_report_files(spec.report, getattr(spec, "save_output", None))
-    model, default_image = default_model(spec)
-    if isinstance(spec, AccSpec) and not spec.dataset_given:
-        print(f"No --dataset given: scoring the bundled {spec.dataset}.", file=sys.stderr)
-    samples = inputs.read_samples(spec) if isinstance(spec, AccSpec) else None  # a bad dataset fails first
-    requests = count_requests(spec, samples, default_image)
-    config = resolve_config(spec, model, requests)
-    dummy = engine.load_format == "dummy"
-    processor = config_processor(config, dummy)
-    check_reads_text(spec, model, processor)
-    check_optional_packages(spec, samples)
+    resolve_device(engine.device or default_device())
     if getattr(spec, "reference", None) is not None:
         resolve_device(spec.reference.device, flag="--reference-device")
+    notes: list[str] = []  # said once everything is checked: an error is the only line a bad run prints
+    model, default_image = default_model(spec, notes)
+    samples = inputs.read_samples(spec) if isinstance(spec, AccSpec) else None
+    config = resolve_config(spec, model)
+    processor = config_processor(config, engine.load_format == "dummy")
+    check_reads_text(spec, model, processor)
+    check_optional_packages(spec, samples)
     if isinstance(spec, DemoSpec):
-        mode_inputs = inputs.demo_inputs(spec, config, processor, default_image)
+        mode_inputs = inputs.demo_inputs(spec, config, processor, default_image, notes)
     elif isinstance(spec, PerfSpec):
         mode_inputs = inputs.perf_inputs(spec, config, processor)
     else:
-        mode_inputs = inputs.acc_inputs(spec, samples)
+        mode_inputs = inputs.acc_inputs(spec, samples, notes)
+    config = batch_of(config, count_requests(spec, mode_inputs), engine.batch_size, notes)
+    for note in notes:
+        print(note, file=sys.stderr)
     return Plan(spec, model, config, processor, platform_for(config.device), mode_inputs)
 
 
@@ -78,8 +79,8 @@ def check_report_files(report: ReportSpec, save_output: str | None) -> None:
         check_new_file(report.output_json, "--output-json", "result.json")
 
 
-def default_model(spec: Spec) -> tuple[str, str | None]:
-    """The model folder to run and, where none was given, the default model's picture. Says which model it is."""
+def default_model(spec: Spec, notes: list[str]) -> tuple[str, str | None]:
+    """The model folder to run and, where none was given, the default model's picture (and a note saying which)."""
     if spec.engine.model is not None:
         return spec.engine.model, None
     from vllm_utils.testing.default_model import default_model as build
@@ -91,33 +92,39 @@ def default_model(spec: Spec) -> tuple[str, str | None]:
         from vllm_utils.bundled import bundled_names
 
         hub = next(iter(bundled_names(family)), None)
-        print(f"No --model given: benchmarking the tiny random {name} at {built.folder}; pass --model PATH"
-              + (f" (or --model {hub} --load-format dummy)." if hub else "."), file=sys.stderr)
+        notes.append(f"No --model given: benchmarking the tiny random {name} at {built.folder}; pass --model PATH"
+                     + (f" (or --model {hub} --load-format dummy)." if hub else "."))
     else:
-        print(f"No --model given: {'built' if built.built else 'using'} a tiny {name} with RANDOM weights at "
-              f"{built.folder} (its text is gibberish by design); pass --model PATH for a real checkpoint.",
-              file=sys.stderr)
+        notes.append(f"No --model given: {'built' if built.built else 'using'} a tiny {name} with RANDOM weights at "
+                     f"{built.folder} (its text is gibberish by design); pass --model PATH for a real checkpoint.")
     return built.folder, built.image
 
 
-def count_requests(spec: Spec, samples: list | None, default_image: str | None) -> int:
+def count_requests(spec: Spec, mode_inputs) -> int:
     if isinstance(spec, DemoSpec):
-        return len(inputs.demo_pairs(spec, default_image))
+        return len(mode_inputs.requests)
     if isinstance(spec, PerfSpec):
         return spec.num_prompts
-    return len(samples)
+    return len(mode_inputs.samples)
 
 
-def resolve_config(spec: Spec, model: str, requests: int) -> ResolvedConfig:
-    """The engine's configuration resolved against the model's, once; the batch is at most the run's requests."""
+def batch_of(config: ResolvedConfig, requests: int, asked: int | None, notes: list[str]) -> ResolvedConfig:
+    """The batch: --batch-size, else every request (at most 256), and never more than the run's requests (the KV
+    cache is sized for it)."""
+    batch = min(asked or DEFAULT_MAX_NUM_SEQS, requests)
+    if asked is not None and asked > requests:
+        notes.append(f"note: --batch-size {asked} is more than the {requests} request(s) of this run; running at "
+                     f"most {requests} at once")
+    return replace(config, max_num_seqs=batch, engine=replace(config.engine, max_num_seqs=batch))
+
+
+def resolve_config(spec: Spec, model: str) -> ResolvedConfig:
+    """The engine's configuration resolved against the model's, once (the batch is set when the requests are
+    known)."""
     engine = spec.engine
-    batch = min(engine.batch_size or DEFAULT_MAX_NUM_SEQS, requests)
-    if engine.batch_size is not None and engine.batch_size > requests:
-        print(f"note: --batch-size {engine.batch_size} is more than the {requests} request(s) of this run; running "
-              f"at most {requests} at once", file=sys.stderr)
     config = resolve(EngineConfig(
         model=model, device=engine.device or default_device(), dtype=engine.dtype,
-        max_model_len=engine.max_model_len, block_size=engine.block_size, max_num_seqs=batch,
+        max_model_len=engine.max_model_len, block_size=engine.block_size,
         max_num_batched_tokens=engine.max_num_batched_tokens, num_kv_blocks=engine.num_kv_blocks,
         enforce_eager=engine.enforce_eager, tensor_parallel_size=engine.tensor_parallel_size, seed=engine.seed,
         load_format=engine.load_format), engine.model_type)

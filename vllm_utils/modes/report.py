@@ -92,7 +92,7 @@ def perf_settings(plan: Plan) -> dict[str, object]:
     spec, config, engine = plan.spec, plan.config, plan.spec.engine
     synthetic_video = plan.inputs.synthetic_video
     return {
-        "model": plan.model, "model_type": config.model_type, "device": str(config.device),
+        "mode": "perf", "model": plan.model, "model_type": config.model_type, "device": str(config.device),
         "dtype": str(config.dtype).removeprefix("torch."), "tensor_parallel_size": engine.tensor_parallel_size,
         "max_model_len": config.max_model_len, "input_len": spec.input_len, "output_len": spec.output_len,
         "num_prompts": spec.num_prompts, "batch_size": config.max_num_seqs, "block_size": engine.block_size,
@@ -131,7 +131,7 @@ def acc_settings(plan: Plan) -> dict[str, object]:
         "dataset_format": spec.dataset_format or "auto", "num_prompts": spec.limit or "all",
         "batch_size": config.max_num_seqs, "output_len": plan.inputs.output_len,
         "max_model_len": config.max_model_len, "seed": spec.engine.seed,
-        "reference": "hf" if spec.reference else "none",
+        "reference": "hf" if spec.reference else "none", "backend": spec.engine.backend,
     }
 
 

@@ -15,6 +15,7 @@ DEFAULT_OUTPUT_LEN = {"demo": 64, "perf": 128}
 # --acc: new tokens per reply by metric, as lmms-eval's task configs allow (the most any sample's metric allows)
 ACC_OUTPUT_LEN = {"rouge": 1024, "choice": 32, "vqa": 16, "anls": 32, "open": 32}
 MAX_SEED = 2**32 - 1
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float", "half")
 REFERENCE_DTYPES = ("float32", "float16", "bfloat16")
 
 # flags whose value counts something: 0 or less is refused, never read as "the default"
@@ -83,7 +84,8 @@ class DemoSpec:
     engine: EngineSpec
     images: tuple[str, ...]  # empty with no video: the default model's picture (no --model) or an error
     videos: tuple[str, ...]
-    num_frames: int
+    num_frames: int  # frames sampled from each video
+    fewer_frames: bool  # a shorter clip gives every frame it has (--num-frames not given)
     mm_per_prompt: int
     prompts: tuple[str, ...]  # given, else the default for images or videos
     output_len: int
@@ -99,7 +101,8 @@ class PerfSpec:
     engine: EngineSpec
     images: tuple[str, ...]  # empty: black images of `vision_shapes`, or the processor's size
     video: str | None
-    num_frames: int | None  # with no video file: a black video of this many frames
+    num_frames: int | None  # frames of the video; with no video file a black one of so many; None: images
+    fewer_frames: bool  # as for --demo
     mm_per_prompt: int
     vision_shapes: tuple[tuple[int, int], ...]  # (height, width) of synthetic images or frames
     input_len: int
@@ -148,6 +151,12 @@ def check_values(args: argparse.Namespace) -> None:
             raise UserError(f"{flag(dest)} must be >= 1, got {value}")
     if args.num_frames is not None:
         check_num_frames(args.num_frames)
+    if args.dtype != "auto" and args.dtype not in DTYPE_NAMES:
+        raise UserError(f"unknown --dtype '{args.dtype}': use auto, {', '.join(DTYPE_NAMES)}")
+    if args.result_filename is not None and (not args.result_filename or os.path.basename(args.result_filename)
+                                             != args.result_filename):
+        raise UserError(f"--result-filename '{args.result_filename}' must be a file name, inside --result-dir (give "
+                        f"the folder there)")
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
     if not math.isfinite(args.temperature) or args.temperature < 0:
@@ -156,6 +165,11 @@ def check_values(args: argparse.Namespace) -> None:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k < -1 or args.top_k == 0:
         raise UserError(f"--top-k must be -1 (all tokens) or >= 1, got {args.top_k}")
+    if args.temperature == 0:
+        for dest, off in (("top_p", 1.0), ("top_k", -1)):
+            if getattr(args, dest) != off:
+                raise UserError(f"{flag(dest)} shapes sampling, and --temperature 0 is greedy: give --temperature > 0 "
+                                f"or drop {flag(dest)}")
     if args.reference_dtype not in REFERENCE_DTYPES:
         raise UserError(f"unknown --reference-dtype '{args.reference_dtype}': use {', '.join(REFERENCE_DTYPES)}")
     if args.input_video and args.input_image:
@@ -221,12 +235,15 @@ def report_spec(args: argparse.Namespace) -> ReportSpec:
 
 def demo_spec(args: argparse.Namespace, engine: EngineSpec) -> DemoSpec:
     default_prompt = DEFAULT_VIDEO_PROMPT if args.input_video else DEFAULT_PROMPT
+    if args.num_frames is not None and not args.input_video:
+        raise UserError("--num-frames samples each --input-video's frames: give --input-video or drop --num-frames")
     if args.input_video and engine.model is None and engine.model_type is None:
         raise UserError("--input-video needs a video model: pass --model with a Qwen2-VL or Qwen2.5-VL folder, or "
                         "--model-type qwen2_vl for its tiny random model")
     return DemoSpec(
         engine=engine, images=tuple(args.input_image), videos=tuple(args.input_video),
-        num_frames=args.num_frames or DEFAULT_NUM_FRAMES, mm_per_prompt=args.mm_per_prompt,
+        num_frames=args.num_frames or DEFAULT_NUM_FRAMES, fewer_frames=args.num_frames is None,
+        mm_per_prompt=args.mm_per_prompt,
         prompts=tuple(args.prompt or [default_prompt]), output_len=args.output_len or DEFAULT_OUTPUT_LEN["demo"],
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, reference=reference_spec(args))
 
@@ -236,11 +253,16 @@ def perf_spec(args: argparse.Namespace, engine: EngineSpec) -> PerfSpec:
         raise UserError("--perf takes one --input-video (every request carries it); drop the others")
     shapes = parse_vision_shapes(args.input_vision_shape)
     if len(args.input_image) not in (0, 1, args.mm_per_prompt):
-        raise UserError(f"--perf gives every request --mm-per-prompt {args.mm_per_prompt} image(s): pass one "
-                        f"--input-image (used for each) or {args.mm_per_prompt}, not {len(args.input_image)}")
+        each = f"one --input-image (used for each) or {args.mm_per_prompt}" if args.mm_per_prompt > 1 else \
+            "one --input-image (or raise --mm-per-prompt)"
+        raise UserError(f"--perf gives every request --mm-per-prompt {args.mm_per_prompt} image(s): pass {each}, not "
+                        f"{len(args.input_image)}")
     if args.input_image and shapes:
         raise UserError("--input-vision-shape sizes synthetic images, and --input-image gives real ones; drop one")
     video = args.input_video[0] if args.input_video else None
+    if (video is not None or args.num_frames is not None) and args.mm_per_prompt > 1:
+        raise UserError("--mm-per-prompt gives each request several images, and a video request carries one video: "
+                        "drop --mm-per-prompt or the video")
     if (video is not None or args.num_frames is not None) and len(shapes) > 1:
         raise UserError(f"--input-vision-shape gives {len(shapes)} sizes but a video has one; give one HEIGHT,WIDTH")
     if video is not None and shapes:
@@ -254,7 +276,8 @@ def perf_spec(args: argparse.Namespace, engine: EngineSpec) -> PerfSpec:
                         f"{args.max_model_len}; raise --max-model-len or shorten the request")
     return PerfSpec(
         engine=engine, images=tuple(args.input_image), video=video,
-        num_frames=args.num_frames if args.num_frames is not None or video is None else DEFAULT_NUM_FRAMES,
+        num_frames=args.num_frames or (DEFAULT_NUM_FRAMES if video is not None else None),
+        fewer_frames=args.num_frames is None,
         mm_per_prompt=args.mm_per_prompt, vision_shapes=tuple(shapes), input_len=args.input_len,
         output_len=output_len, num_prompts=args.num_prompts, num_iters=args.num_iters, report=report_spec(args))
 

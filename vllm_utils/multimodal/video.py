@@ -44,8 +44,9 @@ def sample_indices(total_frames: int, num_frames: int) -> np.ndarray:
     return np.arange(num_frames) * total_frames // num_frames
 
 
-def load_video(path: str, num_frames: int) -> VideoClip:
-    """`num_frames` frames sampled uniformly over the video file `path`; a UserError names what is wrong."""
+def load_video(path: str, num_frames: int, at_most: bool = False) -> VideoClip:
+    """`num_frames` frames sampled uniformly over the video file `path` (`at_most`: every frame of a shorter clip);
+    a UserError names what is wrong."""
     try:
         import av
     except ImportError:
@@ -57,7 +58,7 @@ def load_video(path: str, num_frames: int) -> VideoClip:
     if not os.path.isfile(path):
         raise UserError(f"video '{path}' does not exist; {_FIX}")
     try:
-        return _load(av, path, num_frames)
+        return _load(av, path, num_frames, at_most)
     except PermissionError:  # av's own PermissionError subclasses both this and FFmpegError
         raise UserError(f"video '{path}' is not readable (permission denied); fix its permissions") from None
     except av.FFmpegError as e:
@@ -65,7 +66,7 @@ def load_video(path: str, num_frames: int) -> VideoClip:
         raise UserError(f"cannot decode video '{path}' ({reason}); {_FIX}") from None
 
 
-def _load(av, path: str, num_frames: int) -> VideoClip:
+def _load(av, path: str, num_frames: int, at_most: bool) -> VideoClip:
     with av.open(path) as container:
         if not container.streams.video:
             raise UserError(f"'{path}' has no video stream; {_FIX}")
@@ -76,9 +77,12 @@ def _load(av, path: str, num_frames: int) -> VideoClip:
         raise UserError(f"video '{path}' does not give its frame rate; re-encode it (e.g. ffmpeg -i IN -r 30 OUT.mp4)")
     if total <= 0:  # the container does not store the count (Matroska/WebM, some streams): count by decoding
         total = sum(1 for _ in _decode(path))
+    if at_most:
+        num_frames = max(1, min(num_frames, total))
     frames, decoded = _pick(path, total, num_frames)
     if len(frames) < num_frames:  # the header promised more frames than decode: sample over those there are
         total = decoded
+        num_frames = max(1, min(num_frames, total)) if at_most else num_frames
         frames, _ = _pick(path, total, num_frames)
     if len({frame.shape for frame in frames}) > 1:
         raise UserError(f"video '{path}' changes its frame size mid-stream; re-encode it to one size")

@@ -53,14 +53,16 @@ def teacher_forced(llm, request: dict, ref_tokens: list[int]) -> list[dict[int, 
     return out.prompt_logprobs[len(request["prompt_token_ids"]):]
 
 
-def agreement(llm, reference: HFReference, requests: list[dict], ours: list[list[int]], max_tokens: int,
+def agreement(llm, reference: HFReference, requests: list[dict], ours: list[list[int]], max_tokens: int | list[int],
               use_tqdm: bool = True) -> list[Agreement]:
-    """The figures above for each request (processed: token ids and tensors) and our greedy tokens for it. `llm`:
-    anything with `LLM.generate`'s signature that runs our engine."""
+    """The figures above for each request (processed: token ids and tensors) and our greedy tokens for it, each
+    generated up to `max_tokens` (one for all, or one per request). `llm`: anything with `LLM.generate`'s
+    signature that runs our engine."""
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(ours)
     results = []
     with progress_bar(total=len(ours), desc="HF reference", unit="sample", disable=not use_tqdm) as bar:
-        for request, our_tokens in zip(requests, ours):
-            results.append(_one(llm, reference, request, our_tokens, max_tokens))
+        for request, our_tokens, limit in zip(requests, ours, limits):
+            results.append(_one(llm, reference, request, our_tokens, limit))
             bar.update(1)
     return results
 

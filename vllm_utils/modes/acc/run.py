@@ -78,8 +78,8 @@ def run(plan: Plan, backend: Backend) -> AccResult:
 
 
 def _run_samples(plan: Plan, backend: Backend, reference, samples: list[Sample], save_file) -> list[Result]:
-    output_len, batch_size = plan.inputs.output_len, plan.config.max_num_seqs
-    params = SamplingParams(temperature=0, max_tokens=output_len)
+    batch_size = plan.config.max_num_seqs
+    output_lens = {id(s): n for s, n in zip(samples, plan.inputs.output_lens)}
     results: list[Result] = []
     scored: list[float] = []
     with progress_bar(total=len(samples), desc="Scoring", unit="sample") as bar:
@@ -92,6 +92,7 @@ def _run_samples(plan: Plan, backend: Backend, reference, samples: list[Sample],
                     ready.append((r, request))
                 except Exception as e:  # a bad image or an over-long prompt fails that sample only
                     r.error = _why(e)
+            params = [SamplingParams(temperature=0, max_tokens=output_lens[id(r.sample)]) for r, _ in ready]
             outputs = backend.generate([request for _, request in ready], params, use_tqdm=False) if ready else []
             for (r, _), out in zip(ready, outputs):
                 r.reply, r.token_ids = out.outputs[0].text, out.outputs[0].token_ids
@@ -99,7 +100,7 @@ def _run_samples(plan: Plan, backend: Backend, reference, samples: list[Sample],
                 r.score, r.parsed = score(r.sample.metric, r.reply, r.sample.references, r.sample.choices, rng)
                 scored.append(r.score)
             if reference is not None:
-                _compare(backend, reference, chunk, dict((id(r), q) for r, q in ready), output_len)
+                _compare(backend, reference, chunk, dict((id(r), q) for r, q in ready), output_lens)
             for r in chunk:
                 if save_file:
                     save_file.write(json.dumps(r.record(), ensure_ascii=False) + "\n")
@@ -110,11 +111,11 @@ def _run_samples(plan: Plan, backend: Backend, reference, samples: list[Sample],
     return results
 
 
-def _compare(backend: Backend, reference, chunk: list[Result], requests: dict, output_len: int) -> None:
+def _compare(backend: Backend, reference, chunk: list[Result], requests: dict, output_lens: dict) -> None:
     """The agreement of each sample of the batch, on the very requests our engine ran (no second processing)."""
     ran = [r for r in chunk if r.error is None]
-    figures = agreement(backend, reference, [requests[id(r)] for r in ran], [r.token_ids for r in ran], output_len,
-                        use_tqdm=False)
+    figures = agreement(backend, reference, [requests[id(r)] for r in ran], [r.token_ids for r in ran],
+                        [output_lens[id(r.sample)] for r in ran], use_tqdm=False)
     for r, a in zip(ran, figures):
         r.agreement = a
     for r in chunk:
