@@ -227,3 +227,12 @@ def test_acc_replies_are_as_long_as_their_metric_allows(tiny_llava):
     metrics = [s.metric for s in plan.inputs.samples]
     assert len(set(metrics)) > 1
     assert plan.inputs.output_lens == [ACC_OUTPUT_LEN[m] for m in metrics] and plan.inputs.output_len == "per metric"
+
+
+def test_the_hf_backend_samples(tiny_llava, photo):
+    """--backend hf with a temperature samples as the engine does: seeded, so the same command gives the same text."""
+    args = ["--demo", "--backend=hf", f"--model={tiny_llava}", "--device=cpu", f"--input-image={photo}",
+            "--temperature=0.8", "--top-k=50", "--output-len=8", "--seed=3"]
+    first, again = cli(*args), cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("Generated text: ") == 1 and first.stdout == again.stdout

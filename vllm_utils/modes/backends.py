@@ -140,7 +140,7 @@ class HFBackend:
         eos = self.processor.eos_token_id
         kwargs = {} if params.ignore_eos or eos is None else {"eos_token_id": eos}
         if not params.greedy:
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
+            kwargs.update(temperature=params.temperature, top_p=params.top_p,
                           top_k=params.top_k if params.top_k > 0 else None)
         clock = _StepClock(self.platform, device, bar)
         scheduled = time.perf_counter()
