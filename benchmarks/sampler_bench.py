@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from vllm_utils.sampling_params import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = {
-    "greedy, with log-probs": dict(temperature=0.0, logprobs=True),
+    "greedy, with log-probs": dict(temperature=0.0, logprobs=0),
     "temperature 0.8": dict(temperature=0.8),
     "temperature 0.8, seeded": dict(temperature=0.8, seed=0),
     "top-k 50": dict(top_k=50),
@@ -60,7 +61,9 @@ def hf_sample(logits: torch.Tensor, p: SamplingParams) -> list[int]:
 def ours(module) -> Callable[[torch.Tensor, SamplingParams], list[int]]:
     def run(logits: torch.Tensor, p: SamplingParams) -> list[int]:
         generators = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None] * len(logits)
-        return module.sample(logits, [p] * len(logits), generators, p.logprobs)[0]
+        if "histories" in inspect.signature(module.sample).parameters:  # since the penalties: logprobs in the params
+            return module.sample(logits, [p] * len(logits), generators)[0]
+        return module.sample(logits, [p] * len(logits), generators, p.logprobs is not None)[0]
     return run
 
 

@@ -65,6 +65,11 @@ def images(tmp_path_factory) -> list[Image.Image]:
 BF16_TIMES_HF, BF16_FLOOR = 2.0, 0.01
 
 
+def chosen_logprobs(completion) -> list[float]:
+    """The log-prob of each token a completion chose (asked with logprobs=0)."""
+    return [entries[token].logprob for entries, token in zip(completion.logprobs, completion.token_ids)]
+
+
 def assert_bf16_close(ours: list[float], folder: str, request: dict, tokens: list[int],
                       fp32: "HFReference | None" = None) -> None:
     """Our bf16 log-probs of `tokens` against HF's fp32 ones (teacher-forced), within the derived bound."""

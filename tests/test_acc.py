@@ -221,13 +221,13 @@ def test_teacher_forced_logprobs_match_hf(llm_fp32, hf_reference, images):
     requests = [{"prompt_token_ids": ids, "mm_inputs": mm, "continuation_token_ids": continuation},
                 {"prompt": prompt, "multi_modal_data": {"image": images[1]}}]  # a plain one in the same prefill
     forced, plain = llm_fp32.generate(requests, SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=1))
-    got = [d[t] for d, t in zip(forced.prompt_logprobs[len(ids):], continuation)]
+    got = [d[t].logprob for d, t in zip(forced.prompt_logprobs[len(ids):], continuation)]
     assert got == pytest.approx(expected, abs=1e-4)
     assert forced.prompt_logprobs[0] is None and len(forced.prompt_logprobs) == len(ids) + len(continuation)
     alone = llm_fp32.generate([requests[1]], SamplingParams(temperature=0, max_tokens=3))[0]
     assert plain.outputs[0].token_ids == alone.outputs[0].token_ids  # its last row still samples as before
     first = forced.prompt_logprobs[len(ids)]  # predicted from the prompt's last row: HF's first greedy token
-    assert max(first, key=first.get) == hf_reference.greedy({"prompt": prompt, "multi_modal_data": {"image": images[0]}},
+    assert min(first, key=lambda t: first[t].rank) == hf_reference.greedy({"prompt": prompt, "multi_modal_data": {"image": images[0]}},
                                                             1)[0]
 
 
@@ -243,7 +243,10 @@ def test_prompt_logprobs_in_chunks_equal_one_log_softmax(monkeypatch):
     for i in range(1, len(tokens)):
         top = full[i - 1].topk(2).indices.tolist()
         assert set(got[i]) == {tokens[i], *top}
-        assert got[i][tokens[i]] == pytest.approx(float(full[i - 1, tokens[i]]))
+        lp, rank = got[i][tokens[i]]
+        assert lp == pytest.approx(float(full[i - 1, tokens[i]]))
+        assert rank == 1 + int((full[i - 1] > full[i - 1, tokens[i]]).sum())
+        assert [got[i][t][1] for t in top] == [1, 2]
 
 
 def test_continuation_tokens_are_text_whatever_their_id(llm_fp32, images):

@@ -2,9 +2,10 @@
 with the right frequencies, reproducible per seed."""
 import pytest
 import torch
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from vllm_utils.layers.sampler import CANDIDATES, distribution, sample
+from vllm_utils.layers.sampler import CANDIDATES, distribution, penalize, sample
 from vllm_utils.sampling_params import SamplingParams
 
 
@@ -60,7 +61,7 @@ def test_draws_follow_the_distribution():
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
     params = [SamplingParams(temperature=0.7, top_k=4, top_p=0.7)] * len(logits)
-    tokens, _ = sample(logits, params, [None] * len(logits), want_logprobs=False)
+    tokens, _ = sample(logits, params, [None] * len(logits))
     counts = torch.bincount(torch.tensor(tokens), minlength=logits.shape[-1]).double() / len(tokens)
     expected = hf_probs(logits[:1], params[:1])[0].double()
     assert counts[expected == 0].sum() == 0  # no token the warpers drop is ever drawn
@@ -73,7 +74,7 @@ def test_seeded_rows_reproduce_whatever_shares_their_batch():
 
     def draws(rows: list[int], steps: int = 20) -> list[list[int]]:
         generators = [None if params[r].seed is None else torch.Generator().manual_seed(params[r].seed) for r in rows]
-        return [sample(logits[rows], [params[r] for r in rows], generators, False)[0] for _ in range(steps)]
+        return [sample(logits[rows], [params[r] for r in rows], generators)[0] for _ in range(steps)]
 
     together = draws([0, 1, 2])
     assert together == draws([0, 1, 2])
@@ -82,9 +83,58 @@ def test_seeded_rows_reproduce_whatever_shares_their_batch():
 
 
 def test_logprobs_are_the_unmodified_distributions():
-    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(2)).bfloat16()
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.5, top_k=3), SamplingParams(top_p=0.5)]
-    tokens, logprobs = sample(logits, params, [None] * 3, want_logprobs=True)
-    expected = logits.float().log_softmax(dim=-1)[torch.arange(3), tokens]
-    torch.testing.assert_close(torch.tensor(logprobs), expected)
-    assert tokens[0] == int(logits[0].argmax())
+    """vLLM's logprobs=k: per row the k likeliest tokens and the chosen one, with their ranks, under the model's own
+    distribution (before temperature, top-k, top-p)."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(2)).bfloat16()
+    params = [SamplingParams(temperature=0, logprobs=0), SamplingParams(temperature=0.5, top_k=3, logprobs=5),
+              SamplingParams(top_p=0.5, logprobs=2), SamplingParams(temperature=0)]
+    tokens, logprobs = sample(logits, params, [None] * 4)
+    full = logits.float().log_softmax(dim=-1)
+    assert tokens[0] == int(logits[0].argmax()) and logprobs[3] is None
+    for row, (p, entries) in enumerate(zip(params[:3], logprobs)):
+        top = full[row].topk(p.logprobs).indices.tolist()
+        assert set(entries) == {tokens[row], *top}
+        for token, (lp, rank) in entries.items():
+            assert lp == pytest.approx(float(full[row, token]), abs=1e-6)
+            assert rank == 1 + int((full[row] > full[row, token]).sum())
+
+
+
+def test_the_repetition_penalty_is_hfs_over_prompt_and_output():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 50, generator=gen) * 3
+    logits[0, 3], logits[0, 7], logits[1, 1], logits[1, 2] = -2.0, 1.5, -0.5, 2.5  # seen tokens of either sign
+    histories = [([3, 7, 7, 11], [20, 3]), ([1, 2], [])]
+    params = [SamplingParams(repetition_penalty=1.3), SamplingParams(repetition_penalty=0.7)]
+    ours = penalize(logits.clone(), params, histories, eos_token_id=None)
+    for row, (p, (prompt, output)) in enumerate(zip(params, histories)):
+        ids = torch.tensor([prompt + output])
+        expected = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids, logits[row : row + 1].clone())[0]
+        torch.testing.assert_close(ours[row], expected)
+
+
+def test_frequency_and_presence_penalties_are_openais_over_the_output():
+    """logit - frequency * count - presence * (count > 0), counting the output's tokens only (not the prompt's)."""
+    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(5))
+    prompt, output = [4, 4, 9], [9, 9, 2, 9, 17]
+    p = SamplingParams(frequency_penalty=0.5, presence_penalty=0.3)
+    ours = penalize(logits.clone(), [p], [(prompt, output)], eos_token_id=None)[0]
+    counts = torch.bincount(torch.tensor(output), minlength=30).float()
+    torch.testing.assert_close(ours, logits[0] - 0.5 * counts - 0.3 * (counts > 0).float())
+    assert ours[4] == logits[0, 4]  # a prompt token the output does not hold keeps its logit
+
+
+def test_min_tokens_holds_back_eos_and_the_stop_tokens_as_hf_does():
+    logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(6))
+    logits[0, 2] = logits[0, 5] = 10.0  # EOS (2) and a stop token (5) are the likeliest
+    p = SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[5])
+    for output in ([], [7, 8]):
+        prompt = [1, 9]
+        ours = penalize(logits.clone(), [p], [(prompt, output)], eos_token_id=2)[0]
+        hf = MinNewTokensLengthLogitsProcessor(len(prompt), 3, [2, 5])(torch.tensor([prompt + output]),
+                                                                       logits.clone())[0]
+        torch.testing.assert_close(ours, hf)
+        tokens, _ = sample(logits, [p], [None], [(prompt, output)], eos_token_id=2)
+        assert tokens[0] not in (2, 5)
+    tokens, _ = sample(logits, [p], [None], [([1, 9], [7, 8, 6])], eos_token_id=2)
+    assert tokens[0] in (2, 5)  # three tokens out: they may end it

@@ -12,7 +12,7 @@ import sys
 
 from vllm_utils import __version__
 from vllm_utils.bundled import BUNDLED
-from vllm_utils.errors import UserError, one_line
+from vllm_utils.errors import one_line
 from vllm_utils.modes.acc.bundled import ACC_SAMPLES
 
 PROG = "python3 -m vllm_utils.benchmark_vision_language"

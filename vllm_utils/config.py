@@ -78,15 +78,40 @@ class ResolvedConfig:
     max_num_batched_tokens: int
 
 
+def is_hub_name(model: str) -> bool:
+    return model.count("/") == 1 and not model.startswith(("/", ".", "~")) and not os.path.exists(model)
+
+
+def cached_snapshot(model: str) -> str | None:
+    """The folder of a hub model's snapshot in the local Hugging Face cache (`hf download NAME`), if it is there;
+    never a download."""
+    if not is_hub_name(model):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, local_files_only=True)
+    except Exception:  # not in the cache (or a name the hub would refuse): the caller says so
+        return None
+
+
+def model_folder(model: str) -> str:
+    """Where a model's files are read: a local folder as given; a hub name from the local Hugging Face cache, else
+    (its configuration only, for random weights) from the configurations the package carries."""
+    if not is_hub_name(model):
+        return model
+    return cached_snapshot(model) or bundled_config_dir(model) or model
+
+
 def load_hf_config(model: str) -> PretrainedConfig:
     """The model folder's config.json, read through transformers so that defaults are filled in."""
-    folder = bundled_config_dir(model) or model
+    folder = model_folder(model)
     if os.path.isfile(folder):
         raise UserError(f"--model '{model}' is a file; give the model's folder (the one holding config.json)")
     if not os.path.isdir(folder):
-        hub = " (nothing is downloaded: fetch a Hub model first, e.g. `hf download NAME --local-dir DIR`)"
-        raise UserError(f"model folder '{model}' does not exist; give a local folder holding config.json"
-                        f"{hub if model.count('/') == 1 and not model.startswith(('/', '.')) else ''}")
+        hub = (" or a hub name already in the local Hugging Face cache (nothing is downloaded here: fetch it first "
+               f"with `hf download {model}`)") if is_hub_name(model) else ""
+        raise UserError(f"model folder '{model}' does not exist; give a local folder holding config.json{hub}")
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise UserError(f"'{model}' has no config.json; give the folder of a Hugging Face model")

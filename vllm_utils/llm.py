@@ -1,37 +1,21 @@
 """vLLM-style offline API: LLM(model=...).generate(prompts, SamplingParams(...))."""
-from dataclasses import dataclass
+from itertools import count
 
 from PIL import Image
 
-from vllm_utils.config import EngineConfig, ResolvedConfig
+from vllm_utils.chat import parse_messages
+from vllm_utils.config import ResolvedConfig
+from vllm_utils.engine_args import engine_config
 from vllm_utils.engine.llm_engine import LLMEngine
-from vllm_utils.engine.sequence import Sequence, SequenceTimes
+from vllm_utils.engine.sequence import Sequence
 from vllm_utils.errors import UserError
 from vllm_utils.multimodal.processor import ProcessorAdapter
+from vllm_utils.outputs import CompletionOutput, Logprob, RequestOutput, find_stop
+from vllm_utils.platforms import default_device
 from vllm_utils.progress import GenerationProgress
 from vllm_utils.sampling_params import SamplingParams
 
 PromptInput = str | dict
-
-
-@dataclass
-class CompletionOutput:
-    text: str
-    token_ids: list[int]
-    logprobs: list[float] | None
-    finish_reason: str | None
-
-
-@dataclass
-class RequestOutput:
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    times: SequenceTimes
-    num_preemptions: int
-    # with SamplingParams.prompt_logprobs: per prompt token, {token: log-prob} (the token's and the most likely
-    # ones'); None for the first token
-    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 def multi_modal_items(prompt: dict) -> tuple[list[Image.Image], list]:
@@ -55,13 +39,29 @@ def per_prompt(params: SamplingParams | list[SamplingParams] | None, count: int)
     return [params or SamplingParams()] * count
 
 
+_request_ids = count()
+
+
 class LLM:
     def __init__(self, model: str | ResolvedConfig, model_type: str | None = None,
                  processor: ProcessorAdapter | None = None, **engine_args) -> None:
-        """`model`: a model folder (with EngineConfig's fields as keywords), or a configuration already
-        resolved (and, optionally, the family's processor adapter already built for it)."""
-        config = model if isinstance(model, ResolvedConfig) else EngineConfig(model=model, **engine_args)
+        """`model`: a model folder, a hub name whose snapshot is in the local Hugging Face cache (nothing is
+        downloaded), or a configuration already resolved (and, optionally, the family's processor adapter already
+        built for it). Keywords: vLLM's engine arguments (`dtype`, `max_model_len`, `tensor_parallel_size`,
+        `gpu_memory_utilization`, `seed`, `limit_mm_per_prompt`, ...; see `engine_args.py`) and this engine's
+        `EngineConfig` fields; `device` defaults to CUDA where there is one, else the CPU."""
+        options: dict = {}
+        if isinstance(model, ResolvedConfig):
+            config = model
+        else:
+            engine_args.setdefault("device", default_device())
+            config, options = engine_config(model, engine_args)
+        self.limits = dict(options.get("limit_mm_per_prompt") or {})
+        self.media_root = options.get("allowed_local_media_path")
         self.engine = LLMEngine(config, model_type, processor)
+
+    def get_tokenizer(self):
+        return self.engine.processor.tokenizer
 
     def generate(self, prompts: PromptInput | list[PromptInput],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -71,34 +71,72 @@ class LLM:
         or {"prompt_token_ids": [...], "mm_inputs": {"pixel_values": tensor, ...}} (already processed: each
         image placeholder expanded to its positions). A dict may also hold "continuation_token_ids": tokens
         appended to the prompt as text (teacher forcing; see `LLMEngine.add_request`). `sampling_params`: one for
-        every prompt, or one per prompt (as vLLM takes them). Outputs come back in input order."""
+        every prompt, or one per prompt (as vLLM takes them). Outputs come back in input order, each holding its
+        prompt's `n` completions."""
         prompts = prompts if isinstance(prompts, list) else [prompts]
         params = per_prompt(sampling_params, len(prompts))
-        seqs = []
+        requests: list[list[Sequence]] = []
         try:
             for p, ps in zip(prompts, params):
-                seqs.append(self._add(p, ps))
+                requests.append(self._add(p, ps))
         except Exception:
-            self.engine.abort(seqs)  # all or nothing: no half-added batch left in the queue
+            self.engine.abort([s for seqs in requests for s in seqs])  # all or nothing: no half-added batch left
             raise
+        seqs = [s for group in requests for s in group]
         try:
             with GenerationProgress(seqs, disable=not use_tqdm) as progress:  # generated tokens, tokens/s, prompts
                 while self.engine.has_unfinished():
                     progress.step(self.engine.step())
         finally:
             self.engine.platform.idle()  # e.g. the CPU's whole thread team back for the code that follows
-        return [self._output(s) for s in seqs]
+        return [self._output(group) for group in requests]
 
-    def _add(self, prompt: PromptInput, params: SamplingParams) -> Sequence:
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several, each rendered by the model's chat template with its
+        pictures and videos in place (content parts: see `chat.py`), then generated as `generate` does."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = []
+        for conversation in conversations:
+            rendered, images, videos = parse_messages(conversation, self.media_root)
+            text = self.engine.processor.render_chat(rendered, add_generation_prompt, chat_template)
+            prompts.append({"prompt": text, "multi_modal_data": {"image": images, "video": videos}})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _add(self, prompt: PromptInput, params: SamplingParams) -> list[Sequence]:
         if isinstance(prompt, str):
             return self.engine.add_request(prompt, [], params)
         images, videos = multi_modal_items(prompt)
+        for kind, items in (("image", images), ("video", videos)):
+            if kind in self.limits and len(items) > self.limits[kind]:
+                raise UserError(f"a prompt holds {len(items)} {kind}s, more than limit_mm_per_prompt['{kind}'] = "
+                                f"{self.limits[kind]}")
         return self.engine.add_request(prompt.get("prompt"), images, params,
                                        prompt.get("prompt_token_ids"), prompt.get("mm_inputs"),
                                        prompt.get("continuation_token_ids"), videos)
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        out = CompletionOutput(self.engine.processor.decode(seq.output_token_ids), seq.output_token_ids,
-                               seq.logprobs if seq.params.logprobs else None, seq.finish_reason)
-        return RequestOutput(seq.prompt, seq.token_ids[: seq.num_prompt_tokens], [out], seq.times, seq.num_preemptions,
-                             seq.prompt_logprobs)
+    def _output(self, seqs: list[Sequence]) -> RequestOutput:
+        first = seqs[0]
+        return RequestOutput(str(next(_request_ids)), first.prompt, first.token_ids[: first.num_prompt_tokens],
+                             self._logprobs(first.prompt_logprobs), [self._completion(s) for s in seqs], True,
+                             first.times, sum(s.num_preemptions for s in seqs))
+
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        params, ids = seq.params, seq.output_token_ids
+        text = self.engine.processor.decode(ids, params.skip_special_tokens) if params.detokenize else ""
+        if isinstance(seq.stop_reason, str):  # a stop string ends the text (vLLM keeps it only if asked)
+            index, stop = find_stop(text, params.stop)
+            text = text[: index + len(stop)] if params.include_stop_str_in_output else text[:index]
+        logprobs = self._logprobs(seq.logprobs) if params.logprobs is not None else None
+        cumulative = sum(d[t].logprob for d, t in zip(logprobs, ids)) if logprobs is not None else None
+        return CompletionOutput(seq.index, text, ids, cumulative, logprobs, seq.finish_reason, seq.stop_reason)
+
+    def _logprobs(self, entries: list[dict | None] | None) -> list[dict[int, Logprob] | None] | None:
+        """{token: (log-prob, rank)} per position -> vLLM's {token: Logprob} with each token's text."""
+        if entries is None:
+            return None
+        tokenizer = self.engine.processor.tokenizer
+        decode = (lambda t: tokenizer.decode([t])) if tokenizer is not None else (lambda t: None)
+        return [None if e is None else {t: Logprob(lp, rank, decode(t)) for t, (lp, rank) in e.items()}
+                for e in entries]

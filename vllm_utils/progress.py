@@ -56,14 +56,14 @@ class GenerationProgress:
     def __init__(self, seqs: list, desc: str = "Generated tokens", disable: bool = False) -> None:
         self.seqs = seqs
         self.finished = 0
-        self.bar = progress_bar(disable=disable, total=sum(s.params.max_tokens for s in seqs), desc=desc,
+        self.bar = progress_bar(disable=disable, total=sum(s.max_output for s in seqs), desc=desc,
                                 unit="tok", postfix=f"prompts 0/{len(seqs)}")
 
     def step(self, finished: list) -> None:
         """After an engine step that finished `finished`."""
         self.finished += len(finished)
         for seq in finished:
-            self.bar.total -= seq.params.max_tokens - len(seq.output_token_ids)
+            self.bar.total -= seq.max_output - len(seq.output_token_ids)
         generated = sum(len(s.output_token_ids) for s in self.seqs)
         self.bar.set_postfix_str(f"prompts {self.finished}/{len(self.seqs)}", refresh=False)
         self.bar.update(generated - self.bar.n)

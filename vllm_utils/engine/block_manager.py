@@ -30,7 +30,7 @@ class BlockManager:
     def allocate(self, seq: Sequence) -> None:
         assert not seq.block_table
         needed = seq.num_blocks(self.block_size)
-        final_len = len(seq) + max(0, seq.params.max_tokens - seq.num_output_tokens)
+        final_len = len(seq) + max(0, seq.max_output - seq.num_output_tokens)
         wanted = -(-final_len // self.block_size)
         open_blocks = self.is_free & (self.claimed_by == UNCLAIMED)
         start = self._first_run(open_blocks, wanted)

@@ -16,6 +16,7 @@ from vllm_utils.errors import UserError
 from vllm_utils.models.registry import family
 from vllm_utils.multimodal.inputs import MultiModalInputs
 from vllm_utils.multimodal.processor import ProcessorAdapter
+from vllm_utils.outputs import find_stop
 from vllm_utils.platforms import platform_for
 from vllm_utils.sampling_params import SamplingParams
 
@@ -59,15 +60,17 @@ class LLMEngine:
         self.platform = self.runner.platform
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                                   self.max_model_len, self.processor.eos_token_id)
+                                   self.max_model_len, self.processor.eos_token_id, self._stop_string)
+        self.runner.eos_token_id = self.processor.eos_token_id
         self.stats = EngineStats()
 
     def add_request(self, prompt: str | None, images: list[Image.Image], params: SamplingParams,
                     prompt_token_ids: list[int] | None = None, mm_inputs: MultiModalInputs | None = None,
-                    continuation_token_ids: list[int] | None = None, videos: list | None = None) -> Sequence:
-        """A raw prompt (with one placeholder per image and per video) or ready token ids and multimodal tensors.
-        `continuation_token_ids` are appended to the prompt as text, whatever their ids (teacher forcing: with
-        `prompt_logprobs`, their log-probs given all before them)."""
+                    continuation_token_ids: list[int] | None = None, videos: list | None = None) -> list[Sequence]:
+        """A raw prompt (with one placeholder per image and per video) or ready token ids and multimodal tensors;
+        `params.n` sequences of it (the prompt processed once). `continuation_token_ids` are appended to the prompt
+        as text, whatever their ids (teacher forcing: with `prompt_logprobs`, their log-probs given all before
+        them)."""
         if prompt_token_ids is None:
             prompt_token_ids, mm_inputs = self.processor.process(prompt, images, videos)
         else:
@@ -78,9 +81,25 @@ class LLMEngine:
             raise UserError(f"the prompt is {len(prompt_token_ids)} tokens (image positions included), which leaves "
                             f"no room to generate within --max-model-len {self.max_model_len}; shorten the prompt "
                             f"or raise --max-model-len")
-        seq = Sequence(prompt_token_ids, params, mm_inputs, prompt, text_from)
-        self.scheduler.add(seq)
-        return seq
+        room = self.max_model_len - len(prompt_token_ids)
+        longest = room if params.max_tokens is None else min(params.max_tokens, room)
+        seqs = [Sequence(prompt_token_ids, params, mm_inputs, prompt, text_from, index, longest)
+                for index in range(params.n)]
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return seqs
+
+    def _stop_string(self, seq: Sequence) -> str | None:
+        """The stop string the output's text now holds (looked for where the newest token may have completed one)."""
+        stops = seq.params.stop
+        if not stops or seq.num_output_tokens < seq.params.min_tokens:
+            return None
+        ids = seq.output_token_ids
+        text = self.processor.decode(ids, seq.params.skip_special_tokens)
+        # a stop string completed by the newest token ends within its text: look from before the text of the others
+        recent = len(self.processor.decode(ids[:-1], seq.params.skip_special_tokens)) if len(ids) > 1 else 0
+        found = find_stop(text, stops, max(0, recent - max(len(s) for s in stops)))
+        return found[1] if found else None
 
     def _check_mm_positions(self, token_ids: list[int], mm_inputs: MultiModalInputs | None) -> None:
         """Ready token ids hold exactly the positions their items take."""

@@ -65,6 +65,7 @@ class ModelRunner:
             elif device.type != "cpu":  # on CPUs eager is what everyone expects: no note
                 note_once(f"graph mode needs CUDA graphs; running eagerly on {device.type}")
         self.workers = None  # rank 0 of a tensor-parallel group: the channel to the other ranks
+        self.eos_token_id: int | None = None  # what min_tokens holds back (the engine sets it)
         self.mm_cache: dict[int, torch.Tensor] = {}  # sequence id -> its multimodal embeddings, mid-prefill
 
     def choose_kernels(self, platform: Platform) -> None:
@@ -156,7 +157,7 @@ class ModelRunner:
                                  run_starts=inputs.run_starts)
         return self.model.compute_logits(self.model(ids, positions, meta)), None
 
-    def run(self, step: ScheduledStep) -> tuple[list[int], list[float] | None]:
+    def run(self, step: ScheduledStep) -> tuple[list[int], list[dict | None] | None]:
         """The next token of each sequence that samples this step (see ScheduledStep.samples), in order."""
         self.platform.before_step()
         inputs = self.prepare(step)
@@ -171,8 +172,10 @@ class ModelRunner:
         seqs = [seq for seq, samples in zip(step.seqs, step.samples()) if samples]
         if not seqs:
             return [], None
-        want_logprobs = any(s.params.logprobs for s in seqs)
-        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], want_logprobs, greedy)
+        params = [s.params for s in seqs]
+        shaped = any(p.penalized or p.min_tokens > s.num_output_tokens for p, s in zip(params, seqs))
+        histories = [(s.token_ids[: s.num_prompt_tokens], s.output_token_ids) for s in seqs] if shaped else None
+        return sample(logits, params, [s.generator for s in seqs], histories, self.eos_token_id, greedy)
 
     @staticmethod
     def _store_prompt_logprobs(seqs: list[Sequence], inputs: PrefillInputs, logits: torch.Tensor) -> torch.Tensor:

@@ -22,15 +22,17 @@ def kept_rows(seq_lens: list[int], all_rows: list[bool], samples: list[bool]) ->
     return keep, last, first
 
 
-def prompt_logprobs(logits: torch.Tensor, targets: list[int], top: int) -> list[dict[int, float]]:
-    """`logits`: one row per target, the row before it. Entry i: {targets[i]: its log-prob} plus the `top` most
-    likely tokens there."""
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], top: int) -> list[dict[int, tuple[float, int]]]:
+    """`logits`: one row per target, the row before it. Entry i: {token: (log-prob, rank)} of targets[i] and of the
+    `top` most likely tokens there (rank 1: the likeliest)."""
     out = []
     target = torch.tensor(targets, device=logits.device)
     for lo in range(0, len(targets), CHUNK_ROWS):
         rows = logits[lo : lo + CHUNK_ROWS].float().log_softmax(dim=-1)
-        given = rows.gather(-1, target[lo : lo + len(rows), None]).squeeze(-1).tolist()
+        given = rows.gather(-1, target[lo : lo + len(rows), None])
+        ranks = ((rows > given).sum(dim=-1) + 1).tolist()
         best_lp, best_ids = rows.topk(top, dim=-1) if top else (rows[:, :0], rows[:, :0].long())
-        for token, lp, ids, lps in zip(targets[lo : lo + len(rows)], given, best_ids.tolist(), best_lp.tolist()):
-            out.append({**dict(zip(ids, lps)), token: lp})
+        for token, lp, rank, ids, lps in zip(targets[lo : lo + len(rows)], given.squeeze(-1).tolist(), ranks,
+                                             best_ids.tolist(), best_lp.tolist()):
+            out.append({**{i: (v, r) for r, (i, v) in enumerate(zip(ids, lps), start=1)}, token: (lp, rank)})
     return out

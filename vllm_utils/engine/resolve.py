@@ -1,7 +1,8 @@
 """EngineConfig + the model's HF config -> ResolvedConfig, once, before anything is built: every check that needs
 only the configuration runs here, so that bad input fails before minutes of loading."""
 from vllm_utils.config import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DTYPES, EngineConfig,
-                               ResolvedConfig, bundled_config_dir, checkpoint_dtype, load_hf_config)
+                               ResolvedConfig, checkpoint_dtype, load_hf_config, model_folder)
+from vllm_utils.bundled import bundled_config_dir
 from vllm_utils.errors import UserError
 from vllm_utils.models.registry import family as model_family
 from vllm_utils.models.registry import find_family
@@ -11,6 +12,11 @@ from vllm_utils.platforms import platform_for, resolve_device
 def resolve(config: EngineConfig, model_type: str | None = None) -> ResolvedConfig:
     device = resolve_device(config.device)
     hf_config = load_hf_config(config.model)
+    folder = model_folder(config.model)
+    if config.load_format != "dummy" and folder == bundled_config_dir(config.model):
+        raise UserError(f"'{config.model}' is a Hugging Face Hub name that is not in the local cache, and nothing is "
+                        f"downloaded here: fetch it first (`hf download {config.model}`), or run its architecture "
+                        f"with random weights (load_format='dummy'; on the command line --load-format dummy)")
     family = find_family(hf_config, model_type, config.model)
     model_family(family).model.check_config(hf_config)
     explicit = config.dtype != "auto"
@@ -24,7 +30,7 @@ def resolve(config: EngineConfig, model_type: str | None = None) -> ResolvedConf
     if max_model_len < 2:
         raise UserError(f"--max-model-len must be >= 2, got {max_model_len}")
     resolved = ResolvedConfig(
-        engine=config, model_type=family, folder=bundled_config_dir(config.model) or config.model,
+        engine=config, model_type=family, folder=folder,
         hf_config=hf_config, device=device, dtype=dtype, max_model_len=max_model_len,
         max_num_seqs=config.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
         # a budget below the longest sequence prefills prompts in chunks

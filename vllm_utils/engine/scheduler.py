@@ -6,6 +6,7 @@ decodes share those steps."""
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from vllm_utils.engine.block_manager import BlockManager
 from vllm_utils.engine.sequence import Sequence
@@ -24,13 +25,16 @@ class ScheduledStep:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_id: int | None) -> None:
+                 max_model_len: int, eos_token_id: int | None,
+                 stop_string: Callable[[Sequence], str | None] = lambda seq: None) -> None:
+        """`stop_string(seq)`: the stop string its output now holds, if any (the engine detokenizes)."""
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.chunked = max_num_batched_tokens < max_model_len
         self.eos_token_id = eos_token_id
+        self.stop_string = stop_string
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
@@ -115,7 +119,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def postprocess(self, step: ScheduledStep, token_ids: list[int],
-                    logprobs: list[float] | None) -> list[Sequence]:
+                    logprobs: list[dict | None] | None) -> list[Sequence]:
         """Counts the computed tokens, appends each new token (`token_ids`: one per sampling sequence, in step
         order), and retires the sequences that are done."""
         now = time.perf_counter()
@@ -126,12 +130,17 @@ class Scheduler:
         for i, (seq, token) in enumerate(zip(sampled, token_ids)):
             seq.token_ids.append(token)
             seq.times.token_times.append(now)
-            if logprobs is not None and seq.params.logprobs:
+            if logprobs is not None and seq.params.logprobs is not None:
                 seq.logprobs.append(logprobs[i])
             params = seq.params
-            if not params.ignore_eos and (token == self.eos_token_id or token in params.stop_token_ids):
+            early = seq.num_output_tokens <= params.min_tokens  # min_tokens masked these: only the count ends it
+            if not early and token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+            elif not early and not params.ignore_eos and token == self.eos_token_id:
                 seq.finish_reason = "stop"
-            elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            elif (stop := self.stop_string(seq)) is not None:
+                seq.finish_reason, seq.stop_reason = "stop", stop
+            elif seq.num_output_tokens >= seq.max_output or len(seq) >= self.max_model_len:
                 seq.finish_reason = "length"
             else:
                 continue

@@ -21,9 +21,11 @@ _ids = count()
 
 class Sequence:
     def __init__(self, token_ids: list[int], params: SamplingParams, mm_inputs: MultiModalInputs | None = None,
-                 prompt: str | None = None, text_from: int | None = None) -> None:
+                 prompt: str | None = None, text_from: int | None = None, index: int = 0,
+                 max_output: int | None = None) -> None:
         """`text_from`: prompt positions from there on are text whatever their id (a continuation given after the
-        prompt, as in teacher forcing); by default the whole prompt may hold multimodal placeholders."""
+        prompt, as in teacher forcing); by default the whole prompt may hold multimodal placeholders. `index`: which
+        of its request's n outputs this is. `max_output`: the most tokens it may generate."""
         self.seq_id = next(_ids)
         self.prompt = prompt
         self.token_ids = list(token_ids)
@@ -36,14 +38,19 @@ class Sequence:
         self.rope_offset = 0
         self.block_table: list[int] = []
         self.num_computed = 0  # tokens whose K/V the cache holds
-        self.logprobs: list[float] = []
-        self.prompt_logprobs: list[dict[int, float] | None] | None = None  # set by the first prefill, if asked
+        self.index = index
+        self.max_output = max_output if max_output is not None else params.max_tokens
+        self.logprobs: list[dict[int, tuple[float, int]]] = []  # per output token, with params.logprobs
+        # set by the first prefill, if asked: per prompt token {token: (log-prob, rank)}, None for the first
+        self.prompt_logprobs: list[dict[int, tuple[float, int]] | None] | None = None
         self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.times = SequenceTimes(arrival=time.perf_counter())
         self.generator = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+        if params.seed is not None:  # output i > 0 of n draws from its own generator, derived from the seed
+            seed = params.seed if index == 0 else (params.seed * 1_000_003 + index) % 2**63
+            self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -66,13 +66,68 @@ def distribution(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     return probs
 
 
+def penalize(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]],
+             eos_token_id: int | None) -> torch.Tensor:
+    """The logits (fp32, changed in place) after each row's penalties, in vLLM's order: the repetition penalty over
+    the prompt's and the output's tokens (positive logits divided by it, negative ones multiplied, as HF's
+    processor does), then the output's frequency and presence penalties (OpenAI's); and with fewer outputs than
+    min_tokens, EOS and the stop tokens masked (HF's MinNewTokensLengthLogitsProcessor)."""
+    for row, (p, (prompt, output)) in enumerate(zip(params, histories)):
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=logits.device)
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(values < 0, values * p.repetition_penalty, values / p.repetition_penalty)
+        if output and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=logits.shape[-1])
+            counts = counts[: logits.shape[-1]].float()
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        if len(output) < p.min_tokens:
+            stops = list(p.stop_token_ids) + ([eos_token_id] if eos_token_id is not None and not p.ignore_eos else [])
+            if stops:
+                logits[row, torch.tensor(stops, dtype=torch.long, device=logits.device)] = float("-inf")
+    return logits
+
+
+def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> list[dict | None]:
+    """Per row that asks (`logprobs` set): {token: (log-prob, rank)} of its `logprobs` likeliest tokens and of the
+    chosen one, under the model's own distribution (rank 1: the likeliest)."""
+    logprobs = logits.log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None])
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+    widest = max((p.logprobs for p in params if p.logprobs is not None), default=0)
+    best_lp, best_ids = logprobs.topk(widest, dim=-1) if widest else (None, None)
+    out: list[dict | None] = []
+    for row, p in enumerate(params):
+        if p.logprobs is None:
+            out.append(None)
+            continue
+        entries = {}
+        if p.logprobs:
+            ids, lps = best_ids[row, : p.logprobs].tolist(), best_lp[row, : p.logprobs].tolist()
+            entries = {token: (lp, rank) for rank, (token, lp) in enumerate(zip(ids, lps), start=1)}
+        entries[int(tokens[row])] = (float(chosen[row]), ranks[row])
+        out.append(entries)
+    return out
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           want_logprobs: bool, greedy_tokens: torch.Tensor | None = None) -> tuple[list[int], list[float] | None]:
-    """logits: [seqs, vocab] (any float dtype). Returns token ids and, if asked, their log-probs
-    under the model's unmodified distribution. `greedy_tokens`: the argmax, if already computed."""
-    if greedy_tokens is not None and not want_logprobs and all(p.greedy for p in params):
+           histories: list[tuple[list[int], list[int]]] | None = None, eos_token_id: int | None = None,
+           greedy_tokens: torch.Tensor | None = None) -> tuple[list[int], list[dict | None] | None]:
+    """logits: [seqs, vocab] (any float dtype). Returns the token ids and, where any row asks for log-probs, each
+    row's (see `top_logprobs`). `histories`: each row's (prompt, output) token ids, for penalties and min_tokens.
+    `greedy_tokens`: the argmax, if already computed."""
+    want_logprobs = any(p.logprobs is not None for p in params)
+    shaped = [i for i, p in enumerate(params) if p.penalized or (histories and len(histories[i][1]) < p.min_tokens)]
+    if greedy_tokens is not None and not want_logprobs and not shaped and all(p.greedy for p in params):
         return greedy_tokens.tolist(), None  # a graph's argmax: one small copy, no work on the logits
-    logits = logits.float()  # once: the reductions below are faster on fp32 than on bf16 CPU tensors
+    raw = logits.float()  # once: the reductions below are faster on fp32 than on bf16 CPU tensors
+    logits = raw
+    if shaped:
+        rows = torch.tensor(shaped, device=raw.device)
+        logits = raw.clone()
+        logits[rows] = penalize(raw[rows].clone(), [params[i] for i in shaped], [histories[i] for i in shaped],
+                                eos_token_id)
+        greedy_tokens = None
     tokens = greedy_tokens if greedy_tokens is not None else logits.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
@@ -83,5 +138,4 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     token_list = tokens.tolist()
     if not want_logprobs:
         return token_list, None
-    logprobs = logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    return token_list, logprobs.tolist()
+    return token_list, top_logprobs(raw, tokens, params)

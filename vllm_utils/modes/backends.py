@@ -5,7 +5,7 @@ there is a paged cache. Device facts come from the plan's platform, not from her
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from itertools import count
 from typing import Iterator, Protocol
 
 import torch
@@ -17,7 +17,8 @@ from vllm_utils.engine.resolve import resolve
 from vllm_utils.engine.sequence import SequenceTimes
 from vllm_utils.hf_reference import HFReference
 from vllm_utils.errors import UserError
-from vllm_utils.llm import LLM, CompletionOutput, RequestOutput, per_prompt
+from vllm_utils.llm import LLM, per_prompt
+from vllm_utils.outputs import CompletionOutput, RequestOutput
 from vllm_utils.modes.plan import Plan
 from vllm_utils.multimodal.processor import ProcessorAdapter
 from vllm_utils.platforms import Platform, platform_for
@@ -62,6 +63,9 @@ class EngineBackend:
         self.llm.engine.shutdown()
 
 
+_request_ids = count()
+
+
 class _StepClock(StoppingCriteria):
     """Called by `generate` after each new token: records when it came, and counts the batch's tokens on `bar`."""
 
@@ -104,8 +108,13 @@ class HFBackend:
         """Per-prompt params may differ in `max_tokens` only: a batch runs to its longest, each row cut to its own
         (greedy or seeded alike, the same tokens as a run that stopped there)."""
         each = per_prompt(params, len(requests))
-        if any(replace(p, max_tokens=1) != replace(each[0], max_tokens=1) for p in each):
+        if any(p.replace(max_tokens=1) != each[0].replace(max_tokens=1) for p in each):
             raise UserError("--backend hf runs a batch with one set of sampling parameters (max_tokens aside)")
+        plain = each[0].replace(max_tokens=1)
+        if plain != SamplingParams(temperature=plain.temperature, top_p=plain.top_p, top_k=plain.top_k,
+                                   seed=plain.seed, ignore_eos=plain.ignore_eos, max_tokens=1):
+            raise UserError("--backend hf samples with temperature, top_p, top_k and a seed, one output a prompt: "
+                            "leave the other SamplingParams fields at their defaults")
         processed = [self._processed(r) for r in requests]
         arrival = time.perf_counter()
         outputs = []
@@ -128,7 +137,7 @@ class HFBackend:
     @torch.inference_mode()
     def _generate_batch(self, chunk: list, each: list[SamplingParams], arrival: float,
                         bar) -> list[RequestOutput]:
-        params = replace(each[0], max_tokens=max(p.max_tokens for p in each))
+        params = each[0].replace(max_tokens=max(p.max_tokens for p in each))
         hf_config, device = self.config.hf_config, self.config.device
         pad = getattr(hf_config, "pad_token_id", None)
         pad = pad if pad is not None else (getattr(hf_config.text_config, "pad_token_id", None) or 0)
@@ -154,8 +163,8 @@ class HFBackend:
                 tokens = tokens[: tokens.index(eos) + 1]
             reason = "stop" if tokens and tokens[-1] == eos and not params.ignore_eos else "length"
             times = SequenceTimes(arrival=arrival, first_scheduled=scheduled, token_times=clock.times[: len(tokens)])
-            completion = CompletionOutput(self.processor.decode(tokens), tokens, None, reason)
-            results.append(RequestOutput(prompt, ids, [completion], times, 0))
+            completion = CompletionOutput(0, self.processor.decode(tokens), tokens, None, None, reason)
+            results.append(RequestOutput(str(next(_request_ids)), prompt, ids, None, [completion], True, times))
         return results
 
     def _count(self, clock: _StepClock, scheduled: float, prompt_tokens: int, rows: int) -> None:

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_utils.llm import RequestOutput
+from vllm_utils.outputs import RequestOutput
 from vllm_utils.modes.acc.agreement import Agreement, agreement, overall
 from vllm_utils.modes.backends import Backend, open_reference
 from vllm_utils.modes.plan import Plan

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vllm_utils.engine.llm_engine import EngineStats
-from vllm_utils.llm import RequestOutput
+from vllm_utils.outputs import RequestOutput
 
 
 @dataclass

@@ -206,7 +206,11 @@ def check_model_name(model: str | None, load_format: str) -> None:
     """A Hub name whose config the package carries runs with random weights only: nothing is downloaded."""
     from vllm_utils.bundled import bundled_config_dir
 
-    if model is not None and load_format != "dummy" and bundled_config_dir(model):
+    if model is None or load_format == "dummy" or not bundled_config_dir(model):
+        return
+    from vllm_utils.config import cached_snapshot
+
+    if not cached_snapshot(model):
         raise UserError(f"'{model}' is a Hugging Face Hub name and nothing is downloaded here: add --load-format "
                         f"dummy to run it with random weights, or download it (e.g. `hf download {model} "
                         f"--local-dir DIR`) and pass --model DIR")

@@ -128,6 +128,17 @@ class ProcessorAdapter:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   chat_template=self.chat_template, add_generation_prompt=True)
 
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    chat_template: str | None = None) -> str:
+        """A conversation (content parts `text`, `image`, `video`) rendered by the model's chat template."""
+        self._need_tokenizer()
+        template = chat_template or self.chat_template
+        if not template:
+            raise UserError(f"'{self.folder}' carries no chat template: pass chat_template=..., or a rendered prompt "
+                            f"to generate()")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template,
+                                                  add_generation_prompt=add_generation_prompt)
+
     def process(self, prompt: str, images: list[Image.Image],
                 videos: list | None = None) -> tuple[list[int], MultiModalInputs | None]:
         """Token ids with each image placeholder expanded to the positions its image takes, and the images'
@@ -165,8 +176,8 @@ class ProcessorAdapter:
             ids.extend([token] * next(counts) if token == self.mm_token_id else [token])
         return ids, mm_inputs
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens) if self.tokenizer else ""
 
 
 

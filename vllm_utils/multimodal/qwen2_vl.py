@@ -65,12 +65,10 @@ class Qwen2VLProcessorAdapter(ProcessorAdapter):
         return f"<|im_start|>user\n{image * num_images}{text}<|im_end|>\n<|im_start|>assistant\n"
 
     def image_inputs(self, images: list[Image.Image]) -> MultiModalInputs:
-        patch = self.hf_config.vision_config.patch_size
+        """As transformers' processor: a picture smaller than a patch is scaled up to min_pixels; one longer than 200
+        times its width (or height) is refused."""
         for image in images:
             width, height = image.size
-            if min(width, height) < patch:
-                raise UserError(f"image of {width} x {height} pixels is smaller than one {patch}-pixel patch; give an "
-                                f"image at least {patch} pixels on each side")
             if max(width, height) / min(width, height) > 200:
                 raise UserError(f"image of {width} x {height} pixels has an aspect ratio above 200, which Qwen2-VL's "
                                 f"processor refuses; crop or pad it")

@@ -47,10 +47,11 @@ def compare(ours: list[int], ref: list[int], ref_logprobs: list[float],
 
 
 def teacher_forced(llm, request: dict, ref_tokens: list[int]) -> list[dict[int, float]]:
-    """Our log-probs at each of the reference's positions: one prefill of the prompt followed by its tokens."""
+    """Our log-probs at each of the reference's positions: one prefill of the prompt followed by its tokens;
+    {token: log-prob} of the reference's token and our likeliest there."""
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
     out = llm.generate([{**request, "continuation_token_ids": ref_tokens}], params, use_tqdm=False)[0]
-    return out.prompt_logprobs[len(request["prompt_token_ids"]):]
+    return [{t: e.logprob for t, e in d.items()} for d in out.prompt_logprobs[len(request["prompt_token_ids"]):]]
 
 
 def agreement(llm, reference: HFReference, requests: list[dict], ours: list[list[int]], max_tokens: int | list[int],
