@@ -10,10 +10,10 @@ from vllm_utils.engine.llm_engine import LLMEngine
 from vllm_utils.engine.sequence import Sequence
 from vllm_utils.errors import UserError
 from vllm_utils.multimodal.processor import ProcessorAdapter
-from vllm_utils.outputs import CompletionOutput, Logprob, RequestOutput, find_stop
+from vllm_utils.outputs import CompletionOutput, Logprob, RequestOutput
 from vllm_utils.platforms import default_device
 from vllm_utils.progress import GenerationProgress
-from vllm_utils.sampling_params import SamplingParams
+from vllm_utils.sampling_params import SamplingParams, find_stop
 
 PromptInput = str | dict
 

@@ -40,10 +40,3 @@ class RequestOutput:
     finished: bool
     times: SequenceTimes  # when the request arrived, was first scheduled and got each token (its first output's)
     num_preemptions: int = 0
-
-
-def find_stop(text: str, stops: list[str], start: int = 0) -> tuple[int, str] | None:
-    """The earliest stop string in `text` (from `start`): (its index, the string); None if none is there."""
-    found = [(text.find(s, start), s) for s in stops]
-    found = [(i, s) for i, s in found if i >= 0]
-    return min(found) if found else None

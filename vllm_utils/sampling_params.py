@@ -76,6 +76,13 @@ class SamplingParams:
         return "SamplingParams(" + ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items()) + ")"
 
 
+def find_stop(text: str, stops: list[str], start: int = 0) -> tuple[int, str] | None:
+    """The earliest stop string in `text` (from `start`): (its index, the string); None if none is there."""
+    found = [(text.find(s, start), s) for s in stops]
+    found = [(i, s) for i, s in found if i >= 0]
+    return min(found) if found else None
+
+
 def _refuse_others(others: dict[str, Any]) -> None:
     for name, value in others.items():
         if name in _ACCEPTED:

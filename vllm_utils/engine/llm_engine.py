@@ -16,9 +16,8 @@ from vllm_utils.errors import UserError
 from vllm_utils.models.registry import family
 from vllm_utils.multimodal.inputs import MultiModalInputs
 from vllm_utils.multimodal.processor import ProcessorAdapter
-from vllm_utils.outputs import find_stop
 from vllm_utils.platforms import platform_for
-from vllm_utils.sampling_params import SamplingParams
+from vllm_utils.sampling_params import SamplingParams, find_stop
 
 
 @dataclass
