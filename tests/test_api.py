@@ -147,11 +147,14 @@ def test_presence_and_frequency_penalties_change_greedy_outputs_where_tokens_rep
     ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
     ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
     ({"top_p": 0.0}, "top_p must be a finite number in (0, 1]"),
-    ({"top_k": 0}, "top_k must be -1"),
+    ({"top_k": -2}, "top_k must be an integer >= -1"),
     ({"n": 0}, "n must be an integer >= 1"),
     ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
     ({"min_tokens": 5, "max_tokens": 3}, "min_tokens (5) must not exceed max_tokens (3)"),
-    ({"logprobs": -1}, "logprobs must be an integer >= 0"),
+    ({"logprobs": -2}, "logprobs must be an integer >= -1"),
+    ({"stop": 5}, "stop must be a string or a list of non-empty strings"),
+    ({"stop_token_ids": 5}, "stop_token_ids must be a list of token ids"),
+    ({"stop": ["."], "detokenize": False}, "stop strings are looked for in the text: they need detokenize=True"),
     ({"repetition_penalty": 0.0}, "repetition_penalty must be a finite number > 0"),
     ({"presence_penalty": 3.0}, "presence_penalty must be a finite number in [-2, 2]"),
     ({"stop": [""]}, "stop must be a string or a list of non-empty strings"),
@@ -222,3 +225,108 @@ def test_a_hub_name_loads_from_the_local_hugging_face_cache(tiny_llava, images, 
     with pytest.raises(UserError, match="not in the local cache, and nothing is downloaded") as caught:
         LLM("llava-hf/llava-1.5-7b-hf", device="cpu")
     assert "bundled" not in str(caught.value)
+
+
+def test_vllms_spellings_of_defaults(tiny_llava):
+    """top_k 0 and -1 are every token, logprobs True is 1, seed -1 is no seed (vLLM's); LLM(seed=None, device="auto",
+    dtype=torch.float32) are taken."""
+    assert SamplingParams(top_k=0).top_k == -1 and SamplingParams(logprobs=True).logprobs == 1
+    assert SamplingParams(seed=-1).seed is None
+    llm = LLM(tiny_llava, seed=None, device="auto", dtype=torch.float32, max_model_len=256)
+    assert llm.engine.dtype == torch.float32
+
+
+def test_a_failed_call_leaves_the_llm_usable(llm, images, monkeypatch):
+    """An error (or Ctrl-C) in the middle of generate drops that call's requests: the next call starts clean."""
+    request = _request(llm, images[0])
+    with pytest.raises(UserError, match="more than max_logprobs"):
+        llm.generate(request, SamplingParams(logprobs=100000), use_tqdm=False)
+    step = llm.engine.step
+    calls = []
+
+    def failing_second_step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", failing_second_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([request, request], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    monkeypatch.setattr(llm.engine, "step", step)
+    assert not llm.engine.has_unfinished() and llm.engine.block_manager.num_free == llm.engine.block_manager.num_blocks
+    assert len(llm.generate(request, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].token_ids) == 3
+
+
+def test_the_stop_token_leaves_the_text_unless_asked(llm, images):
+    request = _request(llm, images[0])
+    greedy = llm.generate(request, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    stop = greedy[2]
+    tokenizer = llm.get_tokenizer()
+    for include in (False, True):
+        out = llm.generate(request, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop],
+                                                   include_stop_str_in_output=include), use_tqdm=False)[0].outputs[0]
+        ids = out.token_ids if include else out.token_ids[:-1]
+        assert out.token_ids[-1] == stop and out.text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_a_stop_string_within_min_tokens_does_not_end_the_output(llm, images):
+    """vLLM looks for stop strings only in text after the first min_tokens tokens; the text is cut where the stop
+    string that ended the output starts."""
+    request = _request(llm, images[0])
+    full = llm.generate(request, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    tokenizer = llm.get_tokenizer()
+    early = tokenizer.decode(full.token_ids[:3], skip_special_tokens=True)
+    stop = early[-2:]
+    assert len(stop.strip()) == 2
+    out = llm.generate(request, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop],
+                                               min_tokens=3), use_tqdm=False)[0].outputs[0]
+    text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    if out.finish_reason == "stop":
+        cut = text.index(stop, len(early) - len(stop) + 1)
+        assert out.text == text[:cut] and len(out.token_ids) > 3
+    else:
+        assert out.text == full.text and stop not in full.text[len(early) - len(stop) + 1 :]
+
+
+def test_generation_config_ends_and_defaults_as_vllm_takes_them(tiny_llava, images, tmp_path):
+    """generation_config.json's EOS list ends replies, and its sampling values are the defaults of
+    sampling_params=None (LLM(generation_config="vllm") keeps vLLM's own)."""
+    import json
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llava, folder)
+    probe = LLM(str(folder), device="cpu", dtype="float32", max_model_len=256)
+    request = {"prompt": probe.engine.processor.chat_prompt(PROMPT), "multi_modal_data": {"image": images[0]}}
+    greedy = probe.generate(request, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].token_ids
+    end = greedy[3]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, end], "temperature": 0.0,
+                                                               "max_new_tokens": 8}))
+    llm = LLM(str(folder), device="cpu", dtype="float32", max_model_len=256)
+    assert llm.get_default_sampling_params().temperature == 0
+    out = llm.generate(request, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == greedy[: greedy.index(end) + 1] and out.finish_reason == "stop"
+    plain = LLM(str(folder), device="cpu", dtype="float32", max_model_len=256, generation_config="vllm")
+    assert plain.get_default_sampling_params().temperature == 1.0
+
+
+def test_prompts_as_vllm_takes_them(llm, images):
+    """A tuple of prompts, a picture as a uint8 array, lora_request=None; chat with a system turn and template
+    arguments; an empty or malformed conversation is one line."""
+    import numpy as np
+
+    array = np.asarray(images[0].convert("RGB"))
+    request = {"prompt": llm.engine.processor.chat_prompt(PROMPT), "multi_modal_data": {"image": array}}
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    outs = llm.generate((request, _request(llm, images[0])), params, use_tqdm=False, lora_request=None)
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there."}]
+    assert llm.chat(messages, params, use_tqdm=False, chat_template_kwargs={})[0].outputs[0].token_ids
+    with pytest.raises(UserError, match="needs a conversation"):
+        llm.chat([], params, use_tqdm=False)
+    with pytest.raises(UserError, match="content is a string or a list of parts"):
+        llm.chat([{"role": "user", "content": None}], params, use_tqdm=False)

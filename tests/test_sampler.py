@@ -106,7 +106,7 @@ def test_the_repetition_penalty_is_hfs_over_prompt_and_output():
     logits[0, 3], logits[0, 7], logits[1, 1], logits[1, 2] = -2.0, 1.5, -0.5, 2.5  # seen tokens of either sign
     histories = [([3, 7, 7, 11], [20, 3]), ([1, 2], [])]
     params = [SamplingParams(repetition_penalty=1.3), SamplingParams(repetition_penalty=0.7)]
-    ours = penalize(logits.clone(), params, histories, eos_token_id=None)
+    ours = penalize(logits.clone(), params, histories, eos_token_ids=[])
     for row, (p, (prompt, output)) in enumerate(zip(params, histories)):
         ids = torch.tensor([prompt + output])
         expected = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids, logits[row : row + 1].clone())[0]
@@ -118,7 +118,7 @@ def test_frequency_and_presence_penalties_are_openais_over_the_output():
     logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(5))
     prompt, output = [4, 4, 9], [9, 9, 2, 9, 17]
     p = SamplingParams(frequency_penalty=0.5, presence_penalty=0.3)
-    ours = penalize(logits.clone(), [p], [(prompt, output)], eos_token_id=None)[0]
+    ours = penalize(logits.clone(), [p], [(prompt, output)], eos_token_ids=[])[0]
     counts = torch.bincount(torch.tensor(output), minlength=30).float()
     torch.testing.assert_close(ours, logits[0] - 0.5 * counts - 0.3 * (counts > 0).float())
     assert ours[4] == logits[0, 4]  # a prompt token the output does not hold keeps its logit
@@ -130,11 +130,11 @@ def test_min_tokens_holds_back_eos_and_the_stop_tokens_as_hf_does():
     p = SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[5])
     for output in ([], [7, 8]):
         prompt = [1, 9]
-        ours = penalize(logits.clone(), [p], [(prompt, output)], eos_token_id=2)[0]
+        ours = penalize(logits.clone(), [p], [(prompt, output)], eos_token_ids=[2])[0]
         hf = MinNewTokensLengthLogitsProcessor(len(prompt), 3, [2, 5])(torch.tensor([prompt + output]),
                                                                        logits.clone())[0]
         torch.testing.assert_close(ours, hf)
-        tokens, _ = sample(logits, [p], [None], [(prompt, output)], eos_token_id=2)
+        tokens, _ = sample(logits, [p], [None], [(prompt, output)], eos_token_ids=[2])
         assert tokens[0] not in (2, 5)
-    tokens, _ = sample(logits, [p], [None], [([1, 9], [7, 8, 6])], eos_token_id=2)
+    tokens, _ = sample(logits, [p], [None], [([1, 9], [7, 8, 6])], eos_token_ids=[2])
     assert tokens[0] in (2, 5)  # three tokens out: they may end it

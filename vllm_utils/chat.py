@@ -21,6 +21,8 @@ def parse_messages(messages: list[dict], media_root: str | None) -> tuple[list[d
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise UserError(f"a chat message is a dict with 'role' and 'content', got {message!r}"[:200])
         content = message["content"]
+        if not isinstance(content, (str, list)):
+            raise UserError(f"a chat message's content is a string or a list of parts, got {type(content).__name__}")
         if isinstance(content, str):
             rendered.append({"role": message["role"], "content": [{"type": "text", "text": content}]})
             continue

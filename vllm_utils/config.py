@@ -46,8 +46,11 @@ class EngineConfig:
     # CPU: fewer threads while other processes hold cores (platforms/cpu_team.py)
     cpu_follow_load: bool = field(default_factory=envs.cpu_follow_load)
     triton_gemv: bool = field(default_factory=envs.triton_gemv)  # single-row linears on CUDA in Triton
+    max_logprobs: int = 20  # the most log-probs a request may ask per position (vLLM's; -1: no limit)
 
     def __post_init__(self) -> None:
+        if self.seed is None:  # vLLM's LLM(seed=None)
+            self.seed = 0
         if self.block_size < 1:
             raise UserError(f"--block-size must be >= 1, got {self.block_size}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:

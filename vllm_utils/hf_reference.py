@@ -103,13 +103,14 @@ class HFReference:
 
     def _generate(self, request: dict, max_tokens: int, ignore_eos: bool, logprobs: bool):
         inputs = self.inputs(request)
-        eos = self.processor.eos_token_id
-        stop = {} if ignore_eos or eos is None else {"eos_token_id": eos}
+        eos = self.processor.eos_token_ids
+        stop = {} if ignore_eos or not eos else {"eos_token_id": eos}
         out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, output_logits=logprobs,
                                   return_dict_in_generate=True, **stop)
         tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-        if not ignore_eos and eos in tokens:
-            tokens = tokens[: tokens.index(eos) + 1]
+        ends = [i for i, t in enumerate(tokens) if t in eos]
+        if not ignore_eos and ends:
+            tokens = tokens[: ends[0] + 1]
         if not logprobs:
             return tokens, None
         return tokens, [float(step[0].float().log_softmax(-1)[t]) for step, t in zip(out.logits, tokens)]

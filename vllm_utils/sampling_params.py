@@ -38,13 +38,15 @@ class SamplingParams:
         self.repetition_penalty = _float("repetition_penalty", repetition_penalty, 0.0, math.inf, low_open=True)
         self.temperature = _float("temperature", temperature, 0.0, math.inf)
         self.top_p = _float("top_p", top_p, 0.0, 1.0, low_open=True)
-        self.top_k = _int("top_k", top_k, -1)
-        if self.top_k == 0:
-            raise UserError("top_k must be -1 (all tokens) or >= 1, got 0")
-        self.seed = None if seed is None else _int("seed", seed, -(2**63))
+        self.top_k = _int("top_k", top_k, -1) or -1  # 0 and -1: every token (vLLM's old and new spellings)
+        self.seed = None if seed is None or seed == -1 else _int("seed", seed, -(2**63))  # -1: vLLM's "random"
+        if stop is not None and not isinstance(stop, (str, list, tuple)):
+            raise UserError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
         self.stop = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s, str) and s for s in self.stop):
             raise UserError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
+        if stop_token_ids is not None and not isinstance(stop_token_ids, (list, tuple)):
+            raise UserError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
         self.stop_token_ids = [_int("stop_token_ids", t, 0) for t in (stop_token_ids or [])]
         self.include_stop_str_in_output = bool(include_stop_str_in_output)
         self.ignore_eos = bool(ignore_eos)
@@ -52,10 +54,14 @@ class SamplingParams:
         self.min_tokens = _int("min_tokens", min_tokens, 0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise UserError(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})")
-        self.logprobs = None if logprobs is None else _int("logprobs", logprobs, 0)
-        self.prompt_logprobs = None if prompt_logprobs is None else _int("prompt_logprobs", prompt_logprobs, 0)
+        # True is vLLM's 1; -1 the whole vocabulary
+        self.logprobs = None if logprobs is None else _int("logprobs", _bool_as_int(logprobs), -1)
+        self.prompt_logprobs = None if prompt_logprobs is None else \
+            _int("prompt_logprobs", _bool_as_int(prompt_logprobs), -1)
         self.skip_special_tokens = bool(skip_special_tokens)
         self.detokenize = bool(detokenize)
+        if self.stop and not self.detokenize:
+            raise UserError("stop strings are looked for in the text: they need detokenize=True")
 
     @property
     def greedy(self) -> bool:
@@ -69,11 +75,23 @@ class SamplingParams:
     def replace(self, **changes: Any) -> "SamplingParams":
         return SamplingParams(**{**self.__dict__, **changes})
 
+    def clone(self) -> "SamplingParams":
+        return self.replace()
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SamplingParams) and self.__dict__ == other.__dict__
 
     def __repr__(self) -> str:
         return "SamplingParams(" + ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items()) + ")"
+
+
+def generation_defaults(generation_config: dict) -> SamplingParams:
+    """vLLM's default SamplingParams, overridden where a model's generation_config.json sets them (vLLM's
+    generation_config="auto"): temperature, top_p, top_k, repetition_penalty, max_new_tokens."""
+    keys = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+            "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+    return SamplingParams(**{ours: generation_config[theirs] for theirs, ours in keys.items()
+                             if generation_config.get(theirs) is not None})
 
 
 def find_stop(text: str, stops: list[str], start: int = 0) -> tuple[int, str] | None:
@@ -93,6 +111,10 @@ def _refuse_others(others: dict[str, Any]) -> None:
                                 f"{_UNSUPPORTED[name]!r}")
             continue
         raise UserError(f"SamplingParams has no field '{name}'")
+
+
+def _bool_as_int(value: Any) -> Any:
+    return int(value) if isinstance(value, bool) else value
 
 
 def _float(name: str, value: Any, low: float, high: float, low_open: bool = False) -> float:

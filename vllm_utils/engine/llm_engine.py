@@ -17,7 +17,7 @@ from vllm_utils.models.registry import family
 from vllm_utils.multimodal.inputs import MultiModalInputs
 from vllm_utils.multimodal.processor import ProcessorAdapter
 from vllm_utils.platforms import platform_for
-from vllm_utils.sampling_params import SamplingParams, find_stop
+from vllm_utils.sampling_params import SamplingParams
 
 
 @dataclass
@@ -59,8 +59,8 @@ class LLMEngine:
         self.platform = self.runner.platform
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                                   self.max_model_len, self.processor.eos_token_id, self._stop_string)
-        self.runner.eos_token_id = self.processor.eos_token_id
+                                   self.max_model_len, self.processor.eos_token_ids, self._stop_string)
+        self.runner.eos_token_ids = self.processor.eos_token_ids
         self.stats = EngineStats()
 
     def add_request(self, prompt: str | None, images: list[Image.Image], params: SamplingParams,
@@ -70,6 +70,7 @@ class LLMEngine:
         `params.n` sequences of it (the prompt processed once). `continuation_token_ids` are appended to the prompt
         as text, whatever their ids (teacher forcing: with `prompt_logprobs`, their log-probs given all before
         them)."""
+        self._check_params(params)
         if prompt_token_ids is None:
             prompt_token_ids, mm_inputs = self.processor.process(prompt, images, videos)
         else:
@@ -88,17 +89,39 @@ class LLMEngine:
             self.scheduler.add(seq)
         return seqs
 
+    def _check_params(self, params: SamplingParams) -> None:
+        vocab = self.config.hf_config.text_config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise UserError(f"stop_token_ids {params.stop_token_ids} holds an id beyond the vocabulary ({vocab} tokens)")
+        self._check_logprobs(params)
+
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        limit = self.config.engine.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(params, name)
+            if asked is not None and limit != -1 and (asked == -1 or asked > limit):
+                what = "the whole vocabulary" if asked == -1 else asked
+                raise UserError(f"{name} asks for {what} per position, more than max_logprobs ({limit}); ask for "
+                                f"fewer, or raise LLM(max_logprobs=...) (-1: no limit)")
+
     def _stop_string(self, seq: Sequence) -> str | None:
-        """The stop string the output's text now holds (looked for where the newest token may have completed one)."""
-        stops = seq.params.stop
-        if not stops or seq.num_output_tokens < seq.params.min_tokens:
+        """The stop string the newest token completed, if any (its index kept on the sequence), as vLLM finds them:
+        in the text that token changed (a byte token can turn the characters before it into a whole one), never
+        within the first min_tokens tokens' text."""
+        params = seq.params
+        if not params.stop:
             return None
-        ids = seq.output_token_ids
-        text = self.processor.decode(ids, seq.params.skip_special_tokens)
-        # a stop string completed by the newest token ends within its text: look from before the text of the others
-        recent = len(self.processor.decode(ids[:-1], seq.params.skip_special_tokens)) if len(ids) > 1 else 0
-        found = find_stop(text, stops, max(0, recent - max(len(s) for s in stops)))
-        return found[1] if found else None
+        text = self.processor.decode(seq.output_token_ids, params.skip_special_tokens)
+        previous, seq.text = seq.text, text
+        if seq.num_output_tokens <= params.min_tokens:
+            return None
+        stable = next((i for i, (a, b) in enumerate(zip(previous, text)) if a != b), min(len(previous), len(text)))
+        found = [(text.find(s, max(0, stable - len(s) + 1)), s) for s in params.stop]
+        found = [(i, s) for i, s in found if i >= 0]
+        if not found:
+            return None
+        seq.stop_index, stop = min(found)
+        return stop
 
     def _check_mm_positions(self, token_ids: list[int], mm_inputs: MultiModalInputs | None) -> None:
         """Ready token ids hold exactly the positions their items take."""
@@ -122,10 +145,14 @@ class LLMEngine:
         self.stats = EngineStats()
 
     def abort(self, seqs: list[Sequence]) -> None:
-        """Drops requests that have not started yet."""
+        """Drops requests, waiting or running (their blocks freed, their multimodal embeddings forgotten)."""
         for seq in seqs:
             if seq in self.scheduler.waiting:
                 self.scheduler.waiting.remove(seq)
+            elif seq in self.scheduler.running:
+                self.scheduler.running.remove(seq)
+            self.block_manager.free(seq)
+            self.runner.mm_cache.pop(seq.seq_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -65,7 +65,7 @@ class ModelRunner:
             elif device.type != "cpu":  # on CPUs eager is what everyone expects: no note
                 note_once(f"graph mode needs CUDA graphs; running eagerly on {device.type}")
         self.workers = None  # rank 0 of a tensor-parallel group: the channel to the other ranks
-        self.eos_token_id: int | None = None  # what min_tokens holds back (the engine sets it)
+        self.eos_token_ids: list[int] = []  # what min_tokens holds back with the stop tokens (the engine sets it)
         self.mm_cache: dict[int, torch.Tensor] = {}  # sequence id -> its multimodal embeddings, mid-prefill
 
     def choose_kernels(self, platform: Platform) -> None:
@@ -175,7 +175,7 @@ class ModelRunner:
         params = [s.params for s in seqs]
         shaped = any(p.penalized or p.min_tokens > s.num_output_tokens for p, s in zip(params, seqs))
         histories = [(s.token_ids[: s.num_prompt_tokens], s.output_token_ids) for s in seqs] if shaped else None
-        return sample(logits, params, [s.generator for s in seqs], histories, self.eos_token_id, greedy)
+        return sample(logits, params, [s.generator for s in seqs], histories, self.eos_token_ids, greedy)
 
     @staticmethod
     def _store_prompt_logprobs(seqs: list[Sequence], inputs: PrefillInputs, logits: torch.Tensor) -> torch.Tensor:

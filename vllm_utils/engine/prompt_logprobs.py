@@ -31,7 +31,8 @@ def prompt_logprobs(logits: torch.Tensor, targets: list[int], top: int) -> list[
         rows = logits[lo : lo + CHUNK_ROWS].float().log_softmax(dim=-1)
         given = rows.gather(-1, target[lo : lo + len(rows), None])
         ranks = ((rows > given).sum(dim=-1) + 1).tolist()
-        best_lp, best_ids = rows.topk(top, dim=-1) if top else (rows[:, :0], rows[:, :0].long())
+        k = rows.shape[-1] if top == -1 else min(top, rows.shape[-1])  # -1: the whole vocabulary
+        best_lp, best_ids = rows.topk(k, dim=-1) if k else (rows[:, :0], rows[:, :0].long())
         for token, lp, rank, ids, lps in zip(targets[lo : lo + len(rows)], given.squeeze(-1).tolist(), ranks,
                                              best_ids.tolist(), best_lp.tolist()):
             out.append({**{i: (v, r) for r, (i, v) in enumerate(zip(ids, lps), start=1)}, token: (lp, rank)})

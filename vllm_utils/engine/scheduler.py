@@ -25,7 +25,7 @@ class ScheduledStep:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_id: int | None,
+                 max_model_len: int, eos_token_ids: list[int],
                  stop_string: Callable[[Sequence], str | None] = lambda seq: None) -> None:
         """`stop_string(seq)`: the stop string its output now holds, if any (the engine detokenizes)."""
         self.blocks = block_manager
@@ -33,7 +33,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.chunked = max_num_batched_tokens < max_model_len
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = set(eos_token_ids)
         self.stop_string = stop_string
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -134,10 +134,10 @@ class Scheduler:
                 seq.logprobs.append(logprobs[i])
             params = seq.params
             early = seq.num_output_tokens <= params.min_tokens  # min_tokens masked these: only the count ends it
-            if not early and token in params.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", token
-            elif not early and not params.ignore_eos and token == self.eos_token_id:
+            if not early and not params.ignore_eos and token in self.eos_token_ids:
                 seq.finish_reason = "stop"
+            elif not early and token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
             elif (stop := self.stop_string(seq)) is not None:
                 seq.finish_reason, seq.stop_reason = "stop", stop
             elif seq.num_output_tokens >= seq.max_output or len(seq) >= self.max_model_len:

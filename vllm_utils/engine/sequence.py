@@ -45,6 +45,8 @@ class Sequence:
         self.prompt_logprobs: list[dict[int, tuple[float, int]] | None] | None = None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.text = ""  # the output's text, as far as stop strings have been looked for
+        self.stop_index = 0  # where the stop string that ended it starts in that text
         self.num_preemptions = 0
         self.times = SequenceTimes(arrival=time.perf_counter())
         self.generator = None

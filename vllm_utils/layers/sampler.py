@@ -67,7 +67,7 @@ def distribution(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
 
 
 def penalize(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]],
-             eos_token_id: int | None) -> torch.Tensor:
+             eos_token_ids: list[int]) -> torch.Tensor:
     """The logits (fp32, changed in place) after each row's penalties, in vLLM's order: the repetition penalty over
     the prompt's and the output's tokens (positive logits divided by it, negative ones multiplied, as HF's
     processor does), then the output's frequency and presence penalties (OpenAI's); and with fewer outputs than
@@ -82,7 +82,7 @@ def penalize(logits: torch.Tensor, params: list[SamplingParams], histories: list
             counts = counts[: logits.shape[-1]].float()
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
         if len(output) < p.min_tokens:
-            stops = list(p.stop_token_ids) + ([eos_token_id] if eos_token_id is not None and not p.ignore_eos else [])
+            stops = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
             if stops:
                 logits[row, torch.tensor(stops, dtype=torch.long, device=logits.device)] = float("-inf")
     return logits
@@ -94,16 +94,18 @@ def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[Sampli
     logprobs = logits.log_softmax(dim=-1)
     chosen = logprobs.gather(-1, tokens[:, None])
     ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
-    widest = max((p.logprobs for p in params if p.logprobs is not None), default=0)
+    vocab = logits.shape[-1]
+    asked = [None if p.logprobs is None else vocab if p.logprobs == -1 else min(p.logprobs, vocab) for p in params]
+    widest = max((a for a in asked if a is not None), default=0)
     best_lp, best_ids = logprobs.topk(widest, dim=-1) if widest else (None, None)
     out: list[dict | None] = []
-    for row, p in enumerate(params):
-        if p.logprobs is None:
+    for row, k in enumerate(asked):
+        if k is None:
             out.append(None)
             continue
         entries = {}
-        if p.logprobs:
-            ids, lps = best_ids[row, : p.logprobs].tolist(), best_lp[row, : p.logprobs].tolist()
+        if k:
+            ids, lps = best_ids[row, :k].tolist(), best_lp[row, :k].tolist()
             entries = {token: (lp, rank) for rank, (token, lp) in enumerate(zip(ids, lps), start=1)}
         entries[int(tokens[row])] = (float(chosen[row]), ranks[row])
         out.append(entries)
@@ -111,7 +113,7 @@ def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[Sampli
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           histories: list[tuple[list[int], list[int]]] | None = None, eos_token_id: int | None = None,
+           histories: list[tuple[list[int], list[int]]] | None = None, eos_token_ids: list[int] = (),
            greedy_tokens: torch.Tensor | None = None) -> tuple[list[int], list[dict | None] | None]:
     """logits: [seqs, vocab] (any float dtype). Returns the token ids and, where any row asks for log-probs, each
     row's (see `top_logprobs`). `histories`: each row's (prompt, output) token ids, for penalties and min_tokens.
@@ -126,7 +128,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         rows = torch.tensor(shaped, device=raw.device)
         logits = raw.clone()
         logits[rows] = penalize(raw[rows].clone(), [params[i] for i in shaped], [histories[i] for i in shaped],
-                                eos_token_id)
+                                eos_token_ids)
         greedy_tokens = None
     tokens = greedy_tokens if greedy_tokens is not None else logits.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]

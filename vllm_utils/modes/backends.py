@@ -110,6 +110,8 @@ class HFBackend:
         each = per_prompt(params, len(requests))
         if any(p.replace(max_tokens=1) != each[0].replace(max_tokens=1) for p in each):
             raise UserError("--backend hf runs a batch with one set of sampling parameters (max_tokens aside)")
+        if any(p.max_tokens is None for p in each):
+            raise UserError("--backend hf needs max_tokens set in SamplingParams")
         plain = each[0].replace(max_tokens=1)
         if plain != SamplingParams(temperature=plain.temperature, top_p=plain.top_p, top_k=plain.top_k,
                                    seed=plain.seed, ignore_eos=plain.ignore_eos, max_tokens=1):
@@ -146,8 +148,8 @@ class HFBackend:
         inputs = self.reference.model_inputs(input_ids, [mm for _, _, mm in chunk if mm])
         inputs["attention_mask"] = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids, _ in chunk],
                                                 device=device)
-        eos = self.processor.eos_token_id
-        kwargs = {} if params.ignore_eos or eos is None else {"eos_token_id": eos}
+        eos = self.processor.eos_token_ids
+        kwargs = {} if params.ignore_eos or not eos else {"eos_token_id": eos}
         if not params.greedy:
             kwargs.update(temperature=params.temperature, top_p=params.top_p,
                           top_k=params.top_k if params.top_k > 0 else None)
@@ -159,9 +161,10 @@ class HFBackend:
         results = []
         for row, ((prompt, ids, _), own) in enumerate(zip(chunk, each)):
             tokens = out[row, width : width + own.max_tokens].tolist()
-            if not params.ignore_eos and eos in tokens:
-                tokens = tokens[: tokens.index(eos) + 1]
-            reason = "stop" if tokens and tokens[-1] == eos and not params.ignore_eos else "length"
+            ends = [i for i, t in enumerate(tokens) if t in eos]
+            if not params.ignore_eos and ends:
+                tokens = tokens[: ends[0] + 1]
+            reason = "stop" if tokens and tokens[-1] in eos and not params.ignore_eos else "length"
             times = SequenceTimes(arrival=arrival, first_scheduled=scheduled, token_times=clock.times[: len(tokens)])
             completion = CompletionOutput(0, self.processor.decode(tokens), tokens, None, None, reason)
             results.append(RequestOutput(str(next(_request_ids)), prompt, ids, None, [completion], True, times))

@@ -52,6 +52,11 @@ class ProcessorAdapter:
         self.vocab_size = text.vocab_size
         self.bos_token_id = self.tokenizer.bos_token_id if self.tokenizer else getattr(text, "bos_token_id", 1)
         self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else getattr(text, "eos_token_id", 2)
+        self.generation_config = _json_file(folder, "generation_config.json")
+        # every token that ends a reply: the tokenizer's EOS and those generation_config.json lists (as vLLM takes)
+        listed = self.generation_config.get("eos_token_id")
+        listed = listed if isinstance(listed, list) else [listed] if isinstance(listed, int) else []
+        self.eos_token_ids = list(dict.fromkeys([t for t in [self.eos_token_id, *listed] if t is not None]))
 
     # ---- what a family defines -------------------------------------------------------------------
     @staticmethod
@@ -128,8 +133,8 @@ class ProcessorAdapter:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   chat_template=self.chat_template, add_generation_prompt=True)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    chat_template: str | None = None) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None,
+                    continue_final_message: bool = False, **template_kwargs) -> str:
         """A conversation (content parts `text`, `image`, `video`) rendered by the model's chat template."""
         self._need_tokenizer()
         template = chat_template or self.chat_template
@@ -137,7 +142,8 @@ class ProcessorAdapter:
             raise UserError(f"'{self.folder}' carries no chat template: pass chat_template=..., or a rendered prompt "
                             f"to generate()")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template,
-                                                  add_generation_prompt=add_generation_prompt)
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=continue_final_message, **template_kwargs)
 
     def process(self, prompt: str, images: list[Image.Image],
                 videos: list | None = None) -> tuple[list[int], MultiModalInputs | None]:
@@ -192,6 +198,18 @@ def _load_hf_parts(folder: str) -> tuple[object | None, object, object]:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         return None, AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+
+
+def _json_file(folder: str, name: str) -> dict:
+    """A folder's JSON file as a dict; {} where there is none or it cannot be read."""
+    import json
+
+    try:
+        with open(os.path.join(folder, name)) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _chat_template_file(folder: str) -> str | None:
