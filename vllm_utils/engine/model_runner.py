@@ -173,8 +173,9 @@ class ModelRunner:
         if not seqs:
             return [], None
         params = [s.params for s in seqs]
-        shaped = any(p.penalized or p.min_tokens > s.num_output_tokens for p, s in zip(params, seqs))
-        histories = [(s.token_ids[: s.num_prompt_tokens], s.output_token_ids) for s in seqs] if shaped else None
+        shaped = [p.penalized or p.min_tokens > s.num_output_tokens for p, s in zip(params, seqs)]
+        histories = [(s.token_ids[: s.num_prompt_tokens], s.output_token_ids) if shape else ([], s.output_token_ids)
+                     for s, shape in zip(seqs, shaped)] if any(shaped) else None
         return sample(logits, params, [s.generator for s in seqs], histories, self.eos_token_ids, greedy)
 
     @staticmethod
