@@ -65,6 +65,28 @@ def test_two_images_in_one_prompt_give_hf_tokens(anyres):
     assert out.outputs[0].token_ids == hf.greedy(request, GREEDY.max_tokens)
 
 
+@pytest.mark.parametrize("anyres", ["llava_onevision"], indirect=True)
+def test_several_non_square_images_take_the_pixels_and_tokens_of_hfs_multi_image_mode(anyres):
+    """HF's OneVision processor, given one prompt's images together, pads each to a square (the image mean around
+    it) and resizes it to one base view: our pixels are those, and HF's model fed HF's own pixels gives our tokens."""
+    folder, hf = anyres
+    llm = LLM(folder, device="cpu", dtype="float32", max_model_len=2048)
+    adapter = llm.engine.processor
+    images = [picture(SIZES["wide"], 6), picture(SIZES["tall"], 7), picture((90, 150), 8)]
+    request = _request(llm, "Compare the pictures.", images)
+    ids, ours = adapter.process(request["prompt"], images)
+    theirs = adapter.image_processor(images=[images], return_tensors="pt")  # HF's multi-image mode
+    assert theirs["pixel_values"].shape[:2] == (3, 1)  # one view each
+    torch.testing.assert_close(ours["pixel_values"], theirs["pixel_values"].flatten(0, 1), rtol=0, atol=0)
+    out = llm.generate([request], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+              **{k: v for k, v in theirs.items()}}
+    with torch.inference_mode():
+        expected = hf.model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    assert out == expected and len(set(expected)) > 3
+
+
 def test_bf16_logprobs_close_to_hf_fp32(anyres):
     folder, hf = anyres
     llm = LLM(folder, device="cpu", dtype="bfloat16", max_model_len=2048)

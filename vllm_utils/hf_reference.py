@@ -69,7 +69,8 @@ class HFReference:
         if "prompt_token_ids" in request:
             ids, mm_inputs = request["prompt_token_ids"], request.get("mm_inputs")
         elif self.hf_processor is not None and not videos:
-            out = self.hf_processor(text=request["prompt"], images=images or None, return_tensors="pt")
+            out = self.hf_processor(text=request["prompt"], images=self.processor.prompt_images(images) or None,
+                                    return_tensors="pt")
             return self._placed(dict(out))
         else:
             ids, mm_inputs = self.processor.process(request["prompt"], images, videos)

@@ -56,6 +56,11 @@ class LlavaNextProcessorAdapter(LlavaProcessorAdapter):
 
 
 class LlavaOnevisionProcessorAdapter(LlavaNextProcessorAdapter):
+    def prompt_images(self, images: list) -> list:
+        """Nested, one list for the prompt: HF's multi-image mode, where each of several images is padded to a
+        square (the image mean around it) and resized to one base view, with no tiles."""
+        return [images]
+
     def hf_model_inputs(self, mm_inputs: MultiModalInputs) -> MultiModalInputs:
         """With the prompt's image count: HF's model gives several images of one prompt their base view only."""
         return {**super().hf_model_inputs(mm_inputs), "batch_num_images": torch.tensor([len(mm_inputs["image_sizes"])])}

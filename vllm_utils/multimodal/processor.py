@@ -79,6 +79,10 @@ class ProcessorAdapter:
         """One prompt's items as HF transformers' model takes them (for the HF reference backend)."""
         return mm_inputs
 
+    def prompt_images(self, images: list[Image.Image]) -> list:
+        """The images of one prompt as HF's processor takes them (a family with a multi-image mode nests them)."""
+        return images
+
     def hf_token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """What else HF transformers' model takes about a batch's token ids [batch, tokens]."""
         return {}
@@ -114,7 +118,7 @@ class ProcessorAdapter:
 
     def image_inputs(self, images: list[Image.Image]) -> MultiModalInputs:
         """The tensors of `images`, as the images of one prompt."""
-        processed = self.image_processor(images=images, return_tensors="pt")
+        processed = self.image_processor(images=self.prompt_images(images), return_tensors="pt")
         return self.items({k: v for k, v in processed.items() if k != "batch_num_images"})
 
     def text_token_ids(self) -> list[int]:
@@ -162,7 +166,7 @@ class ProcessorAdapter:
         if self.hf_processor is None:
             ids, mm_inputs = self._expand(prompt, images)
         else:
-            out = self.hf_processor(text=prompt, images=images, return_tensors="pt")
+            out = self.hf_processor(text=prompt, images=self.prompt_images(images), return_tensors="pt")
             ids = out["input_ids"][0].tolist()
             mm_inputs = self.items({k: v for k, v in out.items() if k not in ("input_ids", "attention_mask",
                                                                                 "batch_num_images")})
