@@ -72,7 +72,7 @@ def test_several_non_square_images_take_the_pixels_and_tokens_of_hfs_multi_image
     folder, hf = anyres
     llm = LLM(folder, device="cpu", dtype="float32", max_model_len=2048)
     adapter = llm.engine.processor
-    images = [picture(SIZES["wide"], 6), picture(SIZES["tall"], 7), picture((90, 150), 8)]
+    images = [picture(SIZES["wide"], 29), picture(SIZES["tall"], 30), picture((90, 150), 31)]
     request = _request(llm, "Compare the pictures.", images)
     ids, ours = adapter.process(request["prompt"], images)
     theirs = adapter.image_processor(images=[images], return_tensors="pt")  # HF's multi-image mode

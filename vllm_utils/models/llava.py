@@ -95,7 +95,8 @@ class LlavaForConditionalGeneration(MultimodalDecoderLM):
         layers = layers if isinstance(layers, (list, tuple)) else [layers]
         self.feature_layers = [i if i >= 0 else vision.num_hidden_layers + 1 + i for i in layers]
         self.vision_config = vision
-        self.mm_token_ids = (config.image_token_index,)
+        video = getattr(config, "video_token_index", None)  # the families that take videos
+        self.mm_token_ids = (config.image_token_index,) + ((video,) if video is not None else ())
         self.num_image_features = image_features(config)
 
         self.vision_tower = VISION_TOWERS[vision.model_type](vision, max(self.feature_layers))

@@ -2,7 +2,12 @@
 LLaVA with images of any size. Each image is a base view of the whole picture plus tiles of its best-fitting
 resolution, all through the vision tower; the tiles' features are laid out as the picture, cropped to its aspect
 ratio (OneVision also shrinks grids of over `anyres_max_N` tiles), and each row ends with the learnt
-`image_newline` embedding. A single view (one tile) is followed by one newline."""
+`image_newline` embedding. A single view (one tile) is followed by one newline.
+
+OneVision also takes videos: each frame through the tower and the projector, its feature grid pooled bilinearly to
+half its side (rounded up), the frames one after another, then one newline for the whole video. A prompt's items
+(images and videos) come in prompt order: `item_kinds` says which is which."""
+import math
 import re
 
 import torch
@@ -36,10 +41,23 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
 
     def encode_mm(self, mm_inputs: MultiModalInputs) -> torch.Tensor:
         """pixel_values [tiles, 3, H, W] (each image's base view, then its tiles), image_sizes [images, 2] as
-        (height, width), image_tiles [images] -> [positions, hidden]."""
-        features = self.encode_images(mm_inputs["pixel_values"])
-        per_image = features.split(mm_inputs["image_tiles"].tolist())
-        return torch.cat([self.pack(f, tuple(size)) for f, size in zip(per_image, mm_inputs["image_sizes"].tolist())])
+        (height, width), image_tiles [images]; with videos, pixel_values_videos [frames, 3, H, W], video_frames
+        [videos] and item_kinds [items] (0: an image, 1: a video, in prompt order) -> [positions, hidden]."""
+        images = []
+        if len(mm_inputs["image_tiles"]):
+            features = self.encode_images(mm_inputs["pixel_values"])
+            per_image = features.split(mm_inputs["image_tiles"].tolist())
+            images = [self.pack(f, tuple(size)) for f, size in zip(per_image, mm_inputs["image_sizes"].tolist())]
+        if "item_kinds" not in mm_inputs:
+            return torch.cat(images)
+        frames = mm_inputs["pixel_values_videos"].split(mm_inputs["video_frames"].tolist())
+        videos = iter([self.encode_video(f) for f in frames])
+        images = iter(images)
+        return torch.cat([next(videos) if kind else next(images) for kind in mm_inputs["item_kinds"].tolist()])
+
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """One video's frames [frames, 3, H, W] -> its prompt positions [positions, hidden]."""
+        raise NotImplementedError(f"{type(self).__name__} takes no video")
 
     def pack(self, features: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """One image's features [tiles, per_tile, hidden] -> its prompt positions [positions, hidden]."""
@@ -76,3 +94,11 @@ class LlavaOnevisionForConditionalGeneration(LlavaNextForConditionalGeneration):
         """Grids of more than ~`max_tiles` tiles' features are shrunk to about that, bilinearly."""
         size = anyres_max_size(grid.shape[1], grid.shape[2], self.max_tiles, side)
         return grid if size is None else F.interpolate(grid[None], list(size), mode="bilinear")[0]
+
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        features = self.encode_images(frames)  # [frames, side * side, hidden]
+        side = self.vision_config.image_size // self.vision_config.patch_size
+        grid = features.view(len(frames), side, side, -1).permute(0, 3, 1, 2)
+        pooled = F.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear")
+        rows = pooled.permute(0, 2, 3, 1).flatten(0, 2)
+        return torch.cat([rows, self.image_newline.to(rows.dtype)[None]])

@@ -10,9 +10,11 @@ from vllm_utils.errors import UserError
 from vllm_utils.models.interface import VisionLanguageModel
 from vllm_utils.models.llava import LlavaForConditionalGeneration
 from vllm_utils.models.llava_next import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+from vllm_utils.models.llava_next_video import LlavaNextVideoForConditionalGeneration
 from vllm_utils.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from vllm_utils.multimodal.llava import LlavaProcessorAdapter
-from vllm_utils.multimodal.llava_next import LlavaNextProcessorAdapter, LlavaOnevisionProcessorAdapter
+from vllm_utils.multimodal.llava_next import (LlavaNextProcessorAdapter, LlavaNextVideoProcessorAdapter,
+                                              LlavaOnevisionProcessorAdapter)
 from vllm_utils.multimodal.processor import ProcessorAdapter
 from vllm_utils.multimodal.qwen2_vl import Qwen2VLProcessorAdapter
 
@@ -33,6 +35,8 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
                               f"{_LLAVA}:demo_llava_next"),
     "llava_onevision": ModelFamily(("llava_onevision",), LlavaOnevisionForConditionalGeneration,
                                    LlavaOnevisionProcessorAdapter, f"{_LLAVA}:demo_llava_onevision"),
+    "llava_next_video": ModelFamily(("llava_next_video",), LlavaNextVideoForConditionalGeneration,
+                                    LlavaNextVideoProcessorAdapter, f"{_LLAVA}:demo_llava_next_video"),
     "qwen2_vl": ModelFamily(("qwen2_vl",), Qwen2VLForConditionalGeneration, Qwen2VLProcessorAdapter,
                             f"{_QWEN}:demo_qwen2_vl"),
     "qwen2_5_vl": ModelFamily(("qwen2_5_vl",), Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessorAdapter,

@@ -1,6 +1,7 @@
 """LLaVA-NeXT's and LLaVA-OneVision's processor adapters: an image takes a base view plus the tiles of its best
 resolution (OneVision: only the base view when a prompt holds several images), and as many prompt positions as
 its feature grid, cropped to its aspect ratio, has cells and rows (each row ends in a newline position)."""
+import math
 import re
 
 import torch
@@ -8,6 +9,7 @@ import torch
 from vllm_utils.multimodal.anyres import anyres_max_size, tile_grid, unpadded_size
 from vllm_utils.multimodal.inputs import MultiModalInputs
 from vllm_utils.multimodal.llava import LlavaProcessorAdapter
+from vllm_utils.multimodal.llava_video import LlavaVideoMixin
 
 
 class LlavaNextProcessorAdapter(LlavaProcessorAdapter):
@@ -55,7 +57,17 @@ class LlavaNextProcessorAdapter(LlavaProcessorAdapter):
         return height, width
 
 
-class LlavaOnevisionProcessorAdapter(LlavaNextProcessorAdapter):
+class LlavaOnevisionProcessorAdapter(LlavaVideoMixin, LlavaNextProcessorAdapter):
+    def video_positions(self, frames: int) -> int:
+        """Each frame's grid pooled to half its side (rounded up), and one newline for the video."""
+        vision = self.hf_config.vision_config
+        return frames * math.ceil(vision.image_size // vision.patch_size / 2) ** 2 + 1
+
+    def video_processor_defaults(self) -> dict:
+        """transformers' LlavaOnevisionVideoProcessor: the frame resized to the tower's square, no crop."""
+        side = self.hf_config.vision_config.image_size
+        return {"size": {"height": side, "width": side}, "do_center_crop": False, "resample": 3}
+
     def prompt_images(self, images: list) -> list:
         """Nested, one list for the prompt: HF's multi-image mode, where each of several images is padded to a
         square (the image mean around it) and resized to one base view, with no tiles."""
@@ -63,7 +75,10 @@ class LlavaOnevisionProcessorAdapter(LlavaNextProcessorAdapter):
 
     def hf_model_inputs(self, mm_inputs: MultiModalInputs) -> MultiModalInputs:
         """With the prompt's image count: HF's model gives several images of one prompt their base view only."""
-        return {**super().hf_model_inputs(mm_inputs), "batch_num_images": torch.tensor([len(mm_inputs["image_sizes"])])}
+        inputs = super().hf_model_inputs(mm_inputs)
+        if "image_sizes" in inputs:
+            inputs["batch_num_images"] = torch.tensor([len(inputs["image_sizes"])])
+        return inputs
 
     def fallback_image_processor(self):
         from transformers import LlavaOnevisionImageProcessor
@@ -78,3 +93,16 @@ class LlavaOnevisionProcessorAdapter(LlavaNextProcessorAdapter):
     def shrunk(self, height: int, width: int, side: int) -> tuple[int, int]:
         max_tiles = int(re.match(r"^anyres_max_(\d+)$", self.hf_config.vision_aspect_ratio).group(1))
         return anyres_max_size(height, width, max_tiles, side) or (height, width)
+
+
+class LlavaNextVideoProcessorAdapter(LlavaVideoMixin, LlavaNextProcessorAdapter):
+    def video_positions(self, frames: int) -> int:
+        """Each frame's grid pooled by spatial_pool_stride; no newline."""
+        vision = self.hf_config.vision_config
+        return frames * (vision.image_size // vision.patch_size // self.hf_config.spatial_pool_stride) ** 2
+
+    def video_processor_defaults(self) -> dict:
+        """transformers' LlavaNextVideoVideoProcessor, at the tower's size: shortest edge, then a centre crop."""
+        side = self.hf_config.vision_config.image_size
+        return {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side},
+                "do_center_crop": True, "resample": 3}

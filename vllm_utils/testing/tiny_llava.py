@@ -10,7 +10,8 @@ from vllm_utils.testing.checkpoint import rewrite_keys
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
     "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 _CORPUS = (
@@ -47,14 +48,18 @@ def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout:
                      vision_type: str = "clip_vision_model", family: str = "llava") -> str:
     """Writes config, processor and random safetensors weights of a small LLaVA to `folder`: a CLIP or SigLIP
     tower and a decoder of `text_type` (llama, mistral, qwen2, gemma, phi3; `text_config`: more of its fields).
-    family: "llava" (1.5), "llava_next" or "llava_onevision" (any-resolution images: tiles of `image_size`, grid
-    resolutions up to 3x3 tiles). layout: "hub" (language_model.model.*, vision_tower.vision_model.*),
+    family: "llava" (1.5), "llava_next", "llava_onevision" or "llava_next_video" (any-resolution images: tiles of
+    `image_size`, grid resolutions up to 3x3 tiles; the last two also videos, a `<video>` token appended to the
+    vocabulary). layout: "hub" (language_model.model.*, vision_tower.vision_model.*),
     "prefixed" (model.language_model.*, as transformers 4.52-4.5x write), or "saved" (whatever the installed
     transformers writes)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(real_tokenizer_dir) if real_tokenizer_dir else train_tiny_tokenizer()
     image_token_index = tokenizer.convert_tokens_to_ids("<image>")
+    videos = family in VIDEO_FAMILIES
+    if videos:  # after the others: their ids stay
+        tokenizer.add_tokens(["<video>"], special_tokens=True)
     siglip = vision_type == "siglip_vision_model"
     vision = AutoConfig.for_model(vision_type, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                                   num_attention_heads=vision_heads, num_hidden_layers=3, image_size=image_size,
@@ -69,6 +74,10 @@ def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout:
     anyres = {} if family == "llava" else {"image_grid_pinpoints": _pinpoints(image_size)}
     if family == "llava_onevision":
         anyres["vision_aspect_ratio"] = "anyres_max_2"  # small, so that large images are shrunk
+    if videos:
+        anyres["video_token_index"] = tokenizer.convert_tokens_to_ids("<video>")
+    if family == "llava_next_video":
+        anyres.update(spatial_pool_mode="average", spatial_pool_stride=2)
     config = AutoConfig.for_model(family, vision_config=vision.to_dict(), text_config=text.to_dict(),
                                   image_token_index=image_token_index, vision_feature_layer=vision_feature_layer,
                                   vision_feature_select_strategy=select_strategy, pad_token_id=tokenizer.pad_token_id,
@@ -86,8 +95,8 @@ def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout:
     model.save_pretrained(folder)
     if layout != "saved":
         _rewrite_keys(folder, layout)
-    if family == "llava_onevision":
-        _save_onevision_processor(folder, image_size, tokenizer, select_strategy, anyres)
+    if videos:
+        _save_video_family_processor(folder, family, image_size, tokenizer, select_strategy, extra_token, anyres)
     else:
         _processor(family, vision_type, image_size, tokenizer, select_strategy, extra_token, anyres).save_pretrained(folder)
     return folder
@@ -117,24 +126,45 @@ def _processor(family: str, vision_type: str, size: int, tokenizer, strategy: st
     raise ValueError(f"no processor for family '{family}'")
 
 
-def _save_onevision_processor(folder: str, size: int, tokenizer, strategy: str, anyres: dict) -> None:
-    """The files of a LLaVA-OneVision processor as the hub holds them, written part by part: transformers
-    builds the processor object only with torchvision (for its video processor)."""
+VIDEO_FAMILIES = ("llava_onevision", "llava_next_video")
+
+
+def _save_video_family_processor(folder: str, family: str, size: int, tokenizer, strategy: str, extra_token: int,
+                                 anyres: dict) -> None:
+    """The files of a LLaVA-OneVision or LLaVA-NeXT-Video processor as the hub holds them, written part by part:
+    transformers builds these processors only with torchvision (for their video processors). The video processor
+    as the hub's: OneVision resizes each frame to the tower's square, NeXT-Video its shortest edge then crops."""
     import json
 
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil)
+    if family == "llava_onevision":
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil)
 
-    LlavaOnevisionImageProcessorPil(size={"height": size, "width": size},
-                                    image_grid_pinpoints=anyres["image_grid_pinpoints"]).save_pretrained(folder)
+        images = LlavaOnevisionImageProcessorPil(size={"height": size, "width": size},
+                                                 image_grid_pinpoints=anyres["image_grid_pinpoints"])
+        video = {"size": {"height": size, "width": size}, "do_center_crop": False}
+        processor = {"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": (size // 14) ** 2,
+                     "vision_aspect_ratio": anyres["vision_aspect_ratio"]}
+    else:
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        images = LlavaNextImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                            image_grid_pinpoints=anyres["image_grid_pinpoints"])
+        video = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}, "do_center_crop": True}
+        processor = {"processor_class": "LlavaNextVideoProcessor", "patch_size": 14,
+                     "num_additional_image_tokens": extra_token}
+    images.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
         f.write(LLAVA_CHAT_TEMPLATE)
-    processor = {"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": (size // 14) ** 2,
-                 "vision_feature_select_strategy": strategy, "vision_aspect_ratio": anyres["vision_aspect_ratio"],
-                 "image_token": "<image>", "video_token": "<video>"}
+    processor.update(vision_feature_select_strategy=strategy, image_token="<image>", video_token="<video>")
     with open(os.path.join(folder, "processor_config.json"), "w") as f:
         json.dump(processor, f, indent=2)
+    video.update(video_processor_type="LlavaOnevisionVideoProcessor" if family == "llava_onevision" else
+                 "LlavaNextVideoVideoProcessor", do_resize=True, do_rescale=True, do_normalize=True, resample=3,
+                 rescale_factor=1 / 255, image_mean=list(images.image_mean), image_std=list(images.image_std))
+    with open(os.path.join(folder, "video_preprocessor_config.json"), "w") as f:
+        json.dump(video, f, indent=2)
 
 
 def _image_processor(vision_type: str, size: int):
@@ -177,3 +207,7 @@ def demo_llava_next(folder: str) -> str:
 def demo_llava_onevision(folder: str) -> str:
     return build_tiny_llava(folder, family="llava_onevision", vision_type="siglip_vision_model", select_strategy="full",
                             vision_feature_layer=-1, text_type="qwen2", seed=12)
+
+
+def demo_llava_next_video(folder: str) -> str:
+    return build_tiny_llava(folder, family="llava_next_video", seed=13)
