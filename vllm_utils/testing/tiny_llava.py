@@ -210,4 +210,4 @@ def demo_llava_onevision(folder: str) -> str:
 
 
 def demo_llava_next_video(folder: str) -> str:
-    return build_tiny_llava(folder, family="llava_next_video", seed=13)
+    return build_tiny_llava(folder, family="llava_next_video", seed=17)
