@@ -32,12 +32,11 @@ def test_greedy_tokens_and_top_logprobs_equal_hfs(llm, hf_reference, images):
     out = llm.generate(request, SamplingParams(temperature=0, max_tokens=12, logprobs=5, ignore_eos=True),
                        use_tqdm=False)[0]
     completion = out.outputs[0]
-    assert completion.token_ids == hf_reference.greedy(request, 12, ignore_eos=True)
-    inputs = hf_reference.inputs(request)
-    ids = torch.cat([inputs["input_ids"], torch.tensor([completion.token_ids])], dim=1)
-    with torch.inference_mode():
-        logits = hf_reference.model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}).logits
-    full = logits[0, inputs["input_ids"].shape[1] - 1 : -1].float().log_softmax(-1)
+    with torch.inference_mode():  # HF's greedy run and the logits of each of its steps
+        hf = hf_reference.model.generate(**hf_reference.inputs(request), max_new_tokens=12, do_sample=False,
+                                         output_logits=True, return_dict_in_generate=True)
+    assert completion.token_ids == hf.sequences[0, -12:].tolist()
+    full = torch.cat(hf.logits).float().log_softmax(-1)
     for position, (entries, token) in enumerate(zip(completion.logprobs, completion.token_ids)):
         top = full[position].topk(5)
         assert set(entries) == set(top.indices.tolist()) | {token}

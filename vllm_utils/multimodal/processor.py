@@ -124,7 +124,7 @@ class ProcessorAdapter:
     def text_token_ids(self) -> list[int]:
         """Ids of ordinary text tokens (no special or image token), for synthetic prompts."""
         special = set(self.tokenizer.all_special_ids) if self.tokenizer else {0, 1, 2}
-        special |= {self.mm_token_id, self.bos_token_id, self.eos_token_id}
+        special |= {self.mm_token_id, getattr(self, "video_token_id", None), self.bos_token_id, self.eos_token_id}
         vocab = len(self.tokenizer) if self.tokenizer else self.vocab_size
         return [i for i in range(min(vocab, self.vocab_size)) if i not in special]
 
