@@ -110,8 +110,9 @@ def _not_an_image(tmp_path) -> str:
 BAD_INPUTS = {
     "missing model folder": (lambda t, m, p: ["--model", str(t / "nope")], "does not exist"),
     "not a llava folder": (lambda t, m, p: ["--model", _non_llava_folder(t)],
-                           "holds a 'llama' model (LlamaForCausalLM), not a llava, llava_next, llava_onevision, qwen2_vl "
-                           "or qwen2_5_vl model; point --model at a checkpoint folder of one of those"),
+                           "holds a 'llama' model (LlamaForCausalLM), not a llava, llava_next, llava_onevision, "
+                           "llava_next_video, qwen2_vl or qwen2_5_vl model; point --model at a checkpoint folder of "
+                           "one of those"),
     "unreadable image": (lambda t, m, p: ["--model", m, "--input-image", _not_an_image(t)], "cannot read image"),
     "missing image": (lambda t, m, p: ["--model", m, "--input-image", str(t / "none.png")], "does not exist"),
     "unknown model type": (lambda t, m, p: ["--model", m, "--model-type", "qwen9"], "unknown --model-type"),

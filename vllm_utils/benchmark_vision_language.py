@@ -23,7 +23,7 @@ Without --model, each mode runs the tiny random model of --model-type (default l
 use. A flag of another mode is refused. Every bad input, flag errors included, gets one 'error: ...' line on stderr
 and exit status 1. Progress goes to stderr: live bars on a terminal, else one line per
 VLLM_UTILS_PROGRESS_INTERVAL seconds (default 10)."""
-FAMILIES = "llava, llava_next, llava_onevision, qwen2_vl or qwen2_5_vl"
+FAMILIES = "llava, llava_next, llava_onevision, llava_next_video, qwen2_vl or qwen2_5_vl"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -139,7 +139,8 @@ def _input_flags(g: argparse._ArgumentGroup) -> None:
                    help="--demo: image file (repeatable); --perf: the image of every request (default: black)")
     g.add_argument("--input-video", action="append", default=[],
                    help="--demo: video file (repeatable; one request each, with every --prompt); --perf: the video of "
-                        "every request (instead of images). Video models only (qwen2_vl, qwen2_5_vl); needs PyAV")
+                        "every request (instead of images). Video models only (llava_onevision, llava_next_video, "
+                        "qwen2_vl, qwen2_5_vl); needs PyAV")
     g.add_argument("--num-frames", type=int, default=None,
                    help="frames sampled evenly from each --input-video (default: 16); --perf without --input-video: "
                         "requests carry a black video of this many frames of --input-vision-shape")

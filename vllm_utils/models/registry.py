@@ -44,6 +44,10 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
 }
 
 
+def video_families() -> list[str]:
+    return [name for name, f in MODEL_FAMILIES.items() if f.processor.video_token is not None]
+
+
 def check_model_type(model_type: str) -> None:
     if model_type not in MODEL_FAMILIES:
         raise UserError(f"unknown --model-type '{model_type}': supported: {', '.join(sorted(MODEL_FAMILIES))}")

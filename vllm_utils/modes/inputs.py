@@ -117,8 +117,10 @@ def check_prompt_placeholders(prompts: list[str], per_prompt: int, placeholder: 
 
 def check_takes_video(processor: ProcessorAdapter, config: ResolvedConfig) -> None:
     if processor.video_token is None:
+        from vllm_utils.models.registry import video_families
+
         raise UserError(f"--input-video/--num-frames: {config.model_type} models take no video; use a video model "
-                        f"(qwen2_vl, qwen2_5_vl) or give images")
+                        f"({', '.join(video_families())}) or give images")
 
 
 # ---- --perf -------------------------------------------------------------------------------------------------

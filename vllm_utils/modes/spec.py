@@ -242,8 +242,8 @@ def demo_spec(args: argparse.Namespace, engine: EngineSpec) -> DemoSpec:
     if args.num_frames is not None and not args.input_video:
         raise UserError("--num-frames samples each --input-video's frames: give --input-video or drop --num-frames")
     if args.input_video and engine.model is None and engine.model_type is None:
-        raise UserError("--input-video needs a video model: pass --model with a Qwen2-VL or Qwen2.5-VL folder, or "
-                        "--model-type qwen2_vl for its tiny random model")
+        raise UserError("--input-video needs a video model: pass --model with the folder of one, or --model-type "
+                        "qwen2_vl (or llava_onevision, llava_next_video, qwen2_5_vl) for its tiny random model")
     return DemoSpec(
         engine=engine, images=tuple(args.input_image), videos=tuple(args.input_video),
         num_frames=args.num_frames or DEFAULT_NUM_FRAMES, fewer_frames=args.num_frames is None,

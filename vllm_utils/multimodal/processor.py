@@ -90,8 +90,7 @@ class ProcessorAdapter:
     def placeholder_ids(self, positions: int, video: bool = False) -> list[int]:
         """One item's tokens in a synthetic prompt."""
         if video:
-            raise UserError(f"{self.hf_config.model_type} models take no video; give images, or use a video model "
-                            f"(qwen2_vl, qwen2_5_vl)")
+            raise UserError(f"{self.hf_config.model_type} models take no video; give images, or use a video model")
         return [self.mm_token_id] * positions
 
     def items(self, processed: MultiModalInputs) -> MultiModalInputs:
