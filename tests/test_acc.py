@@ -196,8 +196,11 @@ def test_bad_datasets_are_named_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(ACC_SAMPLES))
 def test_bundled_samples_read_and_stay_small(name):
+    from vllm_utils.multimodal.video import load_video
+
     samples = read_dataset(ACC_SAMPLES[name])
-    assert samples and all(s.load_images() for s in samples)
+    assert samples and all(s.load_images() or s.videos for s in samples)
+    assert all(len(load_video(path, 4).frames) == 4 for s in samples for path in s.videos)
     folder = os.path.dirname(ACC_SAMPLES[name]) if name.endswith("jsonl") else ACC_SAMPLES[name]
     assert all(os.path.getsize(f) < 100_000 for f in glob.glob(os.path.join(folder, "**", "*"), recursive=True))
 

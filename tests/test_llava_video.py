@@ -1,7 +1,7 @@
 """Videos of the LLaVA line against HF transformers on tiny random checkpoints shaped like the hub's: LLaVA-OneVision
 (frames pooled bilinearly, one newline per video; images and a video in one prompt) and LLaVA-NeXT-Video (frames
 pooled by the spatial stride): through the API (a batch mixing them, chunked prefill, preemption), the CLI and
---perf with a synthetic video."""
+--perf with a synthetic video, and --acc on the bundled Video-MME sample."""
 import numpy as np
 import pytest
 import torch
@@ -124,6 +124,13 @@ def test_perf_with_a_synthetic_video_takes_its_positions(video_family, tmp_path)
     assert set(perf_info(run.stdout)) == set(SEED_KEYS) | {"cpu_threads"}
     positions = LLM(folder, device="cpu", dtype="float32", max_model_len=256).engine.processor.video_positions(4)
     assert f"tokens per request: {positions} video + {200 - positions} text" in run.stdout
+
+
+def test_video_mme_sample_agrees_with_hf(video_family, tmp_path):
+    from test_videomme import check_agrees_with_hf, run_videomme
+
+    info, records, _ = run_videomme(video_family[0], tmp_path)
+    check_agrees_with_hf(info, records)
 
 
 def test_llava_1_5_takes_no_video(tiny_llava, tmp_path):

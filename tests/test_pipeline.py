@@ -29,7 +29,7 @@ OTHER_MODES = {
     "demo --output-json": (["--demo", "--output-json=x.json"],
                            "--output-json applies to --perf and --acc only; drop it for --demo"),
     "perf --reference": (["--perf", "--reference=hf"], "--reference applies to --demo and --acc only"),
-    "acc --input-video": (["--acc", "--num-frames=4"], "--num-frames applies to --demo and --perf only"),
+    "acc --input-video": (["--acc", "--input-video=x.mp4"], "--input-video applies to --demo and --perf only"),
     "reference-dtype alone": (["--demo", "--reference-dtype=bfloat16"], "add --reference hf or drop it"),
 }
 # values no weights are needed to refuse

@@ -77,9 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "parquet/arrow file, a JSONL, or a bundled sample: " + ", ".join(ACC_SAMPLES)
                           + " (default: sample-jsonl)")
     acc.add_argument("--dataset-format", default=None,
-                     help="jsonl, llava-bench, mmmu, textvqa or docvqa (default: from the columns)")
+                     help="jsonl, llava-bench, mmmu, textvqa, docvqa or videomme (default: from the columns)")
     acc.add_argument("--dataset-split", default=None,
                      help="the split of a folder holding several (default: validation, else the only one)")
+    acc.add_argument("--video-dir", default=None,
+                     help="videomme: the folder of its <videoID>.mp4 files (default: the 'data' folder its "
+                          "videos_chunked_*.zip unzip to, beside the parquet's folder); each video gives --num-frames "
+                          "frames (default: 16)")
     acc.add_argument("--save-output", default=None,
                      help="write one JSON line per sample (id, prompt, answer, reference, score) to this new file")
     ref = p.add_argument_group("reference (--demo, --acc)")
@@ -142,8 +146,9 @@ def _input_flags(g: argparse._ArgumentGroup) -> None:
                         "every request (instead of images). Video models only (llava_onevision, llava_next_video, "
                         "qwen2_vl, qwen2_5_vl); needs PyAV")
     g.add_argument("--num-frames", type=int, default=None,
-                   help="frames sampled evenly from each --input-video (default: 16); --perf without --input-video: "
-                        "requests carry a black video of this many frames of --input-vision-shape")
+                   help="frames sampled evenly from each --input-video, or each video of an --acc dataset (default: "
+                        "16, or all of a shorter one); --perf without --input-video: requests carry a black video of "
+                        "this many frames of --input-vision-shape")
     g.add_argument("--mm-per-prompt", type=int, default=1,
                    help="images per request: --demo groups each N consecutive --input-image into one prompt; "
                         "--perf gives every synthetic request N images")

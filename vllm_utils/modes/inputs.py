@@ -115,12 +115,13 @@ def check_prompt_placeholders(prompts: list[str], per_prompt: int, placeholder: 
                             f"{per_prompt}, where the images belong")
 
 
-def check_takes_video(processor: ProcessorAdapter, config: ResolvedConfig) -> None:
+def check_takes_video(processor: ProcessorAdapter, config: ResolvedConfig,
+                      given: str = "--input-video/--num-frames", instead: str = "give images") -> None:
     if processor.video_token is None:
         from vllm_utils.models.registry import video_families
 
-        raise UserError(f"--input-video/--num-frames: {config.model_type} models take no video; use a video model "
-                        f"({', '.join(video_families())}) or give images")
+        raise UserError(f"{given}: {config.model_type} models take no video; use a video model "
+                        f"({', '.join(video_families())}) or {instead}")
 
 
 # ---- --perf -------------------------------------------------------------------------------------------------
@@ -164,12 +165,20 @@ def perf_video(spec: PerfSpec, config: ResolvedConfig, processor: ProcessorAdapt
 
 # ---- --acc --------------------------------------------------------------------------------------------------
 def read_samples(spec: AccSpec) -> list[Sample]:
-    return read_dataset(dataset_path(spec.dataset), spec.dataset_format, spec.dataset_split, spec.limit)
+    return read_dataset(dataset_path(spec.dataset), spec.dataset_format, spec.dataset_split, spec.limit,
+                        spec.video_dir)
 
 
-def acc_inputs(spec: AccSpec, samples: list[Sample], notes: list[str]) -> AccInputs:
-    """New tokens per reply: --output-len, else what the sample's metric allows."""
+def acc_inputs(spec: AccSpec, config: ResolvedConfig, processor: ProcessorAdapter, samples: list[Sample],
+               notes: list[str]) -> AccInputs:
+    """New tokens per reply: --output-len, else what the sample's metric allows. A dataset of videos needs a video
+    model."""
     if not spec.dataset_given:
         notes.append(f"No --dataset given: scoring the bundled {spec.dataset}.")
+    if any(s.videos for s in samples):
+        check_takes_video(processor, config, f"--dataset '{spec.dataset}' holds videos", "a dataset of images")
+    elif not spec.fewer_frames:
+        raise UserError(f"--num-frames samples the videos of a dataset, and --dataset '{spec.dataset}' has none: "
+                        f"drop --num-frames")
     lens = [spec.output_len or ACC_OUTPUT_LEN[s.metric] for s in samples]
     return AccInputs(samples, lens, spec.output_len or "per metric")

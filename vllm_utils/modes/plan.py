@@ -54,7 +54,7 @@ def make_plan(spec: Spec) -> Plan:
     elif isinstance(spec, PerfSpec):
         mode_inputs = inputs.perf_inputs(spec, config, processor)
     else:
-        mode_inputs = inputs.acc_inputs(spec, samples, notes)
+        mode_inputs = inputs.acc_inputs(spec, config, processor, samples, notes)
     config = batch_of(config, count_requests(spec, mode_inputs), engine.batch_size, notes)
     for note in notes:
         print(note, file=sys.stderr)
@@ -156,7 +156,7 @@ _ROUGE = ("rouge_score", "scoring ROUGE-L", "acc")
 def check_optional_packages(spec: Spec, samples: list | None) -> None:
     """What a mode needs beyond the core install, named with its pip command before anything loads."""
     needed = []
-    if getattr(spec, "videos", None) or getattr(spec, "video", None):
+    if getattr(spec, "videos", None) or getattr(spec, "video", None) or any(s.videos for s in samples or []):
         needed.append(_VIDEO)
     if samples and any(s.metric == "rouge" for s in samples):
         needed.append(_ROUGE)

@@ -13,7 +13,7 @@ DEFAULT_PROMPT = "Describe the picture."
 DEFAULT_VIDEO_PROMPT = "Describe the video."
 DEFAULT_OUTPUT_LEN = {"demo": 64, "perf": 128}
 # --acc: new tokens per reply by metric, as lmms-eval's task configs allow (the most any sample's metric allows)
-ACC_OUTPUT_LEN = {"rouge": 1024, "choice": 32, "vqa": 16, "anls": 32, "open": 32}
+ACC_OUTPUT_LEN = {"rouge": 1024, "choice": 32, "vqa": 16, "anls": 32, "open": 32, "videomme": 16}
 MAX_SEED = 2**32 - 1
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float", "half")
 REFERENCE_DTYPES = ("float32", "float16", "bfloat16")
@@ -23,11 +23,11 @@ COUNTS = ("input_len", "output_len", "num_prompts", "num_iters", "batch_size", "
           "max_num_batched_tokens", "tensor_parallel_size", "num_kv_blocks", "max_model_len")
 # flags of some modes only (argparse destinations): given to another mode, they are refused
 MODES_OF = {
-    "input_image": ("demo", "perf"), "input_video": ("demo", "perf"), "num_frames": ("demo", "perf"),
+    "input_image": ("demo", "perf"), "input_video": ("demo", "perf"), "num_frames": ("demo", "perf", "acc"),
     "mm_per_prompt": ("demo", "perf"), "prompt": ("demo",), "temperature": ("demo",), "top_p": ("demo",),
     "top_k": ("demo",), "input_len": ("perf",), "input_vision_shape": ("perf",), "num_iters": ("perf",),
     "num_prompts": ("perf", "acc"), "dataset": ("acc",), "dataset_format": ("acc",), "dataset_split": ("acc",),
-    "save_output": ("acc",), "reference": ("demo", "acc"), "reference_dtype": ("demo", "acc"),
+    "video_dir": ("acc",), "save_output": ("acc",), "reference": ("demo", "acc"), "reference_dtype": ("demo", "acc"),
     "reference_device": ("demo", "acc"), "output_json": ("perf", "acc"), "result_dir": ("perf", "acc"),
     "result_filename": ("perf", "acc"), "save_result": ("perf", "acc"),
 }
@@ -121,6 +121,9 @@ class AccSpec:
     dataset_format: str | None
     dataset_split: str | None
     limit: int | None  # --num-prompts: the first N rows
+    num_frames: int  # frames sampled from each video of the dataset
+    fewer_frames: bool  # as for --demo
+    video_dir: str | None  # Video-MME's videos; None: beside the dataset
     output_len: int | None  # None: per metric
     save_output: str | None
     reference: ReferenceSpec | None
@@ -291,7 +294,8 @@ def acc_spec(args: argparse.Namespace, engine: EngineSpec, given: set[str]) -> A
         engine=engine, dataset=args.dataset or "sample-jsonl", dataset_given=args.dataset is not None,
         dataset_format=args.dataset_format,
         dataset_split=args.dataset_split, limit=args.num_prompts if "num_prompts" in given else None,
-        output_len=args.output_len, save_output=args.save_output, reference=reference_spec(args),
+        num_frames=args.num_frames or DEFAULT_NUM_FRAMES, fewer_frames=args.num_frames is None,
+        video_dir=args.video_dir, output_len=args.output_len, save_output=args.save_output, reference=reference_spec(args),
         report=report_spec(args))
 
 

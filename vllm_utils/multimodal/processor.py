@@ -127,8 +127,10 @@ class ProcessorAdapter:
         vocab = len(self.tokenizer) if self.tokenizer else self.vocab_size
         return [i for i in range(min(vocab, self.vocab_size)) if i not in special]
 
-    def chat_prompt(self, text: str, num_images: int = 1) -> str:
-        """A user turn with images then text, rendered by the model's chat template."""
+    def chat_prompt(self, text: str, num_images: int = 1, num_videos: int = 0) -> str:
+        """A user turn with images then text, rendered by the model's chat template (video families add videos)."""
+        if num_videos:
+            self.placeholder_ids(0, video=True)  # refuses
         self._need_tokenizer()
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
         if not self.chat_template:

@@ -44,9 +44,9 @@ def sample_indices(total_frames: int, num_frames: int) -> np.ndarray:
     return np.arange(num_frames) * total_frames // num_frames
 
 
-def load_video(path: str, num_frames: int, at_most: bool = False) -> VideoClip:
+def load_video(path: str, num_frames: int, at_most: bool = False, fix: str = _FIX) -> VideoClip:
     """`num_frames` frames sampled uniformly over the video file `path` (`at_most`: every frame of a shorter clip);
-    a UserError names what is wrong."""
+    a UserError names what is wrong, and `fix` what to do about it."""
     try:
         import av
     except ImportError:
@@ -54,22 +54,22 @@ def load_video(path: str, num_frames: int, at_most: bool = False) -> VideoClip:
     if num_frames < 1:
         raise UserError(f"cannot sample {num_frames} frames from video '{path}'; ask for at least 1 (--num-frames)")
     if os.path.isdir(path):
-        raise UserError(f"video '{path}' is a folder, not a file; {_FIX}")
+        raise UserError(f"video '{path}' is a folder, not a file; {fix}")
     if not os.path.isfile(path):
-        raise UserError(f"video '{path}' does not exist; {_FIX}")
+        raise UserError(f"video '{path}' does not exist; {fix}")
     try:
-        return _load(av, path, num_frames, at_most)
+        return _load(av, path, num_frames, at_most, fix)
     except PermissionError:  # av's own PermissionError subclasses both this and FFmpegError
         raise UserError(f"video '{path}' is not readable (permission denied); fix its permissions") from None
     except av.FFmpegError as e:
         reason = getattr(e, "strerror", None) or type(e).__name__
-        raise UserError(f"cannot decode video '{path}' ({reason}); {_FIX}") from None
+        raise UserError(f"cannot decode video '{path}' ({reason}); {fix}") from None
 
 
-def _load(av, path: str, num_frames: int, at_most: bool) -> VideoClip:
+def _load(av, path: str, num_frames: int, at_most: bool, fix: str) -> VideoClip:
     with av.open(path) as container:
         if not container.streams.video:
-            raise UserError(f"'{path}' has no video stream; {_FIX}")
+            raise UserError(f"'{path}' has no video stream; {fix}")
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         total = stream.frames
@@ -79,11 +79,11 @@ def _load(av, path: str, num_frames: int, at_most: bool) -> VideoClip:
         total = sum(1 for _ in _decode(path))
     if at_most:
         num_frames = max(1, min(num_frames, total))
-    frames, decoded = _pick(path, total, num_frames)
+    frames, decoded = _pick(path, total, num_frames, fix)
     if len(frames) < num_frames:  # the header promised more frames than decode: sample over those there are
         total = decoded
         num_frames = max(1, min(num_frames, total)) if at_most else num_frames
-        frames, _ = _pick(path, total, num_frames)
+        frames, _ = _pick(path, total, num_frames, fix)
     if len({frame.shape for frame in frames}) > 1:
         raise UserError(f"video '{path}' changes its frame size mid-stream; re-encode it to one size")
     return VideoClip(np.stack(frames), float(rate), total)
@@ -97,10 +97,10 @@ def _decode(path: str) -> Iterator:
         yield from container.decode(video=0)
 
 
-def _pick(path: str, total: int, num_frames: int) -> tuple[list[np.ndarray], int]:
+def _pick(path: str, total: int, num_frames: int, fix: str) -> tuple[list[np.ndarray], int]:
     """The RGB frames at the sampled indices, and how many frames were decoded to find them."""
     if total == 0:
-        raise UserError(f"video '{path}' has no frames; {_FIX}")
+        raise UserError(f"video '{path}' has no frames; {fix}")
     if total < num_frames:
         raise UserError(f"video '{path}' has {total} frame{'s' * (total > 1)}, fewer than the {num_frames} asked "
                         f"for; pass --num-frames {total} or less")

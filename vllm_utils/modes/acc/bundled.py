@@ -9,6 +9,7 @@ ACC_SAMPLES = {
     "sample-mmmu": os.path.join(SAMPLES_DIR, "mmmu"),
     "sample-textvqa": os.path.join(SAMPLES_DIR, "textvqa"),
     "sample-docvqa": os.path.join(SAMPLES_DIR, "docvqa"),
+    "sample-videomme": os.path.join(SAMPLES_DIR, "videomme"),
 }
 
 

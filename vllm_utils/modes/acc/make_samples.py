@@ -1,6 +1,6 @@
 """Builds the bundled samples in `samples/`: synthetic pictures (shapes, and digits in PIL's default font for the
-document sample) with questions and answers written for them, one folder per format in its published layout.
-Run `python -m vllm_utils.modes.acc.make_samples` to rebuild them."""
+document sample) and short clips of moving shapes (encoded with PyAV) with questions and answers written for them,
+one folder per format in its published layout. Run `python -m vllm_utils.modes.acc.make_samples` to rebuild them."""
 import io
 import json
 import os
@@ -63,6 +63,76 @@ def jsonl(folder: str) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
+def write_clip(frames: list[Image.Image], path: str, fps: int = 4) -> None:
+    import av
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with av.open(path, "w") as out:
+        stream = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_image(frame)))
+        out.mux(stream.encode())
+
+
+def clip(draw_frame, count: int = 12, size: tuple[int, int] = (96, 64)) -> list[Image.Image]:
+    """`count` frames, each drawn by `draw_frame(draw, i, count)` on white."""
+    frames = []
+    for i in range(count):
+        image = Image.new("RGB", size, "white")
+        draw_frame(ImageDraw.Draw(image), i, count)
+        frames.append(image)
+    return frames
+
+
+def videomme(folder: str) -> None:
+    """Video-MME's layout: `videomme/test-00000-of-00001.parquet` and the videos in `data/<videoID>.mp4`."""
+    import datasets
+
+    def moving(draw, i, n):  # a red circle crossing from left to right
+        x = 8 + i * (96 - 32) // (n - 1)
+        draw.ellipse((x, 20, x + 16, 36), fill="red")
+
+    def turning(draw, i, n):  # a square, blue then yellow
+        draw.rectangle((32, 16, 64, 48), fill="blue" if i < n // 2 else "yellow")
+
+    def counting(draw, i, n):  # black dots appearing, one more every third of the clip
+        for d in range(1 + 3 * i // n):
+            draw.ellipse((14 + 26 * d, 26, 26 + 26 * d, 38), fill="black")
+
+    clips = {"synthMoving01": moving, "synthColour02": turning, "synthCounts03": counting}
+    for video_id, draw_frame in clips.items():
+        write_clip(clip(draw_frame), os.path.join(folder, "data", f"{video_id}.mp4"))
+    videos = [("001", "short", "Knowledge", "Geography", "synthMoving01"),
+              ("002", "medium", "Artistic Performance", "Magic Show", "synthColour02"),
+              ("003", "long", "Life Record", "Daily Life", "synthCounts03")]
+    questions = {
+        "001": [("Spatial Perception", "Which way does the circle move?",
+                 ["A. From left to right.", "B. From right to left.", "C. From top to bottom.", "D. It stays still."],
+                 "A"),
+                ("Attribute Perception", "What colour is the moving shape?",
+                 ["A. Blue.", "B. Green.", "C. Red.", "D. Yellow."], "C")],
+        "002": [("Attribute Perception", "What colour is the square at the end of the video?",
+                 ["A. Blue.", "B. Yellow.", "C. Red.", "D. Black."], "B"),
+                ("Counting Problem", "How many shapes does the video show?",
+                 ["A. One.", "B. Two.", "C. Three.", "D. Four."], "A")],
+        "003": [("Counting Problem", "How many dots are there at the end of the video?",
+                 ["A. One.", "B. Two.", "C. Three.", "D. Five."], "C"),
+                ("Temporal Reasoning", "How does the number of dots change over the video?",
+                 ["A. It shrinks.", "B. It grows.", "C. It stays the same.", "D. It goes up and down."], "B")],
+    }
+    rows = [{"video_id": vid, "duration": duration, "domain": domain, "sub_category": sub, "url": "",
+             "videoID": video_id, "question_id": f"{vid}-{k + 1}", "task_type": task, "question": question,
+             "options": options, "answer": answer}
+            for vid, duration, domain, sub, video_id in videos
+            for k, (task, question, options, answer) in enumerate(questions[vid])]
+    S = datasets.Value("string")
+    write_parquet(rows, {"video_id": S, "duration": S, "domain": S, "sub_category": S, "url": S, "videoID": S,
+                         "question_id": S, "task_type": S, "question": S, "options": datasets.Sequence(S),
+                         "answer": S},
+                  os.path.join(folder, "videomme", "test-00000-of-00001.parquet"))
+
+
 def main() -> None:
     import datasets
 
@@ -122,6 +192,7 @@ def main() -> None:
     ], {"questionId": S, "question": S, "question_types": L, "image": I, "docId": datasets.Value("int64"),
         "ucsf_document_id": S, "ucsf_document_page_no": S, "answers": L},
         os.path.join(SAMPLES_DIR, "docvqa", "DocVQA", "validation-00000-of-00001.parquet"))
+    videomme(os.path.join(SAMPLES_DIR, "videomme"))
 
 
 if __name__ == "__main__":

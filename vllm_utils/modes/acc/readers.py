@@ -8,21 +8,25 @@ import os
 import re
 
 from vllm_utils.modes.acc.sample import SHORT_ANSWER, Sample, has_image
+from vllm_utils.modes.acc import videomme
 from vllm_utils.modes.acc.scorers import choice_letters, render_choices
 from vllm_utils.errors import UserError
 
-FORMATS = ("jsonl", "llava-bench", "mmmu", "textvqa", "docvqa")
+FORMATS = ("jsonl", "llava-bench", "mmmu", "textvqa", "docvqa", "videomme")
 MMMU_IMAGES = [f"image_{i}" for i in range(1, 8)]
 _NEEDS = {  # the columns each format reads (one of the names in a tuple)
     "llava-bench": ["question_id", "question", "image", ("answer", "gpt_answer")],
     "mmmu": ["id", "question", "options", "answer", "question_type", "image_1"],
     "textvqa": ["question_id", "question", "image", "answers"],
     "docvqa": ["questionId", "question", "image", "answers"],
+    "videomme": videomme.NEEDS,
 }
 
 
-def read_dataset(path: str, fmt: str | None = None, split: str | None = None, limit: int | None = None) -> list[Sample]:
-    """The first `limit` rows of the dataset at `path` (all when None); one-line UserErrors for bad input."""
+def read_dataset(path: str, fmt: str | None = None, split: str | None = None, limit: int | None = None,
+                 video_dir: str | None = None) -> list[Sample]:
+    """The first `limit` rows of the dataset at `path` (all when None); one-line UserErrors for bad input.
+    `video_dir`: where Video-MME's videos are (default: its `data` folder)."""
     if fmt is not None and fmt not in FORMATS:
         raise UserError(f"unknown --dataset-format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if not os.path.exists(path):
@@ -31,6 +35,7 @@ def read_dataset(path: str, fmt: str | None = None, split: str | None = None, li
         raise UserError(f"--dataset-format {fmt} reads parquet/arrow files or a dataset folder, and '{path}' is a "
                         f"JSONL: leave --dataset-format out, or pass a {fmt} dataset (e.g. --dataset sample-{fmt})")
     if fmt == "jsonl" or (fmt is None and path.endswith(".jsonl")):
+        fmt = "jsonl"
         samples = read_jsonl(path, limit)
     else:
         table = load_table(path, split)
@@ -38,7 +43,11 @@ def read_dataset(path: str, fmt: str | None = None, split: str | None = None, li
         check_columns(table.column_names, fmt, path)
         table = _undecoded_images(table).select(range(min(len(table), limit or len(table))))
         base = path if os.path.isdir(path) else os.path.dirname(path)
-        samples = [ADAPTERS[fmt](row, i, base) for i, row in enumerate(table)]
+        adapt = videomme.adapter(videomme.video_folder(path, video_dir)) if fmt == "videomme" else ADAPTERS[fmt]
+        samples = [adapt(row, i, base) for i, row in enumerate(table)]
+    if video_dir is not None and fmt != "videomme":
+        raise UserError(f"--video-dir holds Video-MME's videos, and --dataset '{path}' is a {fmt} dataset, which "
+                        f"reads none: drop --video-dir")
     if not samples:
         raise UserError(f"--dataset '{path}' holds no rows")
     return samples
@@ -87,6 +96,8 @@ def _pick_split(splits: list[str], wanted: str | None, path: str) -> str:
 
 def detect_format(path: str, columns: list[str]) -> str:
     cols = set(columns)
+    if {"videoID", "options", "duration"} <= cols:
+        return "videomme"
     if {"options", "question_type"} <= cols:
         return "mmmu"
     if "questionId" in cols:

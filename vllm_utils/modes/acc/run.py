@@ -43,11 +43,16 @@ class AccResult:
     agreement: dict | None  # --reference hf: {"overall": ..., "per_sample": [...]}
 
 
-def prepare(sample: Sample, processor, max_model_len: int) -> tuple[str, dict]:
-    """The chat prompt (images before the text) and the request as our engine and the HF reference take it."""
+def prepare(sample: Sample, processor, max_model_len: int, videos: dict | None = None) -> tuple[str, dict]:
+    """The chat prompt (images or videos before the text) and the request as our engine and the HF reference take
+    it. `videos`: the sample's clips by path (the questions of one video share its frames)."""
     images = sample.load_images()
-    prompt = processor.chat_prompt(sample.text, num_images=len(images))
-    ids, mm_inputs = processor.process(prompt, images)
+    clips = [videos[path] for path in sample.videos] if sample.videos else []
+    for clip in clips:
+        if isinstance(clip, Exception):
+            raise clip
+    prompt = processor.chat_prompt(sample.text, num_images=len(images), num_videos=len(clips))
+    ids, mm_inputs = processor.process(prompt, images, clips or None)
     if len(ids) >= max_model_len:
         raise UserError(f"the prompt is {len(ids)} tokens, which leaves no room within --max-model-len {max_model_len}")
     return prompt, {"prompt_token_ids": ids, "mm_inputs": mm_inputs}
@@ -85,10 +90,11 @@ def _run_samples(plan: Plan, backend: Backend, reference, samples: list[Sample],
     with progress_bar(total=len(samples), desc="Scoring", unit="sample") as bar:
         for start in range(0, len(samples), batch_size):
             chunk = [Result(s) for s in samples[start : start + batch_size]]
+            videos = _load_videos(plan, chunk)
             ready = []
             for r in chunk:
                 try:
-                    r.prompt, request = prepare(r.sample, plan.processor, plan.config.max_model_len)
+                    r.prompt, request = prepare(r.sample, plan.processor, plan.config.max_model_len, videos)
                     ready.append((r, request))
                 except Exception as e:  # a bad image or an over-long prompt fails that sample only
                     r.error = _why(e)
@@ -109,6 +115,21 @@ def _run_samples(plan: Plan, backend: Backend, reference, samples: list[Sample],
             bar.set_postfix_str(f"score {sum(scored) / len(scored):.4f}" if scored else "score n/a", refresh=False)
             bar.update(len(chunk))
     return results
+
+
+def _load_videos(plan: Plan, chunk: list[Result]) -> dict:
+    """The frames of each video of the batch, decoded once (the questions of one video share them), or the error
+    that its samples fail with."""
+    from vllm_utils.modes.acc.videomme import VIDEO_FIX
+    from vllm_utils.multimodal.video import load_video
+
+    clips: dict = {}
+    for path in {path: None for r in chunk for path in r.sample.videos}:
+        try:
+            clips[path] = load_video(path, plan.spec.num_frames, at_most=plan.spec.fewer_frames, fix=VIDEO_FIX)
+        except Exception as e:  # raised again by each sample of this video
+            clips[path] = e
+    return clips
 
 
 def _compare(backend: Backend, reference, chunk: list[Result], requests: dict, output_lens: dict) -> None:

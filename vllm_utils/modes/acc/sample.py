@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageOps
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # lmms-eval's / MMMU's short-answer line
-METRICS = ("rouge", "choice", "vqa", "anls", "open")
+METRICS = ("rouge", "choice", "vqa", "anls", "open", "videomme")
 # a sample whose image cannot be read fails alone (the run goes on); its record says what to do
 IMAGE_FIX = "fix the row's image in the --dataset (a JSONL's paths are relative to the file)"  # open: MMMU's open questions (answer found in the reply)
 
@@ -22,11 +22,13 @@ class Sample:
     choices: list[str] | None = None
     subject: str | None = None
     base_dir: str = "."  # relative image paths are read from here
-    extra: dict = field(default_factory=dict)
+    videos: list[str] = field(default_factory=list)  # video files, each shown before the text
+    extra: dict = field(default_factory=dict)  # what a dataset reports its figures by (Video-MME's duration)
 
     def load_images(self) -> list[Image.Image]:
         """The upright RGB pictures (as `multimodal.image.load_image` reads files); raises on a bad image."""
         return [_open(value, self.base_dir) for value in self.images]
+
 
 
 def _open(value, base_dir: str) -> Image.Image:

@@ -107,4 +107,9 @@ def score(metric: str, reply: str, references: list[str], choices: list[str] | N
         return vqa_accuracy(reply, references), None
     if metric == "anls":
         return anls(reply, references), None
+    if metric == "videomme":
+        from vllm_utils.modes.acc.videomme import extract_letter
+
+        letter = extract_letter(reply)
+        return float(letter.lower() == references[0].lower()), letter or "(no letter)"
     return open_answer(reply, references), None

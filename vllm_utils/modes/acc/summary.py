@@ -1,8 +1,10 @@
 """The `--acc` figures: the score overall, per subject and per metric, the failed samples, and the reference
 agreement, as `***Acc Info***` holds them (like `--perf`'s `***Perf Info***`)."""
 
+from vllm_utils.modes.acc.videomme import by_duration
+
 METRIC_NAMES = {"rouge": "rougeL_f", "choice": "accuracy", "vqa": "vqa_accuracy", "anls": "anls",
-                "open": "open_match"}
+                "open": "open_match", "videomme": "accuracy"}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -24,6 +26,9 @@ def acc_info(dataset: str, results: list, agreement: dict | None) -> dict:
     subjects = sorted({r.sample.subject for r in results if r.sample.subject})
     if subjects:
         info["by_subject"] = {s: _mean([r.score for r in scored if r.sample.subject == s]) for s in subjects}
+    durations = by_duration(results)
+    if durations:
+        info["by_duration"] = durations
     if agreement is not None:
         info["reference"] = agreement["overall"]
     return info

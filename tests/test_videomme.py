@@ -1,0 +1,123 @@
+"""--acc on Video-MME: the benchmark's letter extraction, its published layout read (the parquet, the videos beside
+it or in --video-dir), and the mode end to end on the bundled sample against HF (a Qwen2-VL here; the LLaVA video
+families in test_llava_video.py), with a missing video failing its questions alone."""
+import json
+import shutil
+
+import pytest
+
+from vllm_utils.errors import UserError
+from vllm_utils.modes.acc.bundled import ACC_SAMPLES
+from vllm_utils.modes.acc.readers import read_dataset
+from vllm_utils.modes.acc.videomme import ANSWER_CUE, INSTRUCTION, extract_letter
+
+from test_cli import cli, error_lines
+
+SAMPLE = ACC_SAMPLES["sample-videomme"]
+
+
+@pytest.mark.parametrize("reply, letter", [
+    ("B", "B"), ("The best answer is: C.", "C"), ("(D) It stays still.", "D"), ("The answer is A", "A"),
+    ("b", ""), ("none of these", ""),
+    ("After the circle moves, C", "A"),  # the first capital A-D wherever it stands, as the benchmark's script reads
+])
+def test_the_letter_is_the_one_video_mmes_evaluation_extracts(reply, letter):
+    assert extract_letter(reply) == letter
+
+
+def test_the_bundled_sample_reads_in_its_published_layout():
+    samples = read_dataset(SAMPLE)
+    assert len(samples) == 6 and {s.metric for s in samples} == {"videomme"}
+    first = samples[0]
+    assert first.videos and all(path.endswith(".mp4") for s in samples for path in s.videos)
+    lines = first.text.split("\n")
+    assert lines[0] == INSTRUCTION and lines[-1] == ANSWER_CUE and lines[2:6] == first.choices
+    assert [line[:2] for line in first.choices] == ["A.", "B.", "C.", "D."] and first.references[0] in "ABCD"
+    assert {s.extra["duration"] for s in samples} == {"short", "medium", "long"}
+
+
+def test_videos_elsewhere_need_video_dir(tmp_path):
+    shutil.copytree(f"{SAMPLE}/videomme", tmp_path / "questions" / "videomme")
+    shutil.copytree(f"{SAMPLE}/data", tmp_path / "clips")
+    with pytest.raises(UserError, match="no 'data' folder of its videos lies beside it; .* pass --video-dir"):
+        read_dataset(str(tmp_path / "questions"))
+    samples = read_dataset(str(tmp_path / "questions"), video_dir=str(tmp_path / "clips"))
+    assert all(path.startswith(str(tmp_path / "clips")) for s in samples for path in s.videos)
+    parquet = next((tmp_path / "questions" / "videomme").glob("*.parquet"))
+    shutil.move(tmp_path / "clips", tmp_path / "questions" / "data")
+    assert [s.videos for s in read_dataset(str(parquet))] == [s.videos for s in read_dataset(str(tmp_path / "questions"))]
+
+
+def test_accuracy_per_duration_is_over_the_questions_that_ran():
+    from vllm_utils.modes.acc.run import Result
+    from vllm_utils.modes.acc.summary import acc_info
+
+    samples = read_dataset(SAMPLE)
+    scores = [1.0, 0.0, None, 1.0, 1.0, 0.0]  # the third failed
+    results = [Result(s, score=x, error=None if x is not None else "gone") for s, x in zip(samples, scores)]
+    info = acc_info("sample-videomme", results, None)
+    expected = {}
+    for s, x in zip(samples, scores):
+        if x is not None:
+            expected.setdefault(s.extra["duration"], []).append(x)
+    assert list(info["by_duration"]) == ["short", "medium", "long"]
+    assert info["by_duration"] == {d: sum(v) / len(v) for d, v in expected.items()}
+    assert info["score"] == 3 / 5 and info["num_failed"] == 1 and info["metric"] == "accuracy"
+
+
+def run_videomme(model: str, tmp_path, *args: str) -> tuple[dict, list[dict], object]:
+    """--acc on the bundled Video-MME sample with the HF reference, fp32: the Acc Info, the records, the run."""
+    out = tmp_path / "records.jsonl"
+    run = cli("--acc", f"--model={model}", "--device=cpu", "--dtype=float32", "--dataset=sample-videomme",
+              "--reference=hf", "--num-frames=6", f"--save-output={out}", "--no-save-result", *args, cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout.split("***Acc Info***", 1)[1].split("\n}\n", 1)[0] + "\n}")
+    return info, [json.loads(line) for line in out.read_text().splitlines()], run
+
+
+def check_agrees_with_hf(info: dict, records: list[dict]) -> None:
+    ref = info["reference"]
+    assert ref["samples_compared"] == 6 and ref["exact_match_rate"] == 1.0 and ref["max_abs_dlogprob"] < 1e-4
+    assert len({r["answer"] for r in records}) > 3  # the replies differ with the video and the question
+    assert info["score"] == pytest.approx(sum(r["score"] for r in records) / 6)
+    durations = {s.id: s.extra["duration"] for s in read_dataset(SAMPLE)}
+    for duration, score in info["by_duration"].items():
+        mine = [r["score"] for r in records if durations[r["id"]] == duration]
+        assert score == pytest.approx(sum(mine) / len(mine))
+    for r in records:
+        assert r["score"] == float(extract_letter(r["answer"]) == r["reference"])
+
+
+@pytest.mark.parametrize("tiny_qwen", ["qwen2_vl"], indirect=True)
+def test_video_mme_sample_agrees_with_hf(tiny_qwen, tmp_path):
+    info, records, _ = run_videomme(tiny_qwen, tmp_path)
+    check_agrees_with_hf(info, records)
+
+
+@pytest.mark.parametrize("tiny_qwen", ["qwen2_vl"], indirect=True)
+def test_a_missing_video_fails_its_questions_and_the_rest_are_scored(tiny_qwen, tmp_path):
+    shutil.copytree(SAMPLE, tmp_path / "vmme")
+    (tmp_path / "vmme" / "data" / "synthColour02.mp4").unlink()
+    out = tmp_path / "records.jsonl"
+    run = cli("--acc", f"--model={tiny_qwen}", "--device=cpu", f"--dataset={tmp_path / 'vmme'}", "--output-len=2",
+              f"--save-output={out}", "--no-save-result", cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    failed = [line for line in run.stderr.splitlines() if "failed" in line]
+    assert len(failed) == 2 and all("synthColour02.mp4' does not exist" in line for line in failed)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["score"] is None for r in records] == [False, False, True, True, False, False]
+    assert '"num_scored": 4' in run.stdout and '"num_failed": 2' in run.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--dataset 'sample-videomme' holds videos: llava models take no video; use a video model"),
+    (["--dataset=sample-jsonl", "--num-frames=4"], "--num-frames samples the videos of a dataset, and --dataset "
+                                                   "'sample-jsonl' has none: drop --num-frames"),
+    (["--dataset=sample-jsonl", "--video-dir=."], "--video-dir holds Video-MME's videos"),
+    (["--video-dir=/nonexistent"], "--video-dir '/nonexistent' is not a folder"),
+])
+def test_video_mme_bad_input_is_one_line_before_loading(tiny_llava, tmp_path, args, message):
+    run = cli("--acc", f"--model={tiny_llava}", "--device=cpu", "--dataset=sample-videomme", *args,
+              cwd=str(tmp_path))
+    assert run.returncode == 1 and "Loading" not in run.stderr, run.stderr
+    assert len(error_lines(run)) == 1 and message in error_lines(run)[0], run.stderr
