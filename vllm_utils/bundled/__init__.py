@@ -16,6 +16,7 @@ BUNDLED = {
     "llava-hf/llava-v1.6-vicuna-7b-hf": "llava-v1.6-vicuna-7b-hf",
     "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": "llava-onevision-qwen2-0.5b-ov-hf",
     "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava-onevision-qwen2-7b-ov-hf",
+    "llava-hf/LLaVA-NeXT-Video-7B-hf": "LLaVA-NeXT-Video-7B-hf",
     "Qwen/Qwen2-VL-2B-Instruct": "Qwen2-VL-2B-Instruct",
     "Qwen/Qwen2-VL-7B-Instruct": "Qwen2-VL-7B-Instruct",
     "Qwen/Qwen2.5-VL-3B-Instruct": "Qwen2.5-VL-3B-Instruct",
