@@ -2,6 +2,8 @@
 (frames pooled bilinearly, one newline per video; images and a video in one prompt) and LLaVA-NeXT-Video (frames
 pooled by the spatial stride): through the API (a batch mixing them, chunked prefill, preemption), the CLI and
 --perf with a synthetic video, and --acc on the bundled Video-MME sample."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +116,27 @@ def test_cli_demo_with_a_video_file_prints_what_hf_generates(video_family, tmp_p
     prompt = hf.processor.chat_prompt("What happens?", 0, 1)
     tokens = hf.greedy({"prompt": prompt, "multi_modal_data": {"video": load_video(str(path), 4)}}, 8)
     assert f"Prompt: {prompt!r}, Generated text: {hf.decode(tokens)!r}, Video: {str(path)!r}" in run.stdout
+
+
+def test_cli_demo_with_an_image_and_a_video_in_one_prompt_prints_what_hf_generates(video_family, tmp_path):
+    from test_video import _frames, _write
+
+    folder, hf = video_family
+    video, image = tmp_path / "clip.mp4", tmp_path / "p.png"
+    _write(video, _frames())
+    picture(5).save(image)
+    run = cli("--demo", f"--model={folder}", "--device=cpu", "--dtype=float32", f"--input-image={image}",
+              f"--input-video={video}", "--num-frames=4", "--prompt=What happens?", "--output-len=8",
+              "--reference=hf")
+    assert run.returncode == 0, run.stderr
+    from vllm_utils.multimodal.video import load_video
+
+    request = {"prompt": hf.processor.chat_prompt("What happens?", 1, 1),
+               "multi_modal_data": {"image": Image.open(image).convert("RGB"), "video": load_video(str(video), 4)}}
+    tokens = hf.greedy(request, 8)
+    assert len(set(tokens)) > 3, "the reference repeats itself"
+    assert f"Generated text: {hf.decode(tokens)!r}, Image: {str(image)!r}, Video: {str(video)!r}" in run.stdout
+    assert json.loads(run.stdout.split("***Reference Agreement***", 1)[1])["exact_match_rate"] == 1.0
 
 
 def test_perf_with_a_synthetic_video_takes_its_positions(video_family, tmp_path):

@@ -37,10 +37,11 @@ class AccInputs:
 
 # ---- --demo -------------------------------------------------------------------------------------------------
 def demo_pairs(spec: DemoSpec, default_image: str | None) -> list[tuple[tuple[str, ...], str]]:
-    """Requests as (inputs, prompt): each video with every prompt; else each `mm_per_prompt` consecutive images
-    with one prompt (one prompt for every group, one group for every prompt, or as many of each)."""
+    """Requests as (inputs, prompt): each video (after every image given) with every prompt; else each
+    `mm_per_prompt` consecutive images with one prompt (one prompt for every group, one group for every prompt, or
+    as many of each)."""
     if spec.videos:
-        return [((video,), text) for video in spec.videos for text in spec.prompts]
+        return [((*spec.images, video), text) for video in spec.videos for text in spec.prompts]
     images = list(spec.images) or ([default_image] if default_image else [])
     if not images:
         raise UserError("--demo needs --input-image IMAGE (repeatable) or --input-video VIDEO")
@@ -67,16 +68,19 @@ def demo_inputs(spec: DemoSpec, config: ResolvedConfig, processor: ProcessorAdap
                 notes: list[str]) -> DemoInputs:
     """A prompt holding the image placeholder is rendered as given; otherwise the chat template places the
     pictures (or the video) before it."""
+    from vllm_utils.multimodal.image import load_image
+
     pairs = demo_pairs(spec, default_image)
     if spec.videos:
         check_takes_video(processor, config)
         from vllm_utils.multimodal.video import load_video
 
         videos = {path: load_video(path, spec.num_frames, at_most=spec.fewer_frames) for path in spec.videos}
-        requests = [_processed(processor, processor.chat_prompt(text, num_images=0, num_videos=1), [], [videos[v]])
-                    for (v,), text in pairs]
-        return DemoInputs(_within(requests, config), [f"Video: {v!r}" for (v,), _ in pairs])
-    from vllm_utils.multimodal.image import load_image
+        pictures = [load_image(path) for path in spec.images]
+        requests = [_processed(processor, processor.chat_prompt(text, num_images=len(pictures), num_videos=1),
+                               pictures, [videos[paths[-1]]]) for paths, text in pairs]
+        shown = f"Image: {', '.join(spec.images)!r}, " if spec.images else ""
+        return DemoInputs(_within(requests, config), [f"{shown}Video: {paths[-1]!r}" for paths, _ in pairs])
 
     if not spec.images:
         notes.append(f"No --input-image given: using the generated picture {default_image}.")

@@ -175,8 +175,6 @@ def check_values(args: argparse.Namespace) -> None:
                                 f"or drop {flag(dest)}")
     if args.reference_dtype not in REFERENCE_DTYPES:
         raise UserError(f"unknown --reference-dtype '{args.reference_dtype}': use {', '.join(REFERENCE_DTYPES)}")
-    if args.input_video and args.input_image:
-        raise UserError("give --input-image or --input-video, not both: a request carries images or one video")
     for path in args.input_video:
         if not os.path.isfile(path):
             raise UserError(f"--input-video '{path}' is not a file; give the path of a video file")
@@ -247,6 +245,9 @@ def demo_spec(args: argparse.Namespace, engine: EngineSpec) -> DemoSpec:
     if args.input_video and engine.model is None and engine.model_type is None:
         raise UserError("--input-video needs a video model: pass --model with the folder of one, or --model-type "
                         "qwen2_vl (or llava_onevision, llava_next_video, qwen2_5_vl) for its tiny random model")
+    if args.input_video and args.mm_per_prompt > 1:
+        raise UserError("--mm-per-prompt groups images into prompts, and with --input-video every --input-image goes "
+                        "into each video's request: drop --mm-per-prompt")
     return DemoSpec(
         engine=engine, images=tuple(args.input_image), videos=tuple(args.input_video),
         num_frames=args.num_frames or DEFAULT_NUM_FRAMES, fewer_frames=args.num_frames is None,
@@ -256,6 +257,8 @@ def demo_spec(args: argparse.Namespace, engine: EngineSpec) -> DemoSpec:
 
 
 def perf_spec(args: argparse.Namespace, engine: EngineSpec) -> PerfSpec:
+    if args.input_video and args.input_image:
+        raise UserError("--perf takes --input-image or --input-video, not both: its requests carry images or one video")
     if len(args.input_video) > 1:
         raise UserError("--perf takes one --input-video (every request carries it); drop the others")
     shapes = parse_vision_shapes(args.input_vision_shape)
