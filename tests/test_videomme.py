@@ -109,6 +109,20 @@ def test_a_missing_video_fails_its_questions_and_the_rest_are_scored(tiny_qwen, 
     assert '"num_scored": 4' in run.stdout and '"num_failed": 2' in run.stdout
 
 
+@pytest.mark.parametrize("tiny_qwen", ["qwen2_vl"], indirect=True)
+def test_each_video_is_decoded_once_for_its_questions(tiny_qwen, tmp_path, monkeypatch):
+    """Batches of 3 split the second video's two questions: its frames are still decoded once."""
+    from vllm_utils.multimodal import video
+
+    decoded = []
+    load = video.load_video
+    monkeypatch.setattr(video, "load_video", lambda path, *a, **k: decoded.append(path) or load(path, *a, **k))
+    run = cli("--acc", f"--model={tiny_qwen}", "--device=cpu", "--dataset=sample-videomme", "--output-len=1",
+              "--batch-size=3", "--no-save-result", cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert len(decoded) == 3 and len(set(decoded)) == 3
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "--dataset 'sample-videomme' holds videos: llava models take no video; use a video model"),
     (["--dataset=sample-jsonl", "--num-frames=4"], "--num-frames samples the videos of a dataset, and --dataset "

@@ -87,10 +87,11 @@ def _run_samples(plan: Plan, backend: Backend, reference, samples: list[Sample],
     output_lens = {id(s): n for s, n in zip(samples, plan.inputs.output_lens)}
     results: list[Result] = []
     scored: list[float] = []
+    videos: dict = {}
     with progress_bar(total=len(samples), desc="Scoring", unit="sample") as bar:
         for start in range(0, len(samples), batch_size):
             chunk = [Result(s) for s in samples[start : start + batch_size]]
-            videos = _load_videos(plan, chunk)
+            videos = _load_videos(plan, chunk, videos)
             ready = []
             for r in chunk:
                 try:
@@ -117,14 +118,17 @@ def _run_samples(plan: Plan, backend: Backend, reference, samples: list[Sample],
     return results
 
 
-def _load_videos(plan: Plan, chunk: list[Result]) -> dict:
-    """The frames of each video of the batch, decoded once (the questions of one video share them), or the error
-    that its samples fail with."""
+def _load_videos(plan: Plan, chunk: list[Result], previous: dict) -> dict:
+    """The frames of each video of the batch, or the error its samples fail with: decoded once for all the
+    questions of a video (those of the previous batch's videos are kept)."""
     from vllm_utils.modes.acc.videomme import VIDEO_FIX
     from vllm_utils.multimodal.video import load_video
 
     clips: dict = {}
     for path in {path: None for r in chunk for path in r.sample.videos}:
+        if path in previous:
+            clips[path] = previous[path]
+            continue
         try:
             clips[path] = load_video(path, plan.spec.num_frames, at_most=plan.spec.fewer_frames, fix=VIDEO_FIX)
         except Exception as e:  # raised again by each sample of this video
