@@ -142,9 +142,9 @@ def _input_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--input-image", action="append", default=[],
                    help="--demo: image file (repeatable); --perf: the image of every request (default: black)")
     g.add_argument("--input-video", action="append", default=[],
-                   help="--demo: video file (repeatable; one request each, with every --prompt, after every --input-image "
-                        "given); --perf: the video of every request (instead of images). Video models only (llava_onevision, llava_next_video, "
-                        "qwen2_vl, qwen2_5_vl); needs PyAV")
+                   help="--demo: video file (repeatable; one request each, with every --prompt, after every "
+                        "--input-image given); --perf: the video of every request (instead of images). Video models "
+                        "only (the README's model table names them); needs PyAV")
     g.add_argument("--num-frames", type=int, default=None,
                    help="frames sampled evenly from each --input-video, or each video of an --acc dataset (default: "
                         "16, or all of a shorter one); --perf without --input-video: requests carry a black video of "

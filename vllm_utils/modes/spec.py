@@ -243,8 +243,8 @@ def demo_spec(args: argparse.Namespace, engine: EngineSpec) -> DemoSpec:
     if args.num_frames is not None and not args.input_video:
         raise UserError("--num-frames samples each --input-video's frames: give --input-video or drop --num-frames")
     if args.input_video and engine.model is None and engine.model_type is None:
-        raise UserError("--input-video needs a video model: pass --model with the folder of one, or --model-type "
-                        "qwen2_vl (or llava_onevision, llava_next_video, qwen2_5_vl) for its tiny random model")
+        raise UserError("--input-video needs a video model: pass --model with the folder of one, or the --model-type "
+                        "of a family that takes videos (e.g. qwen2_vl) for its tiny random model")
     if args.input_video and args.mm_per_prompt > 1:
         raise UserError("--mm-per-prompt groups images into prompts, and with --input-video every --input-image goes "
                         "into each video's request: drop --mm-per-prompt")
@@ -298,8 +298,8 @@ def acc_spec(args: argparse.Namespace, engine: EngineSpec, given: set[str]) -> A
         dataset_format=args.dataset_format,
         dataset_split=args.dataset_split, limit=args.num_prompts if "num_prompts" in given else None,
         num_frames=args.num_frames or DEFAULT_NUM_FRAMES, fewer_frames=args.num_frames is None,
-        video_dir=args.video_dir, output_len=args.output_len, save_output=args.save_output, reference=reference_spec(args),
-        report=report_spec(args))
+        video_dir=args.video_dir, output_len=args.output_len, save_output=args.save_output,
+        reference=reference_spec(args), report=report_spec(args))
 
 
 def parse_vision_shapes(text: str | None) -> list[tuple[int, int]]:
