@@ -19,5 +19,6 @@ class LlavaProcessorAdapter(ProcessorAdapter):
         size = self.hf_config.vision_config.image_size
         return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
-    def fallback_chat_prompt(self, text: str, num_images: int) -> str:
-        return "USER: " + (self.image_token + "\n") * num_images + text + " ASSISTANT:"
+    def fallback_chat_prompt(self, text: str, num_images: int, num_videos: int = 0) -> str:
+        items = f"{self.image_token}\n" * num_images + f"{self.video_token}\n" * num_videos
+        return f"USER: {items}{text} ASSISTANT:"

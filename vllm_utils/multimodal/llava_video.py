@@ -89,30 +89,14 @@ class LlavaVideoMixin:
         return inputs
 
     # ---- prompts -----------------------------------------------------------------------------------
-    def chat_prompt(self, text: str, num_images: int = 1, num_videos: int = 0) -> str:
-        self._need_tokenizer()
-        if not self.chat_template:
-            return self.fallback_chat_prompt(text, num_images)
-        content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": text}]
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                  chat_template=self.chat_template, add_generation_prompt=True)
-
     def process(self, prompt: str, images: list[Image.Image],
                 videos: list | None = None) -> tuple[list[int], MultiModalInputs | None]:
         """Token ids with each placeholder repeated for its item's positions, and the items in prompt order (the
         prompt's images processed together, as HF's processor takes them)."""
-        videos = videos or []
-        if prompt.count(self.video_token) != len(videos):
-            raise UserError(f"the prompt has {prompt.count(self.video_token)} {self.video_token} placeholder(s) but "
-                            f"{len(videos)} video(s) were given; a raw prompt needs exactly one {self.video_token} per "
-                            f"video, where it belongs (the chat template of --demo adds it for you)")
         if not videos:
             return super().process(prompt, images)
         self._need_tokenizer()
-        if prompt.count(self.image_token) != len(images):
-            raise UserError(f"the prompt has {prompt.count(self.image_token)} {self.image_token} placeholder(s) but "
-                            f"{len(images)} image(s) were given; a raw prompt needs exactly one {self.image_token} "
-                            f"per image, where it belongs (the chat template of --demo adds it for you)")
+        self.check_placeholders(prompt, images, videos)
         ids = self.tokenizer(prompt)["input_ids"]
         if not images and not videos:
             return ids, None

@@ -71,7 +71,7 @@ class ProcessorAdapter:
         """An image processor built from the model config alone, for folders without processor files."""
         raise NotImplementedError
 
-    def fallback_chat_prompt(self, text: str, num_images: int) -> str:
+    def fallback_chat_prompt(self, text: str, num_images: int, num_videos: int = 0) -> str:
         """The prompt the family's chat template renders, for folders that carry none."""
         raise NotImplementedError
 
@@ -128,13 +128,13 @@ class ProcessorAdapter:
         return [i for i in range(min(vocab, self.vocab_size)) if i not in special]
 
     def chat_prompt(self, text: str, num_images: int = 1, num_videos: int = 0) -> str:
-        """A user turn with images then text, rendered by the model's chat template (video families add videos)."""
-        if num_videos:
+        """A user turn with images, then videos, then text, rendered by the model's chat template."""
+        if num_videos and self.video_token is None:
             self.placeholder_ids(0, video=True)  # refuses
         self._need_tokenizer()
-        content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+        content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": text}]
         if not self.chat_template:
-            return self.fallback_chat_prompt(text, num_images)
+            return self.fallback_chat_prompt(text, num_images, num_videos)
         return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   chat_template=self.chat_template, add_generation_prompt=True)
 
@@ -150,18 +150,22 @@ class ProcessorAdapter:
                                                   add_generation_prompt=add_generation_prompt,
                                                   continue_final_message=continue_final_message, **template_kwargs)
 
+    def check_placeholders(self, prompt: str, images: list, videos: list) -> None:
+        """One placeholder in the prompt per image and per video given."""
+        if videos and self.video_token is None:
+            self.placeholder_ids(0, video=True)  # refuses
+        for token, given, what in ((self.image_token, images, "image"), (self.video_token, videos, "video")):
+            if token is not None and prompt.count(token) != len(given):
+                raise UserError(f"the prompt has {prompt.count(token)} {token} placeholder(s) but {len(given)} "
+                                f"{what}(s) were given; a raw prompt needs exactly one {token} per {what}, where it "
+                                f"belongs (the chat template of --demo adds it for you)")
+
     def process(self, prompt: str, images: list[Image.Image],
                 videos: list | None = None) -> tuple[list[int], MultiModalInputs | None]:
         """Token ids with each image placeholder expanded to the positions its image takes, and the images'
         tensors."""
         self._need_tokenizer()
-        if videos:
-            self.placeholder_ids(0, video=True)  # refuses
-        placeholders = prompt.count(self.image_token)
-        if placeholders != len(images):
-            raise UserError(f"the prompt has {placeholders} {self.image_token} placeholder(s) but "
-                            f"{len(images)} image(s) were given; a raw prompt needs exactly one {self.image_token} "
-                            f"per image, where the image belongs (the chat template of --demo adds it for you)")
+        self.check_placeholders(prompt, images, videos or [])
         if not images:
             return self.tokenizer(prompt)["input_ids"], None
         if self.hf_processor is None:

@@ -60,9 +60,9 @@ class Qwen2VLProcessorAdapter(ProcessorAdapter):
                                         temporal_patch_size=vision.temporal_patch_size,
                                         merge_size=vision.spatial_merge_size)
 
-    def fallback_chat_prompt(self, text: str, num_images: int) -> str:
-        image = "<|vision_start|><|image_pad|><|vision_end|>"
-        return f"<|im_start|>user\n{image * num_images}{text}<|im_end|>\n<|im_start|>assistant\n"
+    def fallback_chat_prompt(self, text: str, num_images: int, num_videos: int = 0) -> str:
+        image, video = "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
+        return f"<|im_start|>user\n{image * num_images}{video * num_videos}{text}<|im_end|>\n<|im_start|>assistant\n"
 
     def image_inputs(self, images: list[Image.Image]) -> MultiModalInputs:
         """As transformers' processor: a picture smaller than a patch is scaled up to min_pixels; one longer than 200
@@ -101,14 +101,6 @@ class Qwen2VLProcessorAdapter(ProcessorAdapter):
         return {"mm_token_type_ids": kinds}
 
     # ---- prompts with images and videos ------------------------------------------------------------
-    def chat_prompt(self, text: str, num_images: int = 1, num_videos: int = 0) -> str:
-        self._need_tokenizer()
-        if not self.chat_template:
-            return self.fallback_chat_prompt(text, num_images)
-        content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": text}]
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                  chat_template=self.chat_template, add_generation_prompt=True)
-
     def video_inputs(self, video: VideoClip | np.ndarray | list) -> MultiModalInputs:
         """One video's item: a VideoClip (decoded from a file, with its frame rate), or frames ([T, H, W, 3]
         uint8 or a list of PIL images) taken as transformers takes frames given without a rate."""
@@ -130,11 +122,7 @@ class Qwen2VLProcessorAdapter(ProcessorAdapter):
         """Token ids with each placeholder repeated for its item's positions, and the items in prompt order."""
         self._need_tokenizer()
         videos = videos or []
-        for token, given, what in ((self.image_token, images, "image"), (self.video_token, videos, "video")):
-            if prompt.count(token) != len(given):
-                raise UserError(f"the prompt has {prompt.count(token)} {token} placeholder(s) but {len(given)} "
-                                f"{what}(s) were given; a raw prompt needs exactly one {token} per {what}, where it "
-                                f"belongs (the chat template of --demo adds it for you)")
+        self.check_placeholders(prompt, images, videos)
         ids = self.tokenizer(prompt)["input_ids"]
         if not images and not videos:
             return ids, None
