@@ -124,7 +124,7 @@ def test_cli_demo_with_an_image_and_a_video_in_one_prompt_prints_what_hf_generat
     folder, hf = video_family
     video, image = tmp_path / "clip.mp4", tmp_path / "p.png"
     _write(video, _frames())
-    picture(5).save(image)
+    picture(13).save(image)
     run = cli("--demo", f"--model={folder}", "--device=cpu", "--dtype=float32", f"--input-image={image}",
               f"--input-video={video}", "--num-frames=4", "--prompt=What happens?", "--output-len=8",
               "--reference=hf")

@@ -64,6 +64,8 @@ def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout:
     vision = AutoConfig.for_model(vision_type, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                                   num_attention_heads=vision_heads, num_hidden_layers=3, image_size=image_size,
                                   patch_size=14, hidden_act="gelu_pytorch_tanh" if siglip else "quick_gelu")
+    if rope_parameters is None and family == "llava_next_video":  # as LLaVA-NeXT-Video-7B-hf's Vicuna stretches it
+        rope_parameters = {"rope_type": "linear", "factor": 2.5, "rope_theta": 10000.0}
     text_fields = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=heads,
                        num_key_value_heads=kv_heads, num_hidden_layers=text_layers, vocab_size=len(tokenizer),
                        max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,
