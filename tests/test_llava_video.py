@@ -18,7 +18,7 @@ from test_perf import SEED_KEYS, perf_info
 FAMILIES = {
     "llava_onevision": dict(family="llava_onevision", vision_type="siglip_vision_model", select_strategy="full",
                             vision_feature_layer=-1, text_type="qwen2", seed=12),
-    "llava_next_video": dict(family="llava_next_video", seed=17),
+    "llava_next_video": dict(family="llava_next_video", seed=28),
 }
 TOKENS = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True)
