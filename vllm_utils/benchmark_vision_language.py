@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--acc", action="store_true",
                       help="score the replies to a dataset's questions as the dataset's evaluation does")
     _model_flags(p.add_argument_group("model and engine (every mode)"))
-    _input_flags(p.add_argument_group("pictures and videos (--demo, --perf)"))
+    _input_flags(p.add_argument_group("pictures and videos (--demo, --perf; --num-frames also --acc)"))
     demo = p.add_argument_group("--demo")
     demo.add_argument("--prompt", action="append", default=[],
                       help="prompt text (repeatable; default: 'Describe the picture.', or 'Describe the video.' with "
@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the split of a folder holding several (default: validation, else the only one)")
     acc.add_argument("--video-dir", default=None,
                      help="videomme: the folder of its <videoID>.mp4 files (default: the 'data' folder its "
-                          "videos_chunked_*.zip unzip to, beside the parquet's folder); each video gives --num-frames "
-                          "frames (default: 16)")
+                          "videos_chunked_*.zip unzip to, in the --dataset folder or beside its videomme/ folder); "
+                          "each video gives --num-frames frames")
     acc.add_argument("--save-output", default=None,
                      help="write one JSON line per sample (id, prompt, answer, reference, score) to this new file")
     ref = p.add_argument_group("reference (--demo, --acc)")

@@ -132,6 +132,8 @@ def acc_settings(plan: Plan) -> dict[str, object]:
         "batch_size": config.max_num_seqs, "output_len": plan.inputs.output_len,
         "max_model_len": config.max_model_len, "seed": spec.engine.seed,
         "reference": "hf" if spec.reference else "none", "backend": spec.engine.backend,
+        **({"num_frames": spec.num_frames, "video_dir": spec.video_dir or "beside the dataset"}
+           if any(s.videos for s in plan.inputs.samples) else {}),
     }
 
 

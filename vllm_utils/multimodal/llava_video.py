@@ -98,8 +98,6 @@ class LlavaVideoMixin:
         self._need_tokenizer()
         self.check_placeholders(prompt, images, videos)
         ids = self.tokenizer(prompt)["input_ids"]
-        if not images and not videos:
-            return ids, None
         image_part = self.image_inputs(images) if images else None
         image_counts = iter(super().item_positions({k: image_part[k] for k in IMAGE_KEYS}) if images else [])
         video_parts = [self.video_inputs(v) for v in videos]

@@ -96,7 +96,7 @@ def _pick_split(splits: list[str], wanted: str | None, path: str) -> str:
 
 def detect_format(path: str, columns: list[str]) -> str:
     cols = set(columns)
-    if {"videoID", "options", "duration"} <= cols:
+    if {"videoID", "options"} <= cols:
         return "videomme"
     if {"options", "question_type"} <= cols:
         return "mmmu"

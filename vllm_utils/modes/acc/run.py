@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from vllm_utils.errors import UserError
 from vllm_utils.modes.acc.agreement import Agreement, agreement, as_record, overall
-from vllm_utils.modes.acc.sample import Sample
+from vllm_utils.modes.acc.sample import VIDEO_FIX, Sample
 from vllm_utils.modes.acc.scorers import score
 from vllm_utils.modes.acc.summary import acc_info
 from vllm_utils.modes.backends import Backend, open_reference
@@ -121,7 +121,6 @@ def _run_samples(plan: Plan, backend: Backend, reference, samples: list[Sample],
 def _load_videos(plan: Plan, chunk: list[Result], previous: dict) -> dict:
     """The frames of each video of the batch, or the error its samples fail with: decoded once for all the
     questions of a video (those of the previous batch's videos are kept)."""
-    from vllm_utils.modes.acc.videomme import VIDEO_FIX
     from vllm_utils.multimodal.video import load_video
 
     clips: dict = {}

@@ -6,9 +6,12 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageOps
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # lmms-eval's / MMMU's short-answer line
+# open: MMMU's open questions (the answer found in the reply); videomme: the letter Video-MME's evaluation reads
 METRICS = ("rouge", "choice", "vqa", "anls", "open", "videomme")
-# a sample whose image cannot be read fails alone (the run goes on); its record says what to do
-IMAGE_FIX = "fix the row's image in the --dataset (a JSONL's paths are relative to the file)"  # open: MMMU's open questions (answer found in the reply)
+# a sample whose image or video cannot be read fails alone (the run goes on); its record says what to do
+IMAGE_FIX = "fix the row's image in the --dataset (a JSONL's paths are relative to the file)"
+VIDEO_FIX = ("check the file, or give the folder of the dataset's videos with --video-dir (Video-MME: its "
+             "videos_chunked_*.zip unzipped)")
 
 
 @dataclass
@@ -28,7 +31,6 @@ class Sample:
     def load_images(self) -> list[Image.Image]:
         """The upright RGB pictures (as `multimodal.image.load_image` reads files); raises on a bad image."""
         return [_open(value, self.base_dir) for value in self.images]
-
 
 
 def _open(value, base_dir: str) -> Image.Image:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from vllm_utils.modes.acc.vqa_normalize import normalize_answer
 
 ANLS_THRESHOLD = 0.5
+NO_LETTER = "(no letter)"  # a multiple-choice reply the evaluation reads no letter from
 
 
 def rouge_l(reply: str, reference: str) -> float:
@@ -111,5 +112,5 @@ def score(metric: str, reply: str, references: list[str], choices: list[str] | N
         from vllm_utils.modes.acc.videomme import extract_letter
 
         letter = extract_letter(reply)
-        return float(letter.lower() == references[0].lower()), letter or "(no letter)"
+        return float(letter.lower() == references[0].lower()), letter or NO_LETTER
     return open_answer(reply, references), None

@@ -1,7 +1,7 @@
-"""The `--acc` figures: the score overall, per subject and per metric, the failed samples, and the reference
-agreement, as `***Acc Info***` holds them (like `--perf`'s `***Perf Info***`)."""
+"""The `--acc` figures: the score overall, per subject, per metric and per a dataset's own grouping (Video-MME's
+duration), the failed samples, and the reference agreement, as `***Acc Info***` holds them (like `--perf`'s `***Perf Info***`)."""
 
-from vllm_utils.modes.acc.videomme import by_duration
+from vllm_utils.modes.acc.scorers import NO_LETTER
 
 METRIC_NAMES = {"rouge": "rougeL_f", "choice": "accuracy", "vqa": "vqa_accuracy", "anls": "anls",
                 "open": "open_match", "videomme": "accuracy"}
@@ -26,9 +26,21 @@ def acc_info(dataset: str, results: list, agreement: dict | None) -> dict:
     subjects = sorted({r.sample.subject for r in results if r.sample.subject})
     if subjects:
         info["by_subject"] = {s: _mean([r.score for r in scored if r.sample.subject == s]) for s in subjects}
-    durations = by_duration(results)
-    if durations:
-        info["by_duration"] = durations
+    info.update(by_extra(results))
+    if any(r.sample.metric == "videomme" for r in results):  # the official figure leaves these out
+        info["num_no_letter"] = sum(r.parsed == NO_LETTER for r in results)
     if agreement is not None:
         info["reference"] = agreement["overall"]
     return info
+
+
+def by_extra(results: list) -> dict[str, dict[str, float | None]]:
+    """The score per value of each field a dataset groups its figures by (`Sample.extra`, e.g. Video-MME's
+    duration: `by_duration`), values in the dataset's order, over the samples that ran."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for r in results:
+        for key, value in r.sample.extra.items():
+            scores = groups.setdefault(key, {}).setdefault(value, [])
+            if r.score is not None:
+                scores.append(r.score)
+    return {f"by_{key}": {value: _mean(scores) for value, scores in values.items()} for key, values in groups.items()}

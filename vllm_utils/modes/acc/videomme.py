@@ -8,9 +8,9 @@ import re
 
 from vllm_utils.errors import UserError
 from vllm_utils.modes.acc.sample import Sample
+from vllm_utils.modes.acc.scorers import choice_letters
 
-NEEDS = ["videoID", "question", "options", "answer", "duration"]
-DURATIONS = ("short", "medium", "long")
+NEEDS = ["videoID", "question", "options", "answer"]  # and `duration`, for the accuracy per video length
 VIDEO_SUFFIXES = (".mp4", ".MP4", ".mkv")  # the files lmms-eval looks for, in its order
 INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video. "
                "Respond with only the letter (A, B, C, or D) of the correct option.")
@@ -18,20 +18,21 @@ ANSWER_CUE = "The best answer is:"
 # as the benchmark's `eval_your_results.py` lists them, two pairs run together by missing commas
 _ANSWER_PREFIXES = ["The best answer is", "The correct answer is", "The answer is", "The answer",
                     "The best option isThe correct option is", "Best answer:Best option:"]
-VIDEO_FIX = ("put the dataset's videos in --video-dir (its videos_chunked_*.zip unzipped: data/<videoID>.mp4) or "
-             "leave the question out")
 
 
 def video_folder(dataset: str, given: str | None) -> str:
-    """--video-dir, else the `data` folder the videos unzip to: beside the parquet's `videomme/` folder, or in the
-    --dataset folder."""
+    """--video-dir, else the `data` folder the videos unzip to: in the --dataset folder, or beside the `videomme/`
+    folder (or the parquet file's folder) given as --dataset."""
     if given is not None:
         if not os.path.isdir(given):
             raise UserError(f"--video-dir '{given}' is not a folder; pass the folder holding Video-MME's "
                             f"<videoID>.mp4 files")
         return given
-    base = dataset if os.path.isdir(dataset) else os.path.dirname(os.path.abspath(dataset))
-    for candidate in (os.path.join(base, "data"), os.path.join(os.path.dirname(os.path.abspath(base)), "data")):
+    base = os.path.abspath(dataset if os.path.isdir(dataset) else os.path.dirname(os.path.abspath(dataset)))
+    candidates = [os.path.join(base, "data")]
+    if os.path.isfile(dataset) or os.path.basename(base) == "videomme":
+        candidates.append(os.path.join(os.path.dirname(base), "data"))
+    for candidate in candidates:
         if os.path.isdir(candidate):
             return candidate
     raise UserError(f"--dataset '{dataset}' is Video-MME and no 'data' folder of its videos lies beside it; unzip "
@@ -49,22 +50,35 @@ def prompt(question: str, options: list[str]) -> str:
 
 
 def adapter(folder: str):
-    """Row -> Sample, with the row's video in `folder`."""
+    """Row -> Sample, with the row's video in `folder`; a row the benchmark could not score is refused."""
     def adapt(row: dict, i: int, base: str) -> Sample:
-        rid = str(row.get("question_id") or f"{row['videoID']}-{i}")
-        options = row["options"]
-        if isinstance(options, str):
-            try:
-                options = ast.literal_eval(options)
-            except (ValueError, SyntaxError):
-                options = None
-        if not isinstance(options, (list, tuple)) or not options:
-            raise UserError(f"row {i} (id {rid}): column 'options' is not a list of 'A. ...' lines")
-        duration = str(row["duration"])
-        return Sample(rid, i, prompt(row["question"], [str(o) for o in options]), [], [str(row["answer"]).strip()],
-                      "videomme", [str(o) for o in options], row.get("domain"), base,
-                      videos=[video_file(folder, str(row["videoID"]))], extra={"duration": duration})
+        rid = str(row.get("question_id") or f"{row.get('videoID')}-{i}")
+        where = f"row {i} (id {rid})"
+        for column in ("videoID", "question"):
+            if not isinstance(row.get(column), str) or not row[column].strip():
+                raise UserError(f"{where} has no '{column}'")
+        options = _options(row["options"])
+        if not options:
+            raise UserError(f"{where}: column 'options' is not a list of 'A. ...' lines")
+        letters = choice_letters(len(options))
+        answer = str(row["answer"]).strip() if row.get("answer") is not None else ""
+        if answer not in letters:
+            raise UserError(f"{where}: answer '{answer}' is not the letter of one of its {len(options)} options "
+                            f"({letters[0]}-{letters[-1]})")
+        duration = row.get("duration")
+        return Sample(rid, i, prompt(row["question"], options), [], [answer], "videomme", options, row.get("domain"),
+                      base, videos=[video_file(folder, row["videoID"])],
+                      extra={"duration": str(duration)} if duration is not None else {})
     return adapt
+
+
+def _options(value) -> list[str]:
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return []
+    return [str(o) for o in value] if isinstance(value, (list, tuple)) else []
 
 
 def extract_letter(reply: str) -> str:
@@ -74,14 +88,3 @@ def extract_letter(reply: str) -> str:
         reply = reply.replace(prefix, "")
     found = re.search(r"[ABCD]", reply)
     return found[0] if found else ""
-
-
-def by_duration(results: list) -> dict[str, float | None] | None:
-    """Accuracy per video length (short, medium, long; others after them), over the questions that ran."""
-    durations = {r.sample.extra.get("duration") for r in results} - {None}
-    if not durations:
-        return None
-    order = [d for d in DURATIONS if d in durations] + sorted(durations - set(DURATIONS))
-    scores = {d: [r.score for r in results if r.sample.extra.get("duration") == d and r.score is not None]
-              for d in order}
-    return {d: sum(s) / len(s) if s else None for d, s in scores.items()}
