@@ -11,8 +11,8 @@ import pytest
 from vllm_utils.errors import UserError
 from vllm_utils.modes.acc.bundled import ACC_SAMPLES
 from vllm_utils.modes.acc.readers import read_dataset
-from vllm_utils.modes.acc.scorers import NO_LETTER
-from vllm_utils.modes.acc.videomme import ANSWER_CUE, INSTRUCTION, extract_letter
+from vllm_utils.modes.acc.scorers import NO_LETTER, extract_letter
+from vllm_utils.modes.acc.videomme import ANSWER_CUE, INSTRUCTION
 
 from test_cli import cli, error_lines
 

@@ -1,11 +1,15 @@
 """Each task family's score of one reply, as that dataset's own evaluation defines it; every score is in [0, 1]."""
 import random
+import re
 from dataclasses import dataclass
 
 from vllm_utils.modes.acc.vqa_normalize import normalize_answer
 
 ANLS_THRESHOLD = 0.5
 NO_LETTER = "(no letter)"  # a multiple-choice reply the evaluation reads no letter from
+# Video-MME: as the benchmark's `eval_your_results.py` lists them, two pairs run together by missing commas
+_VIDEO_MME_PREFIXES = ["The best answer is", "The correct answer is", "The answer is", "The answer",
+                       "The best option isThe correct option is", "Best answer:Best option:"]
 
 
 def rouge_l(reply: str, reference: str) -> float:
@@ -89,6 +93,15 @@ def parse_choice(reply: str, choices: list[str], rng: random.Random) -> ParsedCh
     return ParsedChoice(candidates[where.index(max(where))], False)
 
 
+def extract_letter(reply: str) -> str:
+    """The letter Video-MME's evaluation reads from a reply: the first capital A-D once its answer phrases are
+    removed, wherever it stands (the "A" of "After" too, as there); "" where there is none."""
+    for prefix in _VIDEO_MME_PREFIXES:
+        reply = reply.replace(prefix, "")
+    found = re.search(r"[ABCD]", reply)
+    return found[0] if found else ""
+
+
 def open_answer(reply: str, answers: list[str]) -> float:
     """MMMU's open questions, simplified: 1 when a normalised answer appears in the normalised reply (MMMU's own
     rule also extracts and compares numbers)."""
@@ -109,8 +122,6 @@ def score(metric: str, reply: str, references: list[str], choices: list[str] | N
     if metric == "anls":
         return anls(reply, references), None
     if metric == "videomme":
-        from vllm_utils.modes.acc.videomme import extract_letter
-
         letter = extract_letter(reply)
         return float(letter.lower() == references[0].lower()), letter or NO_LETTER
     return open_answer(reply, references), None

@@ -1,10 +1,10 @@
 """Video-MME as published (`lmms-lab/Video-MME`): a parquet of questions (`videoID`, `question`, `options` as
 "A. ..." lines, `answer` a letter, `duration` short/medium/long, `domain`, ...) and a folder of the videos it names
 (`data/<videoID>.mp4` once the dataset's `videos_chunked_*.zip` are unzipped beside `videomme/`). The prompt is
-the benchmark's own without subtitles, and a reply is scored by the letter its evaluation script extracts."""
+the benchmark's own without subtitles; a reply is scored by the letter its evaluation script extracts
+(`scorers.extract_letter`)."""
 import ast
 import os
-import re
 
 from vllm_utils.errors import UserError
 from vllm_utils.modes.acc.sample import Sample
@@ -15,9 +15,6 @@ VIDEO_SUFFIXES = (".mp4", ".MP4", ".mkv")  # the files lmms-eval looks for, in i
 INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video. "
                "Respond with only the letter (A, B, C, or D) of the correct option.")
 ANSWER_CUE = "The best answer is:"
-# as the benchmark's `eval_your_results.py` lists them, two pairs run together by missing commas
-_ANSWER_PREFIXES = ["The best answer is", "The correct answer is", "The answer is", "The answer",
-                    "The best option isThe correct option is", "Best answer:Best option:"]
 
 
 def video_folder(dataset: str, given: str | None) -> str:
@@ -79,12 +76,3 @@ def _options(value) -> list[str]:
         except (ValueError, SyntaxError):
             return []
     return [str(o) for o in value] if isinstance(value, (list, tuple)) else []
-
-
-def extract_letter(reply: str) -> str:
-    """The letter Video-MME's evaluation reads from a reply: the first capital A-D once its answer phrases are
-    removed, wherever it stands (the "A" of "After" too, as there); "" where there is none."""
-    for prefix in _ANSWER_PREFIXES:
-        reply = reply.replace(prefix, "")
-    found = re.search(r"[ABCD]", reply)
-    return found[0] if found else ""
