@@ -52,3 +52,23 @@ def test_unsupported_config_values_are_refused_in_one_line(case, tiny_llava, tmp
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and "Traceback" not in err
     assert len(errors) == 1 and words in errors[0], err
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"model_type": "chatglm", "architectures": ["ChatGLMModel"]}, "zai-org/GLM-4.1V-9B-Thinking"),
+    ({"model_type": "deepseek_vl_v2", "architectures": ["DeepseekVLV2ForCausalLM"]}, "deepseek-community/"),
+    ({"model_type": "minicpmv", "architectures": ["MiniCPMV"]}, "no MiniCPM-V checkpoint"),
+    ({"model_type": "phi3_v", "architectures": ["Phi3VForCausalLM"]}, "xtuner/llava-phi-3-mini-hf"),
+    ({"model_type": "qwen", "architectures": ["QWenLMHeadModel"]}, "Qwen/Qwen2-VL-7B-Instruct"),
+    ({"model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"], "mm_vision_tower": "./vit/clip"},
+     "llava-hf/llava-1.5-7b-hf"),
+])
+def test_remote_code_checkpoints_are_refused_with_the_checkpoint_to_use(config, words, tmp_path, capsys):
+    """The vendor tool's remote-code entries: the format named, and the transformers-format model to use."""
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code = main(["--perf", f"--model={tmp_path}", "--load-format=dummy", "--device=cpu", "--input-len=64",
+                 "--output-len=2"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and "Traceback" not in err and len(errors) == 1, err
+    assert f"'{config['model_type']}' model" in errors[0] and "remote-code format" in errors[0] and words in errors[0]

@@ -11,6 +11,7 @@ from transformers import AutoConfig, PretrainedConfig
 from vllm_utils import envs
 from vllm_utils.bundled import bundled_config_dir
 from vllm_utils.errors import UserError
+from vllm_utils.remote_code import refuse_remote_code
 
 DTYPES = {
     "float32": torch.float32,
@@ -120,7 +121,9 @@ def load_hf_config(model: str) -> PretrainedConfig:
         raise UserError(f"'{model}' has no config.json; give the folder of a Hugging Face model")
     try:
         with open(config_path) as f:
-            json.load(f)
+            data = json.load(f)
+        if isinstance(data, dict):
+            refuse_remote_code(data, model)
         return AutoConfig.from_pretrained(folder)
     except (ValueError, KeyError, OSError, TypeError, StrictDataclassError) as e:
         # transformers' own validation names the field: keep its words, in one line

@@ -21,6 +21,9 @@ BUNDLED = {
     "Qwen/Qwen2-VL-7B-Instruct": "Qwen2-VL-7B-Instruct",
     "Qwen/Qwen2.5-VL-3B-Instruct": "Qwen2.5-VL-3B-Instruct",
     "Qwen/Qwen2.5-VL-7B-Instruct": "Qwen2.5-VL-7B-Instruct",
+    "deepseek-community/deepseek-vl-1.3b-chat": "deepseek-vl-1.3b-chat",
+    "deepseek-community/deepseek-vl-7b-base": "deepseek-vl-7b-base",
+    "deepseek-community/deepseek-vl-7b-chat": "deepseek-vl-7b-chat",
 }
 
 

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from transformers import PretrainedConfig
 
 from vllm_utils.errors import UserError
+from vllm_utils.models.deepseek_vl import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
 from vllm_utils.models.interface import VisionLanguageModel
 from vllm_utils.models.llava import LlavaForConditionalGeneration
 from vllm_utils.models.llava_next import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 from vllm_utils.models.llava_next_video import LlavaNextVideoForConditionalGeneration
 from vllm_utils.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from vllm_utils.multimodal.deepseek_vl import DeepseekVLProcessorAdapter
 from vllm_utils.multimodal.llava import LlavaProcessorAdapter
 from vllm_utils.multimodal.llava_next import (LlavaNextProcessorAdapter, LlavaNextVideoProcessorAdapter,
                                               LlavaOnevisionProcessorAdapter)
@@ -29,6 +31,7 @@ class ModelFamily:
 
 
 _LLAVA, _QWEN = "vllm_utils.testing.tiny_llava", "vllm_utils.testing.tiny_qwen"
+_DEEPSEEK = "vllm_utils.testing.tiny_deepseek_vl"
 MODEL_FAMILIES: dict[str, ModelFamily] = {
     "llava": ModelFamily(("llava",), LlavaForConditionalGeneration, LlavaProcessorAdapter, f"{_LLAVA}:demo_llava"),
     "llava_next": ModelFamily(("llava_next",), LlavaNextForConditionalGeneration, LlavaNextProcessorAdapter,
@@ -41,6 +44,10 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
                             f"{_QWEN}:demo_qwen2_vl"),
     "qwen2_5_vl": ModelFamily(("qwen2_5_vl",), Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessorAdapter,
                               f"{_QWEN}:demo_qwen2_5_vl"),
+    "deepseek_vl": ModelFamily(("deepseek_vl",), DeepseekVLForConditionalGeneration, DeepseekVLProcessorAdapter,
+                               f"{_DEEPSEEK}:demo_deepseek_vl"),
+    "deepseek_vl_hybrid": ModelFamily(("deepseek_vl_hybrid",), DeepseekVLHybridForConditionalGeneration,
+                                      DeepseekVLProcessorAdapter, f"{_DEEPSEEK}:demo_deepseek_vl_hybrid"),
 }
 
 

@@ -1,6 +1,6 @@
-"""SigLIP vision transformer (LLaVA-Interleave, LLaVA-OneVision): CLIP's encoder layers on patch embeddings with
-a bias and no class token, no pre-norm; run only up to the layers LLaVA reads its image features from (the
-pooling head and post_layernorm never run)."""
+"""SigLIP vision transformer: CLIP's encoder layers on patch embeddings with a bias and no class token, no pre-norm.
+LLaVA-Interleave and LLaVA-OneVision run it only up to the layers they read (`SiglipVisionTower`); DeepSeek-VL reads
+its last hidden state, after post_layernorm (`SiglipVisionModel`). The pooling head never runs."""
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -33,3 +33,14 @@ class SiglipVisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor, wanted: list[int]) -> list[torch.Tensor]:
         return hidden_states(self.embeddings(pixels), self.encoder.layers, wanted)
+
+
+class SiglipVisionModel(SiglipVisionTower):
+    """Every layer, then post_layernorm: [images, 3, H, W] -> [images, patches, hidden]."""
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config, config.num_hidden_layers)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.post_layernorm(super().forward(pixels, [len(self.encoder.layers)])[0])

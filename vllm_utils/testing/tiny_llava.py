@@ -22,22 +22,23 @@ _CORPUS = (
 )
 
 
-def train_tiny_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE tokenizer with Llama's special tokens plus <image>, trained on a few sentences."""
+def train_tiny_tokenizer(vocab_size: int = 400, image_token: str = "<image>"):
+    """A byte-level BPE tokenizer with Llama's special tokens plus the image placeholder, trained on a few
+    sentences."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    specials = ["<unk>", "<s>", "</s>", "<pad>", image_token]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([_CORPUS] * 4, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+                                   pad_token="<pad>", extra_special_tokens={"image_token": image_token})
 
 
 def build_tiny_llava(folder: str, real_tokenizer_dir: str | None = None, layout: str = "hub", seed: int = 0,
