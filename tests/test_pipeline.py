@@ -154,7 +154,7 @@ def test_processor_and_platform_are_built_once_per_run(tiny_llava, photo, tmp_pa
         assert built == {"processor": 1, "platform": 1}, name
 
 
-@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl", "deepseek_vl_hybrid"])
 def test_each_family_has_a_default_model(family, tmp_path):
     """--model-type without --model: the family's tiny random model, built once and cached."""
     env = {"XDG_CACHE_HOME": str(tmp_path)}
