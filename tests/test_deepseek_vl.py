@@ -9,7 +9,7 @@ from PIL import Image
 
 from vllm_utils import LLM, SamplingParams
 
-from conftest import HFReference
+from conftest import HFReference, assert_bf16_close, chosen_logprobs
 from test_cli import cli
 
 TOKENS = 16
@@ -60,6 +60,14 @@ def test_prompts_prefilled_in_chunks_give_hfs_tokens(tiny_deepseek, deepseek_ref
     req = requests(llm.engine.processor, images)[1]
     out = llm.generate(req, SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True), use_tqdm=False)[0]
     assert out.outputs[0].token_ids == deepseek_reference.greedy(req, TOKENS, ignore_eos=True)
+
+
+def test_bf16_logprobs_close_to_hf_fp32(tiny_deepseek, deepseek_reference, images):
+    llm = LLM(tiny_deepseek, device="cpu", dtype="bfloat16", max_model_len=1024)
+    req = requests(llm.engine.processor, images)[1]
+    out = llm.generate(req, SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True, logprobs=0),
+                       use_tqdm=False)[0].outputs[0]
+    assert_bf16_close(chosen_logprobs(out), tiny_deepseek, req, out.token_ids, deepseek_reference)
 
 
 @pytest.mark.parametrize("size", [(20, 20), (96, 96), (300, 40), (33, 500), (640, 480)])
