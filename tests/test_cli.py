@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from vllm_utils.models.registry import MODEL_FAMILIES
 from vllm_utils.testing.images import make_demo_image
 
 from conftest import HFReference
@@ -110,9 +111,8 @@ def _not_an_image(tmp_path) -> str:
 BAD_INPUTS = {
     "missing model folder": (lambda t, m, p: ["--model", str(t / "nope")], "does not exist"),
     "not a llava folder": (lambda t, m, p: ["--model", _non_llava_folder(t)],
-                           "holds a 'llama' model (LlamaForCausalLM), not a llava, llava_next, llava_onevision, "
-                           "llava_next_video, qwen2_vl or qwen2_5_vl model; point --model at a checkpoint folder of "
-                           "one of those"),
+                           f"holds a 'llama' model (LlamaForCausalLM), not a {', '.join(list(MODEL_FAMILIES)[:-1])} "
+                           f"or {list(MODEL_FAMILIES)[-1]} model; point --model at a checkpoint folder of one of those"),
     "unreadable image": (lambda t, m, p: ["--model", m, "--input-image", _not_an_image(t)], "cannot read image"),
     "missing image": (lambda t, m, p: ["--model", m, "--input-image", str(t / "none.png")], "does not exist"),
     "unknown model type": (lambda t, m, p: ["--model", m, "--model-type", "qwen9"], "unknown --model-type"),

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from vllm_utils import LLM, SamplingParams
+from vllm_utils.models.registry import video_families
 
 from conftest import HFReference, assert_bf16_close, chosen_logprobs, uncaptured_graph_mode
 from test_cli import cli, error_lines
@@ -271,7 +272,7 @@ def test_a_video_for_a_model_without_video_is_refused_before_loading(tiny_llava,
     run = cli("--demo", f"--model={tiny_llava}", f"--input-video={video_file}", "--device=cpu", cwd=str(tmp_path))
     assert run.returncode == 1 and "Loading the model" not in run.stderr
     assert error_lines(run) == ["error: --input-video/--num-frames: llava models take no video; use a video model "
-                                "(llava_onevision, llava_next_video, qwen2_vl, qwen2_5_vl) or give images"]
+                                f"({', '.join(video_families())}) or give images"]
 
 
 @pytest.mark.parametrize("tiny_qwen", ["qwen2_vl"], indirect=True)  # the checks are the same for both families

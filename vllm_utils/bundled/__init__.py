@@ -24,6 +24,8 @@ BUNDLED = {
     "deepseek-community/deepseek-vl-1.3b-chat": "deepseek-vl-1.3b-chat",
     "deepseek-community/deepseek-vl-7b-base": "deepseek-vl-7b-base",
     "deepseek-community/deepseek-vl-7b-chat": "deepseek-vl-7b-chat",
+    "zai-org/GLM-4.1V-9B-Thinking": "GLM-4.1V-9B-Thinking",
+    "stepfun-ai/GOT-OCR-2.0-hf": "GOT-OCR-2.0-hf",
 }
 
 

@@ -8,12 +8,16 @@ from transformers import PretrainedConfig
 
 from vllm_utils.errors import UserError
 from vllm_utils.models.deepseek_vl import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
+from vllm_utils.models.glm4v import Glm4vForConditionalGeneration
+from vllm_utils.models.got_ocr2 import GotOcr2ForConditionalGeneration
 from vllm_utils.models.interface import VisionLanguageModel
 from vllm_utils.models.llava import LlavaForConditionalGeneration
 from vllm_utils.models.llava_next import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 from vllm_utils.models.llava_next_video import LlavaNextVideoForConditionalGeneration
 from vllm_utils.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from vllm_utils.multimodal.deepseek_vl import DeepseekVLProcessorAdapter
+from vllm_utils.multimodal.glm4v import Glm4vProcessorAdapter
+from vllm_utils.multimodal.got_ocr2 import GotOcr2ProcessorAdapter
 from vllm_utils.multimodal.llava import LlavaProcessorAdapter
 from vllm_utils.multimodal.llava_next import (LlavaNextProcessorAdapter, LlavaNextVideoProcessorAdapter,
                                               LlavaOnevisionProcessorAdapter)
@@ -44,10 +48,14 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
                             f"{_QWEN}:demo_qwen2_vl"),
     "qwen2_5_vl": ModelFamily(("qwen2_5_vl",), Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessorAdapter,
                               f"{_QWEN}:demo_qwen2_5_vl"),
+    "glm4v": ModelFamily(("glm4v",), Glm4vForConditionalGeneration, Glm4vProcessorAdapter,
+                         "vllm_utils.testing.tiny_glm4v:demo_glm4v"),
     "deepseek_vl": ModelFamily(("deepseek_vl",), DeepseekVLForConditionalGeneration, DeepseekVLProcessorAdapter,
                                f"{_DEEPSEEK}:demo_deepseek_vl"),
     "deepseek_vl_hybrid": ModelFamily(("deepseek_vl_hybrid",), DeepseekVLHybridForConditionalGeneration,
                                       DeepseekVLProcessorAdapter, f"{_DEEPSEEK}:demo_deepseek_vl_hybrid"),
+    "got_ocr2": ModelFamily(("got_ocr2",), GotOcr2ForConditionalGeneration, GotOcr2ProcessorAdapter,
+                            "vllm_utils.testing.tiny_got_ocr2:demo_got_ocr2"),
 }
 
 

@@ -1,6 +1,6 @@
-"""SAM's ViTDet image encoder (the high-resolution branch of DeepSeek-VL-hybrid): a patch grid kept 2-D, absolute
-position embeddings, layers attending within windows (or globally at `global_attn_indexes`) with decomposed
-relative-position biases, then the conv neck. Replicated on every tensor-parallel rank."""
+"""SAM's ViTDet image encoder (GOT-OCR2's tower, the high-resolution branch of DeepSeek-VL-hybrid): a patch grid
+kept 2-D, absolute position embeddings, layers attending within windows (or globally at `global_attn_indexes`) with
+decomposed relative-position biases, then the conv neck. Replicated on every tensor-parallel rank."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,13 +11,14 @@ from vllm_utils.layers.activation import Activation, check_activation
 from vllm_utils.layers.linear import LinearBase
 
 
-def check_sam_config(config: PretrainedConfig, field: str) -> None:
-    """Refuses, by name, what this encoder does not implement."""
+def check_sam_config(config: PretrainedConfig, field: str, need_global: bool = True) -> None:
+    """Refuses, by name, what this encoder does not implement (`need_global`: a reader of a global layer's output
+    needs one)."""
     check_activation(config.hidden_act, f"{field}.hidden_act")
     if config.image_size % config.patch_size:
         raise UserError(f"{field}.image_size {config.image_size} is not a multiple of its patch_size "
                         f"{config.patch_size}")
-    if not config.global_attn_indexes:
+    if need_global and not config.global_attn_indexes:
         raise UserError(f"{field}.global_attn_indexes is empty: the fused features need a global layer")
 
 
@@ -143,9 +144,9 @@ class SamVisionEncoder(nn.Module):
             for i in range(config.num_hidden_layers))
         self.neck = SamNeck(config)
 
-    def forward(self, pixels: torch.Tensor, wanted: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor, wanted: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """pixels [batch, 3, H, W] -> (the neck's output [batch, output_channels, H/p, W/p], the output of layer
-        `wanted` [batch, H/p, W/p, hidden])."""
+        `wanted` [batch, H/p, W/p, hidden], if one is)."""
         x = self.patch_embed.projection(pixels.to(self.patch_embed.projection.weight.dtype)).permute(0, 2, 3, 1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
