@@ -241,16 +241,14 @@ def test_a_video_of_one_picture_twice_is_that_image(llm, images):
     assert torch.equal(video["pixel_values"], image["pixel_values"])
 
 
-def test_the_hub_config_builds_every_transformers_parameter_on_meta():
-    """GLM-4.1V-9B-Thinking's shapes (transformers' defaults, with the hub's partial RoPE): as many parameters as
-    transformers' model holds."""
-    from transformers import Glm4vConfig
+def test_the_bundled_config_builds_every_transformers_parameter_on_meta():
+    """GLM-4.1V-9B-Thinking's bundled configuration: as many parameters as transformers' model of it holds."""
     from transformers import Glm4vForConditionalGeneration as HFGlm4v
 
+    from vllm_utils.config import load_hf_config
     from vllm_utils.engine.model_runner import build_model
 
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]}
-    config = Glm4vConfig(text_config={"rope_parameters": rope, "max_position_embeddings": 65536})
+    config = load_hf_config("zai-org/GLM-4.1V-9B-Thinking")
     ours = build_model(config, Glm4vForConditionalGeneration, torch.device("meta"), torch.bfloat16)
     with torch.device("meta"):
         theirs = HFGlm4v(config)
