@@ -351,3 +351,14 @@ def test_perf_with_dummy_weights_on_the_config_alone(tiny_glm4v, tmp_path):
     # 100 x 150 -> 112 x 140 pixels -> 8 x 10 patches -> 4 * 5 positions, framed by begin/end of image
     assert "tokens per request: 20 image + 100 text" in run.stdout, run.stdout
     assert glob.glob(str(tmp_path / "*.csv"))
+
+
+def test_a_config_only_folder_ends_replies_at_every_eos_its_config_lists():
+    """GLM-4.1V's config lists four EOS ids: a --load-format dummy run on the bundled config stops at each."""
+    from vllm_utils.bundled import bundled_config_dir
+    from vllm_utils.config import load_hf_config
+    from vllm_utils.multimodal.glm4v import Glm4vProcessorAdapter
+
+    folder = bundled_config_dir("zai-org/GLM-4.1V-9B-Thinking")
+    adapter = Glm4vProcessorAdapter(folder, load_hf_config(folder), allow_missing=True)
+    assert adapter.eos_token_ids == [151329, 151336, 151338, 151348] and adapter.eos_token_id == 151329

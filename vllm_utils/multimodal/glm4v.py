@@ -17,7 +17,7 @@ from vllm_utils.errors import UserError
 from vllm_utils.multimodal.glm4v_video import clip_frames, glm_video_patches, video_settings, video_text
 from vllm_utils.multimodal.inputs import MultiModalInputs
 from vllm_utils.multimodal.processor import ProcessorAdapter
-from vllm_utils.multimodal.qwen2_vl import _split_items
+from vllm_utils.multimodal.qwen2_vl import split_items
 from vllm_utils.multimodal.video import VideoClip
 
 # transformers' Glm4vImageProcessor defaults, for folders without processor files
@@ -110,7 +110,7 @@ class Glm4vProcessorAdapter(ProcessorAdapter):
         self.check_placeholders(prompt, images, videos)
         if not images and not videos:
             return self.tokenizer(prompt)["input_ids"], None
-        image_items = _split_items(self.image_inputs(images)) if images else []
+        image_items = split_items(self.image_inputs(images)) if images else []
         pending_videos = list(videos)
         text, ordered = [], []
         for part in re.split(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})", prompt):

@@ -51,12 +51,15 @@ class ProcessorAdapter:
         text = hf_config.text_config
         self.vocab_size = text.vocab_size
         self.bos_token_id = self.tokenizer.bos_token_id if self.tokenizer else getattr(text, "bos_token_id", 1)
-        self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else getattr(text, "eos_token_id", 2)
+        # a config-only folder: the config's EOS, which may list several (GLM-4.1V's)
+        configured = _ids(getattr(text, "eos_token_id", 2))
+        self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else (configured or [None])[0]
         self.generation_config = _json_file(folder, "generation_config.json")
-        # every token that ends a reply: the tokenizer's EOS and those generation_config.json lists (as vLLM takes)
-        listed = self.generation_config.get("eos_token_id")
-        listed = listed if isinstance(listed, list) else [listed] if isinstance(listed, int) else []
-        self.eos_token_ids = list(dict.fromkeys([t for t in [self.eos_token_id, *listed] if t is not None]))
+        # every token that ends a reply: the tokenizer's EOS (else the config's) and those generation_config.json
+        # lists (as vLLM takes)
+        first = [self.eos_token_id] if self.tokenizer else configured
+        listed = _ids(self.generation_config.get("eos_token_id"))
+        self.eos_token_ids = list(dict.fromkeys([t for t in [*first, *listed] if t is not None]))
 
     # ---- what a family defines -------------------------------------------------------------------
     @staticmethod
@@ -207,6 +210,11 @@ def _load_hf_parts(folder: str) -> tuple[object | None, object, object]:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         return None, AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+
+
+def _ids(value: object) -> list[int]:
+    """A token id field that may hold one id, a list of them, or nothing."""
+    return list(value) if isinstance(value, list) else [value] if isinstance(value, int) else []
 
 
 def _json_file(folder: str, name: str) -> dict:

@@ -126,7 +126,7 @@ class Qwen2VLProcessorAdapter(ProcessorAdapter):
         ids = self.tokenizer(prompt)["input_ids"]
         if not images and not videos:
             return ids, None
-        image_items = _split_items(self.image_inputs(images)) if images else []
+        image_items = split_items(self.image_inputs(images)) if images else []
         video_items = [self.video_inputs(v) for v in videos]
         ordered, expanded = [], []
         for token in ids:
@@ -147,7 +147,7 @@ class Qwen2VLProcessorAdapter(ProcessorAdapter):
         return [self.vision_start_id] + pad + [self.vision_end_id]
 
 
-def _split_items(mm_inputs: MultiModalInputs) -> list[MultiModalInputs]:
+def split_items(mm_inputs: MultiModalInputs) -> list[MultiModalInputs]:
     """The items of `mm_inputs`, each on its own."""
     rows = [t * h * w for t, h, w in mm_inputs["grid_thw"].tolist()]
     pixels = mm_inputs["pixel_values"].split(rows)

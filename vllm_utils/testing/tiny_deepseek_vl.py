@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from vllm_utils.testing.checkpoint import rewrite_keys
+from vllm_utils.testing.checkpoint import rewrite_keys, scale_weights
 from vllm_utils.testing.tiny_llava import train_tiny_tokenizer
 
 IMAGE_TOKEN = "<image_placeholder>"
@@ -45,30 +45,13 @@ def build_tiny_deepseek_vl(folder: str, hybrid: bool = False, seed: int = 0, ima
                                   tie_word_embeddings=True, **extra)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
-    _scale_weights(model)
+    scale_weights(model, tied=True, tables=("pos_embed", "rel_pos_h", "rel_pos_w", "high_res_vision_alpha"))
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     if layout == "hub":
         rewrite_keys(folder, {"model.vision_model.": "model.vision_model.vision_model.", "": ""}, lambda key: key)
     _processor(hybrid, image_size, high_res_size, (image_size // 16) ** 2, tokenizer).save_pretrained(folder)
     return folder
-
-
-def _scale_weights(model: torch.nn.Module) -> None:
-    """transformers' init is tiny, and zero where SAM's is (position tables, the global branch's weight alpha):
-    unit token embeddings, unit-variance outputs of every matrix, biases, norms and the rest off their defaults
-    (so that loading each matters). Final norm scales of random sign keep tied embeddings from making a token its
-    own best successor."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embed_tokens" in name or name.endswith("language_model.norm.weight"):
-                p.normal_(0, 1.0)
-            elif name.endswith(("pos_embed", "rel_pos_h", "rel_pos_w", "high_res_vision_alpha")):
-                p.normal_(0, 0.5)
-            elif p.dim() > 1:
-                p.normal_(0, p[0].numel() ** -0.5)
-            else:
-                p.add_(torch.randn_like(p) * 0.1)
 
 
 def _processor(hybrid: bool, size: int, high_res_size: int, positions: int, tokenizer):

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from vllm_utils.testing.tiny_qwen import _scale_weights, _update_json, _write_json
+from vllm_utils.testing.checkpoint import scale_weights, update_json, write_json
 
 SPECIAL_TOKENS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
                   "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
@@ -90,13 +90,13 @@ def build_tiny_glm4v(folder: str, seed: int = 0, text_layers: int = 2, hidden: i
                                   tie_word_embeddings=tie_word_embeddings, **ids)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
-    _scale_weights(model, tie_word_embeddings)
+    scale_weights(model, tie_word_embeddings)
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)  # transformers 5 writes the hub's layout
     _save_processor(folder, tokenizer, min_pixels, max_pixels)
     # every token that ends a reply, as the hub's generation_config.json lists them
     eos = [token(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
-    _write_json(os.path.join(folder, "generation_config.json"), {"eos_token_id": eos, "pad_token_id": eos[0]})
+    write_json(os.path.join(folder, "generation_config.json"), {"eos_token_id": eos, "pad_token_id": eos[0]})
     return folder
 
 
@@ -113,7 +113,7 @@ def _save_processor(folder: str, tokenizer, min_pixels: int, max_pixels: int) ->
     tokenizer.save_pretrained(folder)
     images = Glm4vImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
     images.save_pretrained(folder)
-    _update_json(os.path.join(folder, "preprocessor_config.json"), {"processor_class": "Glm4vProcessor"})
+    update_json(os.path.join(folder, "preprocessor_config.json"), {"processor_class": "Glm4vProcessor"})
     # the video processor's file, written by hand: transformers builds Glm4vVideoProcessor only with torchvision
     shared = images.to_dict()
     video = {key: shared[key] for key in ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean",
@@ -122,7 +122,7 @@ def _save_processor(folder: str, tokenizer, min_pixels: int, max_pixels: int) ->
     video.update(video_processor_type="Glm4vVideoProcessor", processor_class="Glm4vProcessor",
                  size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, do_sample_frames=False, fps=2,
                  max_duration=300)
-    _write_json(os.path.join(folder, "video_preprocessor_config.json"), video)
+    write_json(os.path.join(folder, "video_preprocessor_config.json"), video)
     with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
         f.write(GLM4V_CHAT_TEMPLATE)
-    _write_json(os.path.join(folder, "processor_config.json"), {"processor_class": "Glm4vProcessor"})
+    write_json(os.path.join(folder, "processor_config.json"), {"processor_class": "Glm4vProcessor"})

@@ -5,10 +5,11 @@ projector's two convolutions, a multi-head Qwen2 decoder with tied embeddings; Q
 <img>/<imgpad>/</img>; the processor files without a chat template, as the hub's (the processor writes GOT's
 conversation itself). transformers writes the hub's key layout (4.49's): `vision_tower.*`, `multi_modal_projector.*`,
 `language_model.model.*`."""
-import json
 import os
 
 import torch
+
+from vllm_utils.testing.checkpoint import scale_weights, update_json
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<imgpad>"]
 _CORPUS = (
@@ -50,7 +51,7 @@ def build_tiny_got_ocr2(folder: str, seed: int = 0, image_size: int = 256) -> st
                                   image_seq_length=256, tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
-    _scale_weights(model)
+    scale_weights(model, tied=True, tables=("pos_embed", "rel_pos_h", "rel_pos_w"))
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     _save_processor(folder, GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}), tokenizer)
@@ -61,27 +62,7 @@ def _save_processor(folder: str, images, tokenizer) -> None:
     """The hub's processor files: the tokenizer's, and preprocessor_config.json naming the processor class."""
     images.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    path = os.path.join(folder, "preprocessor_config.json")
-    with open(path) as f:
-        settings = json.load(f)
-    with open(path, "w") as f:
-        json.dump({**settings, "processor_class": "GotOcr2Processor"}, f, indent=2)
-
-
-def _scale_weights(model: torch.nn.Module) -> None:
-    """transformers' init is tiny, and zero for SAM's position tables: unit token embeddings, unit-variance outputs
-    of every matrix, biases, norms and tables off their defaults (so that loading each matters); final norm scales
-    of random sign keep tied embeddings from making a token its own best successor."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embed_tokens" in name or name.endswith("language_model.norm.weight"):
-                p.normal_(0, 1.0)
-            elif name.endswith(("pos_embed", "rel_pos_h", "rel_pos_w")):
-                p.normal_(0, 0.5)
-            elif p.dim() > 1:
-                p.normal_(0, p[0].numel() ** -0.5)
-            else:
-                p.add_(torch.randn_like(p) * 0.1)
+    update_json(os.path.join(folder, "preprocessor_config.json"), {"processor_class": "GotOcr2Processor"})
 
 
 def demo_got_ocr2(folder: str) -> str:

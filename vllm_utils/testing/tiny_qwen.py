@@ -1,10 +1,11 @@
 """Tiny random Qwen2-VL and Qwen2.5-VL checkpoints built locally (no hub access): test fixtures shaped like the
 published checkpoints (their config values shrunk, their processor files and, by default, their weight key
 names), with a tokenizer trained here on Qwen's special tokens."""
-import json
 import os
 
 import torch
+
+from vllm_utils.testing.checkpoint import rewrite_keys, scale_weights, update_json, write_json
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -105,7 +106,7 @@ def build_tiny_qwen2_vl(folder: str, family: str = "qwen2_vl", layout: str = "hu
                                   tie_word_embeddings=tie_word_embeddings, **ids)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
-    _scale_weights(model, tie_word_embeddings)
+    scale_weights(model, tie_word_embeddings)
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     if layout != "saved":
@@ -121,22 +122,6 @@ def demo_qwen2_vl(folder: str) -> str:
 
 def demo_qwen2_5_vl(folder: str) -> str:
     return build_tiny_qwen2_vl(folder, family="qwen2_5_vl")
-
-
-def _scale_weights(model: torch.nn.Module, tied: bool) -> None:
-    """transformers' init is tiny. Token embeddings get unit entries (so that the token, not the layers' output,
-    leads the residual stream and greedy tokens vary), other matrices unit-variance outputs (logits far from ties),
-    biases and norm scales move off their defaults (so that loading them matters). With tied embeddings a token's
-    own embedding in the last hidden state makes it its own best successor; final norm scales of random sign
-    break that."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embed_tokens" in name or (tied and name.endswith("language_model.norm.weight")):
-                p.normal_(0, 1.0)
-            elif p.dim() > 1:
-                p.normal_(0, p[0].numel() ** -0.5)
-            else:
-                p.add_(torch.randn_like(p) * 0.1)
 
 
 # our canonical prefix (the module names of transformers 5) -> the prefix each layout writes
@@ -157,8 +142,6 @@ def canonical_key(key: str) -> str:
 
 
 def _rewrite_keys(folder: str, layout: str) -> None:
-    from vllm_utils.testing.checkpoint import rewrite_keys
-
     rewrite_keys(folder, _LAYOUTS[layout], canonical_key)
 
 
@@ -172,7 +155,7 @@ def _save_processor(folder: str, family: str, tokenizer, min_pixels: int, max_pi
     images = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     images.save_pretrained(folder)
     limits = {"min_pixels": min_pixels, "max_pixels": max_pixels}  # the hub files spell them out at the top level
-    _update_json(os.path.join(folder, "preprocessor_config.json"), {**limits, "processor_class": processor_class})
+    update_json(os.path.join(folder, "preprocessor_config.json"), {**limits, "processor_class": processor_class})
     shared = images.to_dict()
     video = {key: shared[key] for key in ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean",
                                           "image_std", "merge_size", "patch_size", "resample", "rescale_factor",
@@ -180,19 +163,7 @@ def _save_processor(folder: str, family: str, tokenizer, min_pixels: int, max_pi
     video.update(video_processor_type="Qwen2VLVideoProcessor", processor_class=processor_class,
                  size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, **limits, min_frames=4,
                  max_frames=16, do_sample_frames=False)
-    _write_json(os.path.join(folder, "video_preprocessor_config.json"), video)
+    write_json(os.path.join(folder, "video_preprocessor_config.json"), video)
     with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
         f.write(QWEN2_VL_CHAT_TEMPLATE)
-    _write_json(os.path.join(folder, "processor_config.json"), {"processor_class": processor_class})
-
-
-def _update_json(path: str, values: dict) -> None:
-    with open(path) as f:
-        data = json.load(f)
-    _write_json(path, {**data, **values})
-
-
-def _write_json(path: str, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_json(os.path.join(folder, "processor_config.json"), {"processor_class": processor_class})
