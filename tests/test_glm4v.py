@@ -362,3 +362,12 @@ def test_a_config_only_folder_ends_replies_at_every_eos_its_config_lists():
     folder = bundled_config_dir("zai-org/GLM-4.1V-9B-Thinking")
     adapter = Glm4vProcessorAdapter(folder, load_hf_config(folder), allow_missing=True)
     assert adapter.eos_token_ids == [151329, 151336, 151338, 151348] and adapter.eos_token_id == 151329
+
+
+def test_acc_on_the_bundled_sample_agrees_with_hf_fp32(tiny_glm4v, tmp_path):
+    run = cli("--acc", f"--model={tiny_glm4v}", "--device=cpu", "--dtype=float32", "--dataset=sample-jsonl",
+              "--reference=hf", "--output-len=8", "--batch-size=3", cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout.split("***Acc Info***", 1)[1].split("\n}\n", 1)[0] + "\n}")
+    ref = info["reference"]
+    assert ref["samples_compared"] == 3 and ref["exact_match_rate"] == 1.0 and ref["max_abs_dlogprob"] < 1e-4
