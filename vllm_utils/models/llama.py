@@ -1,6 +1,6 @@
 """The Llama-style decoder (the language model of LLaVA), read top to bottom: fused QKV and gate/up projections,
-grouped-query attention, tensor-parallel linears. Mistral, Qwen2, Gemma and Phi-3 are this decoder with the
-switches of their `DecoderSpec` (biases, norm form, embedding scale, sliding windows)."""
+grouped-query attention, tensor-parallel linears. Mistral, Qwen2, Qwen3, Gemma and Phi-3 are this decoder with the
+switches of their `DecoderSpec` (biases, norm form, embedding scale, sliding windows, per-head q/k norms)."""
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -40,12 +40,19 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, spec.o_bias)
         self.q_size = self.qkv_proj.num_heads * head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * head_dim
+        self.head_dim = head_dim
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
         self.attn = PagedAttention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5,
                                    rotary, sliding_window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if hasattr(self, "q_norm"):  # per head, before RoPE
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         out = self.attn(positions, q, k, v, meta)
         return self.o_proj(out if keep is None else out[keep])
 

@@ -1,4 +1,4 @@
-"""The language models LLaVA checkpoints use (Llama, Mistral, Qwen2, Gemma, Phi-3) are one Llama-style decoder
+"""The language models LLaVA-style checkpoints use (Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3) are one Llama-style decoder
 with a few switches. `decoder_spec` reads them from a text config of a supported type, and refuses by name every
 value that would change the math and that the decoder does not implement (checked against transformers'
 modeling code for each type)."""
@@ -10,7 +10,8 @@ from vllm_utils.errors import UserError
 from vllm_utils.layers.activation import check_activation
 from vllm_utils.layers.rotary import SUPPORTED_ROPE_TYPES, rope_parameters
 
-SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2", "gemma", "phi3", "qwen2_vl_text", "qwen2_5_vl_text")
+SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "qwen2_vl_text", "qwen2_5_vl_text")
+_QK_NORM_TYPES = ("qwen3",)  # an RMSNorm over each head's query and key, before RoPE
 _QWEN2_TYPES = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")  # biases on q, k and v only
 _MROPE_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")  # multimodal RoPE, on every config of these types
 # fields some related types carry that change the math, refused wherever they are set
@@ -31,6 +32,7 @@ class DecoderSpec:
     sliding_windows: tuple[int | None, ...]  # per layer: keys within this many positions, or None (all)
     rope: dict
     mrope_sections: tuple[int, ...] | None = None  # multimodal RoPE: frequencies per position row (time, h, w)
+    qk_norm: bool = False  # RMSNorm over each head of q and of k (Qwen3)
 
 
 def refuse(field: str, value: object, supported: str) -> UserError:
@@ -88,4 +90,5 @@ def decoder_spec(text: PretrainedConfig) -> DecoderSpec:
         sliding_windows=_sliding_windows(text),
         rope=rope,
         mrope_sections=sections,
+        qk_norm=kind in _QK_NORM_TYPES,
     )
