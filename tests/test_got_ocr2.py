@@ -100,13 +100,18 @@ def test_demo_agrees_with_hf(tiny_got, images, tmp_path):
     assert agreement["samples_compared"] == 1 and agreement["exact_match_rate"] == 1.0, agreement
 
 
-def test_acc_on_the_bundled_sample_agrees_with_hf_fp32(tiny_got, tmp_path):
-    run = cli("--acc", f"--model={tiny_got}", "--device=cpu", "--dtype=float32", "--dataset=sample-jsonl",
-              "--reference=hf", "--output-len=8", "--batch-size=3", cwd=str(tmp_path))
+def test_acc_on_the_bundled_fox_sample_agrees_with_hf_fp32(tiny_got, tmp_path):
+    """GOT-OCR2's benchmark: Fox's layout, each reply scored by Fox's OCR measures."""
+    run = cli("--acc", f"--model={tiny_got}", "--device=cpu", "--dtype=float32", "--dataset=sample-fox",
+              "--reference=hf", "--output-len=8", "--batch-size=3", f"--save-output={tmp_path / 'out.jsonl'}",
+              cwd=str(tmp_path))
     assert run.returncode == 0, run.stderr
     info = json.loads(run.stdout.split("***Acc Info***", 1)[1].split("\n}\n", 1)[0] + "\n}")
     ref = info["reference"]
     assert ref["samples_compared"] == 3 and ref["exact_match_rate"] == 1.0 and ref["max_abs_dlogprob"] < 1e-4
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert info["metric"] == "f1" and set(info["ocr"]) == set(records[0]["measures"])
+    assert info["ocr"]["edit_distance"] == pytest.approx(sum(r["measures"]["edit_distance"] for r in records) / 3)
 
 
 def test_the_bundled_config_builds_hfs_parameters_on_meta():

@@ -77,13 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "parquet/arrow file, a JSONL, or a bundled sample: " + ", ".join(ACC_SAMPLES)
                           + " (default: sample-jsonl)")
     acc.add_argument("--dataset-format", default=None,
-                     help="jsonl, llava-bench, mmmu, textvqa, docvqa or videomme (default: from the columns)")
+                     help="jsonl, llava-bench, mmmu, textvqa, docvqa, videomme or fox (default: from the columns; a "
+                          ".json file: fox)")
     acc.add_argument("--dataset-split", default=None,
                      help="the split of a folder holding several (default: validation, else the only one)")
     acc.add_argument("--video-dir", default=None,
                      help="videomme: the folder of its <videoID>.mp4 files (default: the 'data' folder its "
                           "videos_chunked_*.zip unzip to, in the --dataset folder or beside its videomme/ folder); "
                           "each video gives --num-frames frames")
+    acc.add_argument("--image-dir", default=None,
+                     help="fox: the folder of the file's pictures (default: the one the benchmark pairs with it, "
+                          "beside it: en_pdf_png/ for en_page_ocr.json, ...)")
     acc.add_argument("--save-output", default=None,
                      help="write one JSON line per sample (id, prompt, answer, reference, score) to this new file")
     ref = p.add_argument_group("reference (--demo, --acc)")

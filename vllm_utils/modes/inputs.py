@@ -170,7 +170,7 @@ def perf_video(spec: PerfSpec, config: ResolvedConfig, processor: ProcessorAdapt
 # ---- --acc --------------------------------------------------------------------------------------------------
 def read_samples(spec: AccSpec) -> list[Sample]:
     return read_dataset(dataset_path(spec.dataset), spec.dataset_format, spec.dataset_split, spec.limit,
-                        spec.video_dir)
+                        spec.video_dir, spec.image_dir)
 
 
 def acc_inputs(spec: AccSpec, config: ResolvedConfig, processor: ProcessorAdapter, samples: list[Sample],

@@ -151,6 +151,8 @@ def check_reads_text(spec: Spec, model: str, processor: ProcessorAdapter) -> Non
 # optional packages: (the module, what needs it, the extra that installs it); the readers name `datasets`
 _VIDEO = ("av", "decoding --input-video", "video")
 _ROUGE = ("rouge_score", "scoring ROUGE-L", "acc")
+_EDITS = ("rapidfuzz", "edit distances (ANLS, OCR)", "acc")
+_OCR = [("nltk", "Fox's OCR measures", "acc"), ("jieba", "Fox's OCR measures (Chinese words)", "acc")]
 
 
 def check_optional_packages(spec: Spec, samples: list | None) -> None:
@@ -158,8 +160,13 @@ def check_optional_packages(spec: Spec, samples: list | None) -> None:
     needed = []
     if getattr(spec, "videos", None) or getattr(spec, "video", None) or any(s.videos for s in samples or []):
         needed.append(_VIDEO)
-    if samples and any(s.metric == "rouge" for s in samples):
+    metrics = {s.metric for s in samples or []}
+    if "rouge" in metrics:
         needed.append(_ROUGE)
+    if metrics & {"anls", "ocr"}:
+        needed.append(_EDITS)
+    if "ocr" in metrics:
+        needed.extend(_OCR)
     for module, what, extra in needed:
         if importlib.util.find_spec(module) is None:
             raise UserError(f"{what} needs the `{module}` package: pip install 'vllm_utils[{extra}]'")

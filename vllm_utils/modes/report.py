@@ -134,6 +134,7 @@ def acc_settings(plan: Plan) -> dict[str, object]:
         "reference": "hf" if spec.reference else "none", "backend": spec.engine.backend,
         **({"num_frames": spec.num_frames, "video_dir": spec.video_dir or "beside the dataset"}
            if any(s.videos for s in plan.inputs.samples) else {}),
+        **({"image_dir": spec.image_dir} if spec.image_dir else {}),
     }
 
 

@@ -13,7 +13,7 @@ DEFAULT_PROMPT = "Describe the picture."
 DEFAULT_VIDEO_PROMPT = "Describe the video."
 DEFAULT_OUTPUT_LEN = {"demo": 64, "perf": 128}
 # --acc: new tokens per reply by metric, as lmms-eval's task configs allow (the most any sample's metric allows)
-ACC_OUTPUT_LEN = {"rouge": 1024, "choice": 32, "vqa": 16, "anls": 32, "open": 32, "videomme": 16}
+ACC_OUTPUT_LEN = {"rouge": 1024, "choice": 32, "vqa": 16, "anls": 32, "open": 32, "videomme": 16, "ocr": 4096}
 MAX_SEED = 2**32 - 1
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float", "half")
 REFERENCE_DTYPES = ("float32", "float16", "bfloat16")
@@ -27,7 +27,7 @@ MODES_OF = {
     "mm_per_prompt": ("demo", "perf"), "prompt": ("demo",), "temperature": ("demo",), "top_p": ("demo",),
     "top_k": ("demo",), "input_len": ("perf",), "input_vision_shape": ("perf",), "num_iters": ("perf",),
     "num_prompts": ("perf", "acc"), "dataset": ("acc",), "dataset_format": ("acc",), "dataset_split": ("acc",),
-    "video_dir": ("acc",), "save_output": ("acc",), "reference": ("demo", "acc"), "reference_dtype": ("demo", "acc"),
+    "video_dir": ("acc",), "image_dir": ("acc",), "save_output": ("acc",), "reference": ("demo", "acc"), "reference_dtype": ("demo", "acc"),
     "reference_device": ("demo", "acc"), "output_json": ("perf", "acc"), "result_dir": ("perf", "acc"),
     "result_filename": ("perf", "acc"), "save_result": ("perf", "acc"),
 }
@@ -124,6 +124,7 @@ class AccSpec:
     num_frames: int  # frames sampled from each video of the dataset
     fewer_frames: bool  # as for --demo
     video_dir: str | None  # Video-MME's videos; None: beside the dataset
+    image_dir: str | None  # Fox's pictures; None: the folder the benchmark pairs with the file
     output_len: int | None  # None: per metric
     save_output: str | None
     reference: ReferenceSpec | None
@@ -298,7 +299,7 @@ def acc_spec(args: argparse.Namespace, engine: EngineSpec, given: set[str]) -> A
         dataset_format=args.dataset_format,
         dataset_split=args.dataset_split, limit=args.num_prompts if "num_prompts" in given else None,
         num_frames=args.num_frames or DEFAULT_NUM_FRAMES, fewer_frames=args.num_frames is None,
-        video_dir=args.video_dir, output_len=args.output_len, save_output=args.save_output,
+        video_dir=args.video_dir, image_dir=args.image_dir, output_len=args.output_len, save_output=args.save_output,
         reference=reference_spec(args), report=report_spec(args))
 
 

@@ -10,6 +10,7 @@ ACC_SAMPLES = {
     "sample-textvqa": os.path.join(SAMPLES_DIR, "textvqa"),
     "sample-docvqa": os.path.join(SAMPLES_DIR, "docvqa"),
     "sample-videomme": os.path.join(SAMPLES_DIR, "videomme"),
+    "sample-fox": os.path.join(SAMPLES_DIR, "fox", "en_page_ocr.json"),
 }
 
 

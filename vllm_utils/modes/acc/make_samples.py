@@ -23,8 +23,8 @@ def shape(kind: str, colour: str, background: str = "white", size: int = 64) -> 
     return image
 
 
-def document(lines: list[str]) -> Image.Image:
-    image = Image.new("RGB", (160, 20 + 16 * len(lines)), "white")
+def document(lines: list[str], width: int = 160) -> Image.Image:
+    image = Image.new("RGB", (width, 20 + 16 * len(lines)), "white")
     draw = ImageDraw.Draw(image)
     for i, line in enumerate(lines):
         draw.text((8, 8 + 16 * i), line, fill="black")
@@ -133,6 +133,24 @@ def videomme(folder: str) -> None:
                   os.path.join(folder, "videomme", "test-00000-of-00001.parquet"))
 
 
+def fox(folder: str) -> None:
+    """Fox's layout: a ground-truth JSON of LLaVA-style conversations naming pictures in the folder the benchmark
+    pairs with it (en_page_ocr.json: en_pdf_png/). Two pages of text, read whole and (GOT's query) within a box."""
+    os.makedirs(os.path.join(folder, "en_pdf_png"), exist_ok=True)
+    pages = {"en_1.png": ["Quarterly report", "Revenue grew by 7 percent.", "Costs fell in the third quarter."],
+             "en_2.png": ["Chapter 2", "The quick brown fox jumps", "over the lazy dog."]}
+    for name, lines in pages.items():
+        document(lines, width=240).save(os.path.join(folder, "en_pdf_png", name), optimize=True)
+    rows = [{"image": name, "conversations": [{"from": "human", "value": "<image>\nOCR: "},
+                                              {"from": "gpt", "value": "\n".join(lines)}]}
+            for name, lines in pages.items()]
+    rows.append({"image": "en_2.png", "conversations": [
+        {"from": "human", "value": "<image>\n[0, 350, 1000, 1000] OCR: "},
+        {"from": "gpt", "value": "\n".join(pages["en_2.png"][1:])}]})
+    with open(os.path.join(folder, "en_page_ocr.json"), "w", encoding="utf-8") as f:
+        json.dump(rows, f, ensure_ascii=False, indent=1)
+
+
 def main() -> None:
     import datasets
 
@@ -193,6 +211,7 @@ def main() -> None:
         "ucsf_document_id": S, "ucsf_document_page_no": S, "answers": L},
         os.path.join(SAMPLES_DIR, "docvqa", "DocVQA", "validation-00000-of-00001.parquet"))
     videomme(os.path.join(SAMPLES_DIR, "videomme"))
+    fox(os.path.join(SAMPLES_DIR, "fox"))
 
 
 if __name__ == "__main__":

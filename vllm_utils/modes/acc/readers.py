@@ -1,6 +1,6 @@
 """Dataset files -> `Sample`s: a Hugging Face dataset as published (a folder of parquet or arrow files, a
-`save_to_disk` folder, or one such file), read with the `datasets` library, or a simple JSONL. One adapter per
-format turns a row into a question, its images and its references."""
+`save_to_disk` folder, or one such file), read with the `datasets` library, a simple JSONL, or one of Fox's JSON
+files. One adapter per format turns a row into a question, its images and its references."""
 import ast
 import glob
 import json
@@ -8,11 +8,11 @@ import os
 import re
 
 from vllm_utils.modes.acc.sample import SHORT_ANSWER, Sample, has_image
-from vllm_utils.modes.acc import videomme
+from vllm_utils.modes.acc import fox, videomme
 from vllm_utils.modes.acc.scorers import choice_letters, render_choices
 from vllm_utils.errors import UserError
 
-FORMATS = ("jsonl", "llava-bench", "mmmu", "textvqa", "docvqa", "videomme")
+FORMATS = ("jsonl", "llava-bench", "mmmu", "textvqa", "docvqa", "videomme", "fox")
 MMMU_IMAGES = [f"image_{i}" for i in range(1, 8)]
 _NEEDS = {  # the columns each format reads (one of the names in a tuple)
     "llava-bench": ["question_id", "question", "image", ("answer", "gpt_answer")],
@@ -24,13 +24,30 @@ _NEEDS = {  # the columns each format reads (one of the names in a tuple)
 
 
 def read_dataset(path: str, fmt: str | None = None, split: str | None = None, limit: int | None = None,
-                 video_dir: str | None = None) -> list[Sample]:
+                 video_dir: str | None = None, image_dir: str | None = None) -> list[Sample]:
     """The first `limit` rows of the dataset at `path` (all when None); one-line UserErrors for bad input.
-    `video_dir`: where Video-MME's videos are (default: its `data` folder)."""
+    `video_dir`: where Video-MME's videos are (default: its `data` folder); `image_dir`: Fox's pictures."""
     if fmt is not None and fmt not in FORMATS:
         raise UserError(f"unknown --dataset-format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if not os.path.exists(path):
-        raise UserError(f"--dataset '{path}' does not exist; pass a dataset folder, a parquet/arrow file or a JSONL")
+        raise UserError(f"--dataset '{path}' does not exist; pass a dataset folder, a parquet/arrow file, a JSONL "
+                        f"or a Fox JSON file")
+    if fmt == "fox" and not fox.is_fox(path):
+        raise UserError(f"--dataset-format fox reads one of Fox's JSON files (e.g. en_page_ocr.json), and "
+                        f"'{path}' is not one")
+    if fox.is_fox(path) and fmt not in (None, "fox"):
+        raise UserError(f"--dataset '{path}' is a JSON file, which only the fox format reads: leave "
+                        f"--dataset-format out")
+    if image_dir is not None and not fox.is_fox(path):
+        raise UserError(f"--image-dir holds Fox's pictures, and --dataset '{path}' is not a Fox file: drop "
+                        f"--image-dir")
+    if fox.is_fox(path):
+        if video_dir is not None:
+            raise UserError("--video-dir holds Video-MME's videos, and a Fox file reads none: drop --video-dir")
+        samples = fox.read_fox(path, image_dir, limit)
+        if not samples:
+            raise UserError(f"--dataset '{path}' holds no rows")
+        return samples
     if fmt not in (None, "jsonl") and path.endswith(".jsonl"):
         raise UserError(f"--dataset-format {fmt} reads parquet/arrow files or a dataset folder, and '{path}' is a "
                         f"JSONL: leave --dataset-format out, or pass a {fmt} dataset (e.g. --dataset sample-{fmt})")

@@ -25,6 +25,7 @@ class Result:
     token_ids: list[int] | None = None
     score: float | None = None
     parsed: str | None = None
+    measures: dict | None = None  # a metric's several figures (OCR)
     error: str | None = None
     agreement: Agreement | None = None
 
@@ -32,7 +33,7 @@ class Result:
         s = self.sample
         return {"id": s.id, "subject": s.subject, "metric": s.metric, "prompt": self.prompt, "answer": self.reply,
                 "reference": s.references if len(s.references) > 1 else s.references[0], "parsed": self.parsed,
-                "score": self.score, "error": self.error}
+                "score": self.score, **({"measures": self.measures} if self.measures else {}), "error": self.error}
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,8 @@ def _run_samples(plan: Plan, backend: Backend, reference, samples: list[Sample],
             for (r, _), out in zip(ready, outputs):
                 r.reply, r.token_ids = out.outputs[0].text, out.outputs[0].token_ids
                 rng = random.Random(f"{plan.spec.engine.seed}/{r.sample.id}")  # MMMU's pick, reproducible
-                r.score, r.parsed = score(r.sample.metric, r.reply, r.sample.references, r.sample.choices, rng)
+                r.score, r.parsed, r.measures = score(r.sample.metric, r.reply, r.sample.references,
+                                                      r.sample.choices, rng)
                 scored.append(r.score)
             if reference is not None:
                 _compare(backend, reference, chunk, dict((id(r), q) for r, q in ready), output_lens)

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageOps
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # lmms-eval's / MMMU's short-answer line
-# open: MMMU's open questions (the answer found in the reply); videomme: the letter Video-MME's evaluation reads
-METRICS = ("rouge", "choice", "vqa", "anls", "open", "videomme")
+# open: MMMU's open questions (the answer found in the reply); videomme: the letter Video-MME's evaluation reads;
+# ocr: Fox's OCR measures (the score is their F1)
+METRICS = ("rouge", "choice", "vqa", "anls", "open", "videomme", "ocr")
 # a sample whose image or video cannot be read fails alone (the run goes on); its record says what to do
 IMAGE_FIX = "fix the row's image in the --dataset (a JSONL's paths are relative to the file)"
 VIDEO_FIX = ("check the file, or give the folder of the dataset's videos with --video-dir (Video-MME: its "

@@ -1,6 +1,7 @@
 """Each task family's score of one reply, as that dataset's own evaluation defines it; every score is in [0, 1]."""
 import random
 import re
+import warnings
 from dataclasses import dataclass
 
 from vllm_utils.modes.acc.vqa_normalize import normalize_answer
@@ -30,25 +31,17 @@ def vqa_accuracy(reply: str, answers: list[str]) -> float:
     return sum(accs) / len(accs)
 
 
-def levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 def anls(reply: str, answers: list[str], threshold: float = ANLS_THRESHOLD) -> float:
     """Average Normalised Levenshtein Similarity of one question (DocVQA's metric): the best over the answers of
     1 - distance / longer length (case and surrounding space ignored), or 0 when that distance is >= threshold."""
+    from rapidfuzz.distance import Levenshtein
+
     best = 0.0
     pred = " ".join(reply.strip().lower().split())
     for answer in answers:
         gt = " ".join(answer.strip().lower().split())
         longest = max(len(gt), len(pred))
-        nl = levenshtein(gt, pred) / longest if longest else 0.0
+        nl = Levenshtein.distance(gt, pred) / longest if longest else 0.0
         best = max(best, 1 - nl if nl < threshold else 0.0)
     return best
 
@@ -109,19 +102,77 @@ def open_answer(reply: str, answers: list[str]) -> float:
     return float(any(normalize_answer(a) and normalize_answer(a) in reply for a in answers))
 
 
+def ocr_measures(reply: str, label: str) -> dict[str, float]:
+    """Fox's and GOT-OCR2's OCR measures of one reply, as their `eval_ocr_test.py` / `eval_ocr.py` compute them:
+    words split on spaces, or by jieba where either side holds Chinese; BLEU and METEOR (nltk) on the word lists,
+    F1, precision and recall (nltk) on the word sets, and the edit distance over characters divided by the longer
+    length. Those scripts pass the label where their function takes the prediction, so their BLEU and METEOR score
+    the label against the reply and their precision is the share of the reply's words the label holds: the same
+    here, so that figures compare with the published ones. METEOR needs nltk's WordNet data: None without it."""
+    import nltk
+    from nltk.metrics import f_measure, precision, recall
+    from rapidfuzz.distance import Levenshtein
+
+    pred, gt = label, reply  # the published scripts' order
+    if _CHINESE.search(gt) or _CHINESE.search(pred):
+        reference, hypothesis = _jieba_words(gt), _jieba_words(pred)
+    else:
+        reference, hypothesis = gt.split(), pred.split()
+    with warnings.catch_warnings():  # nltk warns of every reply without 3- or 4-gram overlaps
+        warnings.simplefilter("ignore", UserWarning)
+        bleu = float(nltk.translate.bleu([reference], hypothesis))
+    measures = {"bleu": bleu, "meteor": _meteor(reference, hypothesis)}
+    ref_set, hyp_set = set(reference), set(hypothesis)
+    measures["f1"] = f_measure(ref_set, hyp_set) or 0.0  # nltk: None where a side is empty
+    measures["precision"] = precision(ref_set, hyp_set) or 0.0
+    measures["recall"] = recall(ref_set, hyp_set) or 0.0
+    longest = max(len(pred), len(gt))
+    measures["edit_distance"] = Levenshtein.distance(pred, gt) / longest if longest else 0.0
+    return measures
+
+
+_CHINESE = re.compile(r"[\u4e00-\u9fa5]")
+
+
+def _jieba_words(text: str) -> list[str]:
+    import logging
+
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    return jieba.lcut(text)
+
+
+def _meteor(reference: list[str], hypothesis: list[str]) -> float | None:
+    from nltk.translate import meteor_score
+
+    try:
+        return float(meteor_score.meteor_score([reference], hypothesis))
+    except LookupError:  # no WordNet data
+        from vllm_utils.notes import note_once
+
+        note_once("METEOR needs nltk's WordNet data (python -m nltk.downloader wordnet): left out of the OCR "
+                  "measures")
+        return None
+
+
 def score(metric: str, reply: str, references: list[str], choices: list[str] | None,
-          rng: random.Random) -> tuple[float, str | None]:
-    """The sample's score, and what was parsed from the reply (the letter of a multiple-choice reply)."""
+          rng: random.Random) -> tuple[float, str | None, dict | None]:
+    """The sample's score, what was parsed from the reply (the letter of a multiple-choice reply), and the
+    measures of a metric that reports several (OCR: its F1 is the score)."""
+    if metric == "ocr":
+        measures = ocr_measures(reply, references[0])
+        return measures["f1"], None, measures
     if metric == "rouge":
-        return rouge_l(reply, references[0]), None
+        return rouge_l(reply, references[0]), None, None
     if metric == "choice":
         parsed = parse_choice(reply, choices or [], rng)
-        return float(parsed.letter == references[0]), parsed.letter + (" (guessed)" if parsed.guessed else "")
+        return float(parsed.letter == references[0]), parsed.letter + (" (guessed)" if parsed.guessed else ""), None
     if metric == "vqa":
-        return vqa_accuracy(reply, references), None
+        return vqa_accuracy(reply, references), None, None
     if metric == "anls":
-        return anls(reply, references), None
+        return anls(reply, references), None, None
     if metric == "videomme":
         letter = extract_letter(reply)
-        return float(letter.lower() == references[0].lower()), letter or NO_LETTER
-    return open_answer(reply, references), None
+        return float(letter.lower() == references[0].lower()), letter or NO_LETTER, None
+    return open_answer(reply, references), None, None

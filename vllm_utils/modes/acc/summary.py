@@ -4,7 +4,7 @@ duration), the failed samples, and the reference agreement, as `***Acc Info***` 
 from vllm_utils.modes.acc.scorers import NO_LETTER
 
 METRIC_NAMES = {"rouge": "rougeL_f", "choice": "accuracy", "vqa": "vqa_accuracy", "anls": "anls",
-                "open": "open_match", "videomme": "accuracy"}
+                "open": "open_match", "videomme": "accuracy", "ocr": "f1"}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -29,6 +29,9 @@ def acc_info(dataset: str, results: list, agreement: dict | None) -> dict:
     info.update(by_extra(results))
     if any(r.sample.metric == "videomme" for r in results):  # the official figure leaves these out
         info["num_no_letter"] = sum(r.parsed == NO_LETTER for r in results)
+    measured = [r.measures for r in scored if r.measures]
+    if measured:  # OCR: each measure's mean, as Fox's evaluation averages them (edit_distance: lower is better)
+        info["ocr"] = {name: _mean([m[name] for m in measured if m.get(name) is not None]) for name in measured[0]}
     if agreement is not None:
         info["reference"] = agreement["overall"]
     return info
