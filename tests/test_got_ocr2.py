@@ -9,7 +9,7 @@ import torch
 from vllm_utils import LLM, SamplingParams
 
 from conftest import HFReference, assert_bf16_close, chosen_logprobs
-from test_cli import cli
+from test_cli import cli, error_lines
 
 TOKENS = 16
 
@@ -28,7 +28,8 @@ def got_reference(tiny_got) -> HFReference:
 
 def engine(folder: str, **kwargs) -> LLM:
     kwargs.setdefault("dtype", "float32")
-    return LLM(folder, device="cpu", max_model_len=1024, **kwargs)
+    kwargs.setdefault("max_model_len", 1024)
+    return LLM(folder, device="cpu", **kwargs)
 
 
 def requests(adapter, images) -> list[dict]:
@@ -66,6 +67,51 @@ def test_pages_prefilled_in_chunks_give_hfs_tokens(tiny_got, got_reference, imag
     out = llm.generate(req, SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.prompt_token_ids) > 500  # two pages of 256 positions, over six chunks
     assert out.outputs[0].token_ids == got_reference.greedy(req, TOKENS, ignore_eos=True)
+
+
+@pytest.mark.parametrize("settings, pages", [
+    ({"crop_to_patches": True, "max_patches": 2}, [(900, 300)]),  # a wide page: 2 tiles and the thumbnail
+    ({"multi_page": True}, [(256, 256), (300, 400)]),  # two pages behind one placeholder
+    ({"multi_page": True, "crop_to_patches": True, "max_patches": 2}, [(256, 256), (200, 500)]),
+])
+def test_multi_crop_and_multi_page_give_hfs_tokens_and_logprobs(tiny_got, images, settings, pages):
+    """mm_processor_kwargs reach GOT's processor for our engine and for HF alike; the tiles take their positions."""
+    from vllm_utils.config import EngineConfig
+    from vllm_utils.engine.resolve import resolve
+
+    llm = engine(tiny_got, max_model_len=4096, mm_processor_kwargs=settings)
+    adapter = llm.engine.processor
+    pictures = [images[i % 2].resize(size) for i, size in enumerate(pages)]
+    req = {"prompt": adapter.chat_prompt("OCR: ", len(pictures)), "multi_modal_data": {"image": pictures}}
+    out = llm.generate(req, SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True, logprobs=0),
+                       use_tqdm=False)[0]
+    reference = HFReference(resolve(EngineConfig(tiny_got, dtype="float32", mm_processor_kwargs=settings)))
+    hf_ids = reference.inputs(req)["input_ids"][0].tolist()
+    assert out.prompt_token_ids == hf_ids and hf_ids.count(adapter.mm_token_id) > 256 * len(pages) - 1
+    ours = out.outputs[0]
+    assert ours.token_ids == reference.greedy(req, TOKENS, ignore_eos=True)
+    theirs = reference.token_logprobs(req, ours.token_ids)
+    assert max(abs(e[t].logprob - r) for e, t, r in zip(ours.logprobs, ours.token_ids, theirs)) < 1e-4
+
+
+def test_processor_settings_are_checked_by_name(tiny_got, tmp_path):
+    run = cli("--demo", f"--model={tiny_got}", "--device=cpu", '--mm-processor-kwargs={"crop_to_patch": true}',
+              cwd=str(tmp_path))
+    assert run.returncode == 1 and "Loading the model" not in run.stderr
+    assert error_lines(run) == ["error: mm_processor_kwargs 'crop_to_patch' is not a setting of got_ocr2's "
+                                "processor here (it takes: crop_to_patches, min_patches, max_patches, multi_page)"]
+    run = cli("--demo", f"--model={tiny_got}", "--device=cpu", "--mm-processor-kwargs=crop", cwd=str(tmp_path))
+    assert run.returncode == 1 and "takes a JSON object" in error_lines(run)[0]
+
+
+def test_demo_of_a_cropped_page_agrees_with_hf(tiny_got, images, tmp_path):
+    images[1].resize((900, 300)).save(tmp_path / "wide.png")
+    run = cli("--demo", f"--model={tiny_got}", f"--input-image={tmp_path / 'wide.png'}", "--prompt=OCR: ",
+              '--mm-processor-kwargs={"crop_to_patches": true, "max_patches": 2}', "--dtype=float32",
+              "--device=cpu", "--output-len=8", "--reference=hf", cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    agreement = json.loads(run.stdout.split("***Reference Agreement***")[1])
+    assert agreement["samples_compared"] == 1 and agreement["exact_match_rate"] == 1.0, agreement
 
 
 def test_bf16_logprobs_close_to_hf_fp32(tiny_got, got_reference, images):

@@ -138,6 +138,10 @@ def _model_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--seed", type=int, default=0,
                    help="seed of random weights, synthetic requests and sampling (one generator for all requests), "
                         "0 to 4294967295")
+    g.add_argument("--mm-processor-kwargs", default=None,
+                   help="a JSON object of settings for the model's HF processor, as vLLM takes it (GOT-OCR2: "
+                        "'{\"crop_to_patches\": true, \"max_patches\": 6}' cuts pages into tiles, "
+                        "'{\"multi_page\": true}' reads --mm-per-prompt pages as one document)")
     g.add_argument("--backend", default="engine", choices=["engine", "hf"],
                    help="engine: ours; hf: the same workload through HF transformers' generate, for comparison")
 

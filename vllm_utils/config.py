@@ -48,6 +48,7 @@ class EngineConfig:
     cpu_follow_load: bool = field(default_factory=envs.cpu_follow_load)
     triton_gemv: bool = field(default_factory=envs.triton_gemv)  # single-row linears on CUDA in Triton
     max_logprobs: int = 20  # the most log-probs a request may ask per position (vLLM's; -1: no limit)
+    mm_processor_kwargs: dict | None = None  # settings of the model's HF processor (vLLM's), checked by the family
 
     def __post_init__(self) -> None:
         if self.seed is None:  # vLLM's LLM(seed=None)
@@ -62,6 +63,8 @@ class EngineConfig:
             raise UserError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.load_format not in ("auto", "dummy"):
             raise UserError(f"--load-format must be 'auto' or 'dummy', got '{self.load_format}'")
+        if self.mm_processor_kwargs is not None and not isinstance(self.mm_processor_kwargs, dict):
+            raise UserError(f"mm_processor_kwargs must be a dict, got {self.mm_processor_kwargs!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise UserError(f"unknown --dtype '{self.dtype}': use auto, float32, float16 or bfloat16")
 

@@ -15,7 +15,7 @@ ACCEPTED = ("trust_remote_code", "disable_log_stats", "enable_prefix_caching", "
 # refused unless at vLLM's default: settings this engine does not implement
 DEFAULTS: dict[str, Any] = {
     "tokenizer": None, "revision": None, "tokenizer_revision": None, "code_revision": None, "quantization": None,
-    "kv_cache_dtype": "auto", "cpu_offload_gb": 0, "mm_processor_kwargs": None, "hf_overrides": None,
+    "kv_cache_dtype": "auto", "cpu_offload_gb": 0, "hf_overrides": None,
     "skip_tokenizer_init": False, "speculative_config": None, "enable_lora": False, "pipeline_parallel_size": 1,
     "distributed_executor_backend": None, "rope_scaling": None, "rope_theta": None, "override_pooler_config": None,
     "download_dir": None,

@@ -35,7 +35,8 @@ class HFReference:
         self.dtype, self.device = _dtype(dtype), torch.device(device)
         dummy = self.config.engine.load_format == "dummy"
         self.processor = processor or family(self.config.model_type).processor(
-            self.config.folder, self.config.hf_config, allow_missing=dummy)
+            self.config.folder, self.config.hf_config, allow_missing=dummy,
+            processor_kwargs=self.config.engine.mm_processor_kwargs)
         self.hf_processor = self.processor.hf_processor if hf_processor else None
         if dummy:
             torch.manual_seed(self.config.engine.seed)  # --seed seeds random weights here too
@@ -70,7 +71,7 @@ class HFReference:
             ids, mm_inputs = request["prompt_token_ids"], request.get("mm_inputs")
         elif self.hf_processor is not None and not videos:
             out = self.hf_processor(text=request["prompt"], images=self.processor.prompt_images(images) or None,
-                                    return_tensors="pt")
+                                    return_tensors="pt", **self.processor.processor_kwargs)
             return self._placed(dict(out))
         else:
             ids, mm_inputs = self.processor.process(request["prompt"], images, videos)

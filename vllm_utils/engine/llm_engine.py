@@ -42,7 +42,8 @@ class LLMEngine:
         self.device, self.dtype, self.max_model_len = self.config.device, self.config.dtype, self.config.max_model_len
         # before the (slow) weights, so that a folder without tokenizer files fails at once
         self.processor = processor or family(self.config.model_type).processor(
-            self.config.folder, self.config.hf_config, allow_missing=config.load_format == "dummy")
+            self.config.folder, self.config.hf_config, allow_missing=config.load_format == "dummy",
+            processor_kwargs=config.mm_processor_kwargs)
         torch.manual_seed(config.seed)
         if config.tensor_parallel_size > 1:
             workers = start_workers(self.config)

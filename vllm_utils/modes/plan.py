@@ -127,7 +127,7 @@ def resolve_config(spec: Spec, model: str) -> ResolvedConfig:
         max_model_len=engine.max_model_len, block_size=engine.block_size,
         max_num_batched_tokens=engine.max_num_batched_tokens, num_kv_blocks=engine.num_kv_blocks,
         enforce_eager=engine.enforce_eager, tensor_parallel_size=engine.tensor_parallel_size, seed=engine.seed,
-        load_format=engine.load_format), engine.model_type)
+        load_format=engine.load_format, mm_processor_kwargs=engine.mm_processor_kwargs), engine.model_type)
     if engine.block_size > config.max_model_len:
         raise UserError(f"--block-size {engine.block_size} is larger than the longest sequence (max model length "
                         f"{config.max_model_len}); use a block of at most that many tokens (16, 32 or 64 are usual)")
@@ -138,7 +138,8 @@ def config_processor(config: ResolvedConfig, dummy: bool) -> ProcessorAdapter:
     """The family's processor of the folder: its files, not the weights."""
     from vllm_utils.models.registry import family
 
-    return family(config.model_type).processor(config.folder, config.hf_config, allow_missing=dummy)
+    return family(config.model_type).processor(config.folder, config.hf_config, allow_missing=dummy,
+                                               processor_kwargs=config.engine.mm_processor_kwargs)
 
 
 def check_reads_text(spec: Spec, model: str, processor: ProcessorAdapter) -> None:

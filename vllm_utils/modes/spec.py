@@ -2,6 +2,7 @@
 alone allows (counts, ranges, flags of another mode), before anything is read from disk. Only this module and the
 CLI know argparse; the plan and the modes read specs."""
 import argparse
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ MODES_OF = {
     "mm_per_prompt": ("demo", "perf"), "prompt": ("demo",), "temperature": ("demo",), "top_p": ("demo",),
     "top_k": ("demo",), "input_len": ("perf",), "input_vision_shape": ("perf",), "num_iters": ("perf",),
     "num_prompts": ("perf", "acc"), "dataset": ("acc",), "dataset_format": ("acc",), "dataset_split": ("acc",),
-    "video_dir": ("acc",), "image_dir": ("acc",), "save_output": ("acc",), "reference": ("demo", "acc"), "reference_dtype": ("demo", "acc"),
+    "video_dir": ("acc",), "image_dir": ("acc",), "save_output": ("acc",), "reference": ("demo", "acc"),
+    "reference_dtype": ("demo", "acc"),
     "reference_device": ("demo", "acc"), "output_json": ("perf", "acc"), "result_dir": ("perf", "acc"),
     "result_filename": ("perf", "acc"), "save_result": ("perf", "acc"),
 }
@@ -59,6 +61,7 @@ class EngineSpec:
     seed: int
     backend: str  # "engine" or "hf"
     ignored_by_hf: tuple[str, ...]  # engine-only flags given with --backend hf
+    mm_processor_kwargs: dict | None = None  # settings of the model's HF processor (GOT-OCR2's multi-crop, ...)
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,22 @@ def engine_spec(args: argparse.Namespace, given: set[str]) -> EngineSpec:
         load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size,
         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
         batch_size=args.batch_size, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-        enforce_eager=args.enforce_eager, seed=args.seed, backend=args.backend, ignored_by_hf=ignored)
+        enforce_eager=args.enforce_eager, seed=args.seed, backend=args.backend, ignored_by_hf=ignored,
+        mm_processor_kwargs=parse_processor_kwargs(args.mm_processor_kwargs))
+
+
+def parse_processor_kwargs(text: str | None) -> dict | None:
+    """--mm-processor-kwargs: a JSON object, as vLLM takes it."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise UserError(f"--mm-processor-kwargs takes a JSON object, e.g. '{{\"crop_to_patches\": true}}'; got "
+                        f"{text!r}")
+    return value
 
 
 def reference_spec(args: argparse.Namespace) -> ReferenceSpec | None:

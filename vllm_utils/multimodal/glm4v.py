@@ -28,8 +28,9 @@ class Glm4vProcessorAdapter(ProcessorAdapter):
     image_token = "<|image|>"
     video_token = "<|video|>"
 
-    def __init__(self, folder: str, hf_config: PretrainedConfig, allow_missing: bool = False) -> None:
-        super().__init__(folder, hf_config, allow_missing)
+    def __init__(self, folder: str, hf_config: PretrainedConfig, allow_missing: bool = False,
+                 processor_kwargs: dict | None = None) -> None:
+        super().__init__(folder, hf_config, allow_missing, processor_kwargs)
         self.merge = hf_config.vision_config.spatial_merge_size
         self.image_start_id = hf_config.image_start_token_id
         self.image_end_id = hf_config.image_end_token_id

@@ -28,12 +28,13 @@ class LlavaVideoMixin:
         raise NotImplementedError
 
     # ---- set-up ------------------------------------------------------------------------------------
-    def __init__(self, folder: str, hf_config, allow_missing: bool = False) -> None:
+    def __init__(self, folder: str, hf_config, allow_missing: bool = False,
+                 processor_kwargs: dict | None = None) -> None:
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         from vllm_utils.multimodal.processor import _json_file
 
-        super().__init__(folder, hf_config, allow_missing)
+        super().__init__(folder, hf_config, allow_missing, processor_kwargs)
         self.video_token_id = hf_config.video_token_index
         files = _json_file(self.folder, "processor_config.json").get("video_processor") or \
             _json_file(self.folder, "video_preprocessor_config.json")

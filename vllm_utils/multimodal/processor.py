@@ -18,10 +18,19 @@ class ProcessorAdapter:
 
     image_token = "<image>"
     video_token: str | None = None  # families that take videos name their placeholder
+    # the HF processor's settings a family lets users change (mm_processor_kwargs); others are refused by name
+    processor_settings: tuple[str, ...] = ()
 
-    def __init__(self, folder: str, hf_config: PretrainedConfig, allow_missing: bool = False) -> None:
+    def __init__(self, folder: str, hf_config: PretrainedConfig, allow_missing: bool = False,
+                 processor_kwargs: dict | None = None) -> None:
         self.folder = folder
         self.hf_config = hf_config
+        self.processor_kwargs = dict(processor_kwargs or {})
+        unknown = sorted(set(self.processor_kwargs) - set(self.processor_settings))
+        if unknown:
+            takes = ", ".join(self.processor_settings) or "none"
+            raise UserError(f"mm_processor_kwargs '{unknown[0]}' is not a setting of {hf_config.model_type}'s "
+                            f"processor here (it takes: {takes})")
         self.mm_token_id = self.config_image_token_id(hf_config)
         self.hf_processor = self.tokenizer = self.image_processor = None
         self.chat_template = None
@@ -174,7 +183,8 @@ class ProcessorAdapter:
         if self.hf_processor is None:
             ids, mm_inputs = self._expand(prompt, images)
         else:
-            out = self.hf_processor(text=prompt, images=self.prompt_images(images), return_tensors="pt")
+            out = self.hf_processor(text=prompt, images=self.prompt_images(images), return_tensors="pt",
+                                    **self.processor_kwargs)
             ids = out["input_ids"][0].tolist()
             mm_inputs = self.items({k: v for k, v in out.items() if k not in ("input_ids", "attention_mask",
                                                                                 "batch_num_images")})

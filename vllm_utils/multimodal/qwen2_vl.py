@@ -29,8 +29,9 @@ class Qwen2VLProcessorAdapter(ProcessorAdapter):
     image_token = "<|image_pad|>"
     video_token = "<|video_pad|>"
 
-    def __init__(self, folder: str, hf_config: PretrainedConfig, allow_missing: bool = False) -> None:
-        super().__init__(folder, hf_config, allow_missing)
+    def __init__(self, folder: str, hf_config: PretrainedConfig, allow_missing: bool = False,
+                 processor_kwargs: dict | None = None) -> None:
+        super().__init__(folder, hf_config, allow_missing, processor_kwargs)
         self.video_token_id = hf_config.video_token_id
         self.vision_start_id = getattr(hf_config, "vision_start_token_id", None)
         self.vision_end_id = getattr(hf_config, "vision_end_token_id", None)
