@@ -24,6 +24,10 @@ BACKBONES = {
                          max_position_embeddings=8192))),
     "phi3": ("xtuner/llava-phi-3-mini-hf", dict(
         text_type="phi3", kv_heads=4, text_config=dict(sliding_window=24, max_position_embeddings=4096))),
+    "qwen2-dynamic-rope": ("the Qwen2.5 decoder of OpenGVLab/InternVL3-1B-hf (dynamic NTK RoPE, factor 2)", dict(
+        text_type="qwen2", vision_type="siglip_vision_model", select_strategy="full", vision_feature_layer=-1,
+        text_config=dict(tie_word_embeddings=True, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1000000.0}))),
     "qwen3": ("the Qwen3 decoder of OpenGVLab/InternVL3_5-1B-HF (head_dim not hidden / heads)", dict(
         text_type="qwen3", vision_type="siglip_vision_model", select_strategy="full", vision_feature_layer=-1,
         text_config=dict(head_dim=32, tie_word_embeddings=True, max_position_embeddings=40960,

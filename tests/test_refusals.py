@@ -19,7 +19,6 @@ REFUSED = {
     "text hidden_act": ({"text_config": {"hidden_act": "gelu_new"}}, "text_config.hidden_act 'gelu_new'"),
     "vision hidden_act": ({"vision_config": {"hidden_act": "gelu_new"}}, "vision_config.hidden_act 'gelu_new'"),
     "projector act": ({"projector_hidden_act": "gelu_fast"}, "projector_hidden_act 'gelu_fast'"),
-    "dynamic RoPE": ({"text_config": _rope("dynamic", factor=2.0)}, "'dynamic'"),
     "yarn RoPE": ({"text_config": _rope("yarn", factor=2.0)}, "'yarn'"),
     "longrope": ({"text_config": {"model_type": "phi3", **_rope("longrope", short_factor=[1.0] * 8,
                                                                  long_factor=[2.0] * 8),

@@ -1,5 +1,6 @@
 """Rotary position embedding (rotate-half layout, as Llama in transformers), with the rope types
-that Llama checkpoints use: default, linear and llama3; and Qwen2-VL's multimodal RoPE, whose positions have three
+that Llama checkpoints use: default, linear, llama3 and dynamic (NTK, InternVL3's: it changes nothing within
+max_position_embeddings, which --max-model-len never exceeds); and Qwen2-VL's multimodal RoPE, whose positions have three
 rows (time, height, width), each rotating its own section of the frequencies."""
 import math
 
@@ -9,7 +10,7 @@ from transformers import PretrainedConfig
 from vllm_utils.errors import UserError
 from vllm_utils.layers.op import Op
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 
 
 def rope_parameters(config: PretrainedConfig) -> dict:
@@ -27,7 +28,7 @@ def inverse_frequencies(head_dim: int, params: dict) -> torch.Tensor:
     base = float(params.get("rope_theta", 10000.0))
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
+    if rope_type in ("default", "dynamic"):  # transformers rescales dynamic RoPE past max_position_embeddings only
         return inv_freq
     if rope_type == "linear":
         return inv_freq / float(params["factor"])
