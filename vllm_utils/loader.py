@@ -3,6 +3,7 @@ layout the model's `checkpoint_key` knows, or random ("dummy") weights."""
 import glob
 import json
 import os
+from functools import partial
 
 import torch
 from safetensors import safe_open
@@ -70,10 +71,32 @@ def expected_targets(model: nn.Module) -> set[tuple[str, object]]:
     return expected
 
 
+def untie_what_the_checkpoint_holds_apart(model: nn.Module, files: list[str]) -> None:
+    """A parameter the model shares under several names (the LM head tied to the embeddings, as the config says)
+    gets one of its own for each further name the checkpoint holds a tensor of, as transformers unties them when
+    the checkpoint holds both with different values (with equal values the result is the same)."""
+    held = set()
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            held.update(target[0] for target in map(partial(resolve_target, model), f.keys()) if target)
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for names in names_of.values():
+        for name in [n for n in names if n in held][1:]:
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            shared = getattr(module, attr)
+            own = nn.Parameter(torch.empty_like(shared), requires_grad=False)
+            own.__dict__.update(shared.__dict__)  # its weight_loader
+            setattr(module, attr, own)
+
+
 def load_weights(model: nn.Module, folder: str, show_progress: bool = True) -> None:
+    files = safetensors_files(folder)
+    untie_what_the_checkpoint_holds_apart(model, files)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[tuple[str, object]] = set()
-    files = safetensors_files(folder)
     bar = progress_bar(total=sum(os.path.getsize(p) for p in files), desc="Loading weights", unit="B",
                        unit_scale=True, unit_divisor=1024, disable=not show_progress)
     for path in files:

@@ -11,6 +11,8 @@ REMOTE_CODE_FORMATS = {
     "multi_modality": ("DeepSeek-VL (deepseek-ai/deepseek-vl-*)",
                        "its conversion deepseek-community/deepseek-vl-7b-chat (--model-type deepseek_vl_hybrid) or "
                        "deepseek-community/deepseek-vl-1.3b-chat (--model-type deepseek_vl)"),
+    "internvl_chat": ("InternVL (OpenGVLab/InternVL3-*, InternVL3_5-* without -hf)",
+                      "its transformers-format conversion, e.g. OpenGVLab/InternVL3-1B-hf (--model-type internvl)"),
     "minicpmv": ("MiniCPM-V 2.x", "no MiniCPM-V checkpoint in the transformers format is supported yet; "
                                   "llava-hf/llava-onevision-qwen2-7b-ov-hf is a supported model of its size"),
     "phi3_v": ("Phi-3-Vision / Phi-3.5-Vision", "xtuner/llava-phi-3-mini-hf (--model-type llava), the Phi-3 "

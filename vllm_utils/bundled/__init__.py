@@ -26,6 +26,9 @@ BUNDLED = {
     "deepseek-community/deepseek-vl-7b-chat": "deepseek-vl-7b-chat",
     "zai-org/GLM-4.1V-9B-Thinking": "GLM-4.1V-9B-Thinking",
     "stepfun-ai/GOT-OCR-2.0-hf": "GOT-OCR-2.0-hf",
+    "OpenGVLab/InternVL3-1B-hf": "InternVL3-1B-hf",
+    "OpenGVLab/InternVL3-8B-hf": "InternVL3-8B-hf",
+    "OpenGVLab/InternVL3_5-1B-HF": "InternVL3_5-1B-HF",
 }
 
 

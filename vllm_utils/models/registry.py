@@ -11,6 +11,7 @@ from vllm_utils.models.deepseek_vl import DeepseekVLForConditionalGeneration, De
 from vllm_utils.models.glm4v import Glm4vForConditionalGeneration
 from vllm_utils.models.got_ocr2 import GotOcr2ForConditionalGeneration
 from vllm_utils.models.interface import VisionLanguageModel
+from vllm_utils.models.internvl import InternVLForConditionalGeneration
 from vllm_utils.models.llava import LlavaForConditionalGeneration
 from vllm_utils.models.llava_next import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 from vllm_utils.models.llava_next_video import LlavaNextVideoForConditionalGeneration
@@ -18,6 +19,7 @@ from vllm_utils.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2
 from vllm_utils.multimodal.deepseek_vl import DeepseekVLProcessorAdapter
 from vllm_utils.multimodal.glm4v import Glm4vProcessorAdapter
 from vllm_utils.multimodal.got_ocr2 import GotOcr2ProcessorAdapter
+from vllm_utils.multimodal.internvl import InternVLProcessorAdapter
 from vllm_utils.multimodal.llava import LlavaProcessorAdapter
 from vllm_utils.multimodal.llava_next import (LlavaNextProcessorAdapter, LlavaNextVideoProcessorAdapter,
                                               LlavaOnevisionProcessorAdapter)
@@ -56,6 +58,8 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
                                       DeepseekVLProcessorAdapter, f"{_DEEPSEEK}:demo_deepseek_vl_hybrid"),
     "got_ocr2": ModelFamily(("got_ocr2",), GotOcr2ForConditionalGeneration, GotOcr2ProcessorAdapter,
                             "vllm_utils.testing.tiny_got_ocr2:demo_got_ocr2"),
+    "internvl": ModelFamily(("internvl",), InternVLForConditionalGeneration, InternVLProcessorAdapter,
+                            "vllm_utils.testing.tiny_internvl:demo_internvl"),
 }
 
 

@@ -52,9 +52,11 @@ def tile_positions(config: PretrainedConfig) -> int:
 class InternVLProcessorAdapter(ProcessorAdapter):
     image_token = "<IMG_CONTEXT>"
     video_token = "<video>"
+    processor_settings = ("crop_to_patches", "min_patches", "max_patches")  # the tiling
 
-    def __init__(self, folder: str, hf_config: PretrainedConfig, allow_missing: bool = False) -> None:
-        super().__init__(folder, hf_config, allow_missing)
+    def __init__(self, folder: str, hf_config: PretrainedConfig, allow_missing: bool = False,
+                 processor_kwargs: dict | None = None) -> None:
+        super().__init__(folder, hf_config, allow_missing, processor_kwargs)
         self.video_token = getattr(self.tokenizer, "video_token", None) or self.video_token
         stored = _json_file(folder, "processor_config.json")
         self.image_seq_length = stored.get("image_seq_length", getattr(hf_config, "image_seq_length", 256))
@@ -101,7 +103,8 @@ class InternVLProcessorAdapter(ProcessorAdapter):
     # ---- items -------------------------------------------------------------------------------------
     def image_inputs(self, images: list[Image.Image]) -> MultiModalInputs:
         """Each image's tiles (its thumbnail last) and tile count, as InternVLProcessor tiles them."""
-        out = self.image_processor(images=images, crop_to_patches=True, return_tensors="pt")
+        settings = {"crop_to_patches": True, **self.processor_kwargs}
+        out = self.image_processor(images=images, return_tensors="pt", **settings)
         return {"pixel_values": out["pixel_values"], "tiles": torch.as_tensor(out["num_patches"]).long().view(-1)}
 
     def video_inputs(self, video: VideoClip | np.ndarray | list) -> MultiModalInputs:
