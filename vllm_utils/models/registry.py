@@ -16,6 +16,7 @@ from vllm_utils.models.llava import LlavaForConditionalGeneration
 from vllm_utils.models.llava_next import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 from vllm_utils.models.llava_next_video import LlavaNextVideoForConditionalGeneration
 from vllm_utils.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from vllm_utils.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from vllm_utils.multimodal.deepseek_vl import DeepseekVLProcessorAdapter
 from vllm_utils.multimodal.glm4v import Glm4vProcessorAdapter
 from vllm_utils.multimodal.got_ocr2 import GotOcr2ProcessorAdapter
@@ -25,6 +26,7 @@ from vllm_utils.multimodal.llava_next import (LlavaNextProcessorAdapter, LlavaNe
                                               LlavaOnevisionProcessorAdapter)
 from vllm_utils.multimodal.processor import ProcessorAdapter
 from vllm_utils.multimodal.qwen2_vl import Qwen2VLProcessorAdapter
+from vllm_utils.multimodal.qwen3_vl import Qwen3VLProcessorAdapter
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
                             "vllm_utils.testing.tiny_got_ocr2:demo_got_ocr2"),
     "internvl": ModelFamily(("internvl",), InternVLForConditionalGeneration, InternVLProcessorAdapter,
                             "vllm_utils.testing.tiny_internvl:demo_internvl"),
+    "qwen3_vl": ModelFamily(("qwen3_vl",), Qwen3VLForConditionalGeneration, Qwen3VLProcessorAdapter,
+                            "vllm_utils.testing.tiny_qwen3_vl:demo_qwen3_vl"),
 }
 
 
