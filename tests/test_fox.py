@@ -29,14 +29,19 @@ def test_ocr_measures_split_chinese_into_jieba_words():
     assert measures["edit_distance"] == pytest.approx(2 / 9)
 
 
-def test_meteor_is_nltks_where_its_wordnet_data_is_installed():
+@pytest.mark.parametrize("reply, label", [("a dog sat", "the cat sat"), ("hello world", "hello world")])
+def test_meteor_is_nltks_where_its_wordnet_data_is_installed_and_never_partial(reply, label):
+    """Without WordNet nltk still scores a reply whose words all match exactly: every reply gets None then, so that
+    the mean is not of the easy ones alone."""
+    import nltk
     from nltk.translate import meteor_score
 
-    measures = ocr_measures("a dog sat", "the cat sat")
     try:
-        expected = meteor_score.meteor_score([["a", "dog", "sat"]], ["the", "cat", "sat"])
+        nltk.data.find("corpora/wordnet")
+        expected = meteor_score.meteor_score([reply.split()], label.split())
     except LookupError:
         expected = None
+    measures = ocr_measures(reply, label)
     assert measures["meteor"] == (pytest.approx(expected) if expected is not None else None)
 
 
@@ -70,6 +75,7 @@ def test_image_dir_overrides_the_paired_folder(tmp_path):
 @pytest.mark.parametrize("rows, fmt, message", [
     ([{"image": ["a.png", "b.png"], "conversations": ROW["conversations"]}], None, "a multi-page row: not supported"),
     ([{"image": "p.png", "conversations": [{"value": "OCR: "}]}], None, "no 'conversations' question and answer"),
+    ([{"image": "p.png", "conversations": [{"value": "OCR: "}, {"value": None}]}], None, "whose 'value' is text"),
     ({"image": "p.png"}, None, "is not a list of rows"),
     ([ROW], "textvqa", "only the fox format reads"),
 ])

@@ -102,6 +102,11 @@ def test_processor_settings_are_checked_by_name(tiny_got, tmp_path):
                                 "processor here (it takes: crop_to_patches, min_patches, max_patches, multi_page)"]
     run = cli("--demo", f"--model={tiny_got}", "--device=cpu", "--mm-processor-kwargs=crop", cwd=str(tmp_path))
     assert run.returncode == 1 and "takes a JSON object" in error_lines(run)[0]
+    for settings, words in (('{"max_patches": "12"}', "'max_patches' = '12': it takes a whole number >= 1"),
+                            ('{"crop_to_patches": 1}', "'crop_to_patches' = 1: it takes true or false")):
+        run = cli("--demo", f"--model={tiny_got}", "--device=cpu", f"--mm-processor-kwargs={settings}",
+                  cwd=str(tmp_path))
+        assert run.returncode == 1 and "Traceback" not in run.stderr and words in error_lines(run)[0], run.stderr
 
 
 def test_demo_of_a_cropped_page_agrees_with_hf(tiny_got, images, tmp_path):

@@ -273,7 +273,6 @@ def test_vision_switches_give_transformers_features(switches, images, tmp_path):
     ("downsample_ratio", 0.3, "downsample_ratio = 0.3"),
     ("projector_hidden_act", "swish", "projector_hidden_act 'swish'"),
     ("text_config.model_type", "internlm2", "text_config.model_type 'internlm2'"),
-    ("quantization_config", {"quant_method": "awq"}, "quantization_config is set"),
 ])
 def test_config_values_not_implemented_are_refused_by_name(tiny_internvl, path, value, message):
     config = load_hf_config(tiny_internvl)

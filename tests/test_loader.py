@@ -58,9 +58,10 @@ def test_missing_tensor_is_an_error_naming_it(tiny_llava, tmp_path):
         LLM(str(folder), device="cpu", dtype="float32")
 
 
-def test_a_checkpoint_holding_its_own_lm_head_is_untied_as_hf_unties_it(tmp_path, images):
+@pytest.mark.parametrize("head", ["another", "the same"])
+def test_a_checkpoint_holding_its_own_lm_head_is_untied_as_hf_unties_it(tmp_path, images, head):
     """The config ties the LM head to the embeddings (DeepSeek-VL's, absent: transformers' default), but the
-    checkpoint holds a different lm_head: transformers loads it apart, and so must we."""
+    checkpoint holds a different lm_head: transformers loads it apart, and so must we; an equal one stays shared."""
     from vllm_utils import SamplingParams
     from vllm_utils.hf_reference import HFReference
     from vllm_utils.testing.tiny_deepseek_vl import build_tiny_deepseek_vl
@@ -70,12 +71,13 @@ def test_a_checkpoint_holding_its_own_lm_head_is_untied_as_hf_unties_it(tmp_path
     tensors = load_file(path)
     assert "lm_head.weight" not in tensors  # tied: transformers saves the embeddings alone
     embeddings = tensors["model.language_model.embed_tokens.weight"]
-    tensors["lm_head.weight"] = embeddings.flip(0).contiguous()  # another head of the same shape
+    own = embeddings.flip(0) if head == "another" else embeddings.clone()
+    tensors["lm_head.weight"] = own.contiguous()
     save_file(tensors, path, metadata={"format": "pt"})
     llm = LLM(folder, device="cpu", dtype="float32", max_model_len=512)
     model = llm.engine.runner.model
-    assert model.lm_head.weight.data_ptr() != model.language_model.embed_tokens.weight.data_ptr()
-    assert torch.equal(model.lm_head.weight, embeddings.flip(0))
+    shared = model.lm_head.weight.data_ptr() == model.language_model.embed_tokens.weight.data_ptr()
+    assert shared == (head == "the same") and torch.equal(model.lm_head.weight, own)
     req = {"prompt": llm.engine.processor.chat_prompt("describe the picture", 1), "multi_modal_data": {"image": [images[0]]}}
     ours = llm.generate(req, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
     assert ours.outputs[0].token_ids == HFReference(folder).greedy(req, 12, ignore_eos=True)

@@ -71,10 +71,11 @@ def expected_targets(model: nn.Module) -> set[tuple[str, object]]:
     return expected
 
 
-def untie_what_the_checkpoint_holds_apart(model: nn.Module, files: list[str]) -> None:
+def untie_what_the_checkpoint_holds_apart(model: nn.Module, files: list[str]) -> list[tuple]:
     """A parameter the model shares under several names (the LM head tied to the embeddings, as the config says)
     gets one of its own for each further name the checkpoint holds a tensor of, as transformers unties them when
-    the checkpoint holds both with different values (with equal values the result is the same)."""
+    the checkpoint holds both with different values. Returns (module, attribute, shared parameter) of each, for
+    `retie_equal`."""
     held = set()
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -82,6 +83,7 @@ def untie_what_the_checkpoint_holds_apart(model: nn.Module, files: list[str]) ->
     names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
+    untied = []
     for names in names_of.values():
         for name in [n for n in names if n in held][1:]:
             module_name, _, attr = name.rpartition(".")
@@ -90,11 +92,20 @@ def untie_what_the_checkpoint_holds_apart(model: nn.Module, files: list[str]) ->
             own = nn.Parameter(torch.empty_like(shared), requires_grad=False)
             own.__dict__.update(shared.__dict__)  # its weight_loader
             setattr(module, attr, own)
+            untied.append((module, attr, shared))
+    return untied
+
+
+def retie_equal(untied: list[tuple]) -> None:
+    """Shares again what the checkpoint held twice with equal values, as transformers keeps those tied."""
+    for module, attr, shared in untied:
+        if torch.equal(getattr(module, attr), shared):
+            setattr(module, attr, shared)
 
 
 def load_weights(model: nn.Module, folder: str, show_progress: bool = True) -> None:
     files = safetensors_files(folder)
-    untie_what_the_checkpoint_holds_apart(model, files)
+    untied = untie_what_the_checkpoint_holds_apart(model, files)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[tuple[str, object]] = set()
     bar = progress_bar(total=sum(os.path.getsize(p) for p in files), desc="Loading weights", unit="B",
@@ -121,6 +132,7 @@ def load_weights(model: nn.Module, folder: str, show_progress: bool = True) -> N
         shown = name if shard is None else f"{name} (shard {shard})"
         raise UserError(f"checkpoint in '{folder}' lacks tensor '{shown}' ({len(missing)} missing in all); "
                         f"the download is incomplete or the folder holds another model")
+    retie_equal(untied)
 
 
 def _copy(param: nn.Parameter, tensor: torch.Tensor, shard: object) -> None:

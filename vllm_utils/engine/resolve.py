@@ -18,6 +18,9 @@ def resolve(config: EngineConfig, model_type: str | None = None) -> ResolvedConf
                         f"downloaded here: fetch it first (`hf download {config.model}`), or run its architecture "
                         f"with random weights (load_format='dummy'; on the command line --load-format dummy)")
     family = find_family(hf_config, model_type, config.model)
+    if getattr(hf_config, "quantization_config", None):  # every family: only unquantized weights load
+        raise UserError("quantization_config is set: quantized checkpoints are not supported; use the unquantized "
+                        "model")
     model_family(family).model.check_config(hf_config)
     explicit = config.dtype != "auto"
     dtype = platform_for(device).resolve_dtype(DTYPES[config.dtype] if explicit else checkpoint_dtype(hf_config),

@@ -54,9 +54,6 @@ class DeepseekVLForConditionalGeneration(MultimodalDecoderLM):
         if vision.image_size % vision.patch_size:
             raise UserError(f"vision_config.image_size {vision.image_size} is not a multiple of its patch_size "
                             f"{vision.patch_size}")
-        if getattr(config, "quantization_config", None):
-            raise UserError("quantization_config is set: quantized checkpoints are not supported; use the "
-                            "unquantized model")
         decoder_spec(config.text_config)
 
     @classmethod

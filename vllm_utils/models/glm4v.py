@@ -152,9 +152,6 @@ class Glm4vForConditionalGeneration(MultimodalDecoderLM):
 
     @staticmethod
     def check_config(config: PretrainedConfig) -> None:
-        if getattr(config, "quantization_config", None):
-            raise UserError("quantization_config is set: quantized checkpoints are not supported; use the "
-                            "unquantized model")
         vision, text = config.vision_config, config.text_config
         check_vision_config(vision)
         text_spec(text)

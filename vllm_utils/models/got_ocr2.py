@@ -40,9 +40,6 @@ class GotOcr2ForConditionalGeneration(MultimodalDecoderLM):
             raise UserError(f"vision_config.model_type '{getattr(vision, 'model_type', None)}' is not supported "
                             f"(supported: got_ocr2_vision)")
         check_sam_config(vision, "vision_config", need_global=False)
-        if getattr(config, "quantization_config", None):
-            raise UserError("quantization_config is set: quantized checkpoints are not supported; use the "
-                            "unquantized model")
         decoder_spec(config.text_config)
 
     def __init__(self, config: PretrainedConfig) -> None:

@@ -62,9 +62,6 @@ class InternVLForConditionalGeneration(MultimodalDecoderLM):
     @staticmethod
     def check_config(config: PretrainedConfig) -> None:
         """Refuses, by name, every configuration value this model does not implement."""
-        if getattr(config, "quantization_config", None):
-            raise UserError("quantization_config is set: quantized checkpoints are not supported; use the "
-                            "unquantized model")
         vision = config.vision_config
         check_vision_config(vision)
         layer = config.vision_feature_layer

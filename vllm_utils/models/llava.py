@@ -75,9 +75,6 @@ class LlavaForConditionalGeneration(MultimodalDecoderLM):
         if config.vision_feature_select_strategy not in ("default", "full"):
             raise UserError(f"vision_feature_select_strategy '{config.vision_feature_select_strategy}' is not "
                             f"supported (supported: default, full)")
-        if getattr(config, "quantization_config", None):
-            raise UserError("quantization_config is set: quantized checkpoints are not supported; use the "
-                            "unquantized model")
         decoder_spec(config.text_config)
 
     @classmethod

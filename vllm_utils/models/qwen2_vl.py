@@ -30,9 +30,6 @@ class Qwen2VLForConditionalGeneration(MultimodalDecoderLM):
 
     @staticmethod
     def check_config(config: PretrainedConfig) -> None:
-        if getattr(config, "quantization_config", None):
-            raise UserError("quantization_config is set: quantized checkpoints are not supported; use the "
-                            "unquantized model")
         check_vision_config(config.vision_config)
         decoder_spec(config.text_config)
 

@@ -109,9 +109,6 @@ class Qwen3VLForConditionalGeneration(MultimodalDecoderLM):
 
     @staticmethod
     def check_config(config: PretrainedConfig) -> None:
-        if getattr(config, "quantization_config", None):
-            raise UserError("quantization_config is set: quantized checkpoints are not supported; use the "
-                            "unquantized model")
         vision, text = config.vision_config, config.text_config
         check_vision_config(vision)
         text_spec(text)

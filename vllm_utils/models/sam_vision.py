@@ -15,6 +15,10 @@ def check_sam_config(config: PretrainedConfig, field: str, need_global: bool = T
     """Refuses, by name, what this encoder does not implement (`need_global`: a reader of a global layer's output
     needs one)."""
     check_activation(config.hidden_act, f"{field}.hidden_act")
+    for name in ("image_size", "patch_size"):
+        if not isinstance(getattr(config, name), int):
+            raise UserError(f"{field}.{name} = {getattr(config, name)!r} is not supported (one integer: square "
+                            f"pages and patches)")
     if config.image_size % config.patch_size:
         raise UserError(f"{field}.image_size {config.image_size} is not a multiple of its patch_size "
                         f"{config.patch_size}")

@@ -25,7 +25,7 @@ def page_positions(vision: PretrainedConfig) -> int:
 
 class GotOcr2ProcessorAdapter(ProcessorAdapter):
     image_token = "<imgpad>"
-    processor_settings = ("crop_to_patches", "min_patches", "max_patches", "multi_page")
+    processor_settings = {"crop_to_patches": bool, "min_patches": int, "max_patches": int, "multi_page": bool}
 
     @property
     def multi_page(self) -> bool:

@@ -15,7 +15,7 @@ from transformers import PretrainedConfig
 
 from vllm_utils.errors import UserError
 from vllm_utils.multimodal.inputs import MultiModalInputs
-from vllm_utils.multimodal.processor import ProcessorAdapter, _json_file
+from vllm_utils.multimodal.processor import ProcessorAdapter, json_file
 from vllm_utils.multimodal.video import VideoClip
 
 START, END = "<img>", "</img>"
@@ -52,13 +52,13 @@ def tile_positions(config: PretrainedConfig) -> int:
 class InternVLProcessorAdapter(ProcessorAdapter):
     image_token = "<IMG_CONTEXT>"
     video_token = "<video>"
-    processor_settings = ("crop_to_patches", "min_patches", "max_patches")  # the tiling
+    processor_settings = {"crop_to_patches": bool, "min_patches": int, "max_patches": int}  # the tiling
 
     def __init__(self, folder: str, hf_config: PretrainedConfig, allow_missing: bool = False,
                  processor_kwargs: dict | None = None) -> None:
         super().__init__(folder, hf_config, allow_missing, processor_kwargs)
         self.video_token = getattr(self.tokenizer, "video_token", None) or self.video_token
-        stored = _json_file(folder, "processor_config.json")
+        stored = json_file(folder, "processor_config.json")
         self.image_seq_length = stored.get("image_seq_length", getattr(hf_config, "image_seq_length", 256))
         if self.image_seq_length != tile_positions(hf_config):
             raise UserError(f"the processor gives each tile {self.image_seq_length} positions (image_seq_length) but "
@@ -90,8 +90,8 @@ class InternVLProcessorAdapter(ProcessorAdapter):
         images = self.image_processor
         settings = {"size": dict(images.size), "image_mean": list(images.image_mean),
                     "image_std": list(images.image_std), "resample": images.resample}
-        files = _json_file(folder, "processor_config.json").get("video_processor") or \
-            _json_file(folder, "video_preprocessor_config.json")
+        files = json_file(folder, "processor_config.json").get("video_processor") or \
+            json_file(folder, "video_preprocessor_config.json")
         settings.update({k: v for k, v in files.items() if k in _FRAME_FIELDS})
         return GotOcr2ImageProcessorPil(**settings)
 

@@ -32,12 +32,12 @@ class LlavaVideoMixin:
                  processor_kwargs: dict | None = None) -> None:
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-        from vllm_utils.multimodal.processor import _json_file
+        from vllm_utils.multimodal.processor import json_file
 
         super().__init__(folder, hf_config, allow_missing, processor_kwargs)
         self.video_token_id = hf_config.video_token_index
-        files = _json_file(self.folder, "processor_config.json").get("video_processor") or \
-            _json_file(self.folder, "video_preprocessor_config.json")
+        files = json_file(self.folder, "processor_config.json").get("video_processor") or \
+            json_file(self.folder, "video_preprocessor_config.json")
         settings = {**self.video_processor_defaults(), **{k: v for k, v in files.items() if k in _FRAME_FIELDS}}
         self.frame_processor = CLIPImageProcessorPil(**settings)
 

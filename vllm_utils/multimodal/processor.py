@@ -18,19 +18,16 @@ class ProcessorAdapter:
 
     image_token = "<image>"
     video_token: str | None = None  # families that take videos name their placeholder
-    # the HF processor's settings a family lets users change (mm_processor_kwargs); others are refused by name
-    processor_settings: tuple[str, ...] = ()
+    # the HF processor's settings a family lets users change (mm_processor_kwargs), each a switch (bool) or a count
+    # (int, >= 1); others are refused by name
+    processor_settings: dict[str, type] = {}
 
     def __init__(self, folder: str, hf_config: PretrainedConfig, allow_missing: bool = False,
                  processor_kwargs: dict | None = None) -> None:
         self.folder = folder
         self.hf_config = hf_config
         self.processor_kwargs = dict(processor_kwargs or {})
-        unknown = sorted(set(self.processor_kwargs) - set(self.processor_settings))
-        if unknown:
-            takes = ", ".join(self.processor_settings) or "none"
-            raise UserError(f"mm_processor_kwargs '{unknown[0]}' is not a setting of {hf_config.model_type}'s "
-                            f"processor here (it takes: {takes})")
+        self.check_processor_kwargs(hf_config.model_type)
         self.mm_token_id = self.config_image_token_id(hf_config)
         self.hf_processor = self.tokenizer = self.image_processor = None
         self.chat_template = None
@@ -63,12 +60,25 @@ class ProcessorAdapter:
         # a config-only folder: the config's EOS, which may list several (GLM-4.1V's)
         configured = _ids(getattr(text, "eos_token_id", 2))
         self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else (configured or [None])[0]
-        self.generation_config = _json_file(folder, "generation_config.json")
+        self.generation_config = json_file(folder, "generation_config.json")
         # every token that ends a reply: the tokenizer's EOS (else the config's) and those generation_config.json
         # lists (as vLLM takes)
         first = [self.eos_token_id] if self.tokenizer else configured
         listed = _ids(self.generation_config.get("eos_token_id"))
         self.eos_token_ids = list(dict.fromkeys([t for t in [*first, *listed] if t is not None]))
+
+    def check_processor_kwargs(self, model_type: str) -> None:
+        """Each setting one the family takes, of its type."""
+        for name, value in sorted(self.processor_kwargs.items()):
+            kind = self.processor_settings.get(name)
+            if kind is None:
+                takes = ", ".join(self.processor_settings) or "none"
+                raise UserError(f"mm_processor_kwargs '{name}' is not a setting of {model_type}'s processor here "
+                                f"(it takes: {takes})")
+            if kind is bool and not isinstance(value, bool):
+                raise UserError(f"mm_processor_kwargs '{name}' = {value!r}: it takes true or false")
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UserError(f"mm_processor_kwargs '{name}' = {value!r}: it takes a whole number >= 1")
 
     # ---- what a family defines -------------------------------------------------------------------
     @staticmethod
@@ -227,7 +237,7 @@ def _ids(value: object) -> list[int]:
     return list(value) if isinstance(value, list) else [value] if isinstance(value, int) else []
 
 
-def _json_file(folder: str, name: str) -> dict:
+def json_file(folder: str, name: str) -> dict:
     """A folder's JSON file as a dict; {} where there is none or it cannot be read."""
     import json
 

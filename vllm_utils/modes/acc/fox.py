@@ -59,8 +59,9 @@ def _sample(row: object, i: int, folder: str) -> Sample:
     if not isinstance(image, str) or not image:
         multi = " (a multi-page row: not supported)" if isinstance(image, list) else ""
         raise UserError(f"row {i} of the Fox file has no 'image' file name{multi}")
-    if not (isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, dict) and "value" in t
+    if not (isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, dict) and isinstance(t.get("value"), str)
                                                                  for t in turns[:2])):
-        raise UserError(f"row {i} (image {image}) has no 'conversations' question and answer")
-    question = _PLACEHOLDER.sub("", str(turns[0]["value"]))
-    return Sample(f"{i}:{image}", i, question, [image], [str(turns[1]["value"])], "ocr", base_dir=folder)
+        raise UserError(f"row {i} (image {image}) has no 'conversations' question and answer (two turns whose "
+                        f"'value' is text)")
+    question = _PLACEHOLDER.sub("", turns[0]["value"])
+    return Sample(f"{i}:{image}", i, question, [image], [turns[1]["value"]], "ocr", base_dir=folder)

@@ -1,4 +1,5 @@
 """Each task family's score of one reply, as that dataset's own evaluation defines it; every score is in [0, 1]."""
+import functools
 import random
 import re
 import warnings
@@ -107,8 +108,8 @@ def ocr_measures(reply: str, label: str) -> dict[str, float]:
     words split on spaces, or by jieba where either side holds Chinese; BLEU and METEOR (nltk) on the word lists,
     F1, precision and recall (nltk) on the word sets, and the edit distance over characters divided by the longer
     length. Those scripts pass the label where their function takes the prediction, so their BLEU and METEOR score
-    the label against the reply and their precision is the share of the reply's words the label holds: the same
-    here, so that figures compare with the published ones. METEOR needs nltk's WordNet data: None without it."""
+    the label against the reply, and their precision is the share of the label's words the reply holds (their
+    recall the converse): the same here, so that figures compare with the published ones. METEOR needs nltk's WordNet data: None without it."""
     import nltk
     from nltk.metrics import f_measure, precision, recall
     from rapidfuzz.distance import Levenshtein
@@ -144,16 +145,28 @@ def _jieba_words(text: str) -> list[str]:
 
 
 def _meteor(reference: list[str], hypothesis: list[str]) -> float | None:
-    from nltk.translate import meteor_score
-
-    try:
-        return float(meteor_score.meteor_score([reference], hypothesis))
-    except LookupError:  # no WordNet data
+    """None for every reply where nltk has no WordNet data (without it nltk scores only replies whose words all
+    match exactly: a mean of those would be too high)."""
+    if not _has_wordnet():
         from vllm_utils.notes import note_once
 
         note_once("METEOR needs nltk's WordNet data (python -m nltk.downloader wordnet): left out of the OCR "
                   "measures")
         return None
+    from nltk.translate import meteor_score
+
+    return float(meteor_score.meteor_score([reference], hypothesis))
+
+
+@functools.cache
+def _has_wordnet() -> bool:
+    import nltk
+
+    try:
+        nltk.data.find("corpora/wordnet")
+        return True
+    except LookupError:
+        return False
 
 
 def score(metric: str, reply: str, references: list[str], choices: list[str] | None,
