@@ -17,6 +17,7 @@ from vllm_utils.models.llava_next import LlavaNextForConditionalGeneration, Llav
 from vllm_utils.models.llava_next_video import LlavaNextVideoForConditionalGeneration
 from vllm_utils.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from vllm_utils.models.qwen3_vl import Qwen3VLForConditionalGeneration
+from vllm_utils.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 from vllm_utils.multimodal.deepseek_vl import DeepseekVLProcessorAdapter
 from vllm_utils.multimodal.glm4v import Glm4vProcessorAdapter
 from vllm_utils.multimodal.got_ocr2 import GotOcr2ProcessorAdapter
@@ -64,6 +65,8 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
                             "vllm_utils.testing.tiny_internvl:demo_internvl"),
     "qwen3_vl": ModelFamily(("qwen3_vl",), Qwen3VLForConditionalGeneration, Qwen3VLProcessorAdapter,
                             "vllm_utils.testing.tiny_qwen3_vl:demo_qwen3_vl"),
+    "qwen3_vl_moe": ModelFamily(("qwen3_vl_moe",), Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessorAdapter,
+                                "vllm_utils.testing.tiny_qwen3_vl_moe:demo_qwen3_vl_moe"),
 }
 
 

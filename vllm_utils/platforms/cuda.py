@@ -10,6 +10,7 @@ from vllm_utils.config import EngineConfig
 from vllm_utils.errors import UserError
 from vllm_utils.layers.activation import ActAndMul
 from vllm_utils.layers.linear import LinearOp
+from vllm_utils.layers.moe import FusedMoE
 from vllm_utils.layers.norm import RMSNorm
 from vllm_utils.layers.op import Op
 from vllm_utils.platforms.interface import Platform
@@ -42,10 +43,10 @@ class CudaPlatform(Platform):
 
     def choose_kernels(self, model: nn.Module, config: EngineConfig, prompt_only: list[tuple[nn.Module, int]]) -> None:
         """Triton's fused add+RMSNorm and SiLU·up for 2-D inputs, and with `config.triton_gemv` a Triton GEMV for
-        single-row products; nothing without Triton."""
+        single-row products; a MoE layer's experts on Triton for decode-sized steps; nothing without Triton."""
         if not has_triton():
             return
-        from vllm_utils.kernels import triton_fused, triton_gemv
+        from vllm_utils.kernels import triton_fused, triton_gemv, triton_moe
 
         for module in model.modules():
             if not isinstance(module, Op):
@@ -60,3 +61,8 @@ class CudaPlatform(Platform):
             elif isinstance(module, LinearOp) and config.triton_gemv:
                 module.impl = (lambda x, bias, w=module.weight:
                                triton_gemv.gemv(x, w, bias) if triton_gemv.supports(x, w) else F.linear(x, w, bias))
+            elif isinstance(module, FusedMoE):  # the experts of the few rows of a decode step
+                module.impl = (lambda x, weights, ids, m=module, native=native:
+                               triton_moe.fused_moe(x, m.w13.weight, m.w2.weight, weights, ids)
+                               if triton_moe.supports(x, ids, m.w13.weight, m.w2.weight, m.act)
+                               else native(x, weights, ids))

@@ -66,7 +66,7 @@ def build_tiny_qwen3_vl(folder: str, seed: int = VARIED_SEED, text_layers: int =
     scale_weights(model, True, tables=("pos_embed.weight",))
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)  # transformers 5 writes the hub's layout
-    _save_processor(folder, tokenizer, min_pixels, max_pixels)
+    save_processor(folder, tokenizer, min_pixels, max_pixels)
     eos = [token("<|im_end|>"), token("<|endoftext|>")]  # as the hub's generation_config.json lists them
     write_json(os.path.join(folder, "generation_config.json"), {"eos_token_id": eos, "pad_token_id": eos[1]})
     return folder
@@ -77,7 +77,7 @@ def demo_qwen3_vl(folder: str) -> str:
     return build_tiny_qwen3_vl(folder, seed=VARIED_SEED)
 
 
-def _save_processor(folder: str, tokenizer, min_pixels: int, max_pixels: int) -> None:
+def save_processor(folder: str, tokenizer, min_pixels: int, max_pixels: int) -> None:
     """The processor's files as the hub holds them, written part by part: transformers builds Qwen3VLProcessor
     only with torchvision (for its video processor)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
