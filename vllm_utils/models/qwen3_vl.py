@@ -18,6 +18,7 @@ from vllm_utils.errors import UserError
 from vllm_utils.layers.activation import check_activation
 from vllm_utils.layers.embedding import ParallelLMHead, VocabParallelEmbedding, embed_with_mm
 from vllm_utils.layers.rotary import MRotaryEmbedding, rope_parameters
+from vllm_utils.models.frame_positions import frame_positions
 from vllm_utils.models.llama import PACKED_MODULES, LlamaDecoderLayer, MultimodalDecoderLM, make_norm
 from vllm_utils.models.qwen3_vl_vision import Qwen3VLVisionTransformer, check_vision_config
 from vllm_utils.models.text_backbones import DecoderSpec, refuse
@@ -171,30 +172,8 @@ class Qwen3VLForConditionalGeneration(MultimodalDecoderLM):
         return self.language_model(positions, embeds, meta, deepstack, keep)
 
     def rope_positions(self, is_mm: list[bool], mm_inputs: MultiModalInputs | None) -> tuple[torch.Tensor, int]:
-        """The prompt's position rows [3, tokens] and the offset of the tokens after it (position = index +
-        offset), as transformers' `get_rope_index` counts them: each frame of each item (an image is one frame)
-        a grid of merged positions from where it starts. `is_mm` marks the items' positions."""
-        frames = [(h // self.merge, w // self.merge) for t, h, w in
-                  (mm_inputs["grid_thw"].tolist() if mm_inputs else []) for _ in range(t)]
-        parts, start, i, frame = [], 0, 0, 0
-        while i < len(is_mm):
-            if not is_mm[i]:
-                end = next((j for j in range(i, len(is_mm)) if is_mm[j]), len(is_mm))
-                parts.append(torch.arange(start, start + end - i).expand(3, -1))
-                start, i = start + end - i, end
-                continue
-            h, w = frames[frame]
-            grid = torch.stack(torch.meshgrid(torch.tensor([start]), torch.arange(h) + start,
-                                              torch.arange(w) + start, indexing="ij")).flatten(1)
-            parts.append(grid)
-            start += max(h, w)
-            i += grid.shape[1]
-            frame += 1
-        positions = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
-        if positions.numel() and int(positions.max()) >= self.max_positions:
-            raise UserError(f"the prompt's positions reach {int(positions.max())}, beyond the model's "
-                            f"max_position_embeddings ({self.max_positions}); use fewer or smaller images or videos")
-        return positions, int(positions.max()) + 1 - len(is_mm) if len(is_mm) else 0
+        """As transformers' `get_rope_index` counts them: frame by frame (`frame_positions.py`)."""
+        return frame_positions(is_mm, mm_inputs["grid_thw"] if mm_inputs else None, self.merge, self.max_positions)
 
     def checkpoint_key(self, key: str) -> str | None:
         for pattern, replacement in _KEY_RULES:
