@@ -9,13 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from vllm_utils.attention.encoder import EncoderAttention
 from vllm_utils.errors import UserError
 from vllm_utils.layers.activation import ActAndMul, check_activation
-from vllm_utils.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vllm_utils.layers.linear import LinearBase, MergedColumnParallelLinear, RowParallelLinear
 from vllm_utils.layers.norm import RMSNorm
-from vllm_utils.layers.rotary import rotate_half
-from vllm_utils.models.qwen2_vl_vision import segment_attention
+from vllm_utils.models.qwen2_vl_vision import VisionAttention
 
 
 def check_vision_config(vision: PretrainedConfig) -> None:
@@ -45,20 +43,6 @@ def patch_coordinates(grids: list[tuple[int, int, int]], merge: int) -> tuple[to
     return torch.cat(rows), torch.cat(cols)
 
 
-class VisionAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, bias: bool) -> None:
-        super().__init__()
-        self.head_dim = dim // heads
-        self.qkv = QKVParallelLinear(dim, self.head_dim, heads, heads, bias=bias)
-        self.proj = RowParallelLinear(dim, dim, bias=False)
-        self.attn = EncoderAttention(self.head_dim**-0.5)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        q, k, v = self.qkv(x).view(x.shape[0], 3, -1, self.head_dim).unbind(1)
-        q, k = (((t.float() * cos) + rotate_half(t.float()) * sin).to(t.dtype) for t in (q, k))  # RoPE in fp32
-        return self.proj(segment_attention(self.attn, q, k, v, lengths).flatten(1))
-
-
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)), no biases: the blocks' MLP and the merger's."""
 
@@ -77,7 +61,7 @@ class VisionBlock(nn.Module):
         super().__init__()
         dim = vision.hidden_size
         self.norm1, self.norm2 = RMSNorm(dim, vision.rms_norm_eps), RMSNorm(dim, vision.rms_norm_eps)
-        self.attn = VisionAttention(dim, vision.num_heads, vision.attention_bias)
+        self.attn = VisionAttention(dim, vision.num_heads, qkv_bias=vision.attention_bias, proj_bias=False)
         self.mlp = GatedMLP(dim, vision.out_hidden_size, vision.hidden_act)  # transformers' width: out_hidden_size
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:

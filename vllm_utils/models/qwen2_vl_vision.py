@@ -53,11 +53,14 @@ def segment_attention(attn: EncoderAttention, q: torch.Tensor, k: torch.Tensor, 
 
 
 class VisionAttention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    """Bidirectional attention within each image or frame (`lengths`), rotated by the patches' 2-D RoPE: Qwen2-VL's,
+    Qwen3-VL's and (without biases) GLM-4.1V's."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, proj_bias: bool = True) -> None:
         super().__init__()
         self.head_dim = dim // heads
-        self.qkv = QKVParallelLinear(dim, self.head_dim, heads, heads, bias=True)
-        self.proj = RowParallelLinear(dim, dim, bias=True)
+        self.qkv = QKVParallelLinear(dim, self.head_dim, heads, heads, bias=qkv_bias)
+        self.proj = RowParallelLinear(dim, dim, bias=proj_bias)
         self.attn = EncoderAttention(self.head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:

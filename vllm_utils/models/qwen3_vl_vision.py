@@ -10,13 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from vllm_utils.attention.encoder import EncoderAttention
 from vllm_utils.errors import UserError
 from vllm_utils.layers.activation import Activation, check_activation
-from vllm_utils.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from vllm_utils.layers.rotary import rotate_half
+from vllm_utils.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm_utils.models.glm4v_vision import patch_coordinates
-from vllm_utils.models.qwen2_vl_vision import segment_attention
+from vllm_utils.models.qwen2_vl_vision import VisionAttention
 
 
 def check_vision_config(vision: PretrainedConfig) -> None:
@@ -49,20 +47,6 @@ def _axis_taps(index: torch.Tensor, size: torch.Tensor, side: int) -> tuple[torc
     taps = (floor.long()[:, None] + offsets).clamp(0, side - 1)
     weights = (1 - (src[:, None] - floor[:, None] - offsets).abs()).clamp(min=0)
     return taps, weights
-
-
-class VisionAttention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.head_dim = dim // heads
-        self.qkv = QKVParallelLinear(dim, self.head_dim, heads, heads, bias=True)
-        self.proj = RowParallelLinear(dim, dim, bias=True)
-        self.attn = EncoderAttention(self.head_dim**-0.5)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        q, k, v = self.qkv(x).view(x.shape[0], 3, -1, self.head_dim).unbind(1)
-        q, k = (((t.float() * cos) + rotate_half(t.float()) * sin).to(t.dtype) for t in (q, k))  # RoPE in fp32
-        return self.proj(segment_attention(self.attn, q, k, v, lengths).flatten(1))
 
 
 class VisionMLP(nn.Module):
