@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_utils.attention.torch_backend import window_mask
+from vllm_utils.attention.torch_backend import visible_keys
 from vllm_utils.config import EngineConfig
 from vllm_utils.kernels import cpu as cpu_kernels
 from vllm_utils.kernels.cpu_linear import DecodeLinear, OneDnnLinear, PackedOneDnnLinear, can_pack_for_onednn
@@ -224,19 +224,26 @@ def test_layers_read_ahead_into_the_next_weight_without_changing_results():
 
 
 @needs_kernel
-@pytest.mark.parametrize("tokens,heads,kv_heads,dim,causal,window", [
-    (577, 4, 4, 64, False, None), (130, 4, 2, 128, True, None), (1, 2, 1, 64, True, None),
-    (33, 8, 1, 192, False, None), (200, 4, 2, 128, True, 70), (130, 2, 1, 256, True, 5)])  # sliding windows
-def test_prefill_attention_matches_float64_sdpa(tokens, heads, kv_heads, dim, causal, window):
+@pytest.mark.parametrize("tokens,heads,kv_heads,dim,causal,window,runs", [
+    (577, 4, 4, 64, False, None, ()), (130, 4, 2, 128, True, None, ()), (1, 2, 1, 64, True, None, ()),
+    (33, 8, 1, 192, False, None, ()), (200, 4, 2, 128, True, 70, ()), (130, 2, 1, 256, True, 5, ()),  # windows
+    # runs of positions seeing each other both ways (images): across query and key blocks, at the end, windowed
+    (200, 4, 2, 128, True, None, ((3, 70), (100, 101), (150, 200))), (130, 2, 1, 256, True, 40, ((20, 90),)),
+])
+def test_prefill_attention_matches_float64_sdpa(tokens, heads, kv_heads, dim, causal, window, runs):
     """Views of a fused QKV output (strided rows), lengths around the 32-query and 64-key blocks, GQA, windows
-    shorter than a key block and spanning several."""
+    shorter than a key block and spanning several, bidirectional runs."""
     gen = torch.Generator().manual_seed(tokens + dim)
     qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen) * 2).to(torch.bfloat16)
     q, k, v = (t.view(tokens, -1, dim) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1))
     assert cpu_kernels.supports_prefill_attention(q, k, v)
-    ours = cpu_kernels.prefill_attention(q, k, v, dim**-0.5, causal, window)
+    positions = torch.arange(tokens)
+    ends = positions.to(torch.int32) + 1
+    for first, last in runs:
+        ends[first:last] = last
+    ours = cpu_kernels.prefill_attention(q, k, v, dim**-0.5, causal, window, ends if runs else None)
     group = heads // kv_heads
-    mask = window_mask(tokens, window, q.device)
+    mask = visible_keys(positions, tokens, window, ends) if window or runs else None
 
     def sdpa(dtype: torch.dtype) -> torch.Tensor:  # [tokens, heads, dim], KV heads repeated for the groups
         args = (t.to(dtype).repeat_interleave(n, 1).transpose(0, 1) for t, n in ((q, 1), (k, group), (v, group)))

@@ -68,3 +68,105 @@ def test_placement_never_refuses_a_free_block():
     assert a.block_table == [0, 1] and list(manager.claimed_by[2:5]) == [a.seq_id] * 3
     manager.allocate(b)  # no unclaimed run of 2 is left, but free blocks are: it gets claimed ones
     assert b.block_table == [2, 3] and manager.num_free == 2
+
+
+def _exact(q, k, v, visible: list[range], scale: float) -> torch.Tensor:
+    """Each query's attention over exactly the keys `visible[t]`, one at a time."""
+    group = q.shape[1] // k.shape[1]
+    rows = []
+    for t, keys in enumerate(visible):
+        kt, vt = (x[list(keys)].repeat_interleave(group, 1) for x in (k, v))
+        weights = torch.softmax(torch.einsum("hd,thd->ht", q[t], kt) * scale, -1)
+        rows.append(torch.einsum("ht,thd->hd", weights, vt))
+    return torch.stack(rows)
+
+
+def _key_ends(tokens: int, runs: list[tuple[int, int]]) -> torch.Tensor:
+    ends = torch.arange(1, tokens + 1, dtype=torch.int32)
+    for first, last in runs:
+        ends[first:last] = last
+    return ends
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_an_images_positions_see_each_other_and_the_rest_is_causal(window):
+    """Two prompts packed: queries in a run of placeholders see the whole run (later ones too), the others
+    causally; a window still bounds what each sees from behind."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim = 4, 2, 8
+    lengths, runs = [12, 9], [[(2, 7), (8, 10)], [(0, 3)]]
+    q = torch.randn(sum(lengths), heads, dim)
+    k, v = torch.randn(2, sum(lengths), kv_heads, dim).unbind(0)
+    ends = torch.cat([_key_ends(n, r) for n, r in zip(lengths, runs)])
+    out = TorchPagedAttention().prefill(q, k, v, lengths, dim**-0.5, window, ends)
+    start = 0
+    for n, r in zip(lengths, runs):
+        visible = [range(max(0, t - window + 1) if window else 0, int(e)) for t, e in enumerate(_key_ends(n, r))]
+        s = slice(start, start + n)
+        torch.testing.assert_close(out[s], _exact(q[s], k[s], v[s], visible, dim**-0.5))
+        start += n
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_chunks_read_from_the_cache_equal_the_whole_prompt_with_an_image(window):
+    """A prompt prefilled in chunks that end at a run's edges equals it prefilled whole."""
+    torch.manual_seed(0)
+    block_size, heads, kv_heads, dim, tokens = 4, 4, 2, 8, 21
+    runs, chunks = [(3, 11), (13, 19)], [3, 8, 2, 6, 2]  # each run inside one chunk
+    q = torch.randn(tokens, heads, dim)
+    k, v = torch.randn(2, tokens, kv_heads, dim).unbind(0)
+    ends = _key_ends(tokens, runs)
+    backend = TorchPagedAttention()
+    whole = backend.prefill(q, k, v, [tokens], dim**-0.5, window, ends)
+    table = [7, 2, 9, 4, 11, 5]  # scattered blocks
+    k_cache = torch.zeros(12, block_size, kv_heads, dim)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(tokens)])
+    start = 0
+    for n in chunks:
+        s = slice(start, start + n)
+        backend.store_kv(k[s], v[s], k_cache, v_cache, slots[s])
+        meta = AttentionMetadata(True, slots[s], seq_lens=[n], cached_lens=[start],
+                                 block_tables=torch.tensor([table], dtype=torch.int32), key_ends=ends[s])
+        torch.testing.assert_close(backend.attend(q[s], k[s], v[s], k_cache, v_cache, meta, dim**-0.5, window),
+                                   whole[s])
+        start += n
+
+
+def test_the_cpu_kernels_backend_equals_the_pytorch_one_on_an_image():
+    from vllm_utils.attention.cpu_backend import CpuPagedAttention
+    from vllm_utils.kernels import cpu
+
+    torch.manual_seed(0)
+    lengths, runs, heads, kv_heads, dim = [100, 70], [[(5, 69), (80, 96)], [(60, 70)]], 4, 2, 64
+    q = torch.randn(sum(lengths), heads, dim).bfloat16()
+    k, v = torch.randn(2, sum(lengths), kv_heads, dim).bfloat16().unbind(0)
+    if not cpu.supports_prefill_attention(q, k, v):
+        pytest.skip(f"no CPU kernels here: {cpu.unavailable_reason()}")
+    ends = torch.cat([_key_ends(n, r) for n, r in zip(lengths, runs)])
+    for window in (None, 30):
+        ours = CpuPagedAttention().prefill(q, k, v, lengths, dim**-0.5, window, ends)
+        native = TorchPagedAttention().prefill(q.double(), k.double(), v.double(), lengths, dim**-0.5, window, ends)
+        causal = TorchPagedAttention().prefill(q.double(), k.double(), v.double(), lengths, dim**-0.5, window)
+        torch.testing.assert_close(ours.double(), native, rtol=2**-6, atol=2**-6)
+        assert not torch.allclose(ours.double(), causal, rtol=2**-6, atol=2**-6)  # the runs did change it
+
+
+def test_chunks_never_split_an_images_positions():
+    """With a budget smaller than a prompt, a chunk stops before an image it cannot hold whole, and an image
+    longer than the budget takes a chunk of its own."""
+    from vllm_utils.engine.scheduler import Scheduler
+
+    image = 99
+    prompt = [1, 2, 3] + [image] * 6 + [4, 5] + [image] * 3 + [6]
+    seq = Sequence(prompt, SamplingParams(max_tokens=1))
+    scheduler = Scheduler(BlockManager(num_blocks=16, block_size=4), max_num_seqs=4, max_num_batched_tokens=5,
+                          max_model_len=64, eos_token_ids=[], whole_runs={image})
+    scheduler.add(seq)
+    chunks = []
+    while seq.num_computed < len(prompt):
+        step = scheduler.schedule()
+        chunks.append(step.num_tokens[0])
+        seq.num_computed += step.num_tokens[0]
+    assert chunks == [3, 6, 5, 1]
+    assert seq.mm_runs({image}) == [(3, 9), (11, 14)]

@@ -14,11 +14,13 @@ class CpuPagedAttention(TorchPagedAttention):
     def __init__(self) -> None:
         super().__init__(reads_runs=True)
 
-    def prefill(self, q, k, v, seq_lens: list[int], scale: float, window: int | None = None) -> torch.Tensor:
+    def prefill(self, q, k, v, seq_lens: list[int], scale: float, window: int | None = None,
+                key_ends: torch.Tensor | None = None) -> torch.Tensor:
         if not cpu.supports_prefill_attention(q, k, v):
-            return super().prefill(q, k, v, seq_lens, scale, window)
+            return super().prefill(q, k, v, seq_lens, scale, window, key_ends)
         starts = itertools.accumulate(seq_lens[:-1], initial=0)
-        return torch.cat([cpu.prefill_attention(q[s : s + n], k[s : s + n], v[s : s + n], scale, True, window)
+        return torch.cat([cpu.prefill_attention(q[s : s + n], k[s : s + n], v[s : s + n], scale, True, window,
+                                                None if key_ends is None else key_ends[s : s + n])
                           for s, n in zip(starts, seq_lens)])
 
     @staticmethod

@@ -13,6 +13,9 @@ class AttentionMetadata:
     # prefill with chunks: tokens of each prompt already in the cache (its queries also attend to those,
     # read through `block_tables`); None when every prompt starts here
     cached_lens: list[int] | None = None
+    # prefill where some positions see later ones (an image's positions, both ways): per query [tokens] int32, the
+    # end (exclusive) of the keys it sees, as a position in its sequence; None: causal (each sees up to itself)
+    key_ends: torch.Tensor | None = None
     # decode (and chunked prefill): one new token per sequence
     block_tables: torch.Tensor | None = None  # [seqs, max_blocks] int32, padded with 0
     context_lens: torch.Tensor | None = None  # [seqs] integer, tokens in cache including the new one

@@ -30,13 +30,14 @@ class TorchPagedAttention:
         if meta.is_prefill and meta.cached_lens is not None:
             return self.prefill_after_cached(q, k_cache, v_cache, meta, scale, window)
         if meta.is_prefill:
-            return self.prefill(q, k, v, meta.seq_lens, scale, window)
+            return self.prefill(q, k, v, meta.seq_lens, scale, window, meta.key_ends)
         if meta.run_starts is not None:
             return self.decode_runs(q, k_cache, v_cache, meta, scale, window)
         return self.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, window)
 
-    def prefill(self, q, k, v, seq_lens: list[int], scale: float, window: int | None = None) -> torch.Tensor:
-        # Each prompt attends causally to itself; the new K/V are the whole context (no prefix reuse).
+    def prefill(self, q, k, v, seq_lens: list[int], scale: float, window: int | None = None,
+                key_ends: torch.Tensor | None = None) -> torch.Tensor:
+        # Each prompt attends to itself, causally but for `key_ends`; the new K/V are the whole context.
         if k.shape[1] != q.shape[1]:  # expand GQA heads: enable_gqa would push CUDA SDPA onto its slow path
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
@@ -45,7 +46,9 @@ class TorchPagedAttention:
         for n in seq_lens:
             s = slice(start, start + n)
             # 4-D [1, heads, tokens, dim]: CUDA's flash kernels take no 3-D input
-            mask = window_mask(n, window, q.device)
+            positions = torch.arange(n, device=q.device)
+            mask = None if key_ends is None and (window is None or window >= n) else \
+                visible_keys(positions, n, window, None if key_ends is None else key_ends[s])
             out[s] = F.scaled_dot_product_attention(
                 q[None, s].transpose(1, 2), k[None, s].transpose(1, 2), v[None, s].transpose(1, 2),
                 attn_mask=mask, is_causal=mask is None, scale=scale,
@@ -55,8 +58,8 @@ class TorchPagedAttention:
 
     def prefill_after_cached(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                              window: int | None = None) -> torch.Tensor:
-        """Chunks of prompts whose earlier tokens are in the cache: each chunk's queries attend causally to its
-        sequence's whole cache so far (this step's K/V included), read block by block."""
+        """Chunks of prompts whose earlier tokens are in the cache: each chunk's queries attend to its sequence's
+        whole cache so far (this step's K/V included), read block by block, causally but for `meta.key_ends`."""
         block_size = k_cache.shape[1]
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         row = 0
@@ -64,8 +67,8 @@ class TorchPagedAttention:
             length = cached + n
             blocks = meta.block_tables[i, : -(-length // block_size)].long()
             k, v = (c.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)[None] for c in (k_cache, v_cache))
-            offset = torch.arange(cached, length, device=q.device)[:, None] - torch.arange(length, device=q.device)
-            mask = (offset >= 0) & (offset < (window or length))
+            ends = None if meta.key_ends is None else meta.key_ends[row : row + n]
+            mask = visible_keys(torch.arange(cached, length, device=q.device), length, window, ends)
             out[row : row + n] = F.scaled_dot_product_attention(q[row : row + n].transpose(0, 1)[None], k, v,
                                                                 attn_mask=mask, scale=scale,
                                                                 enable_gqa=True)[0].transpose(0, 1)
@@ -113,10 +116,14 @@ class TorchPagedAttention:
         return out.squeeze(2)
 
 
-def window_mask(tokens: int, window: int | None, device: torch.device) -> torch.Tensor | None:
-    """[tokens, tokens] bool: causal, each query seeing the last `window` positions; None when the window covers
-    the whole prompt (plain causal attention)."""
-    if window is None or window >= tokens:
-        return None
-    offset = torch.arange(tokens, device=device)[:, None] - torch.arange(tokens, device=device)[None, :]
-    return (offset >= 0) & (offset < window)
+def visible_keys(positions: torch.Tensor, keys: int, window: int | None,
+                 key_ends: torch.Tensor | None = None) -> torch.Tensor:
+    """[queries, keys] bool for queries at `positions` of their sequence over its first `keys` positions: each
+    sees the keys before its key end (default: itself included, causal) and, with `window`, none `window` or more
+    positions before it."""
+    key = torch.arange(keys, device=positions.device)
+    ends = positions + 1 if key_ends is None else key_ends
+    mask = key < ends[:, None]
+    if window is not None:
+        mask &= key > (positions - window)[:, None]
+    return mask

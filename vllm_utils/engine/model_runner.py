@@ -137,13 +137,14 @@ class ModelRunner:
             mm_embeds = self._step_mm_embeds(inputs)
             graphs = self.prefill_graphs
             whole_prompt = len(inputs.seq_lens) == 1 and inputs.cached_lens[0] == 0 and inputs.samples[0] \
-                and not inputs.all_rows
+                and not inputs.all_rows and inputs.key_ends is None  # the graphs' attention is causal
             if graphs is not None and whole_prompt and inputs.seq_lens[0] <= graphs.max_tokens:
                 return graphs.run(inputs, mm_embeds)
             ids, positions, slots = (t.to(self.device) for t in (inputs.token_ids, inputs.positions, inputs.slots))
             tables = None if inputs.block_tables is None else inputs.block_tables.to(self.device)
             meta = AttentionMetadata(True, slots, seq_lens=inputs.seq_lens, block_tables=tables,
-                                     cached_lens=inputs.cached_lens if tables is not None else None)
+                                     cached_lens=inputs.cached_lens if tables is not None else None,
+                                     key_ends=None if inputs.key_ends is None else inputs.key_ends.to(self.device))
             rows = kept_rows(inputs.seq_lens, inputs.all_rows, inputs.samples)[0]
             keep = torch.tensor(rows or [sum(inputs.seq_lens) - 1], device=self.device)  # a chunk alone: any row
             hidden = self.model(ids, positions, meta, mm_embeds, inputs.mm_mask.to(self.device), keep=keep)

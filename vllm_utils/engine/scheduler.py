@@ -2,7 +2,8 @@
 decode one token per step, and when blocks run out the youngest sequence is preempted (its blocks freed; it is
 recomputed from its tokens later). With a token budget per step smaller than the longest sequence
 (`max_num_batched_tokens` < `max_model_len`), prompts are prefilled in chunks, and the running sequences'
-decodes share those steps."""
+decodes share those steps; a run of positions that attend to each other both ways (an image's, `whole_runs`) is
+never split between chunks."""
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ class ScheduledStep:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, eos_token_ids: list[int],
-                 stop_string: Callable[[Sequence], str | None] = lambda seq: None) -> None:
-        """`stop_string(seq)`: the stop string its output now holds, if any (the engine detokenizes)."""
+                 stop_string: Callable[[Sequence], str | None] = lambda seq: None,
+                 whole_runs: set[int] | None = None) -> None:
+        """`stop_string(seq)`: the stop string its output now holds, if any (the engine detokenizes).
+        `whole_runs`: placeholder ids whose runs of positions a chunk must hold whole (bidirectional attention)."""
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -35,6 +38,7 @@ class Scheduler:
         self.chunked = max_num_batched_tokens < max_model_len
         self.eos_token_ids = set(eos_token_ids)
         self.stop_string = stop_string
+        self.whole_runs = whole_runs
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
@@ -77,18 +81,29 @@ class Scheduler:
             remaining = len(seq) - seq.num_computed
             if remaining > 1 or self._reserve_next_token(seq):  # a prompt's blocks were allocated whole
                 seqs.append(seq)
-                counts.append(min(remaining, budget))
+                counts.append(self._chunk(seq, min(remaining, budget)))
                 budget -= counts[-1]
                 kept.append(seq)
         self.running = kept + self.running  # those the budget did not reach wait for the next step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self._admit(self.waiting[0]):
             seq = self.waiting.popleft()
             seqs.append(seq)
-            counts.append(min(len(seq), budget))
+            counts.append(self._chunk(seq, min(len(seq), budget)))
             budget -= counts[-1]
             self.running.append(seq)
         is_prefill = any(len(s) - s.num_computed > 1 for s in seqs)
         return ScheduledStep(seqs, counts, is_prefill)
+
+    def _chunk(self, seq: Sequence, count: int) -> int:
+        """`count` tokens of `seq` from its `num_computed` on, cut before a whole run that would not fit, or
+        stretched past the budget to the end of a run that starts at the chunk and is longer than it."""
+        if self.whole_runs is None:
+            return count
+        start, end = seq.num_computed, seq.num_computed + count
+        for first, last in seq.mm_runs(self.whole_runs):
+            if first < end < last:
+                return first - start if first > start else last - start
+        return count
 
     def _admit(self, seq: Sequence) -> bool:
         """Allocates the blocks of a waiting sequence's tokens, if they are free."""

@@ -36,6 +36,7 @@ class Sequence:
         # multimodal RoPE: the prompt's positions [3, prompt tokens] and the offset of later tokens' positions
         self.rope_positions: torch.Tensor | None = None
         self.rope_offset = 0
+        self._mm_runs: list[tuple[int, int]] | None = None
         self.block_table: list[int] = []
         self.num_computed = 0  # tokens whose K/V the cache holds
         self.index = index
@@ -68,6 +69,20 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.token_ids[-1]
+
+    def mm_runs(self, mm_token_ids: set[int]) -> list[tuple[int, int]]:
+        """The prompt's runs of consecutive multimodal placeholders, as [start, end) positions (worked out once;
+        a continuation after `text_from` is text whatever its ids)."""
+        if self._mm_runs is None:
+            runs, start = [], None
+            for p, token in enumerate(self.token_ids[: self.text_from] + [None]):
+                if token in mm_token_ids and start is None:
+                    start = p
+                elif token not in mm_token_ids and start is not None:
+                    runs.append((start, p))
+                    start = None
+            self._mm_runs = runs
+        return self._mm_runs
 
     def num_blocks(self, block_size: int) -> int:
         """Blocks that hold every token of the sequence so far."""

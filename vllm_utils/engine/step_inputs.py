@@ -27,6 +27,7 @@ class PrefillInputs:
     mm_new: list[tuple[int, int]]  # (sequence id, all its multimodal positions) of those whose items come now
     block_tables: torch.Tensor | None = None  # [seqs, width] int32, when any sequence has cached tokens
     all_rows: list[bool] = field(default_factory=list)  # per sequence: logits of every row wanted (prompt_logprobs)
+    key_ends: torch.Tensor | None = None  # see AttentionMetadata.key_ends
 
 
 @dataclass
@@ -62,8 +63,9 @@ def _run_start(blocks: list[int]) -> int:
 
 
 def prepare_prefill(step: ScheduledStep, model: VisionLanguageModel, block_size: int) -> PrefillInputs:
-    ids, positions, slots, mm_mask, mm_offsets, mm_new, starting = [], [], [], [], [], [], []
+    ids, positions, slots, mm_mask, mm_offsets, mm_new, starting, key_ends = [], [], [], [], [], [], [], []
     mm_tokens = set(model.mm_token_ids)
+    bidirectional = getattr(model, "bidirectional_mm", False)
     for seq, n in zip(step.seqs, step.num_tokens):
         start, end = seq.num_computed, seq.num_computed + n
         ids.extend(seq.token_ids[start:end])
@@ -74,6 +76,8 @@ def prepare_prefill(step: ScheduledStep, model: VisionLanguageModel, block_size:
         is_mm += [False] * (len(seq) - seq.text_from)
         positions.append(_positions(model, seq, is_mm, start, end))
         mm_mask.extend(is_mm[start:end])
+        if bidirectional:
+            key_ends.append(_key_ends(seq.mm_runs(mm_tokens), start, end))
         mm_offsets.append(sum(is_mm[:start]))
         if start == 0 and seq.mm_inputs:  # its items are encoded now, for this and its later chunks
             mm_new.append((seq.seq_id, sum(is_mm)))
@@ -87,9 +91,21 @@ def prepare_prefill(step: ScheduledStep, model: VisionLanguageModel, block_size:
     # prompt log-probs: the rows of a prompt that asked, unless a first pass (before a preemption) gave them
     all_rows = [s.params.prompt_logprobs is not None and s.num_computed < s.num_prompt_tokens
                 and len(s.prompt_logprobs or [None]) < s.num_prompt_tokens for s in step.seqs]
+    sees_ahead = any(bool((e > torch.arange(len(e)) + s.num_computed + 1).any()) for e, s in zip(key_ends, step.seqs))
+    ends = torch.cat(key_ends) if sees_ahead else None  # else causal, the backends' fast path
     return PrefillInputs(torch.tensor(ids), torch.cat(positions, dim=-1), torch.tensor(slots), list(step.num_tokens),
                          torch.tensor(mm_mask), concat_mm_inputs(starting), [s.seq_id for s in step.seqs],
-                         cached, step.samples(), mm_offsets, mm_new, tables, all_rows if any(all_rows) else [])
+                         cached, step.samples(), mm_offsets, mm_new, tables, all_rows if any(all_rows) else [], ends)
+
+
+def _key_ends(runs: list[tuple[int, int]], start: int, end: int) -> torch.Tensor:
+    """Per position start..end of a sequence, the end of the keys it sees: the end of its run of placeholders
+    (which sees itself whole), else itself."""
+    ends = torch.arange(start, end, dtype=torch.int32) + 1
+    for first, last in runs:
+        if first < end and last > start:
+            ends[max(first, start) - start : min(last, end) - start] = last
+    return ends
 
 
 def _positions(model: VisionLanguageModel, seq: Sequence, is_mm: list[bool], start: int, end: int) -> torch.Tensor:

@@ -116,7 +116,7 @@ def _load() -> tuple[object | None, str]:
     lib.vllm_utils_rope_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, long]
     lib.vllm_utils_rope_bf16.restype = None
     lib.vllm_utils_prefill_attention_bf16.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, long, long,
-                                                      ctypes.c_float, i32, i32, ptr]
+                                                      ctypes.c_float, i32, i32, ptr, ptr]
     lib.vllm_utils_prefill_attention_bf16.restype = None
     lib.vllm_utils_silu_mul_bf16.argtypes = [ptr, ptr, i32, i32, long]
     lib.vllm_utils_silu_mul_bf16.restype = None
@@ -200,10 +200,12 @@ def supports_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-                      window: int | None = None) -> torch.Tensor:
+                      window: int | None = None, key_ends: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(scale * q k^T [+ causal mask]) v for a whole prompt, tensors as in `supports_prefill_attention`;
-    with `window` (causal only) each query sees the keys of the last `window` positions. Returns [tokens, heads,
-    dim]."""
+    with `window` (causal only) each query sees the keys of the last `window` positions; with `key_ends` (causal
+    only; [tokens] int32, each > its index) query i sees the keys before key_ends[i], some after it. Returns
+    [tokens, heads, dim]."""
+    ends = None if key_ends is None else key_ends.to(torch.int32).contiguous()
     tokens, heads, dim = q.shape
     kv_heads = k.shape[1]
     padded = -(-tokens // 64) * 64
@@ -211,7 +213,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     out = torch.empty(tokens, heads, dim, dtype=torch.bfloat16)
     _load()[0].vllm_utils_prefill_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), tokens,
                                                  heads, kv_heads, dim, q.stride(0), k.stride(0), scale, int(causal),
-                                                 window or 0, packed.data_ptr())
+                                                 window or 0, None if ends is None else ends.data_ptr(),
+                                                 packed.data_ptr())
     return out
 
 

@@ -348,7 +348,8 @@ void vllm_utils_quick_gelu_bf16(const uint16_t* x, uint16_t* out, long n) {
 #define KB 64 /* keys per block */
 
 /* Attention of a whole prompt, flash-style: out[t, h] = softmax(scale * q[t, h] . K[s, g]) . V[s, g] over s < tokens
- * (s <= t when causal, and t - s < window when window > 0: a sliding window), g = h / (num_heads / num_kv_heads). q:
+ * (s <= t when causal, s < key_ends[t] when key_ends is given: a query that also sees later keys, and t - s < window
+ * when window > 0: a sliding window), g = h / (num_heads / num_kv_heads). q:
  * tokens rows of num_heads * head_dim values, q_stride apart; k, v: tokens rows of num_kv_heads * head_dim values,
  * kv_stride apart; out: [tokens, num_heads, head_dim]. Both products run on VDPBF16PS, which multiplies pairs of bf16
  * along its reduction, so K is first packed as [head_dim / 2][keys][2] (gathers) and V as [keys / 2][head_dim][2]
@@ -357,7 +358,8 @@ void vllm_utils_quick_gelu_bf16(const uint16_t* x, uint16_t* out, long n) {
  * probabilities are rounded to bf16 for the second product, as flash attention does on GPUs. head_dim % 64 == 0. */
 void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
                                        int tokens, int num_heads, int num_kv_heads, int head_dim, long q_stride,
-                                       long kv_stride, float scale, int causal, int window, uint16_t* packed) {
+                                       long kv_stride, float scale, int causal, int window, const int32_t* key_ends,
+                                       uint16_t* packed) {
     int group = num_heads / num_kv_heads, pairs = head_dim / 2, qblocks = (tokens + QB - 1) / QB;
     long padded = (tokens + KB - 1) / KB * KB, head_size = padded * head_dim;
 #pragma omp parallel
@@ -397,6 +399,7 @@ void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, con
         for (int task = 0; task < num_heads * qblocks; task++) {
             int h = task / qblocks, qb = qblocks - 1 - task % qblocks; /* causal: longest tasks first */
             int i0 = qb * QB, rows = tokens - i0 < QB ? tokens - i0 : QB, key_end = causal ? i0 + rows : tokens;
+            for (int r = 0; key_ends && r < rows; r++) key_end = key_ends[i0 + r] > key_end ? key_ends[i0 + r] : key_end;
             const uint16_t *kp = packed + (h / group) * head_size,
                            *vp = packed + (num_kv_heads + h / group) * head_size;
             for (int r = 0; r < QB; r++) row_max[r] = -INFINITY, row_sum[r] = 0.0f;
@@ -427,7 +430,7 @@ void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, con
                                              _mm512_mul_ps(acc[j][c], _mm512_set1_ps(scale)));
                 }
                 for (int r = 0; r < QB; r++) { /* online softmax; P = 0 for masked keys and rows past the end */
-                    int limit = r >= rows ? 0 : causal ? i0 + r + 1 : tokens;
+                    int limit = r >= rows ? 0 : key_ends ? key_ends[i0 + r] : causal ? i0 + r + 1 : tokens;
                     int low = window > 0 ? i0 + r - window + 1 : 0;
                     __m512 s[4], top = _mm512_set1_ps(-INFINITY);
                     for (int c = 0; c < 4; c++) {

@@ -17,6 +17,9 @@ class VisionLanguageModel(Protocol):
     mm_token_ids: tuple[int, ...]
     # 1: a token's position is its index; 3: multimodal RoPE, a prompt's positions come from `rope_positions`
     position_rows: ClassVar[int]
+    # True: the positions of each run of consecutive placeholders (one image) attend to each other both ways, the
+    # rest causally (the engine's default when a model does not set it: False, causal everywhere)
+    bidirectional_mm: ClassVar[bool]
 
     def __init__(self, config: PretrainedConfig) -> None: ...
 
