@@ -30,6 +30,7 @@ BUNDLED = {
     "OpenGVLab/InternVL3-8B-hf": "InternVL3-8B-hf",
     "OpenGVLab/InternVL3_5-1B-HF": "InternVL3_5-1B-HF",
     "Qwen/Qwen3-VL-8B-Instruct": "Qwen3-VL-8B-Instruct",
+    "Qwen/Qwen3-VL-30B-A3B-Instruct": "Qwen3-VL-30B-A3B-Instruct",
 }
 
 
