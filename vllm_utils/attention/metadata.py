@@ -22,3 +22,7 @@ class AttentionMetadata:
     # decode, for backends that ask for it (`reads_runs`): per sequence, the first block if its blocks are
     # one ascending run (so its cache is a plain slice of the pool), else -1
     run_starts: list[int] | None = None
+    # models with a recurrent state (linear attention): each sequence's state slot [seqs], and the slots of the
+    # prompts starting this step (their state starts from zeros)
+    state_slots: torch.Tensor | None = None
+    fresh_slots: torch.Tensor | None = None

@@ -4,7 +4,10 @@ Placement keeps each sequence's blocks in one run where it can: a new sequence t
 free blocks long enough for its prompt *and* the tokens it may still generate, and softly claims the tail
 of that run; its later blocks come from that tail. Attention backends that can read a run as a plain
 view of the cache (the PyTorch one on CPU) then skip gathering it. Any free block can still go to any
-sequence when runs are scarce: placement is a preference, never a reason to refuse."""
+sequence when runs are scarce: placement is a preference, never a reason to refuse.
+
+Models with a recurrent state (linear attention) also take one state slot per sequence, with its blocks, from
+`num_state_slots` (a running sequence's slot is in `seq.state_slot`)."""
 import numpy as np
 
 from vllm_utils.engine.sequence import Sequence
@@ -13,9 +16,11 @@ UNCLAIMED = -1
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, num_state_slots: int = 0) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.num_state_slots = num_state_slots
+        self.free_state_slots = list(range(num_state_slots - 1, -1, -1))  # popped lowest first
         self.is_free = np.ones(num_blocks, dtype=bool)
         self.claimed_by = np.full(num_blocks, UNCLAIMED, dtype=np.int64)  # soft reservations, by seq id
         self.num_free = num_blocks
@@ -25,10 +30,13 @@ class BlockManager:
         return self.num_blocks - self.num_free
 
     def can_allocate(self, seq: Sequence) -> bool:
-        return seq.num_blocks(self.block_size) <= self.num_free
+        has_slot = not self.num_state_slots or bool(self.free_state_slots)
+        return seq.num_blocks(self.block_size) <= self.num_free and has_slot
 
     def allocate(self, seq: Sequence) -> None:
         assert not seq.block_table
+        if self.num_state_slots:
+            seq.state_slot = self.free_state_slots.pop()
         needed = seq.num_blocks(self.block_size)
         final_len = len(seq) + max(0, seq.max_output - seq.num_output_tokens)
         wanted = -(-final_len // self.block_size)
@@ -46,6 +54,9 @@ class BlockManager:
         seq.block_table = blocks
 
     def free(self, seq: Sequence) -> None:
+        if seq.state_slot is not None:
+            self.free_state_slots.append(seq.state_slot)
+            seq.state_slot = None
         self.is_free[seq.block_table] = True
         self.num_free += len(seq.block_table)
         self.claimed_by[self.claimed_by == seq.seq_id] = UNCLAIMED

@@ -13,9 +13,10 @@ def bytes_per_block(layers: list[PagedAttention], block_size: int, dtype: torch.
 
 
 def plan_kv_blocks(config: ResolvedConfig, platform: Platform, device: torch.device, layers: list[PagedAttention],
-                   control_group: "torch.distributed.ProcessGroup | None" = None) -> int:
-    """--num-kv-blocks, else as many as the batch can fill within the platform's budget (at tensor parallelism the
-    smallest of every rank's); at least one whole sequence's, or a one-line error."""
+                   control_group: "torch.distributed.ProcessGroup | None" = None, state_bytes: int = 0) -> int:
+    """--num-kv-blocks, else as many as the batch can fill within the platform's budget less `state_bytes` (the
+    linear-attention layers' states, allocated next; at tensor parallelism the smallest of every rank's); at least
+    one whole sequence's, or a one-line error."""
     block_size, max_len = config.engine.block_size, config.max_model_len
     per_block = bytes_per_block(layers, block_size, config.dtype)
     blocks_per_seq = -(-max_len // block_size)
@@ -23,7 +24,8 @@ def plan_kv_blocks(config: ResolvedConfig, platform: Platform, device: torch.dev
         num = config.engine.num_kv_blocks
     else:
         wanted = blocks_per_seq * config.max_num_seqs
-        budget = platform.kv_cache_budget(device, config.engine, (blocks_per_seq + 1) * per_block)
+        budget = platform.kv_cache_budget(device, config.engine, (blocks_per_seq + 1) * per_block + state_bytes)
+        budget -= state_bytes
         num = min(wanted, budget // per_block - 1)  # -1: the scratch block
         if control_group is not None:  # every rank must hold the same blocks: take the smallest
             count = torch.tensor([num])

@@ -60,7 +60,7 @@ class LLMEngine:
         self.platform = self.runner.platform
         model = self.runner.model  # an image's positions attending to each other both ways are never split
         whole_runs = set(model.mm_token_ids) if getattr(model, "bidirectional_mm", False) else None
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, self.runner.num_state_slots)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    self.max_model_len, self.processor.eos_token_ids, self._stop_string,
                                    whole_runs)

@@ -53,14 +53,23 @@ class ModelRunner:
         else:
             load_weights(self.model, config.folder, show_progress=tp_rank() == 0)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        # linear attention: a recurrent state per sequence that may run, beside the KV cache and in its budget
+        self.state_layers = [m for m in self.model.modules() if hasattr(m, "allocate_state")]
+        self.num_state_slots = config.max_num_seqs if self.state_layers else 0
+        self.state_bytes = self.num_state_slots * sum(m.state_bytes(self.dtype) for m in self.state_layers)
         self.choose_kernels(self.platform)
-        self.num_blocks = plan_kv_blocks(config, self.platform, device, self.attention_layers, control_group)
+        self.num_blocks = plan_kv_blocks(config, self.platform, device, self.attention_layers, control_group,
+                                         self.state_bytes)
         self.kv_cache = allocate_kv_cache(self.attention_layers, self.num_blocks, self.block_size, self.dtype, device)
+        for layer in self.state_layers:
+            layer.allocate_state(self.num_state_slots, self.dtype, device)
         self.graphs: DecodeGraphs | None = None
         self.vision_graphs: VisionGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         if not config.engine.enforce_eager:
-            if self.platform.supports_graphs:
+            if self.platform.supports_graphs and self.state_layers:  # the graphs' steps carry no state slots
+                note_once("models with linear attention run eagerly (no CUDA graphs yet)")
+            elif self.platform.supports_graphs:
                 self.build_graphs()
             elif device.type != "cpu":  # on CPUs eager is what everyone expects: no note
                 note_once(f"graph mode needs CUDA graphs; running eagerly on {device.type}")
@@ -145,6 +154,10 @@ class ModelRunner:
             meta = AttentionMetadata(True, slots, seq_lens=inputs.seq_lens, block_tables=tables,
                                      cached_lens=inputs.cached_lens if tables is not None else None,
                                      key_ends=None if inputs.key_ends is None else inputs.key_ends.to(self.device))
+            if inputs.state_slots is not None:
+                fresh = [s for s, cached in zip(inputs.state_slots, inputs.cached_lens) if cached == 0]
+                meta.state_slots = torch.tensor(inputs.state_slots, device=self.device)
+                meta.fresh_slots = torch.tensor(fresh, dtype=torch.long, device=self.device) if fresh else None
             rows = kept_rows(inputs.seq_lens, inputs.all_rows, inputs.samples)[0]
             keep = torch.tensor(rows or [sum(inputs.seq_lens) - 1], device=self.device)  # a chunk alone: any row
             hidden = self.model(ids, positions, meta, mm_embeds, inputs.mm_mask.to(self.device), keep=keep)
@@ -156,6 +169,8 @@ class ModelRunner:
         tables = self.platform.to_device(inputs.block_tables, self.device)
         meta = AttentionMetadata(False, slots, block_tables=tables, context_lens=context_lens,
                                  run_starts=inputs.run_starts)
+        if inputs.state_slots is not None:
+            meta.state_slots = torch.tensor(inputs.state_slots, device=self.device)
         return self.model.compute_logits(self.model(ids, positions, meta)), None
 
     def run(self, step: ScheduledStep) -> tuple[list[int], list[dict | None] | None]:

@@ -38,6 +38,7 @@ class Sequence:
         self.rope_offset = 0
         self._mm_runs: list[tuple[int, int]] | None = None
         self.block_table: list[int] = []
+        self.state_slot: int | None = None  # its slot of the recurrent state (models with linear attention)
         self.num_computed = 0  # tokens whose K/V the cache holds
         self.index = index
         self.max_output = max_output if max_output is not None else params.max_tokens

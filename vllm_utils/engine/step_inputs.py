@@ -28,6 +28,7 @@ class PrefillInputs:
     block_tables: torch.Tensor | None = None  # [seqs, width] int32, when any sequence has cached tokens
     all_rows: list[bool] = field(default_factory=list)  # per sequence: logits of every row wanted (prompt_logprobs)
     key_ends: torch.Tensor | None = None  # see AttentionMetadata.key_ends
+    state_slots: list[int] | None = None  # each sequence's recurrent-state slot (models with linear attention)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class DecodeInputs:
     context_lens: torch.Tensor  # [seqs] tokens in the cache, the new one included
     block_tables: torch.Tensor  # [seqs, width] int32, padded with 0
     run_starts: list[int] | None = None  # see AttentionMetadata.run_starts
+    state_slots: list[int] | None = None  # see PrefillInputs.state_slots
 
 
 StepInputs = PrefillInputs | DecodeInputs
@@ -95,7 +97,12 @@ def prepare_prefill(step: ScheduledStep, model: VisionLanguageModel, block_size:
     ends = torch.cat(key_ends) if sees_ahead else None  # else causal, the backends' fast path
     return PrefillInputs(torch.tensor(ids), torch.cat(positions, dim=-1), torch.tensor(slots), list(step.num_tokens),
                          torch.tensor(mm_mask), concat_mm_inputs(starting), [s.seq_id for s in step.seqs],
-                         cached, step.samples(), mm_offsets, mm_new, tables, all_rows if any(all_rows) else [], ends)
+                         cached, step.samples(), mm_offsets, mm_new, tables, all_rows if any(all_rows) else [], ends,
+                         _state_slots(step.seqs))
+
+
+def _state_slots(seqs: list[Sequence]) -> list[int] | None:
+    return None if seqs[0].state_slot is None else [s.state_slot for s in seqs]
 
 
 def _key_ends(runs: list[tuple[int, int]], start: int, end: int) -> torch.Tensor:
@@ -131,4 +138,5 @@ def prepare_decode(seqs: list[Sequence], block_size: int, reads_runs: bool) -> D
         token_ids=torch.tensor([s.last_token for s in seqs]),
         positions=torch.tensor([len(s) - 1 + s.rope_offset for s in seqs]), slots=torch.tensor(slots),
         context_lens=torch.tensor([len(s) for s in seqs]), block_tables=tables,
-        run_starts=[_run_start(s.block_table) for s in seqs] if reads_runs else None)
+        run_starts=[_run_start(s.block_table) for s in seqs] if reads_runs else None,
+        state_slots=_state_slots(seqs))

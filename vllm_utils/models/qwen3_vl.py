@@ -107,21 +107,27 @@ class Qwen3VLTextModel(nn.Module):
 class Qwen3VLForConditionalGeneration(MultimodalDecoderLM):
     packed_modules = PACKED_MODULES
     position_rows = 3
+    text_model: type[nn.Module] = Qwen3VLTextModel  # its decoder: the config's text_config -> the module
 
     @staticmethod
-    def check_config(config: PretrainedConfig) -> None:
+    def check_text_config(text: PretrainedConfig) -> None:
+        text_spec(text)
+
+    @classmethod
+    def check_config(cls, config: PretrainedConfig) -> None:
         vision, text = config.vision_config, config.text_config
         check_vision_config(vision)
-        text_spec(text)
+        cls.check_text_config(text)
         if vision.in_channels != 3:
             raise UserError(f"vision_config.in_channels = {vision.in_channels} is not supported (the processor "
                             f"gives RGB: 3)")
         if vision.out_hidden_size != text.hidden_size:
             raise UserError(f"vision_config.out_hidden_size {vision.out_hidden_size} differs from "
                             f"text_config.hidden_size {text.hidden_size}")
-        if len(vision.deepstack_visual_indexes) > text.num_hidden_layers:
-            raise UserError(f"vision_config.deepstack_visual_indexes has {len(vision.deepstack_visual_indexes)} "
-                            f"entries, more than the {text.num_hidden_layers} decoder layers")
+        deepstack = getattr(vision, "deepstack_visual_indexes", [])
+        if len(deepstack) > text.num_hidden_layers:
+            raise UserError(f"vision_config.deepstack_visual_indexes has {len(deepstack)} entries, more than the "
+                            f"{text.num_hidden_layers} decoder layers")
 
     @classmethod
     def tensor_parallel_widths(cls, config: PretrainedConfig) -> dict[str, int]:
@@ -139,7 +145,7 @@ class Qwen3VLForConditionalGeneration(MultimodalDecoderLM):
         self.hidden = text.hidden_size
         self.max_positions = text.max_position_embeddings  # the size of the RoPE tables
         self.visual = Qwen3VLVisionTransformer(config.vision_config)
-        self.language_model = Qwen3VLTextModel(text)
+        self.language_model = self.text_model(text)
         self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.language_model.embed_tokens.weight

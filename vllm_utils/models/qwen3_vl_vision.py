@@ -33,7 +33,7 @@ def check_vision_config(vision: PretrainedConfig) -> None:
     side = int(vision.num_position_embeddings**0.5)
     if side * side != vision.num_position_embeddings:
         raise UserError(f"vision_config.num_position_embeddings {vision.num_position_embeddings} is not a square")
-    bad = [i for i in vision.deepstack_visual_indexes if not 0 <= i < vision.depth]
+    bad = [i for i in getattr(vision, "deepstack_visual_indexes", []) if not 0 <= i < vision.depth]
     if bad:
         raise UserError(f"vision_config.deepstack_visual_indexes has {bad[0]}, beyond the {vision.depth} blocks")
 
@@ -120,7 +120,7 @@ class Qwen3VLVisionTransformer(nn.Module):
         self.side = int(vision.num_position_embeddings**0.5)
         self.blocks = nn.ModuleList(VisionBlock(vision) for _ in range(vision.depth))
         self.merger = PatchMerger(vision, postshuffle=False)
-        self.deepstack_indexes = list(vision.deepstack_visual_indexes)
+        self.deepstack_indexes = list(getattr(vision, "deepstack_visual_indexes", []))  # Qwen3.5's tower: none
         self.deepstack_merger_list = nn.ModuleList(PatchMerger(vision, postshuffle=True)
                                                    for _ in self.deepstack_indexes)
         head_dim = dim // vision.num_heads

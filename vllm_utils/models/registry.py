@@ -16,6 +16,7 @@ from vllm_utils.models.llava import LlavaForConditionalGeneration
 from vllm_utils.models.llava_next import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 from vllm_utils.models.llava_next_video import LlavaNextVideoForConditionalGeneration
 from vllm_utils.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from vllm_utils.models.qwen3_5 import Qwen3_5ForConditionalGeneration
 from vllm_utils.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from vllm_utils.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 from vllm_utils.multimodal.deepseek_vl import DeepseekVLProcessorAdapter
@@ -67,6 +68,8 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
                             "vllm_utils.testing.tiny_qwen3_vl:demo_qwen3_vl"),
     "qwen3_vl_moe": ModelFamily(("qwen3_vl_moe",), Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessorAdapter,
                                 "vllm_utils.testing.tiny_qwen3_vl_moe:demo_qwen3_vl_moe"),
+    "qwen3_5": ModelFamily(("qwen3_5",), Qwen3_5ForConditionalGeneration, Qwen3VLProcessorAdapter,
+                           "vllm_utils.testing.tiny_qwen3_5:demo_qwen3_5"),
 }
 
 
