@@ -142,3 +142,13 @@ def test_acc_on_the_bundled_sample_agrees_with_hf_fp32(tiny_qwen3_5, tmp_path):
     info = json.loads(run.stdout.split("***Acc Info***", 1)[1].split("\n}\n", 1)[0] + "\n}")
     ref = info["reference"]
     assert ref["samples_compared"] == 3 and ref["exact_match_rate"] == 1.0 and ref["max_abs_dlogprob"] < 1e-4
+
+
+def test_perf_reports_the_recurrent_state(tiny_qwen3_5, tmp_path):
+    run = cli("--perf", f"--model={tiny_qwen3_5}", "--device=cpu", "--dtype=float32", "--input-len=96",
+              "--output-len=4", "--num-prompts=2", "--batch-size=2", cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    # per sequence slot (2): 3 linear layers x (a 4-tap window of 2*2*16 + 4*16 channels, 3 of them kept, in
+    # float32, and 4 heads x 16 x 16 float32)
+    state = 2 * 3 * ((2 * 2 * 16 + 4 * 16) * 3 * 4 + 4 * 16 * 16 * 4)
+    assert f"recurrent state: {state / 2**20:.1f} MiB" in run.stdout, run.stdout

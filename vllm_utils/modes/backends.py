@@ -38,6 +38,9 @@ class Backend(Protocol):
     def kv_blocks(self) -> int | None:
         """The paged KV cache's blocks; None without one."""
 
+    def state_bytes(self) -> int:
+        """Bytes of the linear-attention layers' recurrent states (every sequence slot); 0 without them."""
+
     def close(self) -> None: ...
 
 
@@ -58,6 +61,9 @@ class EngineBackend:
 
     def kv_blocks(self) -> int:
         return self.llm.engine.block_manager.num_blocks
+
+    def state_bytes(self) -> int:
+        return self.llm.engine.runner.state_bytes
 
     def close(self) -> None:
         self.llm.engine.shutdown()
@@ -99,6 +105,9 @@ class HFBackend:
 
     def kv_blocks(self) -> None:
         return None
+
+    def state_bytes(self) -> int:
+        return 0  # transformers' cache grows with each request: not a pool of its own
 
     def close(self) -> None:
         pass

@@ -36,6 +36,7 @@ def run(plan: Plan, backend: Backend) -> PerfResult:
     summary["kv_blocks_total"] = blocks
     if blocks is None:  # no paged cache: its block figures are "n/a", not 0
         summary["peak_kv_blocks_used"] = None
+    summary["recurrent_state_gib"] = backend.state_bytes() / 2**30
     summary["peak_memory_gib"] = platform.peak_memory_bytes(device) / 2**30
     return PerfResult(summary, platform.compute_threads())
 

@@ -71,7 +71,8 @@ def print_perf(plan: Plan, result: PerfResult, info: dict) -> None:
     blocks = "n/a" if s["kv_blocks_total"] is None else f"{s['peak_kv_blocks_used']} of {s['kv_blocks_total']}"
     print(f"tokens per request: {s['image_tokens_per_request']} {vision} + {s['text_tokens_per_request']} text; "
           f"KV-cache blocks used at peak: {blocks}; "
-          f"peak memory: {s['peak_memory_gib']:.2f} GiB; preemptions: {s['preemptions']}")
+          + (f"recurrent state: {s['recurrent_state_gib'] * 1024:.1f} MiB; " if s.get("recurrent_state_gib") else "")
+          + f"peak memory: {s['peak_memory_gib']:.2f} GiB; preemptions: {s['preemptions']}")
     if result.cpu_threads is not None:
         print(plan.platform.threads_line())
 
