@@ -152,3 +152,25 @@ def test_perf_reports_the_recurrent_state(tiny_qwen3_5, tmp_path):
     # float32, and 4 heads x 16 x 16 float32)
     state = 2 * 3 * ((2 * 2 * 16 + 4 * 16) * 3 * 4 + 4 * 16 * 16 * 4)
     assert f"recurrent state: {state / 2**20:.1f} MiB" in run.stdout, run.stdout
+
+
+def test_the_cuda_code_path_gives_hf_tokens(tiny_qwen3_5, llm, images, clip, expected, monkeypatch):
+    """The kernels the CUDA platform chooses (the delta rule's decode step on Triton, Triton's fused layers and
+    paged attention), interpreted on CPU tensors."""
+    pytest.importorskip("triton")
+    import torch
+
+    from vllm_utils.kernels import triton_delta_rule
+    from vllm_utils.platforms.cuda import CudaPlatform
+
+    if torch.cuda.is_available():
+        pytest.skip("interprets the CUDA path on CPUs")
+    calls = []
+    step = triton_delta_rule.recurrent_step_
+    monkeypatch.setattr(triton_delta_rule, "recurrent_step_", lambda *args: calls.append(1) or step(*args))
+    other = LLM(tiny_qwen3_5, device="cpu", dtype="float32", max_model_len=2048)
+    other.engine.runner.choose_kernels(CudaPlatform())
+    req = prompts(other.engine.processor, images, clip)[0]
+    out = other.generate([req], SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True), use_tqdm=False)
+    assert out[0].outputs[0].token_ids == expected[0]
+    assert calls

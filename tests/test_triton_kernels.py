@@ -180,3 +180,28 @@ def test_gemv_equals_a_float64_product(n, k, bias):
         assert out.shape == (1, n) and out.dtype == HALF
         # float32 sums, rounded once to 16 bits: within one 16-bit rounding of the exact product
         torch.testing.assert_close(out.double(), reference, rtol=2**-9, atol=1e-2)
+
+
+@pytest.mark.parametrize("key_heads, value_heads, key_dim, value_dim", [(2, 4, 16, 24), (1, 1, 32, 64)])
+def test_the_delta_rule_decode_step_equals_the_native_form(key_heads, value_heads, key_dim, value_dim):
+    """Views of a fused projection (strided rows), grouped value heads, a value dim over several column blocks
+    and one not a multiple of them; only the slots of the step change."""
+    from vllm_utils.kernels import triton_delta_rule
+    from vllm_utils.layers.delta_rule import recurrent_delta_rule
+
+    gen = torch.Generator().manual_seed(key_dim)
+    seqs, keys, values = 3, key_heads * key_dim, value_heads * value_dim
+    mixed = torch.randn(seqs, 2 * keys + values, generator=gen).to(DEVICE)
+    q, k, v = mixed.split([keys, keys, values], dim=-1)
+    q, k, v = q.view(seqs, key_heads, key_dim), k.view(seqs, key_heads, key_dim), v.view(seqs, value_heads, value_dim)
+    g = (-torch.rand(seqs, value_heads, generator=gen)).to(DEVICE)
+    beta = torch.rand(seqs, value_heads, generator=gen).to(DEVICE)
+    pool = torch.randn(6, value_heads, key_dim, value_dim, generator=gen).to(DEVICE) * 0.1
+    slots = torch.tensor([4, 0, 2], device=DEVICE)
+    before = pool.clone()
+    assert triton_delta_rule.supports(q, k, v, pool)
+    out = triton_delta_rule.recurrent_step_(q, k, v, g, beta, pool, slots)
+    expected, states = recurrent_delta_rule(q, k, v, g, beta, before[slots])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pool[slots], states, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pool[[1, 3, 5]], before[[1, 3, 5]])

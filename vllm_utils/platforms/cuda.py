@@ -10,6 +10,7 @@ from vllm_utils.config import EngineConfig
 from vllm_utils.errors import UserError
 from vllm_utils.layers.activation import ActAndMul
 from vllm_utils.layers.linear import LinearOp
+from vllm_utils.layers.delta_rule import GatedDeltaRule
 from vllm_utils.layers.moe import FusedMoE
 from vllm_utils.layers.norm import RMSNorm
 from vllm_utils.layers.op import Op
@@ -43,10 +44,11 @@ class CudaPlatform(Platform):
 
     def choose_kernels(self, model: nn.Module, config: EngineConfig, prompt_only: list[tuple[nn.Module, int]]) -> None:
         """Triton's fused add+RMSNorm and SiLU·up for 2-D inputs, and with `config.triton_gemv` a Triton GEMV for
-        single-row products; a MoE layer's experts on Triton for decode-sized steps; nothing without Triton."""
+        single-row products; a MoE layer's experts and the gated delta rule on Triton for decode steps; nothing without
+        Triton."""
         if not has_triton():
             return
-        from vllm_utils.kernels import triton_fused, triton_gemv, triton_moe
+        from vllm_utils.kernels import triton_delta_rule, triton_fused, triton_gemv, triton_moe
 
         for module in model.modules():
             if not isinstance(module, Op):
@@ -66,3 +68,8 @@ class CudaPlatform(Platform):
                                triton_moe.fused_moe(x, m.w13.weight, m.w2.weight, weights, ids)
                                if triton_moe.supports(x, ids, m.w13.weight, m.w2.weight, m.act)
                                else native(x, weights, ids))
+            elif isinstance(module, GatedDeltaRule):  # decode steps: each state read and written once
+                module.impl = (lambda q, k, v, g, beta, states, slots, seq_lens, native=native:
+                               triton_delta_rule.recurrent_step_(q, k, v, g, beta, states, slots)
+                               if seq_lens is None and triton_delta_rule.supports(q, k, v, states)
+                               else native(q, k, v, g, beta, states, slots, seq_lens))
