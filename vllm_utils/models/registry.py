@@ -8,6 +8,7 @@ from transformers import PretrainedConfig
 
 from vllm_utils.errors import UserError
 from vllm_utils.models.deepseek_vl import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
+from vllm_utils.models.gemma3 import Gemma3ForConditionalGeneration
 from vllm_utils.models.glm4v import Glm4vForConditionalGeneration
 from vllm_utils.models.got_ocr2 import GotOcr2ForConditionalGeneration
 from vllm_utils.models.interface import VisionLanguageModel
@@ -20,6 +21,7 @@ from vllm_utils.models.qwen3_5 import Qwen3_5ForConditionalGeneration
 from vllm_utils.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from vllm_utils.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 from vllm_utils.multimodal.deepseek_vl import DeepseekVLProcessorAdapter
+from vllm_utils.multimodal.gemma3 import Gemma3ProcessorAdapter
 from vllm_utils.multimodal.glm4v import Glm4vProcessorAdapter
 from vllm_utils.multimodal.got_ocr2 import GotOcr2ProcessorAdapter
 from vllm_utils.multimodal.internvl import InternVLProcessorAdapter
@@ -70,6 +72,14 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
                                 "vllm_utils.testing.tiny_qwen3_vl_moe:demo_qwen3_vl_moe"),
     "qwen3_5": ModelFamily(("qwen3_5",), Qwen3_5ForConditionalGeneration, Qwen3VLProcessorAdapter,
                            "vllm_utils.testing.tiny_qwen3_5:demo_qwen3_5"),
+    "gemma3": ModelFamily(("gemma3",), Gemma3ForConditionalGeneration, Gemma3ProcessorAdapter,
+                          "vllm_utils.testing.tiny_gemma3:demo_gemma3"),
+}
+# model_types transformers defines that no family serves, refused with the reason
+UNSUPPORTED_TYPES = {
+    "paligemma": "PaliGemma is not supported: its Gemma 2 decoder needs attention logit soft-capping and a prefix-LM "
+                 "mask over the prompt, which this engine does not implement (Gemma 3, --model-type gemma3, is "
+                 "supported)",
 }
 
 
@@ -91,6 +101,8 @@ def find_family(hf_config: PretrainedConfig, model_type: str | None, model_path:
     for name, family in MODEL_FAMILIES.items():
         if found in family.config_types and model_type in (None, name):
             return name
+    if found in UNSUPPORTED_TYPES:
+        raise UserError(f"'{model_path}' holds a '{found}' model ({archs}): {UNSUPPORTED_TYPES[found]}")
     names = list(MODEL_FAMILIES)
     wanted = model_type or ", ".join(names[:-1]) + " or " + names[-1]
     if any(found in f.config_types for f in MODEL_FAMILIES.values()):
