@@ -54,6 +54,9 @@ def _image(url: str, media_root: str | None) -> Image.Image:
         try:
             data = base64.b64decode(url.split(",", 1)[1], validate=True)
             return ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        except Image.DecompressionBombError:
+            raise UserError("an image_url data: URL holds a picture of more pixels than an image may have (twice "
+                            "PIL's decompression-bomb limit); shrink it first") from None
         except (IndexError, binascii.Error, OSError, ValueError):
             raise UserError("an image_url data: URL does not hold a base64 image (data:image/png;base64,...)") from None
     from vllm_utils.multimodal.image import load_image
