@@ -110,6 +110,8 @@ def test_tensor_parallel_2_gives_the_tokens_of_1(tiny_qwen3_5, llm, images, clip
     ("text_config.rope_parameters", {"rope_type": "yarn", "rope_theta": 1e7, "factor": 2.0},
      "text_config.rope_parameters.rope_type = 'yarn'"),
     ("text_config.attention_bias", True, "text_config.attention_bias = True"),
+    ("text_config.attn_output_gate", False, "text_config.attn_output_gate = False"),
+    ("text_config.mamba_ssm_dtype", "bfloat16", "text_config.mamba_ssm_dtype = 'bfloat16'"),
     ("text_config.model_type", "qwen3_vl_text", "text_config.model_type 'qwen3_vl_text'"),
 ])
 def test_config_values_not_implemented_are_refused_by_name(tiny_qwen3_5, path, value, message):

@@ -31,6 +31,9 @@ BUNDLED = {
     "OpenGVLab/InternVL3_5-1B-HF": "InternVL3_5-1B-HF",
     "Qwen/Qwen3-VL-8B-Instruct": "Qwen3-VL-8B-Instruct",
     "Qwen/Qwen3-VL-30B-A3B-Instruct": "Qwen3-VL-30B-A3B-Instruct",
+    "Qwen/Qwen3.5-0.8B": "Qwen3.5-0.8B",
+    "Qwen/Qwen3.5-4B": "Qwen3.5-4B",
+    "Qwen/Qwen3.5-27B": "Qwen3.5-27B",
     "google/gemma-3-4b-it": "gemma-3-4b-it",
     "google/gemma-3-27b-it": "gemma-3-27b-it",
 }

@@ -47,6 +47,10 @@ def text_spec(text: PretrainedConfig) -> tuple[DecoderSpec, int]:
     check_activation(text.hidden_act, "text_config.hidden_act")
     if getattr(text, "attention_bias", False):
         raise refuse("attention_bias", True, "Qwen3.5's projections have no biases")
+    if getattr(text, "attn_output_gate", True) is not True:
+        raise refuse("attn_output_gate", text.attn_output_gate, "only true: the gated attention")
+    if getattr(text, "mamba_ssm_dtype", "float32") != "float32":
+        raise refuse("mamba_ssm_dtype", text.mamba_ssm_dtype, "only float32: the recurrent state's dtype")
     if text.linear_num_value_heads % text.linear_num_key_heads:
         raise refuse("linear_num_value_heads", text.linear_num_value_heads,
                       f"a multiple of linear_num_key_heads ({text.linear_num_key_heads})")
