@@ -6,13 +6,18 @@ counts them, `--output-len` tokens each, EOS ignored), arriving as a Poisson pro
 and token throughput, and goodput under `--goodput` SLOs, as `***Perf Info***`, the result CSV and
 `--output-json`, the way `--perf` writes them.
 
+A comma list for one of `--request-rate`, `--max-concurrency`, `--input-len`, `--output-len` sweeps it: each value
+is run in turn, then one combined CSV and JSON (a row per value), the plots (`--plot-dir`) and, with
+`--html-report`, a self-contained HTML report (`serve/sweep_report.py`).
+
 One untimed warm-up request first: it also measures what the server adds to the text (chat template, image
 positions), so that each timed request's text makes the prompt exactly `--input-len` tokens."""
 import argparse
 import asyncio
-import math
+import copy
 import os
 import sys
+from dataclasses import dataclass
 
 from vllm_utils.errors import UserError, one_line
 
@@ -34,14 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "served model's name, where that is a folder)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get("VLLM_API_KEY"),
                    help="the server's API key (default: $OPENAI_API_KEY, else $VLLM_API_KEY)")
-    p.add_argument("--input-len", type=int, default=1024, help="prompt tokens, image positions and template included")
-    p.add_argument("--output-len", type=int, default=128, help="tokens generated per request (EOS ignored)")
+    p.add_argument("--input-len", default="1024",
+                   help="prompt tokens, image positions and template included (a comma list sweeps it)")
+    p.add_argument("--output-len", default="128",
+                   help="tokens generated per request, EOS ignored (a comma list sweeps it)")
     p.add_argument("--num-prompts", type=int, default=100, help="timed requests")
     p.add_argument("--mm-per-prompt", type=int, default=1, help="images per request (chat; 0: text only)")
     p.add_argument("--input-vision-shape", default="336,336", help="HEIGHT,WIDTH of the black images")
-    p.add_argument("--request-rate", type=float, default=math.inf,
-                   help="requests per second, Poisson arrivals (default inf: all at once)")
-    p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    p.add_argument("--request-rate", default="inf",
+                   help="requests per second, Poisson arrivals (default inf: all at once); a comma list such as "
+                        "1,2,4,inf sweeps it")
+    p.add_argument("--max-concurrency", default=None,
+                   help="at most this many requests in flight (a comma list such as 1,4,16 sweeps it)")
     p.add_argument("--goodput", nargs="*", default=[], metavar="KEY:MS",
                    help="SLOs in ms (ttft, tpot, e2el), e.g. ttft:500 tpot:50: goodput counts the requests "
                         "meeting all of them")
@@ -54,7 +63,64 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the result CSV (--no-save-result: print the figures only)")
     p.add_argument("--output-json", default=None, help="also write settings, figures and every request's timing "
                                                        "to this new file")
+    p.add_argument("--plot-dir", default=None,
+                   help="a sweep's PNG plots go to this folder (created if new; files in it are never overwritten; "
+                        "default: NAME-plots beside the result CSV NAME.csv, or else the JSON or the HTML report)")
+    p.add_argument("--html-report", default=None,
+                   help="also write one self-contained HTML report (settings, environment, the table, the plots) "
+                        "to this new file")
     return p
+
+
+def _number_list(flag: str, text: str, kind, check, what: str) -> list:
+    values = []
+    for item in str(text).split(","):
+        try:
+            value = kind(item.strip())
+        except ValueError:
+            value = None
+        if value is None or not check(value):
+            raise UserError(f"{flag} '{text}': {what}, or a comma list of them to sweep")
+        values.append(value)
+    return values
+
+
+def parse_lists(args: argparse.Namespace) -> dict[str, list]:
+    """The values of each sweepable flag (one value: no sweep); at most one flag may list several."""
+    lists = {
+        "request_rate": _number_list("--request-rate", args.request_rate, float, lambda v: v > 0,
+                                     "give requests per second > 0 (inf: all at once)"),
+        "max_concurrency": [None] if args.max_concurrency is None else _number_list(
+            "--max-concurrency", args.max_concurrency, int, lambda v: v >= 1, "give a whole number >= 1"),
+        "input_len": _number_list("--input-len", args.input_len, int, lambda v: v >= 1, "give a whole number >= 1"),
+        "output_len": _number_list("--output-len", args.output_len, int, lambda v: v >= 1,
+                                   "give a whole number >= 1"),
+    }
+    swept = [key for key, values in lists.items() if len(values) > 1]
+    if len(swept) > 1:
+        flags = " and ".join("--" + key.replace("_", "-") for key in swept)
+        raise UserError(f"{flags} are both lists: a run sweeps one flag at a time; give the others one value each")
+    return lists
+
+
+def sweep_key(lists: dict[str, list]) -> str | None:
+    return next((key for key, values in lists.items() if len(values) > 1), None)
+
+
+def points(args: argparse.Namespace, lists: dict[str, list]) -> list[argparse.Namespace]:
+    """One namespace per run, each flag a single value."""
+    key = sweep_key(lists)
+    base = copy.copy(args)
+    for name, values in lists.items():
+        setattr(base, name, values[0])
+    if key is None:
+        return [base]
+    runs = []
+    for value in lists[key]:
+        run = copy.copy(base)
+        setattr(run, key, value)
+        runs.append(run)
+    return runs
 
 
 def parse_goodput(items: list[str]) -> dict[str, float]:
@@ -71,22 +137,31 @@ def parse_goodput(items: list[str]) -> dict[str, float]:
     return slos
 
 
-def check_args(args: argparse.Namespace) -> None:
-    for name in ("input_len", "output_len", "num_prompts"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+def check_args(args: argparse.Namespace, lists: dict[str, list]) -> None:
+    if args.num_prompts < 1:
+        raise UserError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.mm_per_prompt < 0 or (args.mm_per_prompt and args.endpoint == "completions"):
         raise UserError("--mm-per-prompt: 0 or more images, and /v1/completions takes none (use --endpoint chat)")
-    if args.max_concurrency is not None and args.max_concurrency < 1:
-        raise UserError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
-    if not args.request_rate > 0:
-        raise UserError(f"--request-rate must be > 0 (inf: all at once), got {args.request_rate}")
+    from vllm_utils.modes.files import check_distinct, check_new_file
     from vllm_utils.modes.plan import check_report_files
     from vllm_utils.modes.spec import ReportSpec, parse_vision_shapes
 
     if len(parse_vision_shapes(args.input_vision_shape)) != 1:
         raise UserError("--input-vision-shape: one HEIGHT,WIDTH (every image of a request has it)")
     check_report_files(ReportSpec(args.save_result, args.result_dir, args.result_filename, args.output_json), None)
+    key = sweep_key(lists)
+    if key is None and args.plot_dir is None and args.html_report is None:
+        return
+    from vllm_utils.serve import require
+    from vllm_utils.serve.sweep_report import check_plot_dir
+
+    require({"matplotlib": "matplotlib"}, "plotting a sweep or writing its HTML report")
+    csv = os.path.join(args.result_dir, args.result_filename) if args.save_result and args.result_filename else None
+    check_distinct({"--result-filename": csv, "--output-json": args.output_json, "--html-report": args.html_report})
+    if args.html_report:
+        check_new_file(args.html_report, "--html-report", "report.html")
+    if args.plot_dir:
+        check_plot_dir(args.plot_dir, key or "request_rate")
 
 
 def load_tokenizer(path: str | None):
@@ -101,7 +176,14 @@ def load_tokenizer(path: str | None):
         raise UserError(f"cannot read a tokenizer in '{path}' ({type(e).__name__}); pass --tokenizer") from None
 
 
-async def bench(args: argparse.Namespace) -> dict:
+@dataclass
+class Session:
+    client: object  # openai.AsyncOpenAI
+    model: str
+    maker: object  # loadgen.TextMaker
+
+
+async def connect(args: argparse.Namespace) -> Session:
     import openai
 
     from vllm_utils.serve import loadgen
@@ -115,7 +197,14 @@ async def bench(args: argparse.Namespace) -> dict:
                         f"--base-url") from None
     except openai.APIStatusError as e:
         raise UserError(f"GET {args.base_url}/v1/models answered {e.status_code}: {e.message}") from None
-    maker = loadgen.TextMaker(load_tokenizer(args.tokenizer or args.model or model), args.seed)
+    return Session(client, model, loadgen.TextMaker(load_tokenizer(args.tokenizer or args.model or model), args.seed))
+
+
+async def bench(args: argparse.Namespace, session: Session) -> dict:
+    """One run: the warm-up request, then `--num-prompts` timed ones (`args` holds one value of each flag)."""
+    from vllm_utils.serve import loadgen
+
+    client, model, maker = session.client, session.model, session.maker
     height, width = (int(v) for v in args.input_vision_shape.split(","))
     images = [loadgen.black_image_url(height, width)] * (args.mm_per_prompt if args.endpoint == "chat" else 0)
 
@@ -147,8 +236,17 @@ async def bench(args: argparse.Namespace) -> dict:
 
     timings, wall = await loadgen.run_load(target, payloads, args.request_rate, args.max_concurrency, args.seed,
                                            progress)
-    await client.close()
     return {"model": model, "timings": timings, "wall": wall}
+
+
+async def run_all(runs: list[argparse.Namespace], on_result) -> None:
+    """Every run in order over one client; `on_result(run, result)` reports each as it ends."""
+    session = await connect(runs[0])
+    try:
+        for run in runs:
+            on_result(run, await bench(run, session))
+    finally:
+        await session.client.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,12 +255,28 @@ def main(argv: list[str] | None = None) -> int:
         from vllm_utils.serve import require
 
         require({"openai": "openai", "httpx": "httpx"}, "the load generator")
-        check_args(args)
+        lists = parse_lists(args)
+        check_args(args, lists)
         slos = parse_goodput(args.goodput)
-        from vllm_utils.serve.bench_report import report
+        runs = points(args, lists)
+        key = sweep_key(lists)
+        if key is None and args.plot_dir is None and args.html_report is None:
+            from vllm_utils.serve.bench_report import report
 
-        result = asyncio.run(bench(args))
-        report(args, slos, result["model"], result["timings"], result["wall"])
+            asyncio.run(run_all(runs, lambda run, r: report(run, slos, r["model"], r["timings"], r["wall"])))
+        else:
+            from vllm_utils.serve.sweep_report import Sweep
+
+            sweep = Sweep(args, key or "request_rate", slos)
+            try:
+                asyncio.run(run_all(runs, sweep.add))
+            except (UserError, KeyboardInterrupt):
+                try:
+                    sweep.save(partial=True)  # the points measured so far, if any
+                except UserError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                raise
+            sweep.save()
     except Exception as e:
         why = one_line(e)
         if why is None:

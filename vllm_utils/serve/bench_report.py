@@ -63,7 +63,9 @@ def settings(args: argparse.Namespace, model: str, slos: dict[str, float]) -> di
     }
 
 
-def report(args: argparse.Namespace, slos: dict[str, float], model: str, timings: list[Timing], wall: float) -> None:
+def print_figures(args: argparse.Namespace, slos: dict[str, float], model: str, timings: list[Timing],
+                  wall: float) -> tuple[dict, dict]:
+    """Prints one run's figures; returns its summary and `***Perf Info***` (a UserError if every request failed)."""
     failed = [t for t in timings if not t.ok]
     for t in failed[:5]:
         print(f"failed request: {t.error}", file=sys.stderr)
@@ -90,12 +92,21 @@ def report(args: argparse.Namespace, slos: dict[str, float], model: str, timings
     if short:
         print(f"note: {len(short)} request(s) came back with other than {args.output_len} tokens (e.g. "
               f"{short[0].output_tokens}); the server must take vLLM's ignore_eos", file=sys.stderr)
+    return summary, info
+
+
+def request_records(timings: list[Timing]) -> list[dict]:
+    return [{"ok": t.ok, "error": t.error, "ttft_ms": t.ttft * 1e3, "e2el_ms": t.e2e * 1e3,
+             "tpot_ms": None if t.tpot is None else t.tpot * 1e3, "itl_ms": [g * 1e3 for g in t.itl],
+             "prompt_tokens": t.prompt_tokens, "output_tokens": t.output_tokens} for t in timings]
+
+
+def report(args: argparse.Namespace, slos: dict[str, float], model: str, timings: list[Timing], wall: float) -> None:
+    summary, info = print_figures(args, slos, model, timings, wall)
     rows = {**settings(args, model, slos), **csv_figures(summary, info)}
     document = lambda: {  # noqa: E731
         "settings": settings(args, model, slos), "perf_info": info, "metrics": summary,
-        "requests": [{"ok": t.ok, "error": t.error, "ttft_ms": t.ttft * 1e3, "e2el_ms": t.e2e * 1e3,
-                      "tpot_ms": None if t.tpot is None else t.tpot * 1e3, "itl_ms": [g * 1e3 for g in t.itl],
-                      "prompt_tokens": t.prompt_tokens, "output_tokens": t.output_tokens} for t in timings],
+        "requests": request_records(timings),
         "environment": {"host": platform.node(), "cpu_model": cpu_model(), "packages": package_versions()},
     }
     save_reports(ReportSpec(args.save_result, args.result_dir, args.result_filename, args.output_json), rows, document)
