@@ -128,5 +128,6 @@ class HFReference:
             if key in inputs:
                 extra = more if fill is None else torch.full_like(more, fill, dtype=inputs[key].dtype)
                 inputs[key] = torch.cat([inputs[key], extra], dim=1)
-        logits = self.model(**inputs, logits_to_keep=len(tokens) + 1).logits[0, :-1].float()
+        logits = self.model(**inputs, logits_to_keep=len(tokens) + 1).logits  # some models ignore logits_to_keep
+        logits = logits[0, -(len(tokens) + 1):-1].float()
         return logits.log_softmax(-1).gather(-1, more[0, :, None]).squeeze(-1).tolist()

@@ -34,6 +34,8 @@ BUNDLED = {
     "Qwen/Qwen3.5-0.8B": "Qwen3.5-0.8B",
     "Qwen/Qwen3.5-4B": "Qwen3.5-4B",
     "Qwen/Qwen3.5-27B": "Qwen3.5-27B",
+    "Qwen/Qwen3.5-35B-A3B": "Qwen3.5-35B-A3B",
+    "openbmb/MiniCPM-V-4.6": "MiniCPM-V-4.6",
     "google/gemma-3-4b-it": "gemma-3-4b-it",
     "google/gemma-3-27b-it": "gemma-3-27b-it",
 }
