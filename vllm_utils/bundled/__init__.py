@@ -29,6 +29,8 @@ BUNDLED = {
     "OpenGVLab/InternVL3-1B-hf": "InternVL3-1B-hf",
     "OpenGVLab/InternVL3-8B-hf": "InternVL3-8B-hf",
     "OpenGVLab/InternVL3_5-1B-HF": "InternVL3_5-1B-HF",
+    "Qwen/Qwen3-VL-2B-Instruct": "Qwen3-VL-2B-Instruct",
+    "Qwen/Qwen3-VL-4B-Instruct": "Qwen3-VL-4B-Instruct",
     "Qwen/Qwen3-VL-8B-Instruct": "Qwen3-VL-8B-Instruct",
     "Qwen/Qwen3-VL-30B-A3B-Instruct": "Qwen3-VL-30B-A3B-Instruct",
     "Qwen/Qwen3.5-0.8B": "Qwen3.5-0.8B",
