@@ -151,3 +151,41 @@ def test_triton_form_equals_the_native_form(dtype):
     ours = triton_moe.fused_moe(x, experts.w13.weight, experts.w2.weight, weights, ids)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ours, experts.forward_native(x, weights, ids), rtol=tol, atol=tol)
+
+
+def test_cpu_form_equals_the_native_form():
+    """The CPU platform's form (each chosen expert's products on our bf16 decode kernel where an expert has at most
+    4 rows, else PyTorch's): a decode-sized batch (tokens sharing an expert, idle experts, every product on the
+    kernel), then a prompt-sized one where one expert has more rows than the kernel takes."""
+    from vllm_utils.config import EngineConfig
+    from vllm_utils.kernels import cpu
+    from vllm_utils.platforms.cpu import CpuPlatform
+
+    if cpu.unavailable_reason():
+        pytest.skip(f"no CPU kernels here: {cpu.unavailable_reason()}")
+    g = torch.Generator().manual_seed(2)
+    experts, hidden, inter = 8, 64, 32
+    layer = SparseMoeBlock(hidden, experts, TOP_K, inter, "silu", True).to(torch.bfloat16)
+    for p in layer.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    native = SparseMoeBlock(hidden, experts, TOP_K, inter, "silu", True).to(torch.bfloat16)
+    native.load_state_dict(layer.state_dict())
+    CpuPlatform().choose_kernels(layer, EngineConfig("unused"), [])
+    linear, calls = cpu.linear, []
+    cpu.linear = lambda *args: calls.append(1) or linear(*args)
+    try:
+        for tokens, skew in ((3, 0.0), (7, 4.0)):
+            x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
+            bias = torch.zeros(experts, hidden, dtype=torch.bfloat16)
+            bias[0] = x.mean(0) * skew  # 7 tokens: expert 0 is everyone's
+            weights, ids = route(F.linear(x, layer.gate.weight + bias), TOP_K, True)
+            counts = torch.bincount(ids.flatten(), minlength=experts)
+            assert (counts == 0).any() and (counts[0] > cpu.MAX_ROWS) == (tokens == 7)
+            calls.clear()
+            ours = layer.experts.run(x, weights, ids)
+            assert len(calls) == 2 * int((counts > 0).sum() - (counts > cpu.MAX_ROWS).sum())
+            expected = native.experts.forward_native(x, weights, ids)
+            error = (ours.float() - expected.float()).norm() / expected.float().norm()
+            assert error < 1e-2, error  # bf16 products summed in another order
+    finally:
+        cpu.linear = linear

@@ -3,6 +3,8 @@
 Tensor parallelism splits every expert's intermediate width across ranks (gate/up as a column-parallel linear,
 down as a row-parallel one) and sums the partial outputs with one all-reduce after the experts. The native form
 runs each chosen expert on the tokens that chose it and touches no other expert's weights."""
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,6 +89,12 @@ class FusedMoE(Op):
         capture, where the host cannot learn which experts were chosen, every expert on every row instead."""
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return self.forward_dense(x, weights, ids)
+        return self.forward_sparse(x, weights, ids, self.expert)
+
+    def forward_sparse(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                       expert_fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+        """The native form's loop over the chosen experts, each run by `expert_fn(rows, expert)` (a device's
+        implementation may give its own products)."""
         out = torch.zeros_like(x)
         top_k = ids.shape[1]
         order = ids.flatten().argsort(stable=True)  # (token, slot) pairs grouped by expert, tokens in order
@@ -99,7 +107,7 @@ class FusedMoE(Op):
             chosen = order[start:start + count]
             start += count
             rows = chosen // top_k
-            y = self.expert(x[rows], expert) * flat_weights[chosen, None]
+            y = expert_fn(x[rows], expert) * flat_weights[chosen, None]
             out.index_add_(0, rows, y.to(out.dtype))
         return out
 

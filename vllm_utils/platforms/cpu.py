@@ -16,8 +16,9 @@ from vllm_utils.attention.torch_backend import TorchPagedAttention
 from vllm_utils.config import EngineConfig
 from vllm_utils.kernels import cpu
 from vllm_utils.kernels.cpu_linear import DecodeLinear, OneDnnLinear, PackedOneDnnLinear, can_pack_for_onednn
-from vllm_utils.layers.activation import ActAndMul, Activation
+from vllm_utils.layers.activation import ACTIVATIONS, ActAndMul, Activation
 from vllm_utils.layers.linear import LinearOp
+from vllm_utils.layers.moe import FusedMoE
 from vllm_utils.layers.norm import RMSNorm
 from vllm_utils.layers.op import Op
 from vllm_utils.layers.rotary import RotaryEmbedding
@@ -119,7 +120,8 @@ class CpuPlatform(Platform):
     def choose_kernels(self, model: nn.Module, config: EngineConfig, prompt_only: list[tuple[nn.Module, int]]) -> None:
         """bf16 only (fp32 runs the native ops): linears of prompt-only modules on oneDNN's packed weights; the
         other linears on our decode kernel (chained so each reads ahead into the next) where it takes their
-        weight, else on oneDNN; norms, RoPE, activations and encoder attention on our kernels. Any dtype: the
+        weight, else on oneDNN; norms, RoPE, activations, encoder attention and the products of the experts a
+        decode step chose on our kernels. Any dtype: the
         thread team follows the load (before each step), unless configured off or ranks share the cores."""
         self.release()  # an earlier engine's team, if any
         if config.cpu_follow_load and config.tensor_parallel_size == 1:
@@ -174,6 +176,16 @@ def _kernel_for(module: Op):
                 return q, k
             return native(positions, q, k)
         return rope
+    if isinstance(module, FusedMoE):  # the chosen experts' products on the decode kernel, for few rows
+        def expert(x, index):
+            w13, w2 = module.w13.weight[index], module.w2.weight[index]
+            if x.shape[0] > cpu.MAX_ROWS or not (cpu.supports(w13) and cpu.supports(w2)):
+                return module.expert(x, index)
+            gate_up = cpu.linear(x, w13)
+            hidden = cpu.silu_mul(gate_up) if module.act == "silu" and cpu.supports_activation(gate_up) else \
+                ACTIVATIONS[module.act](gate_up[:, : module.intermediate]) * gate_up[:, module.intermediate :]
+            return cpu.linear(hidden, w2)
+        return lambda x, weights, ids: module.forward_sparse(x, weights, ids, expert)
     if isinstance(module, EncoderAttention):
         def attention(q, k, v):
             if not cpu.supports_prefill_attention(q[0], k[0], v[0]):
