@@ -1,7 +1,7 @@
 """Qwen3-VL against transformers' model on a tiny random checkpoint shaped like Qwen3-VL-2B-Instruct's: images of
 different sizes, two per prompt, videos (frames without a rate and a decoded clip), an image beside a video, text
-alone, in one batch; prompts prefilled in chunks; bf16; the positions, the vision tower with its DeepStack features,
-and the processing against transformers' own; the CLI."""
+alone, in one batch; prompts prefilled in chunks; requests preempted and recomputed; bf16; the positions, the
+vision tower with its DeepStack features, and the processing against transformers' own; the CLI."""
 import json
 import re
 from types import SimpleNamespace
@@ -83,6 +83,20 @@ def test_prompts_prefilled_in_chunks_give_hf_tokens(tiny_qwen3_vl, reference, im
         first = ids.index(llm.engine.processor.mm_token_id)
         assert first % 16 + 4 < 16 and ids[first - first % 16 + 16 - 1] == ids[first]  # a boundary in the image
         assert out.outputs[0].token_ids == reference.greedy(req, 12, ignore_eos=True)
+
+
+def test_preempted_requests_recompute_hf_tokens(tiny_qwen3_vl, reference, images, clip):
+    """256 cache slots for four requests of 98-180 tokens (images, a video's frames, a clip beside an image):
+    running requests are preempted; recomputed, their prompts and generated tokens take the same positions (the
+    video's timestamps among them) and DeepStack features again."""
+    llm = LLM(tiny_qwen3_vl, device="cpu", dtype="float32", block_size=4, num_kv_blocks=64, max_num_seqs=4,
+              max_model_len=256)
+    reqs = prompts(llm.engine.processor, images, clip)[:4]
+    outputs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.block_manager.num_free == 64  # every block came back
+    for req, out in zip(reqs, outputs):
+        assert out.outputs[0].token_ids == reference.greedy(req, TOKENS, ignore_eos=True)
 
 
 def test_bf16_logprobs_close_to_hf_fp32(tiny_qwen3_vl, reference, images, clip):

@@ -1,7 +1,7 @@
 """Qwen3-VL-MoE against transformers' model on a tiny random checkpoint shaped like Qwen3-VL-30B-A3B-Instruct's
 (8 experts, 2 a token, one dense layer): one image, two images, text alone, in one batch; prompts prefilled in
-chunks; bf16; the experts loaded from per-expert and hub-transposed tensors; tensor parallelism; the parameter count
-of the 30B-A3B shapes; refusals; the CLI."""
+chunks; requests preempted and recomputed; bf16; the experts loaded from per-expert and hub-transposed tensors;
+tensor parallelism; the parameter count of the 30B-A3B shapes; refusals; the CLI."""
 import json
 import re
 import shutil
@@ -78,6 +78,18 @@ def test_prompts_prefilled_in_chunks_give_hf_tokens(tiny_qwen3_vl_moe, reference
     reqs = prompts(llm.engine.processor, images)[:2]
     for req, tokens in zip(reqs, greedy(llm, reqs, 12)):
         assert tokens == reference.greedy(req, 12, ignore_eos=True)
+
+
+def test_preempted_requests_recompute_hf_tokens(tiny_qwen3_vl_moe, reference, images):
+    """192 cache slots for three requests of 46-120 tokens: running requests are preempted; recomputed, each token
+    is routed to the same experts again."""
+    llm = LLM(tiny_qwen3_vl_moe, device="cpu", dtype="float32", block_size=4, num_kv_blocks=48, max_num_seqs=4,
+              max_model_len=192)
+    reqs = prompts(llm.engine.processor, images)
+    for req, tokens in zip(reqs, greedy(llm, reqs, TOKENS)):
+        assert tokens == reference.greedy(req, TOKENS, ignore_eos=True)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.block_manager.num_free == 48  # every block came back
 
 
 def test_bf16_logprobs_close_to_hf_fp32(tiny_qwen3_vl_moe, reference, images):
