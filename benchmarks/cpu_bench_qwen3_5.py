@@ -32,7 +32,6 @@ from collections import defaultdict
 from vllm_utils import LLM  # before torch: the package sets libgomp's threads and wait before it loads
 
 import torch
-from vllm_utils.layers.delta_rule import GatedDeltaRule
 from vllm_utils.modes.backends import HFBackend
 
 from cpu_bench import read_bandwidth_now
