@@ -61,3 +61,27 @@ def test_the_op_reads_and_writes_each_sequences_own_slot():
     expected, states = recurrent_delta_rule(*step[:5], before[[1, 3]])
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(pool[[1, 3]], states)
+
+
+def test_the_cpu_kernels_decode_step_equals_the_native_form():
+    """Our C step on a pool of states: grouped value heads, a value dim that is not a multiple of 16, only the slots
+    of the step changed."""
+    from vllm_utils.kernels import cpu
+
+    if cpu.unavailable_reason():
+        pytest.skip(f"no CPU kernels here: {cpu.unavailable_reason()}")
+    gen = torch.Generator().manual_seed(3)
+    seqs, key_heads, value_heads, key_dim, value_dim = 3, 2, 6, 32, 40
+    mixed = torch.randn(seqs, 2 * key_heads * key_dim + value_heads * value_dim, generator=gen)
+    q, k, v = mixed.split([key_heads * key_dim, key_heads * key_dim, value_heads * value_dim], dim=-1)
+    q, k = q.view(seqs, key_heads, key_dim), k.view(seqs, key_heads, key_dim)
+    v = v.view(seqs, value_heads, value_dim)
+    g, beta = -torch.rand(seqs, value_heads, generator=gen), torch.rand(seqs, value_heads, generator=gen)
+    pool = torch.randn(5, value_heads, key_dim, value_dim, generator=gen) * 0.1
+    before, slots = pool.clone(), torch.tensor([4, 0, 2])
+    assert cpu.supports_delta_rule(pool)
+    out = cpu.delta_rule_step_(q, k, v, g, beta, pool, slots)
+    expected, states = recurrent_delta_rule(q, k, v, g, beta, before[slots])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pool[slots], states, rtol=1e-5, atol=1e-5)
+    assert torch.equal(pool[[1, 3]], before[[1, 3]])

@@ -122,6 +122,8 @@ def _load() -> tuple[object | None, str]:
     lib.vllm_utils_silu_mul_bf16.restype = None
     lib.vllm_utils_quick_gelu_bf16.argtypes = [ptr, ptr, long]
     lib.vllm_utils_quick_gelu_bf16.restype = None
+    lib.vllm_utils_delta_rule_step.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, i32, i32]
+    lib.vllm_utils_delta_rule_step.restype = None
     lib.vllm_utils_set_prefetch.argtypes = [i32]
     lib.vllm_utils_set_prefetch(prefetch_distance())
     return lib, ""
@@ -216,6 +218,29 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
                                                  window or 0, None if ends is None else ends.data_ptr(),
                                                  packed.data_ptr())
     return out
+
+
+def supports_delta_rule(states: torch.Tensor) -> bool:
+    """Whether `delta_rule_step_` can update this pool of states: float32, contiguous, on the CPU, a value dim of
+    at most 512."""
+    return (states.dtype == torch.float32 and states.device.type == "cpu" and states.is_contiguous()
+            and states.shape[-1] <= 512 and _load()[0] is not None)
+
+
+def delta_rule_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """`layers/delta_rule.recurrent_delta_rule` on the states of `slots` in the pool `states` (updated in place):
+    q, k [seqs, key heads, key dim], v [seqs, value heads, value dim], g and beta [seqs, value heads]. Returns
+    [seqs, value heads, value dim] in v's dtype."""
+    dtype = v.dtype
+    q, k, v, g, beta = (t.float().contiguous() for t in (q, k, v, g, beta))
+    slots = slots.to(torch.int64).contiguous()
+    out = torch.empty_like(v)
+    seqs, key_heads, key_dim = q.shape
+    _load()[0].vllm_utils_delta_rule_step(q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), beta.data_ptr(),
+                                          states.data_ptr(), slots.data_ptr(), out.data_ptr(), seqs, key_heads,
+                                          v.shape[1], key_dim, v.shape[2])
+    return out.to(dtype)
 
 
 def supports_activation(x: torch.Tensor) -> bool:

@@ -491,3 +491,47 @@ void vllm_utils_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, con
         }
     }
 }
+
+/* One token of each of `seqs` sequences through the gated delta rule (linear attention), each sequence's state
+ * S [key_dim, value_dim] of value head h in states[slots[s]] updated in place: S *= exp(g); S += k (beta (v - S^T k))^T;
+ * out = S^T q, with q and k L2-normalised (q also scaled by key_dim ** -0.5), key head h / (value_heads /
+ * key_heads). All float32: q, k [seqs, key_heads, key_dim], v and out [seqs, value_heads, value_dim], g and beta
+ * [seqs, value_heads], states [slots, value_heads, key_dim, value_dim]. Two passes over a state (the remembered
+ * value needs the whole decayed state first); the second finds it in cache. value_dim <= 512. */
+void vllm_utils_delta_rule_step(const float* q, const float* k, const float* v, const float* g, const float* beta,
+                                float* states, const int64_t* slots, float* out, int seqs, int key_heads,
+                                int value_heads, int key_dim, int value_dim) {
+    int group = value_heads / key_heads;
+#pragma omp parallel for schedule(static)
+    for (int task = 0; task < seqs * value_heads; task++) {
+        int s = task / value_heads, h = task % value_heads;
+        const float *qs = q + ((long)s * key_heads + h / group) * key_dim, *ks = k + ((long)s * key_heads + h / group) * key_dim;
+        float qn = 0.0f, kn = 0.0f;
+        for (int i = 0; i < key_dim; i++) qn += qs[i] * qs[i], kn += ks[i] * ks[i];
+        float q_scale = 1.0f / sqrtf(qn + 1e-6f) / sqrtf((float)key_dim), k_scale = 1.0f / sqrtf(kn + 1e-6f);
+        float decay = expf(g[task]), rate = beta[task], remembered[512], delta[512];
+        float* state = states + (slots[s] * value_heads + h) * (long)key_dim * value_dim;
+        const float* vs = v + (long)task * value_dim;
+        float* os = out + (long)task * value_dim;
+        for (int j = 0; j < value_dim; j++) remembered[j] = 0.0f, os[j] = 0.0f;
+        for (int i = 0; i < key_dim; i++) {
+            float* row = state + (long)i * value_dim;
+            float ki = ks[i] * k_scale;
+#pragma omp simd
+            for (int j = 0; j < value_dim; j++) {
+                row[j] *= decay;
+                remembered[j] += row[j] * ki;
+            }
+        }
+        for (int j = 0; j < value_dim; j++) delta[j] = (vs[j] - remembered[j]) * rate;
+        for (int i = 0; i < key_dim; i++) {
+            float* row = state + (long)i * value_dim;
+            float ki = ks[i] * k_scale, qi = qs[i] * q_scale;
+#pragma omp simd
+            for (int j = 0; j < value_dim; j++) {
+                row[j] += ki * delta[j];
+                os[j] += row[j] * qi;
+            }
+        }
+    }
+}

@@ -17,6 +17,7 @@ from vllm_utils.config import EngineConfig
 from vllm_utils.kernels import cpu
 from vllm_utils.kernels.cpu_linear import DecodeLinear, OneDnnLinear, PackedOneDnnLinear, can_pack_for_onednn
 from vllm_utils.layers.activation import ACTIVATIONS, ActAndMul, Activation
+from vllm_utils.layers.delta_rule import GatedDeltaRule
 from vllm_utils.layers.linear import LinearOp
 from vllm_utils.layers.moe import FusedMoE
 from vllm_utils.layers.norm import RMSNorm
@@ -120,8 +121,8 @@ class CpuPlatform(Platform):
     def choose_kernels(self, model: nn.Module, config: EngineConfig, prompt_only: list[tuple[nn.Module, int]]) -> None:
         """bf16 only (fp32 runs the native ops): linears of prompt-only modules on oneDNN's packed weights; the
         other linears on our decode kernel (chained so each reads ahead into the next) where it takes their
-        weight, else on oneDNN; norms, RoPE, activations, encoder attention and the products of the experts a
-        decode step chose on our kernels. Any dtype: the
+        weight, else on oneDNN; norms, RoPE, activations, encoder attention, the products of the experts a
+        decode step chose and the delta rule's decode step on our kernels. Any dtype: the
         thread team follows the load (before each step), unless configured off or ranks share the cores."""
         self.release()  # an earlier engine's team, if any
         if config.cpu_follow_load and config.tensor_parallel_size == 1:
@@ -186,6 +187,12 @@ def _kernel_for(module: Op):
                 ACTIVATIONS[module.act](gate_up[:, : module.intermediate]) * gate_up[:, module.intermediate :]
             return cpu.linear(hidden, w2)
         return lambda x, weights, ids: module.forward_sparse(x, weights, ids, expert)
+    if isinstance(module, GatedDeltaRule):  # decode steps: each state read and written once, in place
+        def delta_rule(q, k, v, g, beta, states, slots, seq_lens):
+            if seq_lens is None and cpu.supports_delta_rule(states):
+                return cpu.delta_rule_step_(q, k, v, g, beta, states, slots)
+            return native(q, k, v, g, beta, states, slots, seq_lens)
+        return delta_rule
     if isinstance(module, EncoderAttention):
         def attention(q, k, v):
             if not cpu.supports_prefill_attention(q[0], k[0], v[0]):
