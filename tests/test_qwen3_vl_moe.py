@@ -200,3 +200,12 @@ def test_demo_gives_hf_tokens(tiny_qwen3_vl_moe, tmp_path, images):
     agreement = json.loads(run.stdout.split("***Reference Agreement***")[1])
     assert agreement["samples_compared"] == 1 and agreement["exact_match_rate"] == 1.0, agreement
     assert agreement["max_abs_dlogprob"] < 1e-4
+
+
+def test_acc_on_the_bundled_sample_agrees_with_hf_fp32(tiny_qwen3_vl_moe, tmp_path):
+    run = cli("--acc", f"--model={tiny_qwen3_vl_moe}", "--device=cpu", "--dtype=float32", "--dataset=sample-jsonl",
+              "--reference=hf", "--output-len=8", "--batch-size=3", cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout.split("***Acc Info***", 1)[1].split("\n}\n", 1)[0] + "\n}")
+    ref = info["reference"]
+    assert ref["samples_compared"] == 3 and ref["exact_match_rate"] == 1.0 and ref["max_abs_dlogprob"] < 1e-4
