@@ -124,6 +124,9 @@ def build_tiny_gemma3(folder: str, seed: int = VARIED_SEED, layout: str = "hub",
     model = AutoModelForImageTextToText.from_config(config).eval()
     scale_weights(model, tied=True)
     _scale_gemma(model, text["hidden_size"])
+    with torch.no_grad():  # the image's soft token scores 0 through the tied head: never generated (a generated one
+        # would count as a placeholder in HF's teacher-forced log-probs); its embedding is never read
+        model.get_input_embeddings().weight[config.image_token_index] = 0
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     if layout == "hub":
