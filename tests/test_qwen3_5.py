@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from vllm_utils import LLM, SamplingParams
 from vllm_utils.errors import UserError
@@ -160,8 +161,6 @@ def test_the_cuda_code_path_gives_hf_tokens(tiny_qwen3_5, llm, images, clip, exp
     """The kernels the CUDA platform chooses (the delta rule's decode step on Triton, Triton's fused layers and
     paged attention), interpreted on CPU tensors."""
     pytest.importorskip("triton")
-    import torch
-
     from vllm_utils.kernels import triton_delta_rule
     from vllm_utils.platforms.cuda import CudaPlatform
 
@@ -176,3 +175,32 @@ def test_the_cuda_code_path_gives_hf_tokens(tiny_qwen3_5, llm, images, clip, exp
     out = other.generate([req], SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True), use_tqdm=False)
     assert out[0].outputs[0].token_ids == expected[0]
     assert calls
+
+
+def test_a_budget_too_small_for_every_state_runs_fewer_requests_at_once(tiny_qwen3_5, images, clip, expected,
+                                                                         monkeypatch, capsys):
+    """--batch-size 8 where half the cache budget holds the states of 2: two requests run at a time, and all
+    give HF's tokens."""
+    from types import SimpleNamespace
+
+    from vllm_utils.engine import kv_cache, model_runner
+
+    class Budget:  # a platform whose cache budget is one sequence's KV and four states
+        def kv_cache_budget(self, device, config, one_sequence):
+            return one_sequence + 3 * per_sequence
+
+    per_sequence = 1000
+    config = SimpleNamespace(max_model_len=64, max_num_seqs=8, dtype=torch.float32,
+                             engine=SimpleNamespace(block_size=16))
+    layers = [SimpleNamespace(num_kv_heads=1, head_dim=8)]
+    one_kv = 5 * 2 * 8 * 4 * 16
+    assert kv_cache.plan_state_slots(config, Budget(), "cpu", layers, per_sequence) == (one_kv + 4000) // 2 // 1000
+    assert kv_cache.plan_state_slots(config, Budget(), "cpu", layers, 0) == 0
+    assert "at most" in capsys.readouterr().err
+
+    monkeypatch.setattr(model_runner, "plan_state_slots", lambda *args: 2)
+    llm = LLM(tiny_qwen3_5, device="cpu", dtype="float32", max_model_len=2048, max_num_seqs=8)
+    reqs = prompts(llm.engine.processor, images, clip)
+    outputs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert llm.engine.block_manager.num_state_slots == 2 and len(llm.engine.block_manager.free_state_slots) == 2

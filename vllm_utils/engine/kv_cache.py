@@ -4,6 +4,7 @@ import torch
 from vllm_utils.attention.layer import PagedAttention
 from vllm_utils.config import ResolvedConfig
 from vllm_utils.errors import UserError
+from vllm_utils.notes import note_once
 from vllm_utils.platforms.interface import GiB, Platform
 
 
@@ -37,6 +38,27 @@ def plan_kv_blocks(config: ResolvedConfig, platform: Platform, device: torch.dev
             f"--max-model-len {max_len} ({blocks_per_seq} blocks of {block_size}); lower --max-model-len, free "
             f"memory, or give the cache exactly one sequence's room with --num-kv-blocks {blocks_per_seq}")
     return num
+
+
+def plan_state_slots(config: ResolvedConfig, platform: Platform, device: torch.device, layers: list[PagedAttention],
+                     per_sequence: int, control_group: "torch.distributed.ProcessGroup | None" = None) -> int:
+    """Sequences whose recurrent state (`per_sequence` bytes each: the linear-attention layers') is held at once:
+    --batch-size, or as many as half the platform's budget holds (at least one; at tensor parallelism the smallest of
+    every rank's). 0 for models without such a state."""
+    if not per_sequence:
+        return 0
+    one_sequence_kv = (-(-config.max_model_len // config.engine.block_size) + 1) * bytes_per_block(
+        layers, config.engine.block_size, config.dtype)
+    budget = platform.kv_cache_budget(device, config.engine, one_sequence_kv + per_sequence)
+    slots = max(1, min(config.max_num_seqs, budget // 2 // per_sequence))
+    if control_group is not None:
+        count = torch.tensor([slots])
+        torch.distributed.all_reduce(count, torch.distributed.ReduceOp.MIN, group=control_group)
+        slots = int(count)
+    if slots < config.max_num_seqs:
+        note_once(f"the recurrent state takes {per_sequence / 2**20:.1f} MiB a sequence and half the cache budget "
+                  f"holds {slots} of them: at most {slots} requests run at once (--batch-size {config.max_num_seqs})")
+    return slots
 
 
 def allocate_kv_cache(layers: list[PagedAttention], num_blocks: int, block_size: int, dtype: torch.dtype,

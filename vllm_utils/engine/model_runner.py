@@ -12,7 +12,7 @@ from vllm_utils.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, VisionGra
 from vllm_utils.engine.prompt_logprobs import kept_rows, prompt_logprobs
 from vllm_utils.engine.scheduler import ScheduledStep
 from vllm_utils.engine.sequence import Sequence
-from vllm_utils.engine.kv_cache import allocate_kv_cache, plan_kv_blocks
+from vllm_utils.engine.kv_cache import allocate_kv_cache, plan_kv_blocks, plan_state_slots
 from vllm_utils.engine.step_inputs import PrefillInputs, StepInputs, prepare_step
 from vllm_utils.layers.op import Op
 from vllm_utils.distributed import tp_rank
@@ -55,8 +55,10 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         # linear attention: a recurrent state per sequence that may run, beside the KV cache and in its budget
         self.state_layers = [m for m in self.model.modules() if hasattr(m, "allocate_state")]
-        self.num_state_slots = config.max_num_seqs if self.state_layers else 0
-        self.state_bytes = self.num_state_slots * sum(m.state_bytes(self.dtype) for m in self.state_layers)
+        per_sequence = sum(m.state_bytes(self.dtype) for m in self.state_layers)
+        self.num_state_slots = plan_state_slots(config, self.platform, device, self.attention_layers, per_sequence,
+                                                control_group)
+        self.state_bytes = self.num_state_slots * per_sequence
         self.choose_kernels(self.platform)
         self.num_blocks = plan_kv_blocks(config, self.platform, device, self.attention_layers, control_group,
                                          self.state_bytes)
