@@ -3,11 +3,14 @@ window merger inside it, the merger, Qwen3.5's hybrid decoder with a recurrent s
 several slices, a small one of none, two in one prompt, text alone, in one batch; prompts prefilled in chunks (the
 state carried from chunk to chunk); preemption (the state recomputed); tensor parallelism; the slices, tokens and
 pixels against transformers' own MiniCPMV4_6Processor (built here without the torchvision video processor it cannot
-build); the CLI; refusals by name (MiniCPM-V 4.7, videos, config values)."""
+build); videos (frames cut as images, into the video token's positions) against transformers' model fed our inputs,
+their frame sampling and placeholder text against the video processor's and processor's own code; the CLI; refusals
+by name (MiniCPM-V 4.7, config values)."""
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +19,8 @@ from vllm_utils.config import load_hf_config
 from vllm_utils.errors import UserError
 from vllm_utils.models.minicpmv import MiniCPMV4_6ForConditionalGeneration
 from vllm_utils.models.registry import find_family
-from vllm_utils.multimodal.minicpmv import MiniCPMVProcessorAdapter
+from vllm_utils.multimodal.minicpmv import MiniCPMVProcessorAdapter, sample_frame_indices, split_items
+from vllm_utils.multimodal.video import VideoClip
 from vllm_utils.testing.tiny_minicpmv import VARIED_SEED, build_tiny_minicpmv
 
 from conftest import HFReference, chosen_logprobs
@@ -217,14 +221,107 @@ def test_the_published_config_builds_every_transformers_parameter_on_meta():
     assert count == sum(p.numel() for p in theirs.parameters()) and abs(count - 1.30e9) < 0.01e9
 
 
-def test_minicpmv4_7_and_videos_are_refused_with_the_reason(tiny, llm, images):
+def test_minicpmv4_7_is_refused_with_the_reason(tiny):
     config = load_hf_config(tiny)
     config.model_type = "minicpmv4_7"
     with pytest.raises(UserError, match="MiniCPM-V 4.7 is not supported: its canvas M-RoPE"):
         find_family(config, None, tiny)
+
+
+@pytest.fixture(scope="module")
+def clip(images) -> np.ndarray:
+    """Three small frames (a thumbnail each, no slices), cut from one picture at moving places."""
+    big = np.asarray(images[1].resize((200, 150)))
+    return np.stack([big[i * 6:i * 6 + 90, i * 10:i * 10 + 120] for i in range(3)])
+
+
+def video_requests(adapter, images, clip) -> list[dict]:
+    """A video alone; an image then a video (frames of 600 x 400: each a thumbnail and slices) in one prompt."""
+    wide = np.stack([np.asarray(images[0].resize((600, 400)))] * 2)
+    wide[1] = wide[1][::-1]
+    return [{"prompt": adapter.chat_prompt("describe the video", 0, 1), "multi_modal_data": {"video": clip}},
+            {"prompt": adapter.chat_prompt("compare them", 1, 1),
+             "multi_modal_data": {"image": [images[1].resize((90, 90))], "video": wide}}]
+
+
+def test_videos_and_a_batch_mixing_a_video_with_an_image_give_hf_tokens(tiny, llm, images, clip):
+    """HF's model fed our processed inputs (its video processor needs torchvision): the frames' features in the
+    video token's positions, images' in the image token's."""
+    reference = HFReference(tiny, processor=MiniCPMVProcessorAdapter(tiny, load_hf_config(tiny)), hf_processor=False)
+    reqs = video_requests(llm.engine.processor, images, clip) + requests(llm.engine.processor, images)[1:2]
+    expected = [reference.greedy(req, TOKENS, ignore_eos=True) for req in reqs]
+    outputs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True, logprobs=0),
+                           use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    for req, out in zip(reqs, outputs):
+        theirs = reference.token_logprobs(req, out.outputs[0].token_ids)
+        assert max(abs(a - b) for a, b in zip(chosen_logprobs(out.outputs[0]), theirs)) < 1e-4
+    assert len({tuple(t) for t in expected}) == len(expected)
+    tokenizer = llm.engine.processor.tokenizer
+    video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert all(video_id in o.prompt_token_ids for o in outputs[:2])
+    assert outputs[1].prompt_token_ids.count(tokenizer.convert_tokens_to_ids("<slice>")) > 2
+    # the frames matter: the same video reversed reads differently
+    flipped = dict(reqs[0], multi_modal_data={"video": clip[::-1].copy()})
+    got = llm.generate([flipped], SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True), use_tqdm=False)
+    assert got[0].outputs[0].token_ids == reference.greedy(flipped, TOKENS, ignore_eos=True)
+
+
+@pytest.mark.parametrize("size", [(90, 120), (400, 600)])
+def test_a_videos_text_and_sizes_are_minicpmv4_6_processors(tiny, llm, images, size):
+    """Each frame's thumbnail and slices as MiniCPMV4_6VideoProcessor sizes them (its find_best_resize,
+    get_sliced_grid, get_refine_size), and the prompt's text as MiniCPMV4_6Processor.replace_video_token and
+    _prepend_local_ids write it, a video and an image each counted from 0."""
+    from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import MiniCPMV4_6VideoProcessor
+
     adapter = llm.engine.processor
-    with pytest.raises(UserError, match="MiniCPM-V videos are not supported: .*torchvision"):
-        adapter.process(adapter.chat_prompt("describe", 0) + "<|video_pad|>", [], [[images[0]] * 2])
+    frames = np.stack([np.asarray(images[0].resize(size[::-1]))] * 2)
+    prompt = adapter.chat_prompt("describe", 1, 1)
+    ids, mm = adapter.process(prompt, [images[1].resize((90, 90))], [frames])
+    image_item, video = split_items(mm)
+    stored = json.loads(Path(f"{tiny}/video_preprocessor_config.json").read_text())
+    hf_video = MiniCPMV4_6VideoProcessor(**{k: v for k, v in stored.items() if k != "video_processor_type"})
+    grid = hf_video.get_sliced_grid(size, hf_video.max_slice_nums, hf_video.scale_resolution)
+    p = hf_video.patch_size
+    source = hf_video.find_best_resize(size, hf_video.scale_resolution, p, allow_upscale=grid is None)
+    sizes = [[source[0] // p, source[1] // p]]
+    if grid is not None:
+        refine = hf_video.get_refine_size(size, grid, hf_video.scale_resolution, p, allow_upscale=True)
+        sizes += [[refine[0] // grid[0] // p, refine[1] // grid[1] // p]] * (grid[0] * grid[1])
+    assert video["target_sizes"].tolist() == sizes * 2
+    assert video["grids"][0].tolist() == list(grid or (0, 0))
+    processor = hf_processor(tiny)
+    inputs = {"target_sizes_videos": video["target_sizes"].numpy(), "num_frames_per_video": [2],
+              "grids_videos": np.array([grid or (0, 0)] * 2)}
+    text = processor.replace_video_token(inputs, video_idx=0, video_token_divisor=16)
+    image_text = processor.replace_image_token(
+        {"grids": image_item["grids"].numpy(), "num_patches_per_image": [1],
+         "target_sizes": image_item["target_sizes"].numpy()}, image_idx=0, image_token_divisor=16)
+    image_text = processor._prepend_local_ids([prompt], [image_text], "<|image_pad|>")[0]
+    text = processor._prepend_local_ids([prompt], [text], "<|video_pad|>")[0]
+    assert "<image_id>0</image_id>" in text and ("<slice>" in text) == (grid is not None)
+    expanded = prompt.replace("<|image_pad|>", image_text).replace("<|video_pad|>", text)
+    assert ids == processor.tokenizer(expanded)["input_ids"]
+
+
+def test_frames_are_sampled_as_minicpmv4_6s_video_processor_samples(tiny, llm, clip):
+    """A clip of every frame of its file: a frame a second (ours against MiniCPMV4_6VideoProcessor.sample_frames,
+    whatever num_frames or fps are asked); frames given without a rate are taken as sampled."""
+    from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import MiniCPMV4_6VideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    hf_video = MiniCPMV4_6VideoProcessor()
+    for total, fps, most in [(24, 1.0, 128), (75, 30.0, 128), (100, 24.0, 128), (1000, 2.0, 16), (7, 2.5, 3)]:
+        metadata = VideoMetadata(total_num_frames=total, fps=fps, duration=total / fps)
+        theirs = hf_video.sample_frames(metadata, max_num_frames=most, num_frames=4, fps=2)
+        assert sample_frame_indices(total, fps, most) == [int(i) for i in theirs], (total, fps)
+    adapter = llm.engine.processor
+    assert adapter.max_num_frames == 64  # the folder's video processor's
+    every = np.stack([clip[i % 3] + i for i in range(12)])
+    taken = adapter.video_frames(VideoClip(every, fps=4.0, total_frames=12))
+    assert np.array_equal(taken, every[[0, 4, 8]])
+    assert np.array_equal(adapter.video_frames(every), every)  # frames given are taken as sampled
+    assert np.array_equal(adapter.video_frames(VideoClip(every[:4], fps=4.0, total_frames=12)), every[:4])
 
 
 def test_demo_gives_hf_tokens(tiny, tmp_path, images):

@@ -4,6 +4,8 @@ the SigLIP tower with its window merger (`minicpmv_vision.py`), then the merger:
 output one position (LayerNorm, linear, GELU, linear) into Qwen3.5's hybrid decoder (`qwen3_5.py`: Gated DeltaNet
 layers with a recurrent state per sequence, gated full attention). Positions are plain 1-D RoPE: token index, images
 included (transformers passes none, and Qwen3.5's decoder then turns every multimodal row by the same index).
+A video's frames are encoded as images are (transformers' `get_video_features` is `get_image_features` on them),
+their features in the video token's positions.
 In downsample_mode "16x" a slice of h x w patches takes h * w / 16 positions; in "4x" the window merger is skipped
 and it takes h * w / 4."""
 import re
@@ -100,7 +102,9 @@ class MiniCPMV4_6ForConditionalGeneration(MultimodalDecoderLM):
         super().__init__()
         self.check_config(config)
         vision, text = config.vision_config, config.text_config
-        self.mm_token_ids = (config.image_token_id,)
+        # a video's frames go through the tower as images do, into the video token's positions
+        video = getattr(config, "video_token_id", None)
+        self.mm_token_ids = (config.image_token_id,) + ((video,) if video is not None else ())
         window_merger = downsample_divisor(config) == 16
         self.vision_tower = MiniCPMVisionModel(vision, config.insert_layer_id, window_merger)
         self.merger = MiniCPMVMerger(vision.hidden_size, text.hidden_size)
