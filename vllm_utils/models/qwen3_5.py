@@ -105,7 +105,12 @@ class Qwen3_5DecoderLayer(nn.Module):
         else:
             self.self_attn = GatedAttention(config, spec, rotary, rotated)
         self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, spec)
+        self.mlp = self.make_mlp(config, spec)
+
+    @staticmethod
+    def make_mlp(config: PretrainedConfig, spec: DecoderSpec) -> nn.Module:
+        """The layer's MLP (a subclass gives experts)."""
+        return LlamaMLP(config, spec)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,13 +131,16 @@ class Qwen3_5DecoderLayer(nn.Module):
 
 
 class Qwen3_5TextModel(nn.Module):
+    layer_class: type[Qwen3_5DecoderLayer] = Qwen3_5DecoderLayer
+    config_spec = staticmethod(text_spec)  # the text config -> (its switches, rotated channels), refusing by name
+
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
-        spec, rotated = text_spec(config)
+        spec, rotated = self.config_spec(config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotary = InterleavedMRotaryEmbedding(rotated, config.max_position_embeddings, spec.rope,
                                              list(spec.mrope_sections))
-        self.layers = nn.ModuleList(Qwen3_5DecoderLayer(config, spec, kind, rotary, rotated)
+        self.layers = nn.ModuleList(self.layer_class(config, spec, kind, rotary, rotated)
                                     for kind in config.layer_types)
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 

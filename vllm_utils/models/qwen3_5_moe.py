@@ -4,7 +4,6 @@ MLP is Qwen3-Next's sparse block: a softmax top-k router renormalised, gated exp
 shared expert whose output is scaled per token by sigmoid(`shared_expert_gate`(x)). The experts come fused
 (`experts.gate_up_proj` [experts, 2 * inter, hidden], `experts.down_proj` [experts, hidden, inter], as transformers
 writes them, or each expert transposed) or one tensor per expert (`experts.<e>.gate_proj.weight`, ...)."""
-import re
 from types import SimpleNamespace
 
 import torch
@@ -14,16 +13,12 @@ from transformers.models.qwen3_5 import Qwen3_5TextConfig
 
 from vllm_utils.distributed import all_reduce
 from vllm_utils.errors import UserError
-from vllm_utils.layers.embedding import VocabParallelEmbedding
 from vllm_utils.layers.linear import LinearBase
 from vllm_utils.layers.moe import SparseMoeBlock, route
-from vllm_utils.layers.norm import GemmaRMSNorm
-from vllm_utils.models.gated_deltanet import GatedDeltaNet
 from vllm_utils.models.llama import PACKED_MODULES, LlamaMLP
-from vllm_utils.models.qwen3_5 import (GatedAttention, Qwen3_5DecoderLayer, Qwen3_5ForConditionalGeneration,
-                                       Qwen3_5TextModel, text_spec)
-from vllm_utils.models.qwen3_vl import InterleavedMRotaryEmbedding
-from vllm_utils.models.qwen3_vl_moe import packed_expert_modules
+from vllm_utils.models.qwen3_5 import (Qwen3_5DecoderLayer, Qwen3_5ForConditionalGeneration, Qwen3_5TextModel,
+                                       text_spec)
+from vllm_utils.models.qwen3_vl_moe import expert_key, packed_expert_modules
 from vllm_utils.models.text_backbones import DecoderSpec, refuse
 
 # the text config's fields that only the experts read (the rest is a Qwen3.5 text config); the router's aux-loss
@@ -34,8 +29,6 @@ _MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "s
 # where set to anything but what it does regardless
 _OTHER_MOE_FIELDS = ("n_shared_experts", "num_shared_experts", "first_k_dense_replace", "moe_layer_freq",
                      "topk_group", "n_group", "routed_scaling_factor", "scoring_func", "topk_method")
-_PER_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
-_FUSED = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
 def check_moe_text(text: PretrainedConfig) -> None:
@@ -97,32 +90,18 @@ class SharedExpertMoeBlock(SparseMoeBlock):
 
 
 class Qwen3_5MoeDecoderLayer(Qwen3_5DecoderLayer):
-    """Qwen3.5's decoder layer (its forward) with the sparse block as its MLP."""
+    """Qwen3.5's decoder layer with the sparse block as its MLP."""
 
-    def __init__(self, config: PretrainedConfig, spec: DecoderSpec, kind: str, rotary: InterleavedMRotaryEmbedding,
-                 rotated: int) -> None:
-        nn.Module.__init__(self)
-        self.input_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        if kind == "linear_attention":
-            self.linear_attn = GatedDeltaNet(config)
-        else:
-            self.self_attn = GatedAttention(config, spec, rotary, rotated)
-        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SharedExpertMoeBlock(config, spec)
+    @staticmethod
+    def make_mlp(config: PretrainedConfig, spec: DecoderSpec) -> nn.Module:
+        return SharedExpertMoeBlock(config, spec)
 
 
 class Qwen3_5MoeTextModel(Qwen3_5TextModel):
-    """Qwen3.5's decoder (its forward) on layers with experts."""
+    """Qwen3.5's decoder on layers with experts."""
 
-    def __init__(self, config: PretrainedConfig) -> None:
-        nn.Module.__init__(self)
-        spec, rotated = moe_text_spec(config)
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        rotary = InterleavedMRotaryEmbedding(rotated, config.max_position_embeddings, spec.rope,
-                                             list(spec.mrope_sections))
-        self.layers = nn.ModuleList(Qwen3_5MoeDecoderLayer(config, spec, kind, rotary, rotated)
-                                    for kind in config.layer_types)
-        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+    layer_class = Qwen3_5MoeDecoderLayer
+    config_spec = staticmethod(moe_text_spec)
 
 
 class Qwen3_5MoeForConditionalGeneration(Qwen3_5ForConditionalGeneration):
@@ -149,13 +128,4 @@ class Qwen3_5MoeForConditionalGeneration(Qwen3_5ForConditionalGeneration):
         """Qwen3.5's key layout (`mtp.*` unused); the experts' fused tensors to our `w13`/`w2`, one expert's to
         the name of its shard in `packed_modules`."""
         key = super().checkpoint_key(key)
-        if key is None:
-            return None
-        fused = _FUSED.search(key)
-        if fused:
-            ours = "w13" if fused.group(1) == "gate_up_proj" else "w2"
-            return key[:fused.start()] + f".mlp.experts.{ours}.weight"
-        one = _PER_EXPERT.search(key)
-        if one:
-            return key[:one.start()] + f".mlp.experts.expert{one.group(1)}_{one.group(2)}.weight"
-        return key
+        return None if key is None else expert_key(key)

@@ -106,6 +106,19 @@ class Qwen3VLMoeTextModel(Qwen3VLTextModel):
         self.norm = make_norm(config, spec)
 
 
+def expert_key(key: str) -> str:
+    """A checkpoint key with the experts' fused tensors renamed to our `w13`/`w2`, and one expert's to the name of
+    its shard in `packed_expert_modules`; other keys unchanged."""
+    fused = _FUSED.search(key)
+    if fused:
+        ours = "w13" if fused.group(1) == "gate_up_proj" else "w2"
+        return key[:fused.start()] + f".mlp.experts.{ours}.weight"
+    one = _PER_EXPERT.search(key)
+    if one:
+        return key[:one.start()] + f".mlp.experts.expert{one.group(1)}_{one.group(2)}.weight"
+    return key
+
+
 class Qwen3VLMoeForConditionalGeneration(Qwen3VLForConditionalGeneration):
     @staticmethod
     def check_config(config: PretrainedConfig) -> None:
@@ -138,13 +151,4 @@ class Qwen3VLMoeForConditionalGeneration(Qwen3VLForConditionalGeneration):
         """Qwen3-VL's key layout; the experts' fused tensors to our `w13`/`w2`, one expert's to the name of its
         shard in `packed_modules`."""
         key = super().checkpoint_key(key)
-        if key is None:
-            return None
-        fused = _FUSED.search(key)
-        if fused:
-            ours = "w13" if fused.group(1) == "gate_up_proj" else "w2"
-            return key[:fused.start()] + f".mlp.experts.{ours}.weight"
-        one = _PER_EXPERT.search(key)
-        if one:
-            return key[:one.start()] + f".mlp.experts.expert{one.group(1)}_{one.group(2)}.weight"
-        return key
+        return None if key is None else expert_key(key)
