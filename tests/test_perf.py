@@ -57,6 +57,8 @@ def test_perf_report_csv_and_json(tiny_llava, tmp_path):
     assert metrics["image_tokens_per_request"] + metrics["text_tokens_per_request"] == 100
     assert metrics["output_tokens"] == 3 * 12
     assert metrics["peak_kv_blocks_used"] <= metrics["kv_blocks_total"]
+    # synthetic prompts differ from their second token: no block is shared, none of the figures is a cache hit's
+    assert metrics["prefix_cache_hit_rate"] == 0 and "prefix-cache hits: 0.0% of prompt tokens" in run.stdout
     environment = document["environment"]
     assert environment["torch"] == torch.__version__ and environment["packages"]["torch"] == metadata.version("torch")
     assert {"torch", "transformers", "vllm_utils", "python"} <= set(environment["packages"])
@@ -76,7 +78,8 @@ def test_perf_report_csv_and_json(tiny_llava, tmp_path):
     for setting, expected in {"input_len": "100", "output_len": "12", "num_prompts": "3", "batch_size": "2",
                               "block_size": "16", "max_model_len": "256", "dtype": "float32",
                               "tensor_parallel_size": "1", "device": "cpu", "model": tiny_llava,
-                              "num_kv_blocks": "auto", "max_num_batched_tokens": "8192"}.items():
+                              "num_kv_blocks": "auto", "max_num_batched_tokens": "8192",
+                              "enable_prefix_caching": "True"}.items():
         assert table[setting] == expected
     # the seed's keys hold the numbers ***Perf Info*** prints, without their units
     assert all(float(table[k]) == value(str(v)) for k, v in info.items())

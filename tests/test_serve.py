@@ -137,6 +137,7 @@ def test_chat_with_images_matches_llm(server, client, llm, images, media, two_im
         parts.append({"type": "image_url", "image_url": {"url": "file://" + media[1]}})
     messages = [{"role": "user", "content": parts + [{"type": "text", "text": "What is in the picture?"}]}]
     expected = llm.chat(messages, GREEDY, use_tqdm=False)[0].outputs[0]
+    before = metrics(server)
     reply = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=12, temperature=0)
     assert reply.choices[0].message.content == expected.text
     assert reply.choices[0].finish_reason == expected.finish_reason
@@ -144,6 +145,10 @@ def test_chat_with_images_matches_llm(server, client, llm, images, media, two_im
     stream = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=12, temperature=0,
                                             stream=True)
     assert _stream_text(stream) == expected.text
+    after = metrics(server)  # the second ask started after the first's cached blocks, image included
+    assert after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"] > 0
+    assert after["vllm:prefix_cache_queries_total"] - before["vllm:prefix_cache_queries_total"] == 2 * \
+        reply.usage.prompt_tokens
 
 
 def test_completions_match_llm(server, client, llm):

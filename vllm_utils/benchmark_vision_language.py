@@ -135,6 +135,10 @@ def _model_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV-cache blocks (engine only; default: sized from memory)")
     g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs (engine only)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="a prompt starts after the longest prefix of full KV blocks an earlier one computed, keyed by "
+                        "their tokens and images' content (engine only; default: on, except for models with "
+                        "linear-attention layers, whose recurrent state the blocks do not hold)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of random weights, synthetic requests and sampling (one generator for all requests), "
                         "0 to 4294967295")

@@ -49,6 +49,9 @@ class EngineConfig:
     triton_gemv: bool = field(default_factory=envs.triton_gemv)  # single-row linears on CUDA in Triton
     max_logprobs: int = 20  # the most log-probs a request may ask per position (vLLM's; -1: no limit)
     mm_processor_kwargs: dict | None = None  # settings of the model's HF processor (vLLM's), checked by the family
+    # prompts start after their longest cached prefix of full KV blocks (engine/prefix_cache.py). None: on where it
+    # is exact (not for models with a recurrent state, which the blocks do not hold)
+    enable_prefix_caching: bool | None = None
 
     def __post_init__(self) -> None:
         if self.seed is None:  # vLLM's LLM(seed=None)
@@ -83,6 +86,7 @@ class ResolvedConfig:
     max_model_len: int
     max_num_seqs: int
     max_num_batched_tokens: int
+    prefix_caching: bool = False
 
 
 def is_hub_name(model: str) -> bool:

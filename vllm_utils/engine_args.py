@@ -1,5 +1,5 @@
 """`LLM(...)`'s keywords as vLLM names them -> this engine's `EngineConfig` fields. A name that means something here
-is mapped; one that changes nothing here (logging, prefix caching, swap space) is accepted; one whose setting this
+is mapped; one that changes nothing here (logging, swap space) is accepted; one whose setting this
 engine does not implement is refused by name unless left at vLLM's default; an unknown name is refused."""
 from dataclasses import fields
 from typing import Any
@@ -9,7 +9,7 @@ from vllm_utils.errors import UserError
 
 RENAMED = {"gpu_memory_utilization": "memory_fraction", "num_gpu_blocks_override": "num_kv_blocks"}
 # accepted at any value: they change how vLLM runs, not what it computes, or do not apply to this engine
-ACCEPTED = ("trust_remote_code", "disable_log_stats", "enable_prefix_caching", "swap_space", "tokenizer_mode",
+ACCEPTED = ("trust_remote_code", "disable_log_stats", "swap_space", "tokenizer_mode",
             "max_seq_len_to_capture", "disable_custom_all_reduce", "compilation_config", "generation_config",
             "allowed_local_media_path", "limit_mm_per_prompt", "enable_chunked_prefill", "task", "runner")
 # refused unless at vLLM's default: settings this engine does not implement

@@ -87,6 +87,10 @@ class LLM:
         sets temperature, top_p, top_k, repetition_penalty or max_new_tokens (LLM(generation_config="vllm"): not)."""
         return self.default_params.clone()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached block no request holds, as vLLM's; False (nothing forgotten) while requests run."""
+        return self.engine.reset_prefix_cache()
+
     def get_tokenizer(self):
         return self.engine.processor.tokenizer
 
@@ -157,7 +161,7 @@ class LLM:
         first = seqs[0]
         return RequestOutput(str(next(self.request_ids)), first.prompt, first.token_ids[: first.num_prompt_tokens],
                              self._logprobs(first.prompt_logprobs), [self._completion(s) for s in seqs], True,
-                             first.times, sum(s.num_preemptions for s in seqs))
+                             first.times, sum(s.num_preemptions for s in seqs), first.num_cached_tokens)
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
         params, ids = seq.params, seq.output_token_ids

@@ -40,3 +40,4 @@ class RequestOutput:
     finished: bool
     times: SequenceTimes  # when the request arrived, was first scheduled and got each token (its first output's)
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (at its last admission), as vLLM's

@@ -8,6 +8,7 @@ from PIL import Image
 from vllm_utils.config import EngineConfig, ResolvedConfig
 from vllm_utils.engine.block_manager import BlockManager
 from vllm_utils.engine.model_runner import ModelRunner
+from vllm_utils.engine.prefix_cache import PrefixCache, item_hashes
 from vllm_utils.engine.resolve import resolve
 from vllm_utils.engine.scheduler import Scheduler
 from vllm_utils.engine.sequence import Sequence
@@ -31,6 +32,12 @@ class EngineStats:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     peak_blocks_used: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache at admission, and found there
+    prefix_cache_hits: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 class LLMEngine:
@@ -60,12 +67,14 @@ class LLMEngine:
         self.platform = self.runner.platform
         model = self.runner.model  # an image's positions attending to each other both ways are never split
         whole_runs = set(model.mm_token_ids) if getattr(model, "bidirectional_mm", False) else None
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, self.runner.num_state_slots)
+        cache = PrefixCache(self.runner.num_blocks, config.block_size, model.mm_token_ids) \
+            if self.config.prefix_caching and not self.runner.state_layers else None
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, self.runner.num_state_slots, cache)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    self.max_model_len, self.processor.eos_token_ids, self._stop_string,
                                    whole_runs)
         self.runner.eos_token_ids = self.processor.eos_token_ids
-        self.stats = EngineStats()
+        self.reset_stats()
 
     def add_request(self, prompt: str | None, images: list[Image.Image], params: SamplingParams,
                     prompt_token_ids: list[int] | None = None, mm_inputs: MultiModalInputs | None = None,
@@ -89,6 +98,10 @@ class LLMEngine:
         longest = room if params.max_tokens is None else min(params.max_tokens, room)
         seqs = [Sequence(prompt_token_ids, params, mm_inputs, prompt, text_from, index, longest)
                 for index in range(params.n)]
+        if mm_inputs and self.block_manager.cache is not None:
+            hashes = item_hashes(self.processor.item_positions(mm_inputs), mm_inputs, images, videos)
+            for seq in seqs:
+                seq.mm_hashes = hashes
         for seq in seqs:
             self.scheduler.add(seq)
         return seqs
@@ -145,8 +158,16 @@ class LLMEngine:
             self.platform.configure_rank(self.device, 1)  # alone again: e.g. on CPUs, every thread the ranks shared
         self.platform.release()
 
+    def reset_prefix_cache(self) -> bool:
+        if self.scheduler.has_unfinished():
+            return False
+        if self.block_manager.cache is not None:
+            self.block_manager.cache.evict(self.block_manager.num_blocks)
+        return True
+
     def reset_stats(self) -> None:
         self.stats = EngineStats()
+        self.scheduler.prefix_queries = self.scheduler.prefix_hits = 0
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Drops requests, waiting or running (their blocks freed, their multimodal embeddings forgotten)."""
@@ -179,6 +200,7 @@ class LLMEngine:
             stats.decode_tokens += len(step.seqs)
             stats.decode_seconds += elapsed
         stats.peak_blocks_used = max(stats.peak_blocks_used, self.block_manager.num_used)
+        stats.prefix_cache_queries, stats.prefix_cache_hits = self.scheduler.prefix_queries, self.scheduler.prefix_hits
         finished = self.scheduler.postprocess(step, token_ids, logprobs)
         for seq in finished:
             seq.mm_inputs = None

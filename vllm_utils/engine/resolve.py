@@ -38,9 +38,21 @@ def resolve(config: EngineConfig, model_type: str | None = None) -> ResolvedConf
         max_num_seqs=config.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
         # a budget below the longest sequence prefills prompts in chunks
         max_num_batched_tokens=config.max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len),
+        prefix_caching=prefix_caching(config, hf_config),
     )
     check_tensor_parallel(resolved)
     return resolved
+
+
+def prefix_caching(config: EngineConfig, hf_config) -> bool:
+    """Whether prompts may start after a cached prefix: asked, or by default, where the KV blocks hold all a prefix
+    leaves behind (a model with linear-attention layers also leaves a recurrent state, which they do not)."""
+    recurrent = "linear_attention" in (getattr(hf_config.text_config, "layer_types", None) or [])
+    if recurrent and config.enable_prefix_caching:
+        raise UserError("prefix caching is not supported for models with linear-attention layers (their recurrent "
+                        "state is not cached with the KV blocks); leave it off (drop --enable-prefix-caching or "
+                        "enable_prefix_caching=True)")
+    return not recurrent and config.enable_prefix_caching is not False
 
 
 def check_tensor_parallel(config: ResolvedConfig) -> None:

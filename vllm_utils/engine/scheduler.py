@@ -3,7 +3,8 @@ decode one token per step, and when blocks run out the youngest sequence is pree
 recomputed from its tokens later). With a token budget per step smaller than the longest sequence
 (`max_num_batched_tokens` < `max_model_len`), prompts are prefilled in chunks, and the running sequences'
 decodes share those steps; a run of positions that attend to each other both ways (an image's, `whole_runs`) is
-never split between chunks."""
+never split between chunks. With prefix caching, a prompt starts after its longest cached prefix of full blocks
+(never its last token: that one's logits are wanted)."""
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.prefix_queries = 0  # tokens of admitted sequences looked up in the prefix cache, and found there
+        self.prefix_hits = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -61,14 +64,16 @@ class Scheduler:
                 break
             num_tokens += len(seq)
             prefill.append(self.waiting.popleft())
+            self._computes(seq, len(seq) - seq.num_computed)
         if prefill:
             self.running.extend(prefill)
-            return ScheduledStep(prefill, [len(s) for s in prefill], True)
+            return ScheduledStep(prefill, [len(s) - s.num_computed for s in prefill], True)
         decode = []
         while self.running:
             seq = self.running.popleft()
             if self._reserve_next_token(seq):
                 decode.append(seq)
+                self._computes(seq, 1)
         self.running.extend(decode)
         return ScheduledStep(decode, [1] * len(decode), False)
 
@@ -81,18 +86,27 @@ class Scheduler:
             remaining = len(seq) - seq.num_computed
             if remaining > 1 or self._reserve_next_token(seq):  # a prompt's blocks were allocated whole
                 seqs.append(seq)
-                counts.append(self._chunk(seq, min(remaining, budget)))
+                counts.append(self._computes(seq, self._chunk(seq, min(remaining, budget))))
                 budget -= counts[-1]
                 kept.append(seq)
         self.running = kept + self.running  # those the budget did not reach wait for the next step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self._admit(self.waiting[0]):
             seq = self.waiting.popleft()
             seqs.append(seq)
-            counts.append(self._chunk(seq, min(len(seq), budget)))
+            counts.append(self._computes(seq, self._chunk(seq, min(len(seq) - seq.num_computed, budget))))
             budget -= counts[-1]
             self.running.append(seq)
-        is_prefill = any(len(s) - s.num_computed > 1 for s in seqs)
+        # a decode computes each sequence's newest token after a prefill of its prompt (a prompt whose cached prefix
+        # leaves one token is a prefill: its positions and items are the prefill's work)
+        is_prefill = any(len(s) - s.num_computed > 1 or s.num_computed < s.num_prompt_tokens for s in seqs)
         return ScheduledStep(seqs, counts, is_prefill)
+
+    def _computes(self, seq: Sequence, count: int) -> int:
+        """Offers the full blocks this step completes to the prefix cache (a sequence admitted later in this step
+        may start after them: each layer stores the step's keys and values before any sequence attends); returns
+        `count`."""
+        self.blocks.cache_computed(seq, seq.num_computed + count)
+        return count
 
     def _chunk(self, seq: Sequence, count: int) -> int:
         """`count` tokens of `seq` from its `num_computed` on, cut before a whole run that would not fit, or
@@ -106,10 +120,19 @@ class Scheduler:
         return count
 
     def _admit(self, seq: Sequence) -> bool:
-        """Allocates the blocks of a waiting sequence's tokens, if they are free."""
-        if not self.blocks.can_allocate(seq):
+        """Allocates the blocks of a waiting sequence's tokens, if they are free (those of its cached prefix
+        shared)."""
+        # never its last token (its logits are wanted), nor with prompt log-probs (every row's are). The cached
+        # blocks may end inside a whole run: their keys and values were computed with the run whole (the same
+        # item's), and the rest of the run is computed together, seeing them.
+        looks_up = self.blocks.cache is not None and seq.params.prompt_logprobs is None
+        hits = self.blocks.cached_prefix(seq, len(seq) - 1) if looks_up else []
+        if not self.blocks.can_allocate(seq, hits):
             return False
-        self.blocks.allocate(seq)
+        self.blocks.allocate(seq, hits)
+        if looks_up:
+            self.prefix_queries += len(seq)
+            self.prefix_hits += seq.num_cached_tokens
         if seq.times.first_scheduled is None:
             seq.times.first_scheduled = time.perf_counter()
         return True

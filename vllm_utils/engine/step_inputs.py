@@ -81,7 +81,9 @@ def prepare_prefill(step: ScheduledStep, model: VisionLanguageModel, block_size:
         if bidirectional:
             key_ends.append(_key_ends(seq.mm_runs(mm_tokens), start, end))
         mm_offsets.append(sum(is_mm[:start]))
-        if start == 0 and seq.mm_inputs:  # its items are encoded now, for this and its later chunks
+        # its items are encoded at its first step, for this and its later chunks (not at all where its cached
+        # prefix holds every multimodal position)
+        if start == seq.num_cached_tokens and seq.mm_inputs and any(is_mm[start:]):
             mm_new.append((seq.seq_id, sum(is_mm)))
             starting.append(seq.mm_inputs)
     cached = [s.num_computed for s in step.seqs]

@@ -52,7 +52,14 @@ def summarize(runs: list[TimedRun], output_len: int) -> dict:
         "decode_tokens_per_second": sum(r.stats.decode_tokens for r in runs) / decode_s if decode_s else 0.0,
         "preemptions": sum(o.num_preemptions for o in outputs),
         "peak_kv_blocks_used": max(r.stats.peak_blocks_used for r in runs),
+        "prefix_cache_hit_rate": _hit_rate([r.stats for r in runs]),
     }
+
+
+def _hit_rate(stats: list[EngineStats]) -> float | None:
+    """The share of admitted prompt tokens found in the prefix cache (None: no cache looked up)."""
+    queries = sum(s.prefix_cache_queries for s in stats)
+    return sum(s.prefix_cache_hits for s in stats) / queries if queries else None
 
 
 def seed_perf_info(summary: dict) -> dict[str, str]:

@@ -127,7 +127,8 @@ def resolve_config(spec: Spec, model: str) -> ResolvedConfig:
         max_model_len=engine.max_model_len, block_size=engine.block_size,
         max_num_batched_tokens=engine.max_num_batched_tokens, num_kv_blocks=engine.num_kv_blocks,
         enforce_eager=engine.enforce_eager, tensor_parallel_size=engine.tensor_parallel_size, seed=engine.seed,
-        load_format=engine.load_format, mm_processor_kwargs=engine.mm_processor_kwargs), engine.model_type)
+        load_format=engine.load_format, mm_processor_kwargs=engine.mm_processor_kwargs,
+        enable_prefix_caching=engine.enable_prefix_caching), engine.model_type)
     if engine.block_size > config.max_model_len:
         raise UserError(f"--block-size {engine.block_size} is larger than the longest sequence (max model length "
                         f"{config.max_model_len}); use a block of at most that many tokens (16, 32 or 64 are usual)")

@@ -72,7 +72,8 @@ def print_perf(plan: Plan, result: PerfResult, info: dict) -> None:
     print(f"tokens per request: {s['image_tokens_per_request']} {vision} + {s['text_tokens_per_request']} text; "
           f"KV-cache blocks used at peak: {blocks}; "
           + (f"recurrent state: {s['recurrent_state_gib'] * 1024:.1f} MiB; " if s.get("recurrent_state_gib") else "")
-          + f"peak memory: {s['peak_memory_gib']:.2f} GiB; preemptions: {s['preemptions']}")
+          + f"peak memory: {s['peak_memory_gib']:.2f} GiB; preemptions: {s['preemptions']}; prefix-cache hits: "
+          + ("off" if s["prefix_cache_hit_rate"] is None else f"{s['prefix_cache_hit_rate']:.1%} of prompt tokens"))
     if result.cpu_threads is not None:
         print(plan.platform.threads_line())
 
@@ -97,7 +98,8 @@ def perf_settings(plan: Plan) -> dict[str, object]:
         "dtype": str(config.dtype).removeprefix("torch."), "tensor_parallel_size": engine.tensor_parallel_size,
         "max_model_len": config.max_model_len, "input_len": spec.input_len, "output_len": spec.output_len,
         "num_prompts": spec.num_prompts, "batch_size": config.max_num_seqs, "block_size": engine.block_size,
-        "enforce_eager": engine.enforce_eager, "load_format": engine.load_format, "num_iters": spec.num_iters,
+        "enforce_eager": engine.enforce_eager, "enable_prefix_caching": config.prefix_caching and engine.backend == "engine",
+        "load_format": engine.load_format, "num_iters": spec.num_iters,
         "seed": engine.seed, "input_image": ";".join(spec.images) or ("" if synthetic_video or spec.video else "black"),
         "mm_per_prompt": spec.mm_per_prompt,
         "input_vision_shape": ";".join(f"{h},{w}" for h, w in spec.vision_shapes),
@@ -133,6 +135,7 @@ def acc_settings(plan: Plan) -> dict[str, object]:
         "batch_size": config.max_num_seqs, "output_len": plan.inputs.output_len,
         "max_model_len": config.max_model_len, "seed": spec.engine.seed,
         "reference": "hf" if spec.reference else "none", "backend": spec.engine.backend,
+        "enable_prefix_caching": config.prefix_caching and spec.engine.backend == "engine",
         **({"num_frames": spec.num_frames, "video_dir": spec.video_dir or "beside the dataset"}
            if any(s.videos for s in plan.inputs.samples) else {}),
         **({"image_dir": spec.image_dir} if spec.image_dir else {}),

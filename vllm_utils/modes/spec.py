@@ -33,7 +33,7 @@ MODES_OF = {
     "reference_device": ("demo", "acc"), "output_json": ("perf", "acc"), "result_dir": ("perf", "acc"),
     "result_filename": ("perf", "acc"), "save_result": ("perf", "acc"),
 }
-ENGINE_ONLY = ("block_size", "num_kv_blocks", "enforce_eager")  # what --backend hf ignores
+ENGINE_ONLY = ("block_size", "num_kv_blocks", "enforce_eager", "enable_prefix_caching")  # what --backend hf ignores
 
 
 def flag(dest: str) -> str:
@@ -62,6 +62,7 @@ class EngineSpec:
     backend: str  # "engine" or "hf"
     ignored_by_hf: tuple[str, ...]  # engine-only flags given with --backend hf
     mm_processor_kwargs: dict | None = None  # settings of the model's HF processor (GOT-OCR2's multi-crop, ...)
+    enable_prefix_caching: bool | None = None  # None: on where it is exact
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,8 @@ def engine_spec(args: argparse.Namespace, given: set[str]) -> EngineSpec:
         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
         batch_size=args.batch_size, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         enforce_eager=args.enforce_eager, seed=args.seed, backend=args.backend, ignored_by_hf=ignored,
-        mm_processor_kwargs=parse_processor_kwargs(args.mm_processor_kwargs))
+        mm_processor_kwargs=parse_processor_kwargs(args.mm_processor_kwargs),
+        enable_prefix_caching=args.enable_prefix_caching)
 
 
 def parse_processor_kwargs(text: str | None) -> dict | None:

@@ -1,6 +1,6 @@
 """The server's Prometheus metrics, under vLLM's names where vLLM has them (so its dashboards read ours): requests
 running and waiting, KV-cache use, and per request TTFT, TPOT, inter-token latency and end-to-end latency as
-histograms, with token and request counters. One registry per server (not the process-wide default)."""
+histograms, with token, request and prefix-cache counters. One registry per server (not the process-wide default)."""
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
@@ -41,10 +41,14 @@ class ServerMetrics:
                                labelnames=["model_name", "finished_reason"], registry=registry)
         self.aborted = Counter("vllm_utils:request_aborted", "Requests whose client left before the end", **label)
         self.preemptions = Gauge("vllm:num_preemptions", "Preemptions since the server started", **label)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      **label)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", **label)
+        self._prefix_seen = (0, 0)  # the scheduler's counts at the last update
         self.name = model_name
         for metric in (self.running, self.waiting, self.kv_usage, self.blocks_used, self.blocks_total, self.ttft,
                        self.tpot, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens, self.aborted,
-                       self.preemptions):
+                       self.preemptions, self.prefix_queries, self.prefix_hits):
             metric.labels(model_name)  # present (at 0) from the start
         self.blocks_total.labels(model_name).set(num_blocks)
 
@@ -56,6 +60,10 @@ class ServerMetrics:
         self.blocks_used.labels(name).set(block_manager.num_used)
         self.kv_usage.labels(name).set(block_manager.num_used / max(block_manager.num_blocks, 1))
         self.preemptions.labels(name).set(scheduler.num_preemptions)
+        queries, hits = scheduler.prefix_queries, scheduler.prefix_hits
+        self.prefix_queries.labels(name).inc(max(0, queries - self._prefix_seen[0]))
+        self.prefix_hits.labels(name).inc(max(0, hits - self._prefix_seen[1]))
+        self._prefix_seen = (queries, hits)
 
     def finished(self, seq: Sequence, arrival: float, times: list[float]) -> None:
         """A finished output (the first of its request's n): `times`, when its request's handler got each token,

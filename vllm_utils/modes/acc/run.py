@@ -80,7 +80,10 @@ def run(plan: Plan, backend: Backend) -> AccResult:
         figures = {"overall": overall(per_sample),
                    "per_sample": [{"id": r.sample.id, **as_record(r.agreement)} for r in results]}
     failures = [f"sample {r.sample.id} (row {r.sample.row}) failed: {r.error}" for r in results if r.error]
-    return AccResult(acc_info(spec.dataset, results, figures), [r.record() for r in results], failures, figures)
+    info = acc_info(spec.dataset, results, figures)
+    if backend.stats.prefix_cache_queries:  # prompt tokens a second question on an image found computed
+        info["prefix_cache_hit_rate"] = backend.stats.prefix_cache_hit_rate
+    return AccResult(info, [r.record() for r in results], failures, figures)
 
 
 def _run_samples(plan: Plan, backend: Backend, reference, samples: list[Sample], save_file) -> list[Result]:
