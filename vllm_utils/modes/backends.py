@@ -35,6 +35,9 @@ class Backend(Protocol):
 
     def reset_stats(self) -> None: ...
 
+    def reset_prefix_cache(self) -> None:
+        """Forgets what earlier requests left in the prefix cache (none: nothing to forget)."""
+
     def kv_blocks(self) -> int | None:
         """The paged KV cache's blocks; None without one."""
 
@@ -58,6 +61,9 @@ class EngineBackend:
 
     def reset_stats(self) -> None:
         self.llm.engine.reset_stats()
+
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
 
     def kv_blocks(self) -> int:
         return self.llm.engine.block_manager.num_blocks
@@ -102,6 +108,9 @@ class HFBackend:
 
     def reset_stats(self) -> None:
         self.stats = EngineStats()
+
+    def reset_prefix_cache(self) -> None:
+        pass
 
     def kv_blocks(self) -> None:
         return None

@@ -46,6 +46,7 @@ def _as_prompts(requests: list[SyntheticRequest]) -> list[dict]:
 
 
 def timed_run(plan: Plan, backend: Backend, requests: list[SyntheticRequest], params: SamplingParams) -> TimedRun:
+    backend.reset_prefix_cache()  # each run's prompts computed whole, whatever the runs before left cached
     backend.reset_stats()
     plan.platform.synchronize(plan.config.device)
     start = time.perf_counter()

@@ -75,8 +75,8 @@ def image_positions(processor: ProcessorAdapter, images: list[Image.Image], vide
 def synthetic_requests(processor: ProcessorAdapter, input_len: int, count: int, images: list[Image.Image] | None,
                        seed: int, video=None, items: RequestItems | None = None) -> list[SyntheticRequest]:
     """BOS (where the model has one), one random token, each item's tokens, then random tokens up to
-    `input_len`. The random token before the items makes every request's prefix differ, so no prefix could be
-    shared. `images` None: one black image of the processor's size; `video`: one video instead of images;
+    `input_len`. The random token before the items, another for each request, makes every request's prefix differ,
+    so no prefix could be shared. `images` None: one black image of the processor's size; `video`: one video instead of images;
     `items`: those already processed."""
     if items is None:
         images = images or ([] if video is not None else request_images(processor, [], [], 1))
@@ -84,11 +84,12 @@ def synthetic_requests(processor: ProcessorAdapter, input_len: int, count: int, 
     check_input_len(input_len, items.positions, items.fixed, "video" if video is not None else "images")
     vocab = np.array(processor.text_token_ids())
     rng = np.random.default_rng(seed)
+    leads = rng.choice(vocab, count, replace=count > len(vocab)).tolist()  # one per request while the vocabulary lasts
     requests = []
-    for _ in range(count):
-        text = rng.choice(vocab, input_len - items.fixed).tolist()
-        ids = ([processor.bos_token_id] if processor.bos_token_id is not None else []) + [text[0]]
+    for lead in leads:
+        text = rng.choice(vocab, input_len - items.fixed - 1).tolist()
+        ids = ([processor.bos_token_id] if processor.bos_token_id is not None else []) + [lead]
         for tokens in items.placeholders:
             ids += tokens
-        requests.append(SyntheticRequest(ids + text[1:], items.mm_inputs, items.positions))
+        requests.append(SyntheticRequest(ids + text, items.mm_inputs, items.positions))
     return requests
