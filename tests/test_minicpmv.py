@@ -5,7 +5,7 @@ state carried from chunk to chunk); preemption (the state recomputed); tensor pa
 pixels against transformers' own MiniCPMV4_6Processor (built here without the torchvision video processor it cannot
 build); videos (frames cut as images, into the video token's positions) against transformers' model fed our inputs,
 their frame sampling and placeholder text against the video processor's and processor's own code; the CLI; refusals
-by name (MiniCPM-V 4.7, config values)."""
+by name (config values). MiniCPM-V 4.7 (canvas M-RoPE) is tested in test_minicpmv4_7.py."""
 import json
 import re
 from pathlib import Path
@@ -18,7 +18,6 @@ from vllm_utils import LLM, SamplingParams
 from vllm_utils.config import load_hf_config
 from vllm_utils.errors import UserError
 from vllm_utils.models.minicpmv import MiniCPMV4_6ForConditionalGeneration
-from vllm_utils.models.registry import find_family
 from vllm_utils.multimodal.minicpmv import MiniCPMVProcessorAdapter, sample_frame_indices, split_items
 from vllm_utils.multimodal.video import VideoClip
 from vllm_utils.testing.tiny_minicpmv import VARIED_SEED, build_tiny_minicpmv
@@ -29,14 +28,14 @@ from test_cli import cli
 TOKENS = 8
 
 
-def hf_processor(folder: str):
-    """transformers' MiniCPMV4_6Processor of the folder, its video processor built without the class check that
-    needs torchvision (it never runs here)."""
+def hf_processor(folder: str, processor_class: type | None = None):
+    """transformers' MiniCPMV4_6Processor (or `processor_class`: 4.7's) of the folder, its video processor built
+    without the class check that needs torchvision (it never runs here)."""
     from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.models.minicpmv4_6.processing_minicpmv4_6 import MiniCPMV4_6Processor
     from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import MiniCPMV4_6VideoProcessor
 
-    class ImagesOnly(MiniCPMV4_6Processor):
+    class ImagesOnly(processor_class or MiniCPMV4_6Processor):
         def check_argument_for_proper_class(self, name, argument):
             return None if name == "video_processor" else super().check_argument_for_proper_class(name, argument)
 
@@ -221,18 +220,15 @@ def test_the_published_config_builds_every_transformers_parameter_on_meta():
     assert count == sum(p.numel() for p in theirs.parameters()) and abs(count - 1.30e9) < 0.01e9
 
 
-def test_minicpmv4_7_is_refused_with_the_reason(tiny):
-    config = load_hf_config(tiny)
-    config.model_type = "minicpmv4_7"
-    with pytest.raises(UserError, match="MiniCPM-V 4.7 is not supported: its canvas M-RoPE"):
-        find_family(config, None, tiny)
+def small_clip(images) -> np.ndarray:
+    """Three small frames (a thumbnail each, no slices), cut from one picture at moving places."""
+    big = np.asarray(images[1].resize((200, 150)))
+    return np.stack([big[i * 6:i * 6 + 90, i * 10:i * 10 + 120] for i in range(3)])
 
 
 @pytest.fixture(scope="module")
 def clip(images) -> np.ndarray:
-    """Three small frames (a thumbnail each, no slices), cut from one picture at moving places."""
-    big = np.asarray(images[1].resize((200, 150)))
-    return np.stack([big[i * 6:i * 6 + 90, i * 10:i * 10 + 120] for i in range(3)])
+    return small_clip(images)
 
 
 def video_requests(adapter, images, clip) -> list[dict]:

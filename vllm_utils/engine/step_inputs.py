@@ -124,7 +124,8 @@ def _positions(model: VisionLanguageModel, seq: Sequence, is_mm: list[bool], sta
         return torch.arange(start, end)
     if seq.rope_positions is None:
         prompt = seq.num_prompt_tokens
-        seq.rope_positions, seq.rope_offset = model.rope_positions(is_mm[:prompt], seq.mm_inputs)
+        seq.rope_positions, seq.rope_offset = model.rope_positions(is_mm[:prompt], seq.mm_inputs,
+                                                                   seq.token_ids[:prompt])
     prompt = seq.rope_positions.shape[1]
     rows = (torch.arange(start, end) + seq.rope_offset).expand(3, -1).clone()
     if start < prompt:

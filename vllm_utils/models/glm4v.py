@@ -192,7 +192,8 @@ class Glm4vForConditionalGeneration(MultimodalDecoderLM):
         """pixel_values [patches, 3 * 2 * 14 * 14], grid_thw [items, 3] -> [positions, hidden]."""
         return self.visual(mm_inputs["pixel_values"], mm_inputs["grid_thw"])
 
-    def rope_positions(self, is_mm: list[bool], mm_inputs: MultiModalInputs | None) -> tuple[torch.Tensor, int]:
+    def rope_positions(self, is_mm: list[bool], mm_inputs: MultiModalInputs | None,
+                       token_ids: list[int] | None = None) -> tuple[torch.Tensor, int]:
         """As transformers' `get_rope_index` counts them: frame by frame (`frame_positions.py`)."""
         return frame_positions(is_mm, mm_inputs["grid_thw"] if mm_inputs else None, self.merge, self.max_positions)
 

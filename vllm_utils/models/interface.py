@@ -43,9 +43,11 @@ class VisionLanguageModel(Protocol):
     def encode_mm(self, mm_inputs: MultiModalInputs) -> torch.Tensor:
         """Embeddings of every multimodal position of the batch, in prompt order: [positions, hidden]."""
 
-    def rope_positions(self, is_mm: list[bool], mm_inputs: MultiModalInputs | None) -> tuple[torch.Tensor, int]:
+    def rope_positions(self, is_mm: list[bool], mm_inputs: MultiModalInputs | None,
+                       token_ids: list[int] | None = None) -> tuple[torch.Tensor, int]:
         """Only with position_rows 3: a prompt's positions [3, tokens] and the offset of the tokens after it
-        (their position is their index plus it, in all rows). `is_mm` marks the prompt's multimodal positions."""
+        (their position is their index plus it, in all rows). `is_mm` marks the prompt's multimodal positions;
+        `token_ids` are the prompt's tokens (MiniCPM-V 4.7 reads the markers around its items there)."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 mm_embeds: torch.Tensor | None = None, mm_mask: torch.Tensor | None = None,

@@ -7,7 +7,14 @@ included (transformers passes none, and Qwen3.5's decoder then turns every multi
 A video's frames are encoded as images are (transformers' `get_video_features` is `get_image_features` on them),
 their features in the video token's positions.
 In downsample_mode "16x" a slice of h x w patches takes h * w / 16 positions; in "4x" the window merger is skipped
-and it takes h * w / 4."""
+and it takes h * w / 4.
+
+MiniCPM-V 4.7 (`MiniCPMV4_7ForConditionalGeneration`, openbmb/MiniCPM-V-4.7-1B) is the same model on canvas M-RoPE
+(`canvas_positions.py`): each picture or video frame laid on a 2-D canvas of the decoder's three interleaved
+multimodal rows (its thumbnail stretched over its slices' grid, the markers `image_start_id` ... `newline_id` the
+config names pinned to the canvas), so its positions read the prompt's token ids; the config has no
+`drop_vision_last_layer`. Its processor differs only in writing a video without `<image_id>`."""
+import math
 import re
 
 import torch
@@ -19,6 +26,7 @@ from vllm_utils.errors import UserError
 from vllm_utils.layers.activation import Activation
 from vllm_utils.layers.embedding import ParallelLMHead, embed_with_mm
 from vllm_utils.layers.linear import ColumnParallelLinear, RowParallelLinear
+from vllm_utils.models.canvas_positions import CanvasMarkers, canvas_positions
 from vllm_utils.models.llama import PACKED_MODULES, MultimodalDecoderLM
 from vllm_utils.models.minicpmv_vision import WINDOW, MiniCPMVisionModel, check_vision_config, window_order
 from vllm_utils.models.qwen3_5 import Qwen3_5TextModel, text_spec
@@ -66,12 +74,13 @@ class MiniCPMVMerger(nn.Module):
 class MiniCPMV4_6ForConditionalGeneration(MultimodalDecoderLM):
     packed_modules = PACKED_MODULES
     position_rows = 1
+    config_type = "minicpmv4_6"
 
-    @staticmethod
-    def check_config(config: PretrainedConfig) -> None:
+    @classmethod
+    def check_config(cls, config: PretrainedConfig) -> None:
         """Refuses, by name, every configuration value this model does not implement."""
-        if config.model_type != "minicpmv4_6":
-            raise UserError(f"model_type '{config.model_type}' is not supported here (supported: minicpmv4_6)")
+        if config.model_type != cls.config_type:
+            raise UserError(f"model_type '{config.model_type}' is not supported here (supported: {cls.config_type})")
         check_vision_config(config.vision_config, config.insert_layer_id)
         text_spec(config.text_config)
         downsample_divisor(config)
@@ -139,3 +148,38 @@ class MiniCPMV4_6ForConditionalGeneration(MultimodalDecoderLM):
         if key.startswith(("mtp.", "model.mtp.")) or key.endswith("rotary_emb.inv_freq"):
             return None
         return key
+
+
+# the config's ids of the markers canvas M-RoPE pins, in CanvasMarkers' order
+CANVAS_MARKERS = ("image_start_id", "image_end_id", "slice_start_id", "slice_end_id", "newline_id")
+
+
+class MiniCPMV4_7ForConditionalGeneration(MiniCPMV4_6ForConditionalGeneration):
+    """4.6's tower, merger and decoder; a prompt's positions are three rows laid out on each frame's canvas."""
+    position_rows = 3
+    config_type = "minicpmv4_7"
+
+    @classmethod
+    def check_config(cls, config: PretrainedConfig) -> None:
+        super().check_config(config)
+        for name in CANVAS_MARKERS:
+            if getattr(config, name, None) is None:
+                raise UserError(f"{name} is not set in the config; canvas M-RoPE pins that marker to each image's "
+                                f"canvas and cannot lay out the prompt's positions without it")
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)
+        self.markers = CanvasMarkers(*(getattr(config, name) for name in CANVAS_MARKERS))
+        self.merge = math.isqrt(downsample_divisor(config))  # patches a position merges along a side
+        self.max_positions = config.text_config.max_position_embeddings
+
+    def rope_positions(self, is_mm: list[bool], mm_inputs: MultiModalInputs | None,
+                       token_ids: list[int] | None = None) -> tuple[torch.Tensor, int]:
+        """The canvas rows of the prompt `token_ids`: each item's slices (`target_sizes`, in prompt order) placed
+        on its frame's canvas, the markers around them pinned to it."""
+        if token_ids is None:
+            raise ValueError("MiniCPM-V 4.7's positions are laid out from the prompt's token ids: pass token_ids")
+        video = self.mm_token_ids[1] if len(self.mm_token_ids) > 1 else None
+        kinds = [(2 if t == video else 1) if m else 0 for t, m in zip(token_ids, is_mm)]
+        sizes = [(h, w) for h, w in mm_inputs["target_sizes"].tolist()] if mm_inputs else []
+        return canvas_positions(list(token_ids), kinds, sizes, self.markers, self.merge, self.max_positions)

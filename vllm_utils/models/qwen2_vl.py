@@ -66,7 +66,8 @@ class Qwen2VLForConditionalGeneration(MultimodalDecoderLM):
         """pixel_values [patches, 3 * 2 * 14 * 14], grid_thw [items, 3] -> [positions, hidden]."""
         return self.visual(mm_inputs["pixel_values"], mm_inputs["grid_thw"])
 
-    def rope_positions(self, is_mm: list[bool], mm_inputs: MultiModalInputs | None) -> tuple[torch.Tensor, int]:
+    def rope_positions(self, is_mm: list[bool], mm_inputs: MultiModalInputs | None,
+                       token_ids: list[int] | None = None) -> tuple[torch.Tensor, int]:
         """The prompt's position rows [3, tokens] and the offset of the tokens after it (position = index +
         offset), as transformers' `get_rope_index` counts them. `is_mm` marks the items' positions."""
         grids = mm_inputs["grid_thw"].tolist() if mm_inputs else []

@@ -177,7 +177,8 @@ class Qwen3VLForConditionalGeneration(MultimodalDecoderLM):
             embeds = self.language_model.embed_tokens(input_ids)
         return self.language_model(positions, embeds, meta, deepstack, keep)
 
-    def rope_positions(self, is_mm: list[bool], mm_inputs: MultiModalInputs | None) -> tuple[torch.Tensor, int]:
+    def rope_positions(self, is_mm: list[bool], mm_inputs: MultiModalInputs | None,
+                       token_ids: list[int] | None = None) -> tuple[torch.Tensor, int]:
         """As transformers' `get_rope_index` counts them: frame by frame (`frame_positions.py`)."""
         return frame_positions(is_mm, mm_inputs["grid_thw"] if mm_inputs else None, self.merge, self.max_positions)
 

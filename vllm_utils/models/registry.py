@@ -16,7 +16,7 @@ from vllm_utils.models.internvl import InternVLForConditionalGeneration
 from vllm_utils.models.llava import LlavaForConditionalGeneration
 from vllm_utils.models.llava_next import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 from vllm_utils.models.llava_next_video import LlavaNextVideoForConditionalGeneration
-from vllm_utils.models.minicpmv import MiniCPMV4_6ForConditionalGeneration
+from vllm_utils.models.minicpmv import MiniCPMV4_6ForConditionalGeneration, MiniCPMV4_7ForConditionalGeneration
 from vllm_utils.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from vllm_utils.models.qwen3_5 import Qwen3_5ForConditionalGeneration
 from vllm_utils.models.qwen3_5_moe import Qwen3_5MoeForConditionalGeneration
@@ -30,7 +30,7 @@ from vllm_utils.multimodal.internvl import InternVLProcessorAdapter
 from vllm_utils.multimodal.llava import LlavaProcessorAdapter
 from vllm_utils.multimodal.llava_next import (LlavaNextProcessorAdapter, LlavaNextVideoProcessorAdapter,
                                               LlavaOnevisionProcessorAdapter)
-from vllm_utils.multimodal.minicpmv import MiniCPMVProcessorAdapter
+from vllm_utils.multimodal.minicpmv import MiniCPMV4_7ProcessorAdapter, MiniCPMVProcessorAdapter
 from vllm_utils.multimodal.processor import ProcessorAdapter
 from vllm_utils.multimodal.qwen2_vl import Qwen2VLProcessorAdapter
 from vllm_utils.multimodal.qwen3_vl import Qwen3VLProcessorAdapter
@@ -79,14 +79,13 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
                                "vllm_utils.testing.tiny_qwen3_5_moe:demo_qwen3_5_moe"),
     "minicpmv4_6": ModelFamily(("minicpmv4_6",), MiniCPMV4_6ForConditionalGeneration, MiniCPMVProcessorAdapter,
                                "vllm_utils.testing.tiny_minicpmv:demo_minicpmv"),
+    "minicpmv4_7": ModelFamily(("minicpmv4_7",), MiniCPMV4_7ForConditionalGeneration, MiniCPMV4_7ProcessorAdapter,
+                               "vllm_utils.testing.tiny_minicpmv:demo_minicpmv4_7"),
     "gemma3": ModelFamily(("gemma3",), Gemma3ForConditionalGeneration, Gemma3ProcessorAdapter,
                           "vllm_utils.testing.tiny_gemma3:demo_gemma3"),
 }
 # model_types transformers defines that no family serves, refused with the reason
 UNSUPPORTED_TYPES = {
-    "minicpmv4_7": "MiniCPM-V 4.7 is not supported: its canvas M-RoPE lays each image's slices out on a 2-D canvas "
-                   "of multimodal positions (markers and row newlines pinned to its corners), which this engine does "
-                   "not implement (MiniCPM-V 4.6, --model-type minicpmv4_6, with plain positions, is supported)",
     "paligemma": "PaliGemma is not supported: its Gemma 2 decoder needs attention logit soft-capping and a prefix-LM "
                  "mask over the prompt, which this engine does not implement (Gemma 3, --model-type gemma3, is "
                  "supported)",

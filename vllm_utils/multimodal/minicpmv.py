@@ -16,7 +16,12 @@ sampled as MiniCPMV4_6VideoProcessor.sample_frames samples (a frame a second, at
 placeholder becomes `<image_id>N</image_id>` (N counting the prompt's videos from 0) then, per frame, `<image>` +
 the video token per position + `</image>` and its slices' rows (`<slice>`, the video token, `</slice>`), as
 MiniCPMV4_6Processor.replace_video_token writes it. A video's item is all its frames' pieces, with `frames` its
-frame count (0 for an image)."""
+frame count (0 for an image).
+
+MiniCPM-V 4.7's processor (MiniCPMV4_7Processor, on 4.6's image and video processors) writes the same, except a
+video without `<image_id>N</image_id>`; its model reads which tokens are an image's or a video's positions
+(`mm_token_type_ids`) to lay its canvas out, and the config names the markers' ids, checked here against the
+tokenizer's."""
 import math
 import re
 
@@ -62,6 +67,7 @@ def sample_frame_indices(total_frames: int, fps: float, max_num_frames: int = MA
 class MiniCPMVProcessorAdapter(ProcessorAdapter):
     image_token = "<|image_pad|>"
     video_token = "<|video_pad|>"
+    video_image_id = True  # a video's placeholder starts with <image_id>N</image_id> too (with use_image_id)
     # the slicing, and whether an image's index is written before it
     processor_settings = {"max_slice_nums": int, "scale_resolution": int, "slice_mode": bool, "use_image_id": bool}
 
@@ -213,7 +219,7 @@ class MiniCPMVProcessorAdapter(ProcessorAdapter):
             if self.processor_kwargs.get("slice_mode", self.image_processor.slice_mode) and rows > 0 and cols > 0:
                 slices = [m["slice_start_token"] + token * n + m["slice_end_token"] for n in counts[1:]]
                 text += "\n".join("".join(slices[r * cols:(r + 1) * cols]) for r in range(rows))
-        if self.use_image_id:
+        if self.use_image_id and (self.video_image_id or not frames):
             text = f"{m['image_id_start_token']}{index}{m['image_id_end_token']}" + text
         return text
 
@@ -245,6 +251,32 @@ class MiniCPMVProcessorAdapter(ProcessorAdapter):
             raise UserError(f"the processor expands the images to {expanded} positions but the vision tower yields "
                             f"{expected} features; the processor's settings do not match the model's")
         return ids, mm_inputs
+
+
+class MiniCPMV4_7ProcessorAdapter(MiniCPMVProcessorAdapter):
+    video_image_id = False
+    # the config's id of each marker, by the tokenizer's name of it (the newline: "\n", one token)
+    _CONFIG_IDS = {"image_start_token": "image_start_id", "image_end_token": "image_end_id",
+                   "slice_start_token": "slice_start_id", "slice_end_token": "slice_end_id"}
+
+    def __init__(self, folder: str, hf_config: PretrainedConfig, allow_missing: bool = False,
+                 processor_kwargs: dict | None = None) -> None:
+        super().__init__(folder, hf_config, allow_missing, processor_kwargs)
+        if self.tokenizer is None:
+            return
+        found = {field: self.tokenizer.convert_tokens_to_ids(self.markers[name])
+                 for name, field in self._CONFIG_IDS.items()}
+        newline = self.tokenizer("\n", add_special_tokens=False)["input_ids"]
+        found["newline_id"] = newline[0] if len(newline) == 1 else newline
+        for field, token_id in found.items():
+            if getattr(hf_config, field, None) != token_id:
+                raise UserError(f"the tokenizer's id for the marker of the config's {field} is {token_id}, not "
+                                f"{getattr(hf_config, field, None)}; the folder mixes files of different models")
+
+    def hf_token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Which tokens are an image's (1) or a video's (2) positions, as MiniCPMV4_7Processor marks them."""
+        video = (input_ids == self.video_token_id) if self.video_token_id is not None else torch.zeros_like(input_ids)
+        return {"mm_token_type_ids": (input_ids == self.mm_token_id).int() + 2 * video.int()}
 
 
 def split_items(mm_inputs: MultiModalInputs) -> list[MultiModalInputs]:

@@ -4,7 +4,12 @@ patches with the window merger after layer `insert_layer_id`, downsample_mode 16
 hybrid decoder of three Gated DeltaNet layers to one gated full-attention layer) with the sizes shrunk, saved in the
 hub's key layout (model.vision_tower.*, model.merger.*, model.language_model.*, lm_head.*) with the processor's
 files: the image processor's (slices of scale_resolution 112 here, 448 on the hub) and a tokenizer trained here on
-Qwen's special tokens and MiniCPM-V's markers, named as the hub's tokenizer names them."""
+Qwen's special tokens and MiniCPM-V's markers, named as the hub's tokenizer names them.
+
+MiniCPM-V 4.7 (`model_type="minicpmv4_7"`, openbmb/MiniCPM-V-4.7-1B: transformers' `MiniCPMV4_7Config`, 4.6's
+fields less drop_vision_last_layer, plus the ids of the markers its canvas M-RoPE pins, as its conversion script
+stores them) is the same checkpoint with those ids, its architecture and processor class; no published 4.7 config is
+at hand, so its sizes are 4.6's shrunk."""
 import os
 
 import torch
@@ -34,6 +39,10 @@ _CORPUS = (
     "compare the two pictures . system user assistant please answer the question briefly and clearly . "
 )
 VARIED_SEED = 1  # HF's greedy tokens vary, and differ between the tests' prompts
+VARIED_SEED_4_7 = 7  # the same for MiniCPM-V 4.7 (its canvas positions)
+_ARCHITECTURES = {"minicpmv4_6": "MiniCPMV4_6ForConditionalGeneration",
+                  "minicpmv4_7": "MiniCPMV4_7ForConditionalGeneration"}
+_PROCESSORS = {"minicpmv4_6": "MiniCPMV4_6Processor", "minicpmv4_7": "MiniCPMV4_7Processor"}
 
 
 def train_minicpmv_tokenizer(vocab_size: int = 400):
@@ -55,15 +64,16 @@ def build_tiny_minicpmv(folder: str, seed: int = VARIED_SEED, text_layers: int =
                         heads: int = 4, kv_heads: int = 2, head_dim: int = 64, linear_heads: int = 2,
                         vision_layers: int = 3, vision_hidden: int = 32, vision_heads: int = 2,
                         insert_layer_id: int = 1, position_side: int = 8, scale_resolution: int = 112,
-                        max_slice_nums: int = 9, downsample_mode: str = "16x") -> str:
-    """Writes config, processor files and random safetensors weights of a small MiniCPM-V 4.6 to `folder`: decoder
-    layers linear, linear, linear, full by default (the recurrent state carries across three layers); the window
-    merger after vision layer `insert_layer_id` (layers before and after it)."""
+                        max_slice_nums: int = 9, downsample_mode: str = "16x",
+                        model_type: str = "minicpmv4_6") -> str:
+    """Writes config, processor files and random safetensors weights of a small MiniCPM-V 4.6 (or 4.7, by
+    `model_type`) to `folder`: decoder layers linear, linear, linear, full by default (the recurrent state carries
+    across three layers); the window merger after vision layer `insert_layer_id` (layers before and after it)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     tokenizer = train_minicpmv_tokenizer()
     token = tokenizer.convert_tokens_to_ids
-    rotated_half = head_dim // 8  # partial_rotary_factor 0.25; positions are 1-D, the sections only split evenly
+    rotated_half = head_dim // 8  # partial_rotary_factor 0.25; with 4.6's 1-D positions the sections split evenly
     section = [rotated_half - 2 * (rotated_half // 3), rotated_half // 3, rotated_half // 3]
     text = dict(model_type="qwen3_5_text", vocab_size=len(tokenizer), hidden_size=hidden,
                 intermediate_size=3 * hidden, num_hidden_layers=text_layers,
@@ -78,12 +88,16 @@ def build_tiny_minicpmv(folder: str, seed: int = VARIED_SEED, text_layers: int =
     vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
                   num_attention_heads=vision_heads, image_size=14 * position_side, patch_size=14,
                   hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, window_kernel_size=[2, 2])
-    config = AutoConfig.for_model("minicpmv4_6", text_config=text, vision_config=vision,
+    [newline] = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    markers = {} if model_type == "minicpmv4_6" else dict(
+        image_start_id=token("<image>"), image_end_id=token("</image>"), slice_start_id=token("<slice>"),
+        slice_end_id=token("</slice>"), newline_id=newline)
+    config = AutoConfig.for_model(model_type, text_config=text, vision_config=vision,
                                   insert_layer_id=insert_layer_id, image_size=scale_resolution,
                                   image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
                                   downsample_mode=downsample_mode, merge_kernel_size=[2, 2], merger_times=1,
-                                  tie_word_embeddings=False)
-    config.architectures = ["MiniCPMV4_6ForConditionalGeneration"]
+                                  tie_word_embeddings=False, **markers)
+    config.architectures = [_ARCHITECTURES[model_type]]
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
     scale_weights(model, False, tables=("position_embedding.weight",))
@@ -99,28 +113,35 @@ def build_tiny_minicpmv(folder: str, seed: int = VARIED_SEED, text_layers: int =
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    _save_processor(folder, scale_resolution, max_slice_nums, downsample_mode)
+    _save_processor(folder, scale_resolution, max_slice_nums, downsample_mode, _PROCESSORS[model_type])
     eos = [token("<|im_end|>"), token("<|endoftext|>")]
     write_json(os.path.join(folder, "generation_config.json"), {"eos_token_id": eos, "pad_token_id": eos[1]})
     return folder
 
 
-def _save_processor(folder: str, scale_resolution: int, max_slice_nums: int, downsample_mode: str) -> None:
-    """The hub's processor files: the image processor's, the video processor's and the chat template."""
+def _save_processor(folder: str, scale_resolution: int, max_slice_nums: int, downsample_mode: str,
+                    processor_class: str) -> None:
+    """The hub's processor files: the image processor's, the video processor's (4.6's, for 4.7 too) and the chat
+    template."""
     common = {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
               "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3,
               "rescale_factor": 1 / 255, "max_slice_nums": max_slice_nums, "scale_resolution": scale_resolution,
               "patch_size": 14, "slice_mode": True, "downsample_mode": downsample_mode, "use_image_id": True,
-              "processor_class": "MiniCPMV4_6Processor"}
+              "processor_class": processor_class}
     write_json(os.path.join(folder, "preprocessor_config.json"),
                {**common, "image_processor_type": "MiniCPMV4_6ImageProcessor"})
     write_json(os.path.join(folder, "video_preprocessor_config.json"),
                {**common, "video_processor_type": "MiniCPMV4_6VideoProcessor", "max_num_frames": 64})
     with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
         f.write(CHAT_TEMPLATE)
-    update_json(os.path.join(folder, "tokenizer_config.json"), {"processor_class": "MiniCPMV4_6Processor"})
+    update_json(os.path.join(folder, "tokenizer_config.json"), {"processor_class": processor_class})
 
 
 def demo_minicpmv(folder: str) -> str:
     """The demo's default MiniCPM-V (testing/default_model.py), of a seed where HF's greedy tokens vary."""
     return build_tiny_minicpmv(folder, seed=VARIED_SEED)
+
+
+def demo_minicpmv4_7(folder: str) -> str:
+    """The demo's default MiniCPM-V 4.7, of a seed where HF's greedy tokens vary."""
+    return build_tiny_minicpmv(folder, seed=VARIED_SEED_4_7, model_type="minicpmv4_7")
