@@ -81,8 +81,9 @@ def run(plan: Plan, backend: Backend) -> AccResult:
                    "per_sample": [{"id": r.sample.id, **as_record(r.agreement)} for r in results]}
     failures = [f"sample {r.sample.id} (row {r.sample.row}) failed: {r.error}" for r in results if r.error]
     info = acc_info(spec.dataset, results, figures)
-    if backend.stats.prefix_cache_queries:  # prompt tokens a second question on an image found computed
-        info["prefix_cache_hit_rate"] = backend.stats.prefix_cache_hit_rate
+    stats = getattr(backend, "stats", None)  # a backend that keeps none reports no hit rate
+    if stats is not None and stats.prefix_cache_queries:  # prompt tokens a later question on an image found computed
+        info["prefix_cache_hit_rate"] = stats.prefix_cache_hit_rate
     return AccResult(info, [r.record() for r in results], failures, figures)
 
 
