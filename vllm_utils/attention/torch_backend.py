@@ -78,18 +78,21 @@ class TorchPagedAttention:
     def decode_runs(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                     window: int | None = None) -> torch.Tensor:
         """One sequence at a time: a sequence whose blocks form one run attends to a slice of the pool
-        (no copy); the others gather their own blocks."""
+        (no copy); the others (e.g. after a shared cached prefix) gather the blocks they see into one run first."""
         block_size = k_cache.shape[1]
         flat_k, flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         for i, (start, length) in enumerate(zip(meta.run_starts, meta.context_lens.tolist())):
+            first = length - min(length, window or length)  # the first position it sees
             if start < 0:
-                out[i : i + 1] = self.decode(q[i : i + 1], k_cache, v_cache, meta.block_tables[i : i + 1],
-                                             meta.context_lens[i : i + 1], scale, window)
+                skipped = first // block_size * block_size
+                blocks = meta.block_tables[i, skipped // block_size : -(-length // block_size)].long()
+                k, v = (c.index_select(0, blocks).flatten(0, 1)[first - skipped : length - skipped]
+                        for c in (k_cache, v_cache))
+                out[i] = self.decode_one(q[i], k, v, scale)
                 continue
-            end = start * block_size + length
-            first = end - min(length, window or length)
-            out[i] = self.decode_one(q[i], flat_k[first:end], flat_v[first:end], scale)
+            out[i] = self.decode_one(q[i], flat_k[start * block_size + first : start * block_size + length],
+                                     flat_v[start * block_size + first : start * block_size + length], scale)
         return out
 
     @staticmethod
