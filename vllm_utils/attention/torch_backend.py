@@ -28,7 +28,7 @@ class TorchPagedAttention:
     def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                window: int | None = None) -> torch.Tensor:
         if meta.is_prefill and meta.cached_lens is not None:
-            return self.prefill_after_cached(q, k_cache, v_cache, meta, scale, window)
+            return self.prefill_after_cached(q, k, v, k_cache, v_cache, meta, scale, window)
         if meta.is_prefill:
             return self.prefill(q, k, v, meta.seq_lens, scale, window, meta.key_ends)
         if meta.run_starts is not None:
@@ -56,23 +56,28 @@ class TorchPagedAttention:
             start += n
         return out
 
-    def prefill_after_cached(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+    def prefill_after_cached(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                              window: int | None = None) -> torch.Tensor:
         """Chunks of prompts whose earlier tokens are in the cache: each chunk's queries attend to its sequence's
-        whole cache so far (this step's K/V included), read block by block, causally but for `meta.key_ends`."""
+        whole cache so far (this step's K/V included), read block by block, causally but for `meta.key_ends`. A
+        whole prompt in the same step (nothing cached) attends to this step's `k`, `v` as `prefill` does."""
         block_size = k_cache.shape[1]
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         row = 0
         for i, (n, cached) in enumerate(zip(meta.seq_lens, meta.cached_lens)):
+            rows = slice(row, row + n)
+            ends = None if meta.key_ends is None else meta.key_ends[rows]
+            row += n
+            if cached == 0:
+                out[rows] = self.prefill(q[rows], k[rows], v[rows], [n], scale, window, ends)
+                continue
             length = cached + n
             blocks = meta.block_tables[i, : -(-length // block_size)].long()
-            k, v = (c.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)[None] for c in (k_cache, v_cache))
-            ends = None if meta.key_ends is None else meta.key_ends[row : row + n]
+            keys, values = (c.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)[None]
+                            for c in (k_cache, v_cache))
             mask = visible_keys(torch.arange(cached, length, device=q.device), length, window, ends)
-            out[row : row + n] = F.scaled_dot_product_attention(q[row : row + n].transpose(0, 1)[None], k, v,
-                                                                attn_mask=mask, scale=scale,
-                                                                enable_gqa=True)[0].transpose(0, 1)
-            row += n
+            out[rows] = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                                       scale=scale, enable_gqa=True)[0].transpose(0, 1)
         return out
 
     def decode_runs(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
