@@ -87,6 +87,23 @@ def test_questions_in_one_batch_share_the_blocks_the_first_computes_in_the_same_
     assert llm.engine.stats.prefix_cache_hits == out.num_cached_tokens + 2 * shared > 2 * out.num_cached_tokens
 
 
+def test_a_chats_next_turn_starts_after_the_blocks_of_its_history(tiny_llava):
+    """The next prompt of a chat holds the last one and its reply: it starts after every full block they filled,
+    the reply's included."""
+    llm = engine(tiny_llava)
+    reply = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)  # more than a block
+    first = llm.generate([LEAD * 2 + BARE[0]], reply, use_tqdm=False)[0]
+    history = first.prompt_token_ids + first.outputs[0].token_ids
+    follow_up = llm.get_tokenizer()(" And what else?", add_special_tokens=False)["input_ids"]
+    req = {"prompt_token_ids": history + follow_up}
+    out = llm.generate([req], GREEDY, use_tqdm=False)[0]
+    block = llm.engine.block_manager.block_size
+    computed = len(history) - 1  # the reply's last token was never fed back
+    assert out.num_cached_tokens == computed // block * block > len(first.prompt_token_ids) // block * block
+    assert out.outputs[0].token_ids == engine(tiny_llava, enable_prefix_caching=False).generate(
+        [req], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
 def test_the_same_tokens_with_another_picture_miss_from_the_picture_on(tiny_llava, hf_reference, images):
     llm = engine(tiny_llava)
     system = "You are a careful assistant who describes pictures truthfully, briefly and in plain words. "

@@ -71,6 +71,7 @@ class PrefixCache:
         mm_before = sum(is_mm[: len(hashes) * size])
         for i in range(len(hashes), count):
             flags = is_mm[i * size : (i + 1) * size]
+            flags += [False] * (size - len(flags))  # generated tokens are text: a chat's next prompt holds them so
             parts = [hashes[-1] if hashes else b"", np.asarray(seq.token_ids[i * size : (i + 1) * size],
                                                                dtype=np.int64).tobytes(), bytes(flags)]
             if any(flags):
