@@ -96,13 +96,15 @@ class PrefixCache:
         """Caches `seq`'s full blocks before token `upto`, keeping the block that holds a hash already where two
         hold the same."""
         count = upto // self.block_size
+        if count <= seq.num_registered_blocks:  # most steps (a decode inside a block) complete none
+            return
         for i, block_hash in enumerate(self.block_hashes(seq, count)[seq.num_registered_blocks :],
                                        seq.num_registered_blocks):
             block = seq.block_table[i]
             if block_hash not in self.by_hash and not self.is_cached[block]:
                 self.by_hash[block_hash], self.hash_of[block] = block, block_hash
                 self.is_cached[block] = True
-        seq.num_registered_blocks = max(seq.num_registered_blocks, count)
+        seq.num_registered_blocks = count
 
     def evict(self, count: int) -> None:
         """Forgets the `count` least recently freed cached blocks (they become plain free blocks)."""
