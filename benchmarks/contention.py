@@ -73,7 +73,7 @@ def worker(engine: str) -> None:
 
         llm = HFBackend.from_folder(folder, **common)
     else:
-        llm = vllm_utils.LLM(folder, **common)
+        llm = vllm_utils.LLM(folder, enable_prefix_caching=False, **common)
     cpu_bench.measure(llm, 1, 2)
     figures = cpu_bench.measure(llm, 1, DECODE_TOKENS + 1)
     print(json.dumps({"decode_ms": figures["tpot"] * 1e3, "ttft_s": figures["ttft"]}))

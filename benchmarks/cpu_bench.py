@@ -153,7 +153,7 @@ def main() -> None:
     batches = [4] if "--quick" in sys.argv else [4, 16]
     folder = build_checkpoint()
     common = dict(device="cpu", dtype="bfloat16", max_model_len=1024, max_num_seqs=16)
-    ours_llm = LLM(folder, **common)
+    ours_llm = LLM(folder, enable_prefix_caching=False, **common)
     weight_bytes = language_model_bytes(ours_llm.engine.runner.model)
     flops = prefill_flops(ours_llm.engine.runner.model, INPUT_LEN)
     ours = run_all(ours_llm, batches)
@@ -190,7 +190,7 @@ def compare_mistral(folder: str, common: dict, rounds: int = 2) -> None:
     figures = {"llama": [], "mistral": []}
     for _ in range(rounds):
         for name, path in (("llama", folder), ("mistral", mistral_twin(folder))):
-            llm = LLM(path, **common)
+            llm = LLM(path, enable_prefix_caching=False, **common)
             for _ in range(2):
                 measure(llm, 1, 2)
             ttft = sorted(measure(llm, 1, 1)["ttft"] for _ in range(3))[1]

@@ -158,7 +158,7 @@ def main() -> None:
                            dict(num_hidden_layers=args.layers), {})
     common = dict(load_format="dummy", device="cpu", dtype="bfloat16", max_model_len=1024, max_num_seqs=max(batches))
     start = time.perf_counter()
-    ours = LLM(folder, **common)
+    ours = LLM(folder, enable_prefix_caching=False, **common)
     hf = HFBackend.from_folder(folder, **common)
     hf_model = hf.reference.model
     text = hf_model.config.text_config

@@ -63,7 +63,7 @@ sys.path.insert(0, {os.path.dirname(__file__)!r})
 from cpu_bench_next import measure
 from vllm_utils import LLM
 llm = LLM({folder!r}, load_format="dummy", device="cpu", dtype="bfloat16", max_model_len=4096,
-          max_num_batched_tokens={budget!r})
+          max_num_batched_tokens={budget!r}, enable_prefix_caching=False)
 measure(llm, 2)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30)
 """
@@ -74,7 +74,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30)
 def main() -> None:
     folder = next_twin(build_checkpoint())
     common = dict(load_format="dummy", device="cpu", dtype="bfloat16", max_model_len=4096, max_num_seqs=1)
-    ours_llm = LLM(folder, **common)
+    ours_llm = LLM(folder, enable_prefix_caching=False, **common)
     positions = sum(ours_llm.engine.processor.item_positions(
         ours_llm.engine.processor.image_inputs(request_images(ours_llm.engine.processor, [], [IMAGE], 1))))
     ours = run_all(ours_llm)

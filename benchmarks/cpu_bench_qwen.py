@@ -48,30 +48,39 @@ def decode_bytes(model: torch.nn.Module) -> int:
                if name.startswith(("language_model.layers", "language_model.norm", "lm_head")))
 
 
-def prefill_flops(model: torch.nn.Module, patches: int, windows: int, tokens: int) -> float:
-    """FLOPs of one image prompt (2 per multiply-add): every vision block's products for every patch, its attention
-    within windows of `windows` patches (full attention blocks: all patches), the merger, every decoder layer's
-    products and causal attention for every token, and the LM head for one token."""
-    visual, lm = model.visual, model.language_model
-    matrices = lambda module: sum(p.numel() for p in module.parameters() if p.dim() > 1)  # noqa: E731
-    width = visual.patch_embed.proj.weight.shape[0]
-    flops = 2 * matrices(visual.patch_embed) * patches + 2 * matrices(visual.merger) * patches // 4
-    for i, block in enumerate(visual.blocks):
-        span = patches if i in visual.full_attention else windows
-        flops += 2 * matrices(block) * patches + 4 * patches * span * width
-    hidden = lm.norm.weight.numel()
-    for layer in lm.layers:
-        flops += 2 * matrices(layer) * tokens + 2 * tokens * (tokens + 1) * hidden
-    return flops + 2 * model.lm_head.weight.numel()
+def prefill_flops(config, patches: int, windows: int, tokens: int) -> float:
+    """FLOPs of one image prompt (2 per multiply-add), from the checkpoint's config (not our modules, whose packed
+    weights are held elsewhere): the patch embedding, every vision block's products for every patch and its
+    attention within windows of `windows` patches (full-attention blocks: all patches), the merger, every decoder
+    layer's products and causal attention for every token (the last layer's output projection and MLP for the
+    last token only, as the next token needs no more), and the LM head for one token."""
+    vision, text = config.vision_config, config.text_config
+    width, unit = vision.hidden_size, vision.spatial_merge_size**2
+    patch = 3 * vision.temporal_patch_size * vision.patch_size**2
+    block = 4 * width * width + 3 * width * vision.intermediate_size  # qkv, proj; gate, up, down
+    flops = 2 * patch * width * patches
+    for i in range(vision.depth):
+        span = patches if i in vision.fullatt_block_indexes else windows
+        flops += 2 * block * patches + 4 * patches * span * width
+    merged = width * unit
+    flops += 2 * (merged * merged + merged * vision.out_hidden_size) * patches // unit
+    hidden, head = text.hidden_size, text.hidden_size // text.num_attention_heads
+    qkv = hidden * head * (text.num_attention_heads + 2 * text.num_key_value_heads)
+    rest = hidden * hidden + 3 * hidden * text.intermediate_size  # o_proj; gate, up, down
+    for i in range(text.num_hidden_layers):
+        last = i == text.num_hidden_layers - 1
+        flops += 2 * qkv * tokens + 2 * rest * (1 if last else tokens) + 2 * tokens * (tokens + 1) * hidden
+    return flops + 2 * hidden * text.vocab_size
 
 
 def main() -> None:
     common = dict(load_format="dummy", device="cpu", dtype="bfloat16", max_model_len=2048, max_num_seqs=1)
-    ours_llm = LLM(MODEL, **common)
+    ours_llm = LLM(MODEL, enable_prefix_caching=False, **common)
     model = ours_llm.engine.runner.model
     weight_bytes = decode_bytes(model)
-    side = IMAGE[0] // 14
-    flops = prefill_flops(model, side * side, min(side, 8) ** 2, INPUT_LEN)
+    config = ours_llm.engine.config.hf_config
+    side, window = IMAGE[0] // 14, config.vision_config.window_size // config.vision_config.patch_size
+    flops = prefill_flops(config, side * side, min(side, window) ** 2, INPUT_LEN)
     ours = run_all(ours_llm)
     del ours_llm, model
     hf = run_all(HFBackend.from_folder(MODEL, **common))

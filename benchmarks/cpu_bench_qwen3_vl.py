@@ -140,7 +140,7 @@ def wait_for_quiet(limit: float = 0.15) -> None:
 def compare(name: str, folder: str, rounds: int, profile: bool) -> list[dict]:
     common = dict(load_format="dummy", device="cpu", dtype="bfloat16", max_model_len=1024, max_num_seqs=max(BATCHES))
     start = time.perf_counter()
-    ours = LLM(folder, **common)
+    ours = LLM(folder, enable_prefix_caching=False, **common)
     hf = HFBackend.from_folder(folder, **common)
     hf_model = hf.reference.model
     counter = ExpertCounter(ours.engine.runner.model)

@@ -60,7 +60,8 @@ def run(llm: LLM, batch: int, input_len: int, output_len: int) -> dict:
 def ours(enforce_eager: bool, full: bool = True, triton_gemv: bool = False) -> dict:
     """`full=False`: decode at batch 1 and the graph replay only (for a lever's A/B)."""
     llm = LLM(MODEL, load_format="dummy", device="cuda", dtype="bfloat16", max_model_len=4096, block_size=16,
-              max_num_seqs=128, enforce_eager=enforce_eager, triton_gemv=triton_gemv)
+              max_num_seqs=128, enforce_eager=enforce_eager, triton_gemv=triton_gemv,
+              enable_prefix_caching=False)
     weight_bytes = sum(p.numel() * p.element_size() for n, p in llm.engine.runner.model.named_parameters()
                        if not n.startswith(("vision_tower", "multi_modal_projector", "language_model.embed_tokens")))
     result = {"weight_bytes": weight_bytes, "b1": run(llm, 1, 600, 128)}

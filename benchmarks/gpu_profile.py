@@ -12,7 +12,7 @@ from vllm_utils import LLM, SamplingParams
 from vllm_utils.modes.synthetic import synthetic_requests
 
 llm = LLM("llava-hf/llava-1.5-7b-hf", load_format="dummy", device="cuda", dtype="bfloat16", max_model_len=4096,
-          max_num_seqs=1, enforce_eager=True)
+          max_num_seqs=1, enforce_eager=True, enable_prefix_caching=False)
 req = synthetic_requests(llm.engine.processor, 600, 2, None, seed=0)
 prompts = [r.as_prompt() for r in req]
 steps = 1 if "--prefill" in sys.argv else 16

@@ -53,11 +53,13 @@ def worker(workload: str, tokens: int) -> None:
     if workload == "tiny":
         from vllm_utils.testing.default_model import default_model
 
-        llm, input_len = LLM(default_model().folder, device="cpu", max_model_len=1024), 100
+        llm, input_len = LLM(default_model().folder, device="cpu", max_model_len=1024,
+                             enable_prefix_caching=False), 100
     else:
         import cpu_bench
 
-        llm, input_len = LLM(cpu_bench.build_checkpoint(), device="cpu", dtype="bfloat16", max_model_len=1024), 600
+        llm, input_len = LLM(cpu_bench.build_checkpoint(), device="cpu", dtype="bfloat16", max_model_len=1024,
+                             enable_prefix_caching=False), 600
     probe = ctypes.CDLL(None)
     probe.omp_regions_count.restype = ctypes.c_long
     probe.omp_regions_seconds.restype = ctypes.POINTER(ctypes.c_float)
