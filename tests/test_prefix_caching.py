@@ -87,6 +87,66 @@ def test_questions_in_one_batch_share_the_blocks_the_first_computes_in_the_same_
     assert llm.engine.stats.prefix_cache_hits == out.num_cached_tokens + 2 * shared > 2 * out.num_cached_tokens
 
 
+def inside_the_picture(llm: LLM, reqs: list[dict]) -> int:
+    """A block size with which the first two prompts' shared blocks end inside their picture (its end shares a
+    block with the first token where their questions differ)."""
+    processor = llm.engine.processor
+    ids = [processor.process(r["prompt"], r["multi_modal_data"]["image"])[0] for r in reqs[:2]]
+    mm = set(llm.engine.runner.model.mm_token_ids)
+    start = next(p for p, t in enumerate(ids[0]) if t in mm)
+    end = max(p for p, t in enumerate(ids[0]) if t in mm) + 1
+    differ = next(p for p, (a, b) in enumerate(zip(*ids)) if a != b)
+    return next(b for b in (4, 8, 16, 32, 64) if start < differ // b * b < end)
+
+
+def test_a_cached_prefix_ending_inside_the_picture_takes_its_embeddings_from_the_encoder_cache(tiny_llava, hf_reference,
+                                                                                               images):
+    """As `--acc` asks: the picture's last positions share a block with each question. The later questions start
+    inside the picture and take the rest of its embeddings from the encoder cache: one encoder call in all."""
+    reqs = [request(engine(tiny_llava), q, images[:1]) for q in BARE]
+    llm = engine(tiny_llava, block_size=inside_the_picture(engine(tiny_llava), reqs))
+    encodes = count_encodes(llm)
+    outs = [llm.generate([r], GREEDY, use_tqdm=False)[0] for r in reqs]
+    for out in outs[1:]:
+        assert first_mm_position(llm, out) < out.num_cached_tokens <= last_mm_position(llm, out)
+    assert encodes == [1]
+    for req, out in zip(reqs, outs):
+        assert out.outputs[0].token_ids == hf_reference.greedy(req, TOKENS, ignore_eos=True)
+    assert llm.reset_prefix_cache()  # forgotten with the blocks: in one batch, the picture is encoded once
+    batch = llm.generate(reqs, GREEDY, use_tqdm=False)
+    assert encodes == [1, 1] and [o.outputs[0].token_ids for o in batch] == [o.outputs[0].token_ids for o in outs]
+    assert all(o.num_cached_tokens > first_mm_position(llm, o) for o in batch[1:])
+
+
+def test_the_encoder_cache_keeps_its_budget_and_the_newest_entry():
+    from vllm_utils.engine.encoder_cache import EncoderCache
+    import torch
+
+    cache = EncoderCache(budget_rows=10)
+    cache.put(b"a", torch.zeros(4, 2))
+    cache.put(b"b", torch.zeros(4, 2))
+    cache.get(b"a")  # used: "b" is now the oldest
+    cache.put(b"c", torch.zeros(4, 2))
+    assert list(cache.entries) == [b"a", b"c"] and cache.rows == 8
+    cache.put(b"d", torch.zeros(12, 2))  # larger than the budget: kept alone
+    assert list(cache.entries) == [b"d"] and cache.rows == 12
+
+
+def test_tensor_parallel_ranks_take_the_same_embeddings_from_their_encoder_caches(tiny_llava, images):
+    reqs = [request(engine(tiny_llava), q, images[:1]) for q in BARE[:2]]
+    block = inside_the_picture(engine(tiny_llava), reqs)
+    single = [engine(tiny_llava, block_size=block, enable_prefix_caching=False).generate([r], GREEDY, use_tqdm=False)
+              [0].outputs[0].token_ids for r in reqs]
+    parallel = engine(tiny_llava, block_size=block, tensor_parallel_size=2)
+    try:
+        encodes = count_encodes(parallel)
+        outs = [parallel.generate([r], GREEDY, use_tqdm=False)[0] for r in reqs]
+    finally:
+        parallel.engine.shutdown()
+    assert outs[1].num_cached_tokens > first_mm_position(parallel, outs[1]) and encodes == [1]
+    assert [o.outputs[0].token_ids for o in outs] == single
+
+
 def test_a_chats_next_turn_starts_after_the_blocks_of_its_history(tiny_llava):
     """The next prompt of a chat holds the last one and its reply: it starts after every full block they filled,
     the reply's included."""

@@ -8,7 +8,7 @@ from PIL import Image
 from vllm_utils.config import EngineConfig, ResolvedConfig
 from vllm_utils.engine.block_manager import BlockManager
 from vllm_utils.engine.model_runner import ModelRunner
-from vllm_utils.engine.prefix_cache import PrefixCache, item_hashes
+from vllm_utils.engine.prefix_cache import PrefixCache, item_hashes, items_key
 from vllm_utils.engine.resolve import resolve
 from vllm_utils.engine.scheduler import Scheduler
 from vllm_utils.engine.sequence import Sequence
@@ -100,8 +100,9 @@ class LLMEngine:
                 for index in range(params.n)]
         if mm_inputs and self.block_manager.cache is not None:
             hashes = item_hashes(self.processor.item_positions(mm_inputs), mm_inputs, images, videos)
+            key = items_key(hashes)
             for seq in seqs:
-                seq.mm_hashes = hashes
+                seq.mm_hashes, seq.mm_key = hashes, key
         for seq in seqs:
             self.scheduler.add(seq)
         return seqs
@@ -163,6 +164,7 @@ class LLMEngine:
             return False
         if self.block_manager.cache is not None:
             self.block_manager.cache.evict(self.block_manager.num_blocks)
+        self.runner.clear_encoder_cache()
         return True
 
     def reset_stats(self) -> None:

@@ -9,6 +9,7 @@ from vllm_utils.attention.layer import PagedAttention
 from vllm_utils.attention.metadata import AttentionMetadata
 from vllm_utils.config import ResolvedConfig
 from vllm_utils.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, VisionGraphs
+from vllm_utils.engine.encoder_cache import EncoderCache
 from vllm_utils.engine.prompt_logprobs import kept_rows, prompt_logprobs
 from vllm_utils.engine.scheduler import ScheduledStep
 from vllm_utils.engine.sequence import Sequence
@@ -78,6 +79,10 @@ class ModelRunner:
         self.workers = None  # rank 0 of a tensor-parallel group: the channel to the other ranks
         self.eos_token_ids: list[int] = []  # what min_tokens holds back with the stop tokens (the engine sets it)
         self.mm_cache: dict[int, torch.Tensor] = {}  # sequence id -> its multimodal embeddings, mid-prefill
+        # with prefix caching: recent prompts' embeddings by their items' hash, for prompts whose cached prefix ends
+        # inside an item (a budget of one step's tokens, as vLLM's)
+        self.encoder_cache = EncoderCache(config.max_num_batched_tokens) if config.prefix_caching else None
+        self.encoder_cache_cleared = False
 
     def choose_kernels(self, platform: Platform) -> None:
         """Gives every op `platform`'s implementation and every attention layer its backend (tests pass another
@@ -116,7 +121,17 @@ class ModelRunner:
     # A step is prepared on the host from the scheduled sequences (rank 0), then executed by every
     # tensor-parallel rank from those host tensors alone.
     def prepare(self, step: ScheduledStep) -> StepInputs:
-        return prepare_step(step, self.model, self.block_size, self.backend.reads_runs)
+        inputs = prepare_step(step, self.model, self.block_size, self.backend.reads_runs,
+                              () if self.encoder_cache is None else self.encoder_cache)
+        if isinstance(inputs, PrefillInputs) and self.encoder_cache_cleared:
+            inputs.clear_encoder_cache, self.encoder_cache_cleared = True, False
+        return inputs
+
+    def clear_encoder_cache(self) -> None:
+        """Forgets every kept embedding, here now and on the other ranks with the next prefill."""
+        if self.encoder_cache is not None:
+            self.encoder_cache.clear()
+            self.encoder_cache_cleared = True
 
     def _encode_mm(self, mm_inputs: MultiModalInputs) -> torch.Tensor:
         on_device = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
@@ -126,10 +141,21 @@ class ModelRunner:
 
     def _step_mm_embeds(self, inputs: PrefillInputs) -> torch.Tensor | None:
         """The multimodal embeddings of this step's multimodal positions, in order. A sequence's items are encoded
-        at its first step and kept until its prompt is done (its later chunks read them)."""
-        if inputs.mm_inputs:
-            embeds = self._encode_mm(inputs.mm_inputs).split([count for _, count in inputs.mm_new])
-            self.mm_cache.update((seq_id, e) for (seq_id, _), e in zip(inputs.mm_new, embeds))
+        at its first step (or taken from the encoder cache) and kept until its prompt is done (its later chunks read
+        them)."""
+        if inputs.clear_encoder_cache:
+            self.encoder_cache.clear()
+        if inputs.mm_new:
+            encoding = [new for new in inputs.mm_new if new.encode]
+            fresh = self._encode_mm(inputs.mm_inputs).split([new.rows for new in encoding]) if encoding else ()
+            by_key = {new.key: e for new, e in zip(encoding, fresh) if new.key is not None}
+            for new, e in zip(encoding, fresh):
+                self.mm_cache[new.seq_id] = e
+            for new in inputs.mm_new:
+                if not new.encode:
+                    self.mm_cache[new.seq_id] = by_key[new.key] if new.key in by_key else self.encoder_cache.get(new.key)
+            for key, e in by_key.items():
+                self.encoder_cache.put(key, e)
         rows, start = [], 0
         for seq_id, n, offset, done in zip(inputs.seq_ids, inputs.seq_lens, inputs.mm_offsets, inputs.samples):
             count = int(inputs.mm_mask[start : start + n].sum())

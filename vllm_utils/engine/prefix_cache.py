@@ -49,6 +49,11 @@ def item_hashes(item_positions: list[int], mm_inputs: MultiModalInputs, images: 
     return [(sum(item_positions), tensors_digest(mm_inputs))]
 
 
+def items_key(hashes: list[tuple[int, bytes]]) -> bytes:
+    """One hash of all of a prompt's items (the encoder cache's key for their embeddings)."""
+    return _digest(*(n.to_bytes(8, "little") + digest for n, digest in hashes))
+
+
 class PrefixCache:
     """The hashes of a sequence's full blocks, and the blocks the cache holds under each hash (the block manager
     owns the blocks; this owns which of them are cached and which the LRU order evicts first)."""

@@ -1,5 +1,6 @@
 """What one step hands the model runner's `execute` (and the other tensor-parallel ranks): host tensors, by name,
 built from the scheduled sequences (their tokens, positions, cache slots, multimodal items)."""
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,16 @@ from vllm_utils.multimodal.inputs import MultiModalInputs, concat_mm_inputs
 
 
 @dataclass
+class NewItems:
+    """A sequence whose multimodal embeddings come this step (all its items, for this and its later chunks)."""
+
+    seq_id: int
+    rows: int  # all its multimodal positions
+    key: bytes | None  # its items' content hash, the encoder cache's key (None: no encoder cache)
+    encode: bool  # its items are in this step's mm_inputs; else the encoder cache holds their embeddings
+
+
+@dataclass
 class PrefillInputs:
     """The prompts (or chunks of prompts) of a step, packed one after another."""
 
@@ -19,16 +30,17 @@ class PrefillInputs:
     slots: torch.Tensor  # [tokens] the cache slot each token's K/V goes to
     seq_lens: list[int]  # tokens of each sequence in this step
     mm_mask: torch.Tensor  # [tokens] bool: the positions that take multimodal embeddings
-    mm_inputs: MultiModalInputs  # the items of the sequences that start this step, in order ({} for none)
+    mm_inputs: MultiModalInputs  # the items to encode this step, in order ({} for none)
     seq_ids: list[int]
     cached_lens: list[int]  # tokens of each sequence already in the cache (chunked prefill)
     samples: list[bool]  # whether each sequence's last token here gets the next token's logits
     mm_offsets: list[int]  # multimodal positions of each sequence before this step's tokens
-    mm_new: list[tuple[int, int]]  # (sequence id, all its multimodal positions) of those whose items come now
+    mm_new: list[NewItems]
     block_tables: torch.Tensor | None = None  # [seqs, width] int32, when any sequence has cached tokens
     all_rows: list[bool] = field(default_factory=list)  # per sequence: logits of every row wanted (prompt_logprobs)
     key_ends: torch.Tensor | None = None  # see AttentionMetadata.key_ends
     state_slots: list[int] | None = None  # each sequence's recurrent-state slot (models with linear attention)
+    clear_encoder_cache: bool = False  # rank 0's was cleared since its last prefill: every rank clears its own
 
 
 @dataclass
@@ -47,10 +59,12 @@ class DecodeInputs:
 StepInputs = PrefillInputs | DecodeInputs
 
 
-def prepare_step(step: ScheduledStep, model: VisionLanguageModel, block_size: int, reads_runs: bool) -> StepInputs:
-    """`reads_runs`: the attention backend reads a sequence's blocks as one run where they are (decode)."""
+def prepare_step(step: ScheduledStep, model: VisionLanguageModel, block_size: int, reads_runs: bool,
+                 encoded: Container[bytes] = ()) -> StepInputs:
+    """`reads_runs`: the attention backend reads a sequence's blocks as one run where they are (decode).
+    `encoded`: the keys the encoder cache holds."""
     if step.is_prefill:
-        return prepare_prefill(step, model, block_size)
+        return prepare_prefill(step, model, block_size, encoded)
     return prepare_decode(step.seqs, block_size, reads_runs)
 
 
@@ -64,7 +78,8 @@ def _run_start(blocks: list[int]) -> int:
     return first if blocks[-1] - first == len(blocks) - 1 and blocks == list(range(first, first + len(blocks))) else -1
 
 
-def prepare_prefill(step: ScheduledStep, model: VisionLanguageModel, block_size: int) -> PrefillInputs:
+def prepare_prefill(step: ScheduledStep, model: VisionLanguageModel, block_size: int,
+                    encoded: Container[bytes] = ()) -> PrefillInputs:
     ids, positions, slots, mm_mask, mm_offsets, mm_new, starting, key_ends = [], [], [], [], [], [], [], []
     mm_tokens = set(model.mm_token_ids)
     bidirectional = getattr(model, "bidirectional_mm", False)
@@ -81,11 +96,15 @@ def prepare_prefill(step: ScheduledStep, model: VisionLanguageModel, block_size:
         if bidirectional:
             key_ends.append(_key_ends(seq.mm_runs(mm_tokens), start, end))
         mm_offsets.append(sum(is_mm[:start]))
-        # its items are encoded at its first step, for this and its later chunks (not at all where its cached
-        # prefix holds every multimodal position)
+        # its items' embeddings come at its first step, for this and its later chunks (not at all where its cached
+        # prefix holds every multimodal position); they are encoded unless the encoder cache holds them or an
+        # earlier sequence of this step brings the same items
         if start == seq.num_cached_tokens and seq.mm_inputs and any(is_mm[start:]):
-            mm_new.append((seq.seq_id, sum(is_mm)))
-            starting.append(seq.mm_inputs)
+            key = seq.mm_key
+            encode = key is None or (key not in encoded and all(key != new.key for new in mm_new))
+            mm_new.append(NewItems(seq.seq_id, sum(is_mm), key, encode))
+            if encode:
+                starting.append(seq.mm_inputs)
     cached = [s.num_computed for s in step.seqs]
     tables = None
     if any(cached):
