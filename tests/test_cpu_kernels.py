@@ -23,7 +23,7 @@ needs_kernel = pytest.mark.skipif(bool(cpu_kernels.unavailable_reason()),
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 11, 16])
 @pytest.mark.parametrize("n,k,bias", [(4, 32, False), (96, 160, True), (2052, 1024, False)])
 def test_kernel_rounds_the_exact_product_once(rows, n, k, bias):
     gen = torch.Generator().manual_seed(rows * n + k)
@@ -77,10 +77,11 @@ def test_layers_use_the_kernel_for_decode_rows_only(monkeypatch):
     calls = []
     real = cpu_kernels.linear
     monkeypatch.setattr(cpu_kernels, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
-    for rows in (1, 4, 5, 600):
+    most = cpu_kernels.max_rows()
+    for rows in (1, most, most + 1, 600):
         x = torch.randn(rows, 64).to(torch.bfloat16)
         assert torch.allclose(layer(x).float(), F.linear(x, layer.weight, layer.bias).float(), rtol=2**-7, atol=1e-3)
-    assert [s[0] for s in calls] == [1, 4]  # prefill-sized inputs stay on oneDNN
+    assert [s[0] for s in calls] == [1, most]  # prefill-sized inputs stay on oneDNN
 
 
 def test_unsupported_weights_fall_back():

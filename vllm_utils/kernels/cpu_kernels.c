@@ -1,4 +1,4 @@
-/* bf16 kernels for x86 CPUs with AVX512-BF16: the decode step's linear (M <= 4 input rows) and its attention of
+/* bf16 kernels for x86 CPUs with AVX512-BF16: the decode step's linear (a few input rows) and its attention of
  * one query token over a run of the paged KV cache, a prompt's attention, plus RMSNorm, RoPE and the activations
  * with transformers' rounding points.
  *
@@ -6,7 +6,9 @@
  * stream W at memory bandwidth. The weight stays in nn.Linear's row-major layout (prefill shares it); each
  * thread walks a contiguous range of rows, each row start to end as one stream (with software prefetch where
  * that pays, see `prefetch`). For one input row the products use 256-bit VDPBF16PS (the 512-bit form streams
- * slower on Sapphire Rapids); 2-4 input rows use the 512-bit form. Sums are fp32, rounded once to bf16 (RNE).
+ * slower on Sapphire Rapids); 2-4 input rows use the 512-bit form. More rows (a batch's decode step) take 4 rows of
+ * W side by side against groups of 4 input rows, so that a row costs products rather than loads (`block_groups`).
+ * Sums are fp32, rounded once to bf16 (RNE).
  * Threads come from OpenMP: loaded into a process that already has PyTorch's libgomp, this shares its pool.
  * Requires N % 4 == 0 and K % 32 == 0 (checked by the caller). */
 #include <immintrin.h>
@@ -105,6 +107,39 @@ __attribute__((always_inline)) static inline void block_mn(const uint16_t* w, lo
     }
 }
 
+/* MG (1..4, a constant after inlining) input rows against rows n0..n0+3 of W side by side: 16 accumulators, each
+ * step's 4 loads of W and MG of x feeding 4 * MG products, so that more rows cost products, not loads. */
+__attribute__((always_inline)) static inline void tile_4xmg(const uint16_t* w, long K, const uint16_t* x, long x_stride,
+                                                            const uint16_t* bias, uint16_t* y, long y_stride, int MG,
+                                                            int n0) {
+    __m512 acc[4][4];
+    for (int m = 0; m < MG; m++)
+        for (int r = 0; r < ROWS; r++) acc[m][r] = _mm512_setzero_ps();
+    for (long k = 0; k < K; k += 32) {
+        __m512bh wv[ROWS];
+        for (int r = 0; r < ROWS; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+        for (int m = 0; m < MG; m++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * x_stride + k);
+            for (int r = 0; r < ROWS; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
+        }
+    }
+    for (int m = 0; m < MG; m++)
+        for (int r = 0; r < ROWS; r++) store(_mm512_reduce_add_ps(acc[m][r]), bias, n0 + r, y + m * y_stride + n0 + r);
+}
+
+/* M > 4 input rows (a batch's decode step): groups of 4 rows against the same 4 rows of W, which the first group
+ * streams from memory and the later ones read from cache. */
+static void block_groups(const uint16_t* w, long K, const uint16_t* x, long x_stride, const uint16_t* bias, uint16_t* y,
+                         long y_stride, int M, int n0) {
+    int g = 0;
+    for (; g + 4 <= M; g += 4) tile_4xmg(w, K, x + g * x_stride, x_stride, bias, y + g * y_stride, y_stride, 4, n0);
+    switch (M - g) {
+        case 1: tile_4xmg(w, K, x + g * x_stride, x_stride, bias, y + g * y_stride, y_stride, 1, n0); break;
+        case 2: tile_4xmg(w, K, x + g * x_stride, x_stride, bias, y + g * y_stride, y_stride, 2, n0); break;
+        case 3: tile_4xmg(w, K, x + g * x_stride, x_stride, bias, y + g * y_stride, y_stride, 3, n0); break;
+    }
+}
+
 /* Reads n bytes from a (a multiple of 256 bytes), prefetching ahead; the sum keeps the loads. */
 static inline long read_bytes(const uint8_t* a, long n) {
     __m512i acc = _mm512_setzero_si512();
@@ -149,6 +184,8 @@ void vllm_utils_gemv_bf16(const uint16_t* w, const uint16_t* x, long x_stride, c
             ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 3, n0)) break;
         case 4:
             ROWS_LOOP(block_mn(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, 4, n0)) break;
+        default:
+            ROWS_LOOP(block_groups(w + (long)n0 * K, K, x, x_stride, bias, y, y_stride, M, n0)) break;
     }
 }
 

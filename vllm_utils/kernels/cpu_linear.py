@@ -29,16 +29,17 @@ class OneDnnLinear:
 
 
 class DecodeLinear(OneDnnLinear):
-    """Up to `cpu.MAX_ROWS` input rows (a decode step) through our C kernel, which streams the weight at memory
+    """Up to `cpu.max_rows()` input rows (a decode step) through our C kernel, which streams the weight at memory
     bandwidth and then reads the start of `next_weight` (the next decode linear's) into cache; larger inputs
     through oneDNN. `cpu.supports(weight)` must hold."""
 
     def __init__(self, weight: torch.Tensor, next_weight: torch.Tensor | None) -> None:
         super().__init__(weight)
         self.next_weight = next_weight
+        self.max_rows = cpu.max_rows()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.numel() // x.shape[-1] <= cpu.MAX_ROWS:
+        if x.numel() // x.shape[-1] <= self.max_rows:
             return cpu.linear(x, self.weight, bias, self.next_weight)
         return super().__call__(x, bias)
 

@@ -180,7 +180,7 @@ def _kernel_for(module: Op):
     if isinstance(module, FusedMoE):  # the chosen experts' products on the decode kernel, for few rows
         def expert(x, index):
             w13, w2 = module.w13.weight[index], module.w2.weight[index]
-            if x.shape[0] > cpu.MAX_ROWS or not (cpu.supports(w13) and cpu.supports(w2)):
+            if x.shape[0] > cpu.max_rows() or not (cpu.supports(w13) and cpu.supports(w2)):
                 return module.expert(x, index)
             gate_up = cpu.linear(x, w13)
             hidden = cpu.silu_mul(gate_up) if module.act == "silu" and cpu.supports_activation(gate_up) else \
