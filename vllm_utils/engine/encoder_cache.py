@@ -30,7 +30,7 @@ class EncoderCache:
             self.rows -= self.entries.pop(key).shape[0]
         while self.entries and self.rows + embeds.shape[0] > self.budget_rows:
             self.rows -= self.entries.popitem(last=False)[1].shape[0]
-        self.entries[key] = embeds
+        self.entries[key] = embeds.clone()  # its own rows: a view would hold the whole step's encoder output
         self.rows += embeds.shape[0]
 
     def clear(self) -> None:
