@@ -13,7 +13,7 @@ def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     if not cache.is_contiguous() or width % 8:
         return cache.index_select(0, blocks)
     words = cache.view(cache.shape[0], -1).view(torch.int64)
-    return words.index_select(0, blocks).view(cache.dtype).view(-1, *cache.shape[1:])
+    return words.index_select(0, blocks).view(cache.dtype).view(blocks.numel(), *cache.shape[1:])
 
 
 class TorchPagedAttention:

@@ -86,8 +86,9 @@ class LLMEngine:
         self._check_params(params)
         if prompt_token_ids is None:
             prompt_token_ids, mm_inputs = self.processor.process(prompt, images, videos)
-        else:
+        else:  # ready tensors: they, not any pictures beside them, are what the model sees and the caches key
             self._check_mm_positions(prompt_token_ids, mm_inputs)
+            images, videos = [], None
         text_from = len(prompt_token_ids)
         prompt_token_ids = list(prompt_token_ids) + list(continuation_token_ids or [])
         if len(prompt_token_ids) >= self.max_model_len:

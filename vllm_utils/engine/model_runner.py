@@ -9,7 +9,7 @@ from vllm_utils.attention.layer import PagedAttention
 from vllm_utils.attention.metadata import AttentionMetadata
 from vllm_utils.config import ResolvedConfig
 from vllm_utils.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, VisionGraphs
-from vllm_utils.engine.encoder_cache import EncoderCache
+from vllm_utils.engine.encoder_cache import ENCODER_CACHE_ROWS, EncoderCache
 from vllm_utils.engine.prompt_logprobs import kept_rows, prompt_logprobs
 from vllm_utils.engine.scheduler import ScheduledStep
 from vllm_utils.engine.sequence import Sequence
@@ -80,8 +80,10 @@ class ModelRunner:
         self.eos_token_ids: list[int] = []  # what min_tokens holds back with the stop tokens (the engine sets it)
         self.mm_cache: dict[int, torch.Tensor] = {}  # sequence id -> its multimodal embeddings, mid-prefill
         # with prefix caching: recent prompts' embeddings by their items' hash, for prompts whose cached prefix ends
-        # inside an item (a budget of one step's tokens, as vLLM's)
-        self.encoder_cache = EncoderCache(config.max_num_batched_tokens) if config.prefix_caching else None
+        # inside an item (a budget of one step's tokens, as vLLM's, at most ENCODER_CACHE_ROWS: it is not in the
+        # KV budget)
+        self.encoder_cache = EncoderCache(min(config.max_num_batched_tokens, ENCODER_CACHE_ROWS)) \
+            if config.prefix_caching else None
         self.encoder_cache_cleared = False
 
     def choose_kernels(self, platform: Platform) -> None:
