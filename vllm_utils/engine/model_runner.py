@@ -154,8 +154,9 @@ class ModelRunner:
             for new, e in zip(encoding, fresh):
                 self.mm_cache[new.seq_id] = e
             for new in inputs.mm_new:
-                if not new.encode:
-                    self.mm_cache[new.seq_id] = by_key[new.key] if new.key in by_key else self.encoder_cache.get(new.key)
+                if not new.encode:  # an earlier sequence of this step brings its items, or the encoder cache has them
+                    reused = by_key.get(new.key)
+                    self.mm_cache[new.seq_id] = reused if reused is not None else self.encoder_cache.get(new.key)
             for key, e in by_key.items():
                 self.encoder_cache.put(key, e)
         rows, start = [], 0

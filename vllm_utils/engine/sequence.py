@@ -40,8 +40,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.state_slot: int | None = None  # its slot of the recurrent state (models with linear attention)
         self.num_computed = 0  # tokens whose K/V the cache holds
-        # prefix caching: (positions, content hash) of each multimodal item (and one hash of them all), the hashes of its full blocks, how
-        # many of its first tokens the cache gave it when it was admitted, and how many of its blocks it offered
+        # prefix caching: (positions, content hash) of each multimodal item (and one hash of them all), the hashes
+        # of its full blocks, how many of its first tokens the cache gave it when it was admitted, and how many of
+        # its blocks it offered
         self.mm_hashes: list[tuple[int, bytes]] | None = None
         self.mm_key: bytes | None = None  # one hash of all its items: the encoder cache's key
         self.block_hashes: list[bytes] = []
