@@ -23,7 +23,7 @@ needs_kernel = pytest.mark.skipif(bool(cpu_kernels.unavailable_reason()),
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 11, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 11, 16])
 @pytest.mark.parametrize("n,k,bias", [(4, 32, False), (96, 160, True), (2052, 1024, False)])
 def test_kernel_rounds_the_exact_product_once(rows, n, k, bias):
     gen = torch.Generator().manual_seed(rows * n + k)

@@ -7,7 +7,8 @@
  * thread walks a contiguous range of rows, each row start to end as one stream (with software prefetch where
  * that pays, see `prefetch`). For one input row the products use 256-bit VDPBF16PS (the 512-bit form streams
  * slower on Sapphire Rapids); 2-4 input rows use the 512-bit form. More rows (a batch's decode step) take 4 rows of
- * W side by side against groups of 4 input rows, so that a row costs products rather than loads (`block_groups`).
+ * W side by side against groups of up to 6 input rows, so that a row costs products rather than loads
+ * (`block_groups`).
  * Sums are fp32, rounded once to bf16 (RNE).
  * Threads come from OpenMP: loaded into a process that already has PyTorch's libgomp, this shares its pool.
  * Requires N % 4 == 0 and K % 32 == 0 (checked by the caller). */
@@ -107,12 +108,12 @@ __attribute__((always_inline)) static inline void block_mn(const uint16_t* w, lo
     }
 }
 
-/* MG (1..4, a constant after inlining) input rows against rows n0..n0+3 of W side by side: 16 accumulators, each
- * step's 4 loads of W and MG of x feeding 4 * MG products, so that more rows cost products, not loads. */
+/* MG (1..6, a constant after inlining) input rows against rows n0..n0+3 of W side by side: up to 24 accumulators,
+ * each step's 4 loads of W and MG of x feeding 4 * MG products, so that more rows cost products, not loads. */
 __attribute__((always_inline)) static inline void tile_4xmg(const uint16_t* w, long K, const uint16_t* x, long x_stride,
                                                             const uint16_t* bias, uint16_t* y, long y_stride, int MG,
                                                             int n0) {
-    __m512 acc[4][4];
+    __m512 acc[6][4];
     for (int m = 0; m < MG; m++)
         for (int r = 0; r < ROWS; r++) acc[m][r] = _mm512_setzero_ps();
     for (long k = 0; k < K; k += 32) {
@@ -127,16 +128,18 @@ __attribute__((always_inline)) static inline void tile_4xmg(const uint16_t* w, l
         for (int r = 0; r < ROWS; r++) store(_mm512_reduce_add_ps(acc[m][r]), bias, n0 + r, y + m * y_stride + n0 + r);
 }
 
-/* M > 4 input rows (a batch's decode step): groups of 4 rows against the same 4 rows of W, which the first group
- * streams from memory and the later ones read from cache. */
+/* M > 4 input rows (a batch's decode step): groups of up to 6 rows against the same 4 rows of W, which the first
+ * group streams from memory and the later ones read from cache. */
 static void block_groups(const uint16_t* w, long K, const uint16_t* x, long x_stride, const uint16_t* bias, uint16_t* y,
                          long y_stride, int M, int n0) {
     int g = 0;
-    for (; g + 4 <= M; g += 4) tile_4xmg(w, K, x + g * x_stride, x_stride, bias, y + g * y_stride, y_stride, 4, n0);
+    for (; g + 6 <= M; g += 6) tile_4xmg(w, K, x + g * x_stride, x_stride, bias, y + g * y_stride, y_stride, 6, n0);
     switch (M - g) {
         case 1: tile_4xmg(w, K, x + g * x_stride, x_stride, bias, y + g * y_stride, y_stride, 1, n0); break;
         case 2: tile_4xmg(w, K, x + g * x_stride, x_stride, bias, y + g * y_stride, y_stride, 2, n0); break;
         case 3: tile_4xmg(w, K, x + g * x_stride, x_stride, bias, y + g * y_stride, y_stride, 3, n0); break;
+        case 4: tile_4xmg(w, K, x + g * x_stride, x_stride, bias, y + g * y_stride, y_stride, 4, n0); break;
+        case 5: tile_4xmg(w, K, x + g * x_stride, x_stride, bias, y + g * y_stride, y_stride, 5, n0); break;
     }
 }
 
