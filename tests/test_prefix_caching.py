@@ -341,13 +341,16 @@ def test_acc_with_several_questions_per_image_gives_the_outputs_without_the_cach
 
 
 def test_synthetic_perf_requests_share_no_block(tiny_llava):
-    """--perf's requests of one run start differently (a token of their own after BOS), so none is a cache hit."""
+    """--perf's requests of one run start differently (a token of their own after BOS), so none is a cache hit, and
+    each request's picture is encoded for it although all carry the same one: whole-prompt figures."""
     from vllm_utils.modes.synthetic import synthetic_requests
 
     llm = engine(tiny_llava)
+    encodes = count_encodes(llm)
     processor = llm.engine.processor
     count = min(2000, len(processor.text_token_ids()))  # drawn freely, some of 2000 leads would repeat
     requests = synthetic_requests(processor, 40, count, None, seed=3)
     assert len({tuple(r.prompt_token_ids[:2]) for r in requests}) == count
     outs = llm.generate([r.as_prompt() for r in requests[:64]], SamplingParams(max_tokens=1), use_tqdm=False)
     assert llm.engine.stats.prefix_cache_hits == 0 and all(o.num_cached_tokens == 0 for o in outs)
+    assert sum(encodes) == 64  # the same black picture in each, encoded for each

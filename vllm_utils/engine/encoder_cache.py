@@ -2,8 +2,8 @@
 
 With prefix caching, a prompt's cached prefix often ends inside its picture: the picture's last positions share a
 block with the question after them, and that block differs from question to question. The prompt still needs the
-embeddings of those last positions, and they come from here instead of a second pass of the vision tower.
-Prompts whose items match take the same embeddings, the ones their cached blocks were computed from."""
+embeddings of those last positions, and they come from here instead of a second pass of the vision tower: the
+embeddings its cached blocks were computed from. Prompts that share no cached block encode their items themselves."""
 from collections import OrderedDict
 
 import torch

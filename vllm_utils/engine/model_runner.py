@@ -150,7 +150,7 @@ class ModelRunner:
         if inputs.mm_new:
             encoding = [new for new in inputs.mm_new if new.encode]
             fresh = self._encode_mm(inputs.mm_inputs).split([new.rows for new in encoding]) if encoding else ()
-            by_key = {new.key: e for new, e in zip(encoding, fresh) if new.key is not None}
+            by_key = {new.key: e for new, e in zip(encoding, fresh) if new.key is not None}  # the first of a key
             for new, e in zip(encoding, fresh):
                 self.mm_cache[new.seq_id] = e
             for new in inputs.mm_new:

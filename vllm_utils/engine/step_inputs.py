@@ -97,13 +97,15 @@ def prepare_prefill(step: ScheduledStep, model: VisionLanguageModel, block_size:
             key_ends.append(_key_ends(seq.mm_runs(mm_tokens), start, end))
         mm_offsets.append(sum(is_mm[:start]))
         # its items' embeddings come at its first step, for this and its later chunks (not at all where its cached
-        # prefix holds every multimodal position); they are encoded unless the encoder cache holds them or an
-        # earlier sequence of this step brings the same items
+        # prefix holds every multimodal position). Where its cached prefix holds some of them, the embeddings its
+        # cached blocks were computed from are taken (from the encoder cache, or from an earlier sequence of this
+        # step that brings the same items); otherwise its items are encoded for it, as without the cache.
         if start == seq.num_cached_tokens and seq.mm_inputs and any(is_mm[start:]):
             key = seq.mm_key
-            encode = key is None or (key not in encoded and all(key != new.key for new in mm_new))
-            mm_new.append(NewItems(seq.seq_id, sum(is_mm), key, encode))
-            if encode:
+            reuse = key is not None and any(is_mm[:start]) and (
+                key in encoded or any(key == new.key and new.encode for new in mm_new))
+            mm_new.append(NewItems(seq.seq_id, sum(is_mm), key, not reuse))
+            if not reuse:
                 starting.append(seq.mm_inputs)
     cached = [s.num_computed for s in step.seqs]
     tables = None
