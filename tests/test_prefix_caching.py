@@ -87,24 +87,27 @@ def test_questions_in_one_batch_share_the_blocks_the_first_computes_in_the_same_
     assert llm.engine.stats.prefix_cache_hits == out.num_cached_tokens + 2 * shared > 2 * out.num_cached_tokens
 
 
-def inside_the_picture(llm: LLM, reqs: list[dict]) -> int:
-    """A block size with which the first two prompts' shared blocks end inside their picture (its end shares a
-    block with the first token where their questions differ)."""
+def inside_the_picture(llm: LLM, reqs: list[dict]) -> tuple[int, int, int, int]:
+    """(block size, the picture's first position, the position after it, the first two prompts' shared blocks' end):
+    a block size with which those shared blocks end inside the picture (its end shares a block with the first token
+    where the two questions differ)."""
     processor = llm.engine.processor
     ids = [processor.process(r["prompt"], r["multi_modal_data"]["image"])[0] for r in reqs[:2]]
     mm = set(llm.engine.runner.model.mm_token_ids)
     start = next(p for p, t in enumerate(ids[0]) if t in mm)
     end = max(p for p, t in enumerate(ids[0]) if t in mm) + 1
     differ = next(p for p, (a, b) in enumerate(zip(*ids)) if a != b)
-    return next(b for b in (4, 8, 16, 32, 64) if start < differ // b * b < end)
+    block = next(b for b in (4, 8, 16, 32, 64) if start < differ // b * b < end)
+    return block, start, end, differ // block * block
 
 
 def test_a_cached_prefix_ending_inside_the_picture_takes_its_embeddings_from_the_encoder_cache(tiny_llava, hf_reference,
                                                                                                images):
     """As `--acc` asks: the picture's last positions share a block with each question. The later questions start
     inside the picture and take the rest of its embeddings from the encoder cache: one encoder call in all."""
-    reqs = [request(engine(tiny_llava), q, images[:1]) for q in BARE]
-    llm = engine(tiny_llava, block_size=inside_the_picture(engine(tiny_llava), reqs))
+    first = engine(tiny_llava)
+    reqs = [request(first, q, images[:1]) for q in BARE]
+    llm = engine(tiny_llava, block_size=inside_the_picture(first, reqs)[0])
     encodes = count_encodes(llm)
     outs = [llm.generate([r], GREEDY, use_tqdm=False)[0] for r in reqs]
     for out in outs[1:]:
@@ -133,8 +136,9 @@ def test_the_encoder_cache_keeps_its_budget_and_the_newest_entry():
 
 
 def test_tensor_parallel_ranks_take_the_same_embeddings_from_their_encoder_caches(tiny_llava, images):
-    reqs = [request(engine(tiny_llava), q, images[:1]) for q in BARE[:2]]
-    block = inside_the_picture(engine(tiny_llava), reqs)
+    first = engine(tiny_llava)
+    reqs = [request(first, q, images[:1]) for q in BARE[:2]]
+    block = inside_the_picture(first, reqs)[0]
     single = [engine(tiny_llava, block_size=block, enable_prefix_caching=False).generate([r], GREEDY, use_tqdm=False)
               [0].outputs[0].token_ids for r in reqs]
     parallel = engine(tiny_llava, block_size=block, tensor_parallel_size=2)
@@ -256,16 +260,12 @@ def test_a_cached_prefix_may_end_inside_an_image_that_attends_both_ways(tmp_path
     from vllm_utils.testing.tiny_gemma3 import VARIED_SEED, build_tiny_gemma3
 
     folder = build_tiny_gemma3(str(tmp_path / "gemma3"), seed=VARIED_SEED)
-    adapter = engine(folder, max_model_len=1024, num_kv_blocks=64).engine.processor
-    reqs = [{"prompt": adapter.chat_prompt(q, 1), "multi_modal_data": {"image": images[:1]}} for q in BARE[:2]]
-    ids = [adapter.process(r["prompt"], images[:1])[0] for r in reqs]
-    mm = adapter.mm_token_id
-    start, end = ids[0].index(mm), len(ids[0]) - ids[0][::-1].index(mm)  # the image's run [start, end)
-    differ = next(p for p, (a, b) in enumerate(zip(*ids)) if a != b)
-    block = next(b for b in (4, 8, 16, 32, 64) if start < differ // b * b < end)
+    first = engine(folder, max_model_len=1024, num_kv_blocks=64)
+    reqs = [request(first, q, images[:1]) for q in BARE[:2]]
+    block, start, end, shared = inside_the_picture(first, reqs)
     llm = engine(folder, max_model_len=1024, block_size=block)
     outs = [llm.generate([r], GREEDY, use_tqdm=False)[0] for r in reqs]
-    assert start < outs[1].num_cached_tokens == differ // block * block < end
+    assert start < outs[1].num_cached_tokens == shared < end
     reference = HFReference(folder)
     for req, out in zip(reqs, outs):
         assert out.outputs[0].token_ids == reference.greedy(req, TOKENS, ignore_eos=True)
